@@ -1,0 +1,283 @@
+"""The run's coordinator: the only writer of manifest.json and the only deleter.
+
+`RunLedger` is plain Python over a `Storage` (unit-tested on memory:// and a temp
+dir); `Coordinator` is the Ray actor that hosts one per run. The actor restarts
+itself if it dies (max_restarts=-1) and rebuilds its state from storage, and
+calls are retried (max_task_retries=-1), so every method here is idempotent.
+
+Order of durable writes in a commit: the worker has written the files and then
+checkpoint.json; we add the record and write the manifest; only after that
+manifest is durable do we delete what fell out of retention.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from orchestrator import retention
+from orchestrator.manifest import (
+    CHECKPOINTS,
+    EVENTS,
+    METRICS,
+    RECORD,
+    BadCheckpoint,
+    CheckpointRecord,
+    Manifest,
+    read_jsonl,
+    read_manifest,
+    read_record,
+    write_jsonl,
+    write_manifest,
+)
+from orchestrator.storage import Storage
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    monitor: str
+    mode: Literal["min", "max"]
+    top_k: int
+    keep_latest: int
+    keep_every_n_epochs: int | None = None
+
+
+class CommitError(RuntimeError):
+    """A commit that cannot be accepted (its files are not all in storage)."""
+
+
+class RunLedger:
+    def __init__(self, storage: Storage, run: str, retention_cfg: RetentionConfig) -> None:
+        self.storage = storage
+        self.cfg = retention_cfg
+        self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
+        self.metrics: list[dict[str, Any]] = read_jsonl(storage, METRICS)
+        storage.on_retry = self._on_retry
+        self.manifest: Manifest = read_manifest(storage) or Manifest(run=run)
+
+    # -- events and metrics --------------------------------------------------
+    def event(self, kind: str, **fields: Any) -> None:
+        self.events.append({"ts": round(time.time(), 3), "kind": kind, **fields})
+        write_jsonl(self.storage, EVENTS, self.events)
+
+    def _on_retry(self, what: str, exc: BaseException, attempt: int, delay: float) -> None:
+        # Recorded in memory only: writing events.jsonl here would recurse into the
+        # storage that is failing. The next successful event write carries it.
+        self.events.append(
+            {
+                "ts": round(time.time(), 3),
+                "kind": "storage_retry",
+                "op": what,
+                "attempt": attempt,
+                "delay_s": round(delay, 3),
+                "error": type(exc).__name__,
+            }
+        )
+
+    def report_metrics(self, row: dict[str, Any]) -> None:
+        """One row per (epoch) as reported by rank 0; a redone epoch replaces its row."""
+        self.metrics = [m for m in self.metrics if m.get("epoch") != row.get("epoch")]
+        self.metrics.append(row)
+        self.metrics.sort(key=lambda m: m.get("epoch", 0))
+        write_jsonl(self.storage, METRICS, self.metrics)
+
+    # -- attempts ------------------------------------------------------------
+    def start_attempt(self, world_size: int) -> dict[str, Any]:
+        """Called by rank 0 when a worker group starts: count it, collect orphans,
+        and say which checkpoint to restore (the latest committed one)."""
+        m = self.manifest
+        attempt = m.attempts + 1
+        self.collect_orphans()
+        latest = m.latest()
+        self._save(
+            m.model_copy(
+                update={"attempts": attempt, "resumed_from": latest.id if latest else None}
+            )
+        )
+        self.event(
+            "attempt_started",
+            attempt=attempt,
+            world_size=world_size,
+            restore=latest.id if latest else None,
+            restore_epoch=latest.epoch if latest else None,
+        )
+        return {"attempt": attempt, "restore": latest.model_dump() if latest else None}
+
+    def next_restore(self, after_bad: str, reason: str) -> dict[str, Any] | None:
+        """Mark a checkpoint that failed verification bad, and name the next newest good one."""
+        self.mark_bad(after_bad, reason)
+        latest = self.manifest.latest()
+        self._save(self.manifest.model_copy(update={"resumed_from": latest.id if latest else None}))
+        return latest.model_dump() if latest else None
+
+    def note_restart(self, reason: str) -> None:
+        """Ray Train's controller decided to restart the worker group."""
+        m = self.manifest
+        self._save(m.model_copy(update={"restarts": m.restarts + 1}))
+        self.event("restart", restarts=self.manifest.restarts, reason=reason[:2000])
+
+    def claim_chaos(self, key: str) -> bool:
+        """True exactly once per key per run: fault injection fires on the first attempt only."""
+        if key in self.manifest.chaos_fired:
+            return False
+        self._save(self.manifest.model_copy(update={"chaos_fired": [*self.manifest.chaos_fired, key]}))
+        self.event("chaos_kill", key=key)
+        return True
+
+    # -- commits and retention -----------------------------------------------
+    def commit(self, record: CheckpointRecord) -> dict[str, list[str]]:
+        m = self.manifest
+        if m.get(record.id) is not None:
+            return m.kept  # a retried call after the commit was durable
+        if record.id in {b.record.id for b in m.bad}:
+            raise CommitError(f"checkpoint {record.id} was marked bad; refusing to commit it again")
+        stored = read_record(self.storage, record.id)  # written last, so its presence proves the upload
+        if [f.model_dump() for f in stored.files] != [f.model_dump() for f in record.files]:
+            raise CommitError(f"checkpoint {record.id}: {RECORD} in storage differs from the commit")
+        record = record.model_copy(update={"seq": m.next_seq})
+        m = m.model_copy(update={"checkpoints": [*m.checkpoints, record], "next_seq": m.next_seq + 1})
+        self._apply_retention(m, committed=record)
+        return self.manifest.kept
+
+    def _apply_retention(
+        self, m: Manifest, committed: CheckpointRecord | None = None, pins: bool = True
+    ) -> None:
+        views = [c.view(self.cfg.monitor) for c in m.checkpoints]
+        pinned = [m.resumed_from] if pins and m.resumed_from else []
+        policies = retention.policies_for(
+            self.cfg.top_k, self.cfg.mode, self.cfg.keep_latest, self.cfg.keep_every_n_epochs, pinned
+        )
+        decision = retention.decide(views, policies)
+        dropped = [c for c in m.checkpoints if c.id in decision.drop]
+        m = m.model_copy(
+            update={
+                "checkpoints": [c for c in m.checkpoints if c.id in decision.keep],
+                "kept": {k: list(v) for k, v in decision.keep.items()},
+            }
+        )
+        self._save(m)  # durable before any deletion
+        if committed is not None:
+            self.event(
+                "commit",
+                id=committed.id,
+                epoch=committed.epoch,
+                global_step=committed.global_step,
+                metrics=committed.metrics,
+                kept=list(decision.keep.get(committed.id, ())),
+            )
+        for c in dropped:
+            self._delete(c.id, "retention")
+
+    def _delete(self, cid: str, why: str) -> None:
+        try:
+            self.storage.delete(f"{CHECKPOINTS}/{cid}")
+            self.event("delete", id=cid, why=why)
+        except Exception as e:  # left for orphan collection at the next attempt start
+            self.event("delete_failed", id=cid, why=why, error=f"{type(e).__name__}: {e}")
+
+    def mark_bad(self, cid: str, reason: str) -> None:
+        m = self.manifest
+        rec = m.get(cid)
+        if rec is None:
+            return
+        m = m.model_copy(
+            update={
+                "checkpoints": [c for c in m.checkpoints if c.id != cid],
+                "kept": {k: v for k, v in m.kept.items() if k != cid},
+                "bad": [*m.bad, BadCheckpoint(record=rec, reason=reason)],
+            }
+        )
+        self._save(m)
+        self.event("verification_failed", id=cid, reason=reason)
+        self._delete(cid, "failed verification")
+
+    def collect_orphans(self) -> list[str]:
+        """Delete checkpoint directories no manifest names (uploaded, never committed)."""
+        known = {c.id for c in self.manifest.checkpoints}
+        orphans = [n for n in self.storage.list_dirs(CHECKPOINTS) if n not in known]
+        for name in orphans:
+            self._delete(name, "orphan: never committed")
+        return orphans
+
+    def finish(self, status: Literal["finished", "failed"]) -> dict[str, list[str]]:
+        """Release the resume pin and leave exactly best-k ∪ latest ∪ milestones."""
+        m = self.manifest.model_copy(update={"status": status, "resumed_from": None})
+        self._apply_retention(m, pins=False)
+        self.collect_orphans()
+        self.event("run_" + status, checkpoints=len(self.manifest.checkpoints))
+        return self.manifest.kept
+
+    def _save(self, m: Manifest) -> None:
+        self.manifest = write_manifest(self.storage, m)
+
+    # -- queries -------------------------------------------------------------
+    def best(self) -> CheckpointRecord | None:
+        views = [c.view(self.cfg.monitor) for c in self.manifest.checkpoints]
+        ranked = retention.rank_best(views, self.cfg.mode)
+        return self.manifest.get(ranked[0].id) if ranked else None
+
+    def progress(self) -> dict[str, Any]:
+        best = self.best()
+        return {
+            "metrics": self.metrics[-1] if self.metrics else None,
+            "history_len": len(self.metrics),
+            "best": best.model_dump() if best else None,
+            "restarts": self.manifest.restarts,
+            "attempts": self.manifest.attempts,
+            "latest": (lambda r: r.id if r else None)(self.manifest.latest()),
+        }
+
+
+def coordinator_actor_class() -> Any:
+    """The Ray actor wrapping a RunLedger (built lazily so this module imports without Ray)."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1)
+    class Coordinator:
+        def __init__(
+            self, uri: str, options: dict[str, Any], run: str, cfg: RetentionConfig
+        ) -> None:
+            self.ledger = RunLedger(Storage(uri, options), run, cfg)
+            self.ledger.event("coordinator_started", pid=_pid())
+
+        def ping(self) -> int:
+            return _pid()
+
+        def start_attempt(self, world_size: int) -> dict[str, Any]:
+            return self.ledger.start_attempt(world_size)
+
+        def next_restore(self, bad_id: str, reason: str) -> dict[str, Any] | None:
+            return self.ledger.next_restore(bad_id, reason)
+
+        def commit(self, record: dict[str, Any]) -> dict[str, list[str]]:
+            return self.ledger.commit(CheckpointRecord.model_validate(record))
+
+        def report_metrics(self, row: dict[str, Any]) -> None:
+            self.ledger.report_metrics(row)
+
+        def claim_chaos(self, key: str) -> bool:
+            return self.ledger.claim_chaos(key)
+
+        def note_restart(self, reason: str) -> None:
+            self.ledger.note_restart(reason)
+
+        def event(self, kind: str, fields: dict[str, Any]) -> None:
+            self.ledger.event(kind, **fields)
+
+        def finish(self, status: str) -> dict[str, list[str]]:
+            return self.ledger.finish(status)  # type: ignore[arg-type]
+
+        def progress(self) -> dict[str, Any]:
+            return self.ledger.progress()
+
+        def manifest(self) -> dict[str, Any]:
+            return self.ledger.manifest.model_dump()
+
+    return Coordinator
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

@@ -1,0 +1,270 @@
+"""The driver: one process per run that connects to Ray, owns the run's lease,
+starts its coordinator, hands the worker loop to Ray Train and reports the outcome.
+
+Ray Train owns worker lifecycle and restarts (FailureConfig); the coordinator owns
+the manifest. The driver only wires them together and watches.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
+from orchestrator.lease import Lease
+from orchestrator.manifest import SPEC, read_manifest
+from orchestrator.spec import JobSpec, SpecError, parse_spec
+from orchestrator.storage import Storage, redact, redact_options, secrets_in
+
+NAMESPACE = "orchestrator"
+
+
+class RunFailed(RuntimeError):
+    """The run ended without finishing; the message says why."""
+
+    def __init__(self, message: str, summary: Summary | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass
+class Summary:
+    run_uri: str
+    status: str
+    epochs: int = 0
+    restarts: int = 0
+    attempts: int = 0
+    best: dict[str, Any] | None = None
+    kept: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) -> bool:
+    """Connect to the cluster at address, or one found on this machine, else start a local
+    one. Returns True when this process started Ray (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    token = os.path.expanduser("~/.ray/auth_token")
+    if os.path.exists(token) and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"  # `ray start --head` in Ray 2.60 turns token auth on
+    quiet = {"log_to_driver": verbose, "configure_logging": True, "logging_level": "WARNING"}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, namespace=NAMESPACE, **quiet)
+        return False
+    try:
+        ray.init(address="auto", namespace=NAMESPACE, **quiet)
+        return False
+    except ConnectionError:
+        pass
+    os.environ.pop("RAY_AUTH_MODE", None)
+    ray.init(
+        namespace=NAMESPACE,
+        num_cpus=max(os.cpu_count() or 1, num_cpus_hint),
+        include_dashboard=False,
+        **quiet,
+    )
+    return True
+
+
+def store_spec(storage: Storage, spec: JobSpec) -> None:
+    data = spec.model_dump(mode="json")
+    data["storage"]["options"] = redact_options(spec.storage.options)
+    storage.write_bytes(SPEC, yaml.safe_dump(data, sort_keys=False).encode())
+
+
+def load_stored_spec(run_uri: str, options: dict[str, Any] | None = None) -> JobSpec:
+    """The spec a run was started with, for `resume`. Secrets were redacted when it was
+    stored, so credentials come from the environment (or `options`) now."""
+    storage = Storage(run_uri, options or {})
+    if not storage.exists(SPEC):
+        raise SpecError(f"{run_uri}: no {SPEC} here; is this a run directory?")
+    data = yaml.safe_load(storage.read_bytes(SPEC))
+    opts = {k: v for k, v in data["storage"].get("options", {}).items() if v != "***"}
+    data["storage"]["options"] = {**opts, **(options or {})}
+    return parse_spec(data, source=f"{run_uri}/{SPEC}")
+
+
+def _restart_recorder(coord: Any) -> Any:
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+    from ray.train.v2._internal.execution.controller.state import TrainControllerStateType
+
+    class RestartRecorder(ControllerCallback):
+        """Runs in Ray Train's controller: tells the coordinator each time Ray Train
+        decides to restart the worker group, with the failure it restarts from."""
+
+        def __init__(self, coordinator: Any) -> None:
+            self.coordinator = coordinator
+
+        def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+            if current_state._state_type == TrainControllerStateType.RESTARTING:
+                err = getattr(current_state, "training_failed_error", None)
+                self.coordinator.note_restart.remote(f"{type(err).__name__}: {err}")
+
+    return RestartRecorder(coord)
+
+
+class Progress:
+    """Prints one line per reported epoch while the run trains."""
+
+    def __init__(self, coord: Any, spec: JobSpec, quiet: bool = False) -> None:
+        self.coord, self.spec, self.quiet = coord, spec, quiet
+        self._stop = threading.Event()
+        self._seen: tuple[int, int] = (0, 0)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.poll()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.poll()
+            except Exception:  # the coordinator may be restarting; the next poll catches up
+                pass
+
+    def poll(self) -> None:
+        import ray
+
+        p = ray.get(self.coord.progress.remote(), timeout=30)
+        m = p["metrics"]
+        key = (m["epoch"], m["attempt"]) if m else (0, 0)
+        if m is None or key == self._seen or self.quiet:
+            return
+        self._seen = key
+        mon = self.spec.checkpoint.monitor
+        vals = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("epoch", "global_step", "attempt"))
+        best = p["best"]
+        best_s = f"best {mon} {best['metrics'].get(mon, float('nan')):.4f} (epoch {best['epoch']})" if best else "best -"
+        print(
+            f"[run] epoch {m['epoch']}/{self.spec.epochs}  {vals}  {best_s}  restarts {p['restarts']}",
+            flush=True,
+        )
+
+
+def run(
+    spec: JobSpec,
+    address: str | None = None,
+    quiet: bool = False,
+    resume: bool = False,
+    verbose: bool = False,
+) -> Summary:
+    """Train spec to the end. Raises RunFailed (with the summary) when it cannot finish."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from workers.loop import train_loop_per_worker
+
+    secrets = secrets_in(spec.storage.options)
+    storage = Storage(spec.run_uri, spec.storage.options)
+    existing = read_manifest(storage)
+    if existing is not None and not resume and existing.status == "finished":
+        raise RunFailed(
+            f"{spec.run_uri} already holds a finished run; pick another name "
+            "(--set name=...) or `orchestrator resume` it"
+        )
+    lease = Lease(storage)
+    lease.acquire()  # refuses while another live driver owns the run
+    started_ray = False
+    try:
+        store_spec(storage, spec)
+        cpus = spec.scaling.num_workers * int(spec.scaling.resources_per_worker.get("CPU", 1))
+        started_ray = connect(address, num_cpus_hint=cpus, verbose=verbose)
+        cfg = RetentionConfig(
+            monitor=spec.checkpoint.monitor,
+            mode=spec.checkpoint.mode,
+            top_k=spec.checkpoint.top_k,
+            keep_latest=spec.checkpoint.keep_latest,
+            keep_every_n_epochs=spec.checkpoint.keep_every_n_epochs,
+        )
+        coord = coordinator_actor_class().options(
+            name=f"coordinator:{spec.run_uri}",
+            namespace=NAMESPACE,
+            # On the driver's node: it survives the loss of any other node.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node_id=ray.get_runtime_context().get_node_id(), soft=True
+            ),
+        ).remote(spec.run_uri, spec.storage.options, spec.name, cfg)
+        ray.get(coord.ping.remote())
+        for ev in lease.events:
+            coord.event.remote(ev.pop("kind"), ev)
+        ray.get(coord.event.remote("driver_started", {"pid": os.getpid(), "resume": resume}))
+        if not quiet:
+            print(f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
+                  f"{spec.epochs} epochs", flush=True)
+
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": spec.model_dump(), "coordinator": coord},
+            scaling_config=ScalingConfig(
+                num_workers=spec.scaling.num_workers,
+                use_gpu=spec.scaling.use_gpu,
+                resources_per_worker=dict(spec.scaling.resources_per_worker),
+            ),
+            torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=spec.name,
+                storage_path=os.path.join(tempfile.gettempdir(), "orchestrator-ray-train"),
+                failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+                callbacks=[_restart_recorder(coord)],
+            ),
+        )
+        error: str | None = None
+        with Progress(coord, spec, quiet):
+            try:
+                result = trainer.fit()
+                if getattr(result, "error", None) is not None:
+                    error = str(result.error)
+            except Exception as e:  # Ray Train gave up (max_failures) or the run was invalid
+                error = f"{type(e).__name__}: {e}"
+        status = "failed" if error else "finished"
+        kept = ray.get(coord.finish.remote(status))
+        prog = ray.get(coord.progress.remote())
+        summary = Summary(
+            run_uri=spec.run_uri,
+            status=status,
+            epochs=(prog["metrics"] or {}).get("epoch", 0),
+            restarts=prog["restarts"],
+            attempts=prog["attempts"],
+            best=_best_entry(spec, prog["best"]),
+            kept=kept,
+            error=redact(error, secrets)[-4000:] if error else None,
+        )
+        if error:
+            raise RunFailed(summary.error or "training failed", summary)
+        return summary
+    finally:
+        lease.release()
+        if started_ray:
+            ray.shutdown()
+
+
+def _best_entry(spec: JobSpec, best: dict[str, Any] | None) -> dict[str, Any] | None:
+    if best is None:
+        return None
+    mon = spec.checkpoint.monitor
+    return {
+        "id": best["id"],
+        "uri": f"{spec.run_uri}/checkpoints/{best['id']}",
+        "epoch": best["epoch"],
+        "monitor": mon,
+        "value": best["metrics"].get(mon),
+        "metrics": best["metrics"],
+    }

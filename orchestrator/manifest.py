@@ -1,0 +1,142 @@
+"""The run's manifest and checkpoint records, as stored in RUN_URI.
+
+Layout of a run:
+    RUN_URI/manifest.json               what is committed (only the coordinator writes it)
+    RUN_URI/checkpoints/<id>/...        checkpoint files, then checkpoint.json last
+    RUN_URI/metrics.jsonl               one line per reported epoch
+    RUN_URI/events.jsonl                commits, deletions, restarts, retries, ...
+    RUN_URI/spec.yaml                   the spec the run was started with (secrets redacted)
+    RUN_URI/lease.json                  which driver owns the run, and its heartbeat
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.retention import Ckpt
+from orchestrator.storage import Storage
+
+MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"
+RECORD = "checkpoint.json"
+METRICS = "metrics.jsonl"
+EVENTS = "events.jsonl"
+SPEC = "spec.yaml"
+FORMAT = 1
+
+
+class ManifestError(RuntimeError):
+    """The manifest (or a record) in storage cannot be read as one."""
+
+
+class FileEntry(BaseModel):
+    path: str  # relative to the checkpoint's directory
+    size: int
+    sha256: str
+
+
+class CheckpointRecord(BaseModel):
+    """checkpoint.json: written after the data; lists what a complete checkpoint holds."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    epoch: int  # 1-based epoch the checkpoint was taken in
+    step_in_epoch: int  # steps of that epoch already trained
+    global_step: int
+    end_of_epoch: bool
+    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics_fresh: bool = True  # measured on these weights (end of epoch), not carried over
+    files: list[FileEntry]
+    world_size: int
+    attempt: int
+    created_at: float = Field(default_factory=time.time)
+    seq: int = 0  # commit order, assigned by the coordinator
+
+    @property
+    def dir(self) -> str:
+        return f"{CHECKPOINTS}/{self.id}"
+
+    def view(self, monitor: str) -> Ckpt:
+        value = self.metrics.get(monitor) if self.metrics_fresh else None
+        return Ckpt(self.id, self.seq, self.epoch, self.end_of_epoch, value)
+
+
+class BadCheckpoint(BaseModel):
+    record: CheckpointRecord
+    reason: str
+    marked_at: float = Field(default_factory=time.time)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format: int = FORMAT
+    generation: int = 0
+    run: str
+    next_seq: int = 1
+    checkpoints: list[CheckpointRecord] = Field(default_factory=list)  # committed, in commit order
+    kept: dict[str, list[str]] = Field(default_factory=dict)  # id -> why it is kept
+    bad: list[BadCheckpoint] = Field(default_factory=list)
+    attempts: int = 0
+    restarts: int = 0
+    chaos_fired: list[str] = Field(default_factory=list)
+    resumed_from: str | None = None  # protected from deletion until the run ends
+    status: Literal["running", "finished", "failed"] = "running"
+    updated_at: float = Field(default_factory=time.time)
+
+    def get(self, cid: str) -> CheckpointRecord | None:
+        return next((c for c in self.checkpoints if c.id == cid), None)
+
+    def latest(self) -> CheckpointRecord | None:
+        return max(self.checkpoints, key=lambda c: c.seq, default=None)
+
+    def names(self) -> set[str]:
+        return {c.id for c in self.checkpoints} | {b.record.id for b in self.bad}
+
+
+def read_manifest(storage: Storage) -> Manifest | None:
+    if not storage.exists(MANIFEST):
+        return None
+    raw = storage.read_bytes(MANIFEST)
+    try:
+        return Manifest.model_validate_json(raw)
+    except ValidationError as e:
+        raise ManifestError(f"{storage.child_uri(MANIFEST)}: not a valid manifest: {e}") from None
+
+
+def write_manifest(storage: Storage, manifest: Manifest) -> Manifest:
+    """Bump the generation and replace the manifest atomically; return what was written."""
+    new = manifest.model_copy(update={"generation": manifest.generation + 1, "updated_at": time.time()})
+    storage.write_bytes(MANIFEST, new.model_dump_json(indent=1).encode())
+    return new
+
+
+def read_record(storage: Storage, cid: str) -> CheckpointRecord:
+    raw = storage.read_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}")
+    try:
+        return CheckpointRecord.model_validate_json(raw)
+    except ValidationError as e:
+        raise ManifestError(f"{storage.child_uri(CHECKPOINTS)}/{cid}/{RECORD}: {e}") from None
+
+
+def read_jsonl(storage: Storage, rel: str) -> list[dict[str, Any]]:
+    if not storage.exists(rel):
+        return []
+    out = []
+    for line in storage.read_bytes(rel).decode().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line from a local crash: skip it, keep the rest
+    return out
+
+
+def write_jsonl(storage: Storage, rel: str, rows: list[dict[str, Any]]) -> None:
+    storage.write_bytes(rel, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())

@@ -1,0 +1,128 @@
+"""Retention policies: pure functions from committed checkpoints to what to keep.
+
+Policy decides, the coordinator acts. Nothing here touches storage or Ray, so
+every rule is a table test. A kept checkpoint carries the reasons it is kept
+("best-k", "latest", "milestone", "resumed-from"), which `orchestrator
+checkpoints` shows to users.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True)
+class Ckpt:
+    """What retention needs to know of one committed checkpoint."""
+
+    id: str
+    seq: int  # commit order; larger is newer
+    epoch: int
+    end_of_epoch: bool
+    # The monitored value measured on these weights; None when the checkpoint carries
+    # no fresh validation metric (a mid-epoch save), which keeps it out of best-k.
+    value: float | None
+
+
+class Policy(Protocol):
+    reason: str
+
+    def keep(self, ckpts: Sequence[Ckpt]) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class BestK:
+    k: int
+    mode: Literal["min", "max"]
+    reason: str = "best-k"
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.k}")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+
+    def keep(self, ckpts: Sequence[Ckpt]) -> list[str]:
+        return [c.id for c in rank_best(ckpts, self.mode)[: self.k]]
+
+
+@dataclass(frozen=True)
+class LatestN:
+    n: int
+    reason: str = "latest"
+
+    def keep(self, ckpts: Sequence[Ckpt]) -> list[str]:
+        return [c.id for c in sorted(ckpts, key=lambda c: c.seq, reverse=True)[: self.n]]
+
+
+@dataclass(frozen=True)
+class EveryNEpochs:
+    n: int
+    reason: str = "milestone"
+
+    def keep(self, ckpts: Sequence[Ckpt]) -> list[str]:
+        # One milestone per epoch: the newest end-of-epoch save of it.
+        newest: dict[int, Ckpt] = {}
+        for c in ckpts:
+            if c.end_of_epoch and c.epoch % self.n == 0:
+                if c.epoch not in newest or c.seq > newest[c.epoch].seq:
+                    newest[c.epoch] = c
+        return [c.id for c in sorted(newest.values(), key=lambda c: c.seq)]
+
+
+@dataclass(frozen=True)
+class Pinned:
+    ids: frozenset[str]
+    reason: str = "resumed-from"
+
+    def keep(self, ckpts: Sequence[Ckpt]) -> list[str]:
+        return [c.id for c in ckpts if c.id in self.ids]
+
+
+@dataclass(frozen=True)
+class Decision:
+    keep: dict[str, tuple[str, ...]] = field(default_factory=dict)  # id -> reasons
+    drop: tuple[str, ...] = ()
+
+
+def _sort_key(c: Ckpt, mode: str) -> tuple[bool, float, int]:
+    assert c.value is not None
+    bad = math.isnan(c.value)
+    v = 0.0 if bad else (c.value if mode == "min" else -c.value)
+    return (bad, v, -c.seq)  # NaN ranks worst; ties go to the newer
+
+
+def rank_best(ckpts: Iterable[Ckpt], mode: str) -> list[Ckpt]:
+    """Checkpoints with a fresh metric, best first."""
+    return sorted((c for c in ckpts if c.value is not None), key=lambda c: _sort_key(c, mode))
+
+
+def decide(ckpts: Sequence[Ckpt], policies: Sequence[Policy]) -> Decision:
+    """The union of what each policy keeps; everything else is dropped."""
+    reasons: dict[str, list[str]] = {}
+    for policy in policies:
+        for cid in policy.keep(ckpts):
+            reasons.setdefault(cid, []).append(policy.reason)
+    keep = {c.id: tuple(reasons[c.id]) for c in ckpts if c.id in reasons}
+    drop = tuple(c.id for c in ckpts if c.id not in reasons)
+    return Decision(keep=keep, drop=drop)
+
+
+def policies_for(
+    top_k: int,
+    mode: Literal["min", "max"],
+    keep_latest: int,
+    keep_every_n_epochs: int | None,
+    pinned: Iterable[str] = (),
+) -> list[Policy]:
+    """Translate the spec's flat options into policies, once, at the edge."""
+    out: list[Policy] = [BestK(top_k, mode), LatestN(keep_latest)]
+    if keep_every_n_epochs:
+        out.append(EveryNEpochs(keep_every_n_epochs))
+    pins = frozenset(pinned)
+    if pins:
+        out.append(Pinned(pins))
+    return out

@@ -1,0 +1,245 @@
+"""The job spec: a YAML file validated into a JobSpec before anything starts.
+
+Every error names the file, the field path and what is wrong, so a bad spec
+fails in milliseconds on the user's machine instead of minutes into a run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_TASKS = {"digits": "workers.tasks.digits:build"}
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names the file and the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageSpec(_Model):
+    root: str = Field("runs", description="Where runs live: a local dir, s3://bucket/prefix, ...")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options, e.g. endpoint_url / region_name for S3-compatible stores.",
+    )
+
+
+    @field_validator("root")
+    @classmethod
+    def _local_roots_are_absolute(cls, v: str) -> str:
+        # Ray workers and actors run in other directories: a relative path must not follow them.
+        if "://" in v:
+            return v.rstrip("/")
+        return os.path.abspath(os.path.expanduser(v))
+
+
+class TaskSpec(_Model):
+    name: str = Field("digits", description="Built-in task, package.module:function or file.py:function.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Passed to the task builder.")
+
+
+class ScalingSpec(_Model):
+    num_workers: int = Field(2, ge=1, description="Training workers (one process per rank).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL instead of gloo.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0}, description="Ray resources each worker reserves."
+    )
+
+
+class CheckpointSpec(_Model):
+    monitor: str = Field("val_loss", description="Metric that ranks checkpoints.")
+    mode: Literal["min", "max"] = Field("min", description="min for losses, max for accuracies.")
+    top_k: int = Field(3, ge=1, description="Best checkpoints by `monitor` to keep.")
+    keep_latest: int = Field(1, ge=1, description="Newest checkpoints to keep (resume needs >= 1).")
+    every_n_epochs: int = Field(1, ge=1, description="Save at the end of every n-th epoch.")
+    every_n_steps: int | None = Field(
+        None, ge=1, description="Also save every n global steps, mid-epoch included."
+    )
+    keep_every_n_epochs: int | None = Field(
+        None, ge=1, description="Milestones: keep end-of-epoch checkpoints whose epoch is a multiple of n."
+    )
+    async_save: bool = Field(
+        True, description="Serialize and upload in the background; the step pays only a host copy."
+    )
+
+
+class FailureSpec(_Model):
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts before giving up (-1: no limit).")
+
+
+class EarlyStoppingSpec(_Model):
+    patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as improvement.")
+
+
+class ChaosKill(_Model):
+    rank: int = Field(..., ge=0, description="World rank whose process is SIGKILLed.")
+    epoch: int = Field(..., ge=1, description="Epoch (1-based) in which to kill.")
+    step: int = Field(0, ge=0, description="Kill before this step within the epoch (0: at its start).")
+    point: Literal["step", "after_upload"] = Field(
+        "step",
+        description="step: before a training step; after_upload: rank 0 after its checkpoint "
+        "files are uploaded and before the commit.",
+    )
+
+
+class ChaosSpec(_Model):
+    kills: list[ChaosKill] = Field(default_factory=list, description="Each fires once per run.")
+
+
+class JobSpec(_Model):
+    name: str = Field(..., description="Run name; RUN_URI is storage.root/name.")
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+    early_stopping: EarlyStoppingSpec | None = None
+    epochs: int = Field(10, ge=1)
+    seed: int = 0
+    chaos: ChaosSpec = Field(default_factory=ChaosSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_segment(cls, v: str) -> str:
+        if not RUN_NAME.match(v):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it becomes a directory name)")
+        return v
+
+    @model_validator(mode="after")
+    def _chaos_fits_the_run(self) -> JobSpec:
+        for i, kill in enumerate(self.chaos.kills):
+            if kill.rank >= self.scaling.num_workers:
+                raise ValueError(
+                    f"chaos.kills.{i}.rank: {kill.rank} but scaling.num_workers is "
+                    f"{self.scaling.num_workers}"
+                )
+            if kill.point == "after_upload" and kill.rank != 0:
+                raise ValueError(f"chaos.kills.{i}.rank: after_upload kills rank 0, the writer")
+            if kill.epoch > self.epochs:
+                raise ValueError(f"chaos.kills.{i}.epoch: {kill.epoch} is past epochs={self.epochs}")
+        return self
+
+    @property
+    def run_uri(self) -> str:
+        return join_uri(self.storage.root, self.name)
+
+
+def join_uri(root: str, *parts: str) -> str:
+    # URIs stay str: Path would fold s3:// into s3:/.
+    return "/".join([root.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def resolve_task(name: str) -> Callable[..., Any]:
+    """Return the builder a task name points to, or raise SpecError saying why not."""
+    target = BUILTIN_TASKS.get(name, name)
+    if ":" not in target:
+        raise SpecError(
+            f"unknown task {name!r}: use a built-in ({', '.join(sorted(BUILTIN_TASKS))}), "
+            "package.module:function or path/to/file.py:function"
+        )
+    module_name, _, func_name = target.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise SpecError(f"task {name!r}: file {module_name} does not exist")
+            mod_id = f"orchestrator_task_{abs(hash(str(path.resolve())))}"
+            module = sys.modules.get(mod_id)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(mod_id, path)
+                assert spec and spec.loader
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_id] = module
+                spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except SpecError:
+        raise
+    except Exception as e:  # an import error in user code: report it, do not hide it
+        raise SpecError(f"task {name!r}: cannot import {module_name}: {type(e).__name__}: {e}") from e
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise SpecError(f"task {name!r}: {module_name} has no function {func_name!r}")
+    return fn
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {dotted}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides; values are parsed as YAML (so 3, true, [1,2] work)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item!r}: expected key.sub=value")
+        _set_path(data, key.strip(), yaml.safe_load(raw) if raw else "")
+    return data
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
+        lines.append(f"{source}: {loc + ': ' if loc else ''}{msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "<spec>", check_task: bool = True) -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(source, e)) from None
+    if check_task:
+        try:
+            resolve_task(spec.task.name)
+        except SpecError as e:
+            raise SpecError(f"{source}: task.name: {e}") from None
+    return spec
+
+
+def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = (), check_task: bool = True) -> JobSpec:
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SpecError(f"{source}: cannot read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{source}: not valid YAML: {e}") from None
+    if isinstance(data, dict) and overrides:
+        data = apply_overrides(data, overrides)
+    return parse_spec(data, source, check_task)

@@ -1,0 +1,253 @@
+"""The one storage layer: fsspec under a run's URI, atomic writes, bounded retries.
+
+Everything that touches shared storage (manifest, checkpoints, events, lease)
+goes through `Storage`, so atomicity, retries and secret redaction are decided
+once. Paths are str rather than Path because a run may live at s3://... which
+Path would mangle.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+T = TypeVar("T")
+
+# Option keys whose values are secrets; matched case-insensitively anywhere in the key.
+_SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|(^|_)key$", re.I)
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_TRANSIENT_ERRNOS = {
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EAGAIN,
+    errno.EPIPE,
+    getattr(errno, "EREMOTEIO", errno.EIO),
+}
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ClientConnectorError",
+    "ClientOSError",
+    "ServerDisconnectedError",
+    "ClientPayloadError",
+    "IncompleteRead",
+    "FSTimeoutError",
+    "HTTPClientError",
+    "ResponseParserError",
+}
+_TRANSIENT_TEXT = re.compile(
+    r"SlowDown|Throttl|ServiceUnavailable|InternalError|RequestTimeout|"
+    r"\b(500|502|503|504)\b|Connection reset|Connection refused|timed out",
+    re.I,
+)
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed for good (not transient, or out of retry budget)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: 5xx, throttling, resets, timeouts. Not for 4xx."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    return bool(_TRANSIENT_TEXT.search(str(exc))) or (
+        exc.__cause__ is not None and is_transient(exc.__cause__)
+    )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 8  # tries per operation, the first included
+    initial_s: float = 0.2
+    max_s: float = 5.0
+
+    def delays(self) -> Iterable[float]:
+        d = self.initial_s
+        for _ in range(self.attempts - 1):
+            yield d * (0.5 + random.random() / 2)  # jitter: ranks do not retry in lockstep
+            d = min(d * 2, self.max_s)
+
+
+def secrets_in(options: Mapping[str, Any]) -> list[str]:
+    """Secret values found in storage options (nested) and the AWS environment."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                if isinstance(v, str) and _SECRET_KEY.search(str(k)) and v:
+                    found.append(v)
+                else:
+                    walk(v)
+
+    walk(options)
+    found += [os.environ[k] for k in _SECRET_ENV if os.environ.get(k)]
+    return sorted(set(found), key=len, reverse=True)
+
+
+def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of storage options with secret values replaced, for the stored spec and logs."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, Mapping):
+            out[k] = redact_options(v)
+        elif isinstance(v, str) and _SECRET_KEY.search(str(k)):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for s in secrets:
+        if len(s) >= 4:
+            text = text.replace(s, "***")
+    return text
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Storage:
+    """A run's directory on any fsspec filesystem."""
+
+    def __init__(
+        self,
+        uri: str,
+        options: Mapping[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+        on_retry: Callable[[str, BaseException, int, float], None] | None = None,
+    ) -> None:
+        self.uri = uri.rstrip("/")
+        self.options = dict(options or {})
+        self.retry = retry or RetryPolicy()
+        self.on_retry = on_retry
+        self._secrets = secrets_in(self.options)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.uri, **self.options)
+        except (ImportError, ValueError, TypeError) as e:
+            raise StorageError(f"storage {uri!r}: {self._clean(e)}") from None
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def __reduce__(self) -> Any:  # ship to Ray actors without the live filesystem
+        return (Storage, (self.uri, self.options, self.retry))
+
+    def _clean(self, e: BaseException) -> str:
+        return redact(f"{type(e).__name__}: {e}", self._secrets)
+
+    def path(self, rel: str = "") -> str:
+        return f"{self.root.rstrip('/')}/{rel.strip('/')}" if rel else self.root
+
+    def child_uri(self, rel: str) -> str:
+        return f"{self.uri}/{rel.strip('/')}"
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        delays = iter(self.retry.delays())
+        attempt = 1
+        while True:
+            try:
+                return fn()
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                delay = next(delays, None)
+                if delay is None:
+                    raise StorageError(
+                        f"storage {self.uri}: {what} failed {attempt} times, giving up: "
+                        f"{self._clean(e)}"
+                    ) from None
+                if self.on_retry:
+                    self.on_retry(what, e, attempt, delay)
+                time.sleep(delay)
+                attempt += 1
+                if not self.is_local:
+                    self.fs.invalidate_cache()
+
+    # -- reads ---------------------------------------------------------------
+    def read_bytes(self, rel: str) -> bytes:
+        return self._call(f"read {rel}", lambda: self.fs.cat_file(self.path(rel)))
+
+    def exists(self, rel: str) -> bool:
+        def check() -> bool:
+            if not self.is_local:
+                self.fs.invalidate_cache(self.path(rel))
+            return bool(self.fs.exists(self.path(rel)))
+
+        return self._call(f"stat {rel}", check)
+
+    def list_dirs(self, rel: str) -> list[str]:
+        """Names of the entries directly under rel (empty if rel does not exist)."""
+
+        def ls() -> list[str]:
+            if not self.is_local:
+                self.fs.invalidate_cache()
+            try:
+                entries = self.fs.ls(self.path(rel), detail=False)
+            except FileNotFoundError:
+                return []
+            base = self.path(rel).rstrip("/")
+            return sorted(
+                e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != base
+            )
+
+        return self._call(f"list {rel}", ls)
+
+    # -- writes --------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Replace rel with data atomically: a reader sees the old or the new bytes, never part.
+
+        Locally: write a temp file, fsync, rename. On object stores: one PUT, which
+        the store makes visible whole or not at all.
+        """
+        target = self.path(rel)
+        if self.is_local:
+
+            def write_local() -> None:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, target)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+
+            self._call(f"write {rel}", write_local)
+        else:
+            self._call(f"write {rel}", lambda: self.fs.pipe_file(target, data))
+
+    def delete(self, rel: str) -> None:
+        """Delete rel (a file or a whole directory); already gone is fine."""
+
+        def rm() -> None:
+            try:
+                self.fs.rm(self.path(rel), recursive=True)
+            except FileNotFoundError:
+                pass
+
+        self._call(f"delete {rel}", rm)

@@ -1,0 +1,38 @@
+"""Fault injection from the spec's `chaos` section: real SIGKILLs of real processes.
+
+Each kill fires once per run: the coordinator records the claim in the manifest
+before the signal is sent, so the restarted attempt does not kill itself again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.spec import ChaosKill
+
+
+class Chaos:
+    def __init__(self, kills: list[ChaosKill], rank: int, claim: Callable[[str], bool]) -> None:
+        self.mine = [(f"kill-{i}", k) for i, k in enumerate(kills) if k.rank == rank]
+        self.rank = rank
+        self.claim = claim
+
+    def before_step(self, epoch: int, step: int) -> None:
+        for key, k in self.mine:
+            if k.point == "step" and k.epoch == epoch and k.step == step:
+                self._fire(key, f"epoch {epoch} step {step}")
+
+    def after_upload(self, record: Any) -> None:
+        for key, k in self.mine:
+            if k.point == "after_upload" and k.epoch == record.epoch:
+                self._fire(key, f"after uploading {record.id}, before its commit")
+
+    def _fire(self, key: str, where: str) -> None:
+        if self.claim(key):
+            print(f"[chaos] SIGKILL rank {self.rank} (pid {os.getpid()}) at {where}", flush=True)
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)

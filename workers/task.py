@@ -1,0 +1,78 @@
+"""The worker API: what a task gives the training loop.
+
+A task is a function `build(options: dict, ctx: TaskContext) -> Task`, named in the
+spec as a built-in (`digits`), `package.module:function` or `path/to/file.py:function`.
+The loop owns distribution, data order, checkpointing and resume; the task owns the
+model, the data and what one step computes. See docs/worker-api.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    rank: int
+    world_size: int
+    seed: int
+    device: torch.device
+
+
+Batch = Any
+
+
+def classification_step(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Default train step: (inputs, labels) -> mean cross-entropy."""
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def classification_eval(model: nn.Module, batch: Batch) -> dict[str, float]:
+    """Default eval step: sums over the batch; the loop divides by `count` after reducing."""
+    x, y = batch
+    logits = model(x)
+    loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+    return {
+        "val_loss": float(loss),
+        "val_acc": float((logits.argmax(dim=1) == y).sum()),
+        "count": float(len(y)),
+    }
+
+
+@dataclass
+class Task:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_data: Sequence[Any]  # indexable: data[i] -> sample (a tuple of tensors)
+    val_data: Sequence[Any]
+    batch_size: int = 32  # per rank
+    train_step: Callable[[nn.Module, Batch], torch.Tensor] = classification_step
+    # Returns sums over the batch plus "count"; each metric is reported as sum / count.
+    eval_step: Callable[[nn.Module, Batch], dict[str, float]] = classification_eval
+    scheduler: Any | None = None  # an LR scheduler, stepped once per epoch
+    grad_scaler: Any | None = None  # torch.amp.GradScaler for mixed precision
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"Task.batch_size must be >= 1, got {self.batch_size}")
+        if len(self.train_data) == 0:
+            raise ValueError("Task.train_data is empty")
+        if len(self.val_data) == 0:
+            raise ValueError("Task.val_data is empty")
+
+
+def collate(data: Sequence[Any], indices: Sequence[int], device: torch.device) -> Batch:
+    tensors = getattr(data, "tensors", None)
+    if tensors is not None:  # TensorDataset: one gather per tensor instead of per sample
+        idx = torch.as_tensor(indices)
+        return tuple(t[idx].to(device) for t in tensors)
+    items = torch.utils.data.default_collate([data[i] for i in indices])
+    if isinstance(items, (list, tuple)):
+        return type(items)(t.to(device) if torch.is_tensor(t) else t for t in items)
+    return items.to(device) if torch.is_tensor(items) else items

@@ -1,0 +1,86 @@
+"""Built-in task `digits`: a small CNN on scikit-learn's 8x8 digits (1797 real images).
+
+The data ships inside scikit-learn, so nothing is downloaded. The train/val split
+is fixed by the run's seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from workers.task import Task, TaskContext
+
+DEFAULTS: dict[str, Any] = {
+    "batch_size": 32,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "channels": 16,
+    "hidden": 64,
+    "dropout": 0.25,
+    "val_fraction": 0.2,
+    "lr_step_epochs": 4,
+    "lr_gamma": 0.5,
+}
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self, channels: int = 16, hidden: int = 64, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(2 * channels * 16, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def options_with_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"task.options: unknown option(s) {sorted(unknown)} for digits; known: {sorted(DEFAULTS)}"
+        )
+    return {**DEFAULTS, **options}
+
+
+def datasets(seed: int, val_fraction: float) -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    n_val = int(len(y) * val_fraction)
+    val, train = perm[:n_val], perm[n_val:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
+
+
+def build_model(options: dict[str, Any]) -> DigitsCNN:
+    o = options_with_defaults(options)
+    return DigitsCNN(o["channels"], o["hidden"], o["dropout"])
+
+
+def build(options: dict[str, Any], ctx: TaskContext) -> Task:
+    o = options_with_defaults(options)
+    train, val = datasets(ctx.seed, o["val_fraction"])
+    model = build_model(o)
+    opt = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o["lr_step_epochs"], gamma=o["lr_gamma"])
+    return Task(model=model, optimizer=opt, train_data=train, val_data=val,
+                batch_size=o["batch_size"], scheduler=sched)
