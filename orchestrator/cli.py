@@ -285,6 +285,16 @@ def metrics(
                    "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
 
+def _register_cluster_commands() -> None:
+    from orchestrator import cluster, jobs
+
+    app.add_typer(cluster.app, name="cluster")
+    jobs.register(app)
+
+
+_register_cluster_commands()
+
+
 def main() -> None:
     app(prog_name="orchestrator")
 

@@ -1,0 +1,35 @@
+# make demo   set up .venv and run the default job (a worker is killed mid-run; the run recovers)
+# make test   set up .venv and run the test suite (starts its own Ray and S3 servers)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test unit lint bench clean
+setup: $(VENV)/.installed
+
+# torch first, pinned: the CPU build; an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/orchestrator run configs/digits.yaml --set name=digits-$$(date +%Y%m%d-%H%M%S)
+
+test: setup
+	$(BIN)/pytest -q -ra
+
+unit: setup
+	$(BIN)/pytest -q -m "not e2e"
+
+lint: setup
+	$(BIN)/ruff check orchestrator workers tests bench
+	$(BIN)/mypy orchestrator workers
+
+bench: setup
+	$(PY) bench/checkpoint_overhead.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,88 @@
+"""Retention as tables: checkpoints and metrics in, kept ids and reasons out."""
+
+import math
+
+import pytest
+
+from orchestrator.retention import BestK, Ckpt, EveryNEpochs, LatestN, Pinned, decide, policies_for, rank_best
+
+NAN = math.nan
+
+
+def ck(seq, value, epoch=None, end=True):
+    return Ckpt(id=f"c{seq}", seq=seq, epoch=epoch if epoch is not None else seq, end_of_epoch=end, value=value)
+
+
+@pytest.mark.parametrize(
+    "values, mode, k, expected",
+    [
+        ([0.5, 0.3, 0.4, 0.6], "min", 2, ["c2", "c3"]),
+        ([0.5, 0.3, 0.4, 0.6], "max", 2, ["c4", "c1"]),
+        ([0.5, 0.3], "min", 5, ["c2", "c1"]),  # k larger than the count keeps all
+        ([NAN, 0.9, NAN], "min", 2, ["c2", "c3"]),  # NaN ranks worst, newer NaN first
+        ([NAN, 0.1, NAN], "max", 1, ["c2"]),  # NaN worst in max mode too
+        ([0.2, 0.2, 0.2], "min", 2, ["c3", "c2"]),  # ties go to the newer
+        ([0.7, 0.7, 0.1], "max", 1, ["c2"]),
+    ],
+)
+def test_best_k(values, mode, k, expected):
+    ckpts = [ck(i + 1, v) for i, v in enumerate(values)]
+    assert BestK(k, mode).keep(ckpts) == expected
+
+
+def test_checkpoints_without_fresh_metric_are_not_ranked():
+    ckpts = [ck(1, 0.5), ck(2, None, epoch=2, end=False), ck(3, 0.6)]
+    assert BestK(3, "min").keep(ckpts) == ["c1", "c3"]
+    assert [c.id for c in rank_best(ckpts, "min")] == ["c1", "c3"]
+
+
+@pytest.mark.parametrize(
+    "n, expected", [(1, ["c4"]), (2, ["c4", "c3"]), (9, ["c4", "c3", "c2", "c1"])]
+)
+def test_latest_n(n, expected):
+    assert LatestN(n).keep([ck(s, 0.0) for s in (1, 2, 3, 4)]) == expected
+
+
+def test_milestones_are_end_of_epoch_multiples_newest_per_epoch():
+    ckpts = [
+        ck(1, 0.1, epoch=1),
+        ck(2, 0.1, epoch=2),
+        ck(3, None, epoch=3, end=False),  # mid-epoch 3: never a milestone
+        ck(4, 0.1, epoch=3),
+        ck(5, 0.1, epoch=4),
+        ck(6, 0.1, epoch=4),  # epoch 4 redone after a restart: the newer wins
+    ]
+    assert EveryNEpochs(2).keep(ckpts) == ["c2", "c6"]
+    assert EveryNEpochs(3).keep(ckpts) == ["c4"]
+
+
+def test_union_with_reasons_and_drop():
+    ckpts = [ck(1, 0.9), ck(2, 0.1), ck(3, 0.5), ck(4, 0.8), ck(5, 0.7)]
+    d = decide(ckpts, policies_for(top_k=2, mode="min", keep_latest=1, keep_every_n_epochs=4, pinned=["c1"]))
+    assert d.keep == {
+        "c1": ("resumed-from",),
+        "c2": ("best-k",),
+        "c3": ("best-k",),
+        "c4": ("milestone",),
+        "c5": ("latest",),
+    }
+    assert d.drop == ()
+    d = decide(ckpts, policies_for(top_k=1, mode="min", keep_latest=1, keep_every_n_epochs=None))
+    assert d.keep == {"c2": ("best-k",), "c5": ("latest",)}
+    assert d.drop == ("c1", "c3", "c4")
+
+
+def test_best_and_latest_together():
+    d = decide([ck(1, 0.9), ck(2, 0.1)], [BestK(1, "min"), LatestN(1), Pinned(frozenset())])
+    assert d.keep == {"c2": ("best-k", "latest")}
+    assert d.drop == ("c1",)
+
+
+def test_empty():
+    assert decide([], policies_for(3, "min", 1, 2)).keep == {}
+
+
+@pytest.mark.parametrize("k, mode", [(0, "min"), (2, "avg")])
+def test_bad_policy_arguments(k, mode):
+    with pytest.raises(ValueError):
+        BestK(k, mode)

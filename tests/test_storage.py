@@ -1,0 +1,165 @@
+"""The storage layer: atomic replacement, bounded retries, secrets kept out of messages."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from orchestrator.manifest import CheckpointRecord, FileEntry, Manifest, read_manifest, write_manifest
+from orchestrator.storage import RetryPolicy, Storage, StorageError, is_transient, redact_options, secrets_in
+
+
+def big_manifest(n: int, gen: int = 0) -> Manifest:
+    recs = [
+        CheckpointRecord(id=f"c{i:05d}", epoch=i, step_in_epoch=0, global_step=i, end_of_epoch=True,
+                         metrics={"val_loss": 1.0 / (i + 1)}, files=[FileEntry(path="model.pt", size=1, sha256="0" * 64)],
+                         world_size=2, attempt=1, seq=i)
+        for i in range(n)
+    ]
+    return Manifest(run="r", checkpoints=recs, generation=gen)
+
+
+@pytest.mark.parametrize("uri", ["memory://atomic-test/run", "LOCAL"])
+def test_manifest_roundtrip_and_generation(tmp_path, uri):
+    s = Storage(str(tmp_path / "run") if uri == "LOCAL" else uri)
+    assert read_manifest(s) is None
+    m1 = write_manifest(s, big_manifest(3))
+    m2 = write_manifest(s, m1)
+    assert (m1.generation, m2.generation) == (1, 2)
+    assert read_manifest(s) == m2
+    if uri == "LOCAL":
+        assert [p.name for p in (tmp_path / "run").iterdir()] == ["manifest.json"]  # no temp left
+
+
+def test_concurrent_reader_never_sees_a_partial_manifest(tmp_path):
+    s = Storage(str(tmp_path))
+    m = write_manifest(s, big_manifest(2000))  # ~600 KB: a torn write would be visible
+    stop = threading.Event()
+    bad: list[str] = []
+
+    def reader():
+        r = Storage(str(tmp_path))
+        while not stop.is_set():
+            try:
+                read_manifest(r)
+            except Exception as e:  # any parse failure is a torn read
+                bad.append(repr(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for _ in range(40):
+        m = write_manifest(s, m)
+    stop.set()
+    t.join()
+    assert bad == []
+    assert read_manifest(s).generation == 41
+
+
+WRITER = """
+import sys
+from orchestrator.storage import Storage
+from orchestrator.manifest import write_manifest, read_manifest
+sys.path.insert(0, {tests!r})
+from test_storage import big_manifest
+s = Storage({root!r})
+m = write_manifest(s, big_manifest(3000))
+print("ready", flush=True)
+while True:
+    m = write_manifest(s, m)
+"""
+
+
+def test_sigkilled_writer_leaves_a_whole_manifest(tmp_path):
+    root = str(tmp_path / "run")
+    code = WRITER.format(tests=os.path.dirname(__file__), root=root)
+    for delay in (0.05, 0.13, 0.31):
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        m = read_manifest(Storage(root))  # parses: old or new, never half
+        assert m is not None and len(m.checkpoints) == 3000
+        assert json.loads((tmp_path / "run" / "manifest.json").read_text())["generation"] == m.generation
+
+
+class Flaky:
+    """Wraps a filesystem method to fail with the given errors first."""
+
+    def __init__(self, fn, errors):
+        self.fn, self.errors, self.calls = fn, list(errors), 0
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return self.fn(*a, **k)
+
+
+def test_transient_errors_are_retried_and_reported(tmp_path):
+    retries = []
+    s = Storage("memory://flaky/run", retry=RetryPolicy(attempts=4, initial_s=0.01),
+                on_retry=lambda what, e, n, d: retries.append((what, type(e).__name__, n)))
+    s.write_bytes("x", b"1")
+    s.fs.cat_file = Flaky(s.fs.cat_file, [ConnectionResetError(), OSError(errno.EREMOTEIO, "InternalError")])
+    assert s.read_bytes("x") == b"1"
+    assert retries == [("read x", "ConnectionResetError", 1), ("read x", "OSError", 2)]
+
+
+def test_retry_budget_is_bounded(tmp_path):
+    s = Storage("memory://flaky2/run", retry=RetryPolicy(attempts=3, initial_s=0.01))
+    s.write_bytes("x", b"1")
+    s.fs.cat_file = Flaky(s.fs.cat_file, [TimeoutError("slow")] * 10)
+    with pytest.raises(StorageError, match="read x failed 3 times, giving up"):
+        s.read_bytes("x")
+    assert s.fs.cat_file.calls == 3
+
+
+def test_permanent_errors_are_not_retried():
+    s = Storage("memory://flaky3/run", retry=RetryPolicy(attempts=5, initial_s=0.01))
+    s.fs.cat_file = Flaky(s.fs.cat_file, [PermissionError("AccessDenied")])
+    with pytest.raises(PermissionError):
+        s.read_bytes("x")
+    assert s.fs.cat_file.calls == 1
+
+
+@pytest.mark.parametrize(
+    "exc, transient",
+    [
+        (ConnectionResetError(), True),
+        (TimeoutError(), True),
+        (OSError(errno.EREMOTEIO, "We encountered an internal error"), True),
+        (OSError("An error occurred (SlowDown) when calling the PutObject operation"), True),
+        (OSError("503 Service Unavailable"), True),
+        (FileNotFoundError("nope"), False),
+        (PermissionError("AccessDenied"), False),
+        (ValueError("bad"), False),
+        (OSError(errno.EINVAL, "InvalidArgument"), False),
+    ],
+)
+def test_is_transient(exc, transient):
+    assert is_transient(exc) is transient
+
+
+def test_secrets_are_found_and_redacted(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecretvalue")
+    opts = {"key": "AKIAEXAMPLE", "secret": "s3cr3tvalue", "endpoint_url": "http://x",
+            "client_kwargs": {"aws_session_token": "tok3nvalue", "region_name": "us-east-1"}}
+    assert set(secrets_in(opts)) == {"AKIAEXAMPLE", "s3cr3tvalue", "tok3nvalue", "envsecretvalue"}
+    red = redact_options(opts)
+    assert red["secret"] == "***" and red["key"] == "***" and red["client_kwargs"]["aws_session_token"] == "***"
+    assert red["endpoint_url"] == "http://x" and red["client_kwargs"]["region_name"] == "us-east-1"
+
+
+def test_error_messages_do_not_carry_secrets():
+    s = Storage("memory://sec/run", {"secret_token": "canary-SECRET-123"}, retry=RetryPolicy(attempts=2, initial_s=0.01))
+    s.fs.cat_file = Flaky(s.fs.cat_file, [ConnectionError("failed with canary-SECRET-123 in url")] * 3)
+    with pytest.raises(StorageError) as e:
+        s.read_bytes("x")
+    assert "canary-SECRET-123" not in str(e.value) and "***" in str(e.value)
