@@ -12,10 +12,12 @@ by another live driver, 4 storage unreachable or unreadable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -84,13 +86,30 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         typer.echo(f"[run] reason: {summary['error']}", err=True)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool) -> Iterator[None]:
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _train(
     spec: Any, address: str | None, as_json: bool, quiet: bool, resume: bool, verbose: bool
 ) -> None:
     from orchestrator.driver import RunFailed, run
 
     try:
-        summary = run(spec, address=address, quiet=quiet or as_json, resume=resume, verbose=verbose)
+        with _stdout_to_stderr(as_json):  # Ray prints to fd 1; --json keeps stdout for the JSON
+            summary = run(spec, address=address, quiet=quiet or as_json, resume=resume, verbose=verbose)
     except LeaseHeld as e:
         _die(str(e), EXIT_LEASE)
     except RunFailed as e:
@@ -107,8 +126,9 @@ def _train(
 def run(
     config: str = typer.Argument(..., help="Job spec YAML, e.g. configs/digits.yaml."),
     set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
-    address: str = typer.Option(None, help="Ray cluster to join (e.g. 127.0.0.1:6379); default: "
-                                "RAY_ADDRESS, a cluster running on this machine, else an embedded one."),
+    address: str = typer.Option(None, help="Ray cluster to join (e.g. 127.0.0.1:6379), or 'local' for a "
+                                "new embedded Ray; default: RAY_ADDRESS, a cluster started on this "
+                                "machine with `ray start`, else an embedded one."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON."),
     quiet: bool = typer.Option(False, help="No per-epoch progress lines."),
     verbose: bool = typer.Option(False, help="Also stream Ray's and the workers' own logs."),

@@ -117,12 +117,12 @@ class RunLedger:
         self._save(m.model_copy(update={"restarts": m.restarts + 1}))
         self.event("restart", restarts=self.manifest.restarts, reason=reason[:2000])
 
-    def claim_chaos(self, key: str) -> bool:
+    def claim_chaos(self, key: str, pid: int | None = None) -> bool:
         """True exactly once per key per run: fault injection fires on the first attempt only."""
         if key in self.manifest.chaos_fired:
             return False
         self._save(self.manifest.model_copy(update={"chaos_fired": [*self.manifest.chaos_fired, key]}))
-        self.event("chaos_kill", key=key)
+        self.event("chaos_kill", key=key, pid=pid)
         return True
 
     # -- commits and retention -----------------------------------------------
@@ -256,8 +256,8 @@ def coordinator_actor_class() -> Any:
         def report_metrics(self, row: dict[str, Any]) -> None:
             self.ledger.report_metrics(row)
 
-        def claim_chaos(self, key: str) -> bool:
-            return self.ledger.claim_chaos(key)
+        def claim_chaos(self, key: str, pid: int | None = None) -> bool:
+            return self.ledger.claim_chaos(key, pid)
 
         def note_restart(self, reason: str) -> None:
             self.ledger.note_restart(reason)

@@ -58,14 +58,10 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
     if os.path.exists(token) and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"  # `ray start --head` in Ray 2.60 turns token auth on
     quiet = {"log_to_driver": verbose, "configure_logging": True, "logging_level": "WARNING"}
-    if address or os.environ.get("RAY_ADDRESS"):
+    address = address or os.environ.get("RAY_ADDRESS") or _running_cluster()
+    if address and address != "local":
         ray.init(address=address, namespace=NAMESPACE, **quiet)
         return False
-    try:
-        ray.init(address="auto", namespace=NAMESPACE, **quiet)
-        return False
-    except ConnectionError:
-        pass
     os.environ.pop("RAY_AUTH_MODE", None)
     ray.init(
         namespace=NAMESPACE,
@@ -74,6 +70,21 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
         **quiet,
     )
     return True
+
+
+def _running_cluster() -> str | None:
+    """The address of a cluster started on this machine by `ray start`, if it answers."""
+    import socket
+
+    marker = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    try:
+        with open(marker) as f:
+            address = f.read().strip()
+        host, _, port = address.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return address
+    except (OSError, ValueError):
+        return None  # none, or a stale marker of a stopped cluster
 
 
 def store_spec(storage: Storage, spec: JobSpec) -> None:

@@ -166,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     )
     last_metrics: dict[str, float] = dict(train_state.get("last_metrics", {}))
     epoch_acc: dict[str, float] = dict(train_state.get("epoch_acc", {"loss_sum": 0.0, "steps": 0}))
-    chaos = Chaos(spec.chaos.kills, rank, lambda key: ray.get(coord.claim_chaos.remote(key)))
+    chaos = Chaos(spec.chaos.kills, rank, lambda key: ray.get(coord.claim_chaos.remote(key, os.getpid())))
     writer = (
         CheckpointWriter(
             storage,
