@@ -24,7 +24,14 @@ import typer
 import yaml
 
 from orchestrator.lease import LeaseHeld
-from orchestrator.manifest import EVENTS, METRICS, Manifest, ManifestError, read_jsonl, read_manifest
+from orchestrator.manifest import (
+    EVENTS,
+    METRICS,
+    Manifest,
+    ManifestError,
+    read_jsonl,
+    read_manifest,
+)
 from orchestrator.retention import rank_best
 from orchestrator.spec import SpecError, load_spec
 from orchestrator.storage import Storage, StorageError
@@ -66,7 +73,10 @@ def _open(run_uri: str, options: list[str] | None) -> tuple[Storage, Manifest]:
         _die(f"{run_uri}: {e}", EXIT_STORAGE)
         raise
     if manifest is None:
-        _die(f"{run_uri}: no manifest.json; is this a run directory (storage root + run name)?", EXIT_INPUT)
+        _die(
+            f"{run_uri}: no manifest.json; is this a run directory (storage root + run name)?",
+            EXIT_INPUT,
+        )
         raise AssertionError
     return storage, manifest
 
@@ -81,7 +91,9 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     )
     best = summary.get("best")
     if best:
-        typer.echo(f"[run] best checkpoint: {best['uri']}  ({best['monitor']} {best['value']:.6g}, epoch {best['epoch']})")
+        typer.echo(
+            f"[run] best checkpoint: {best['uri']}  ({best['monitor']} {best['value']:.6g}, epoch {best['epoch']})"
+        )
     if summary.get("error"):
         typer.echo(f"[run] reason: {summary['error']}", err=True)
 
@@ -102,9 +114,7 @@ def _stdout_to_stderr(active: bool) -> Iterator[None]:
         os.close(saved)
 
 
-def _train(
-    spec: Any, address: str | None, as_json: bool, quiet: bool, resume: bool, verbose: bool
-) -> None:
+def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: bool, verbose: bool) -> None:
     from orchestrator.driver import RunFailed, run
 
     try:
@@ -126,9 +136,12 @@ def _train(
 def run(
     config: str = typer.Argument(..., help="Job spec YAML, e.g. configs/digits.yaml."),
     set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
-    address: str = typer.Option(None, help="Ray cluster to join (e.g. 127.0.0.1:6379), or 'local' for a "
-                                "new embedded Ray; default: RAY_ADDRESS, a cluster started on this "
-                                "machine with `ray start`, else an embedded one."),
+    address: str = typer.Option(
+        None,
+        help="Ray cluster to join (e.g. 127.0.0.1:6379), or 'local' for a "
+        "new embedded Ray; default: RAY_ADDRESS, a cluster started on this "
+        "machine with `ray start`, else an embedded one.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON."),
     quiet: bool = typer.Option(False, help="No per-epoch progress lines."),
     verbose: bool = typer.Option(False, help="Also stream Ray's and the workers' own logs."),
@@ -203,16 +216,29 @@ def checkpoints(
     ]
     bad = [{"id": b.record.id, "reason": b.reason} for b in m.bad]
     if as_json:
-        typer.echo(json.dumps({"run_uri": run_uri, "monitor": monitor, "mode": mode,
-                               "status": m.status, "generation": m.generation,
-                               "checkpoints": rows, "bad": bad}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "run_uri": run_uri,
+                    "monitor": monitor,
+                    "mode": mode,
+                    "status": m.status,
+                    "generation": m.generation,
+                    "checkpoints": rows,
+                    "bad": bad,
+                },
+                indent=2,
+            )
+        )
         return
     typer.echo(f"{run_uri}  ({m.status}, manifest generation {m.generation}, monitor {monitor}/{mode})")
     typer.echo(f"{'id':<24} {'epoch':>5} {'step':>7} {monitor:>10}  kept because")
     for r in rows:
         v = r["metrics"].get(monitor)
         vs = "-" if v is None else f"{v:.5g}" + ("" if r["metrics_fresh"] else "*")
-        typer.echo(f"{r['id']:<24} {r['epoch']:>5} {r['global_step']:>7} {vs:>10}  {', '.join(r['kept_because'])}")
+        typer.echo(
+            f"{r['id']:<24} {r['epoch']:>5} {r['global_step']:>7} {vs:>10}  {', '.join(r['kept_because'])}"
+        )
     if any(not r["metrics_fresh"] for r in rows):
         typer.echo("* mid-epoch checkpoint: metric carried from the last evaluation, not ranked in best-k")
     for b in bad:
@@ -263,10 +289,14 @@ def best(
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
-    typer.echo(f"{out['uri']}  {monitor} {out['value']:.6g} ({mode}), epoch {rec.epoch}, step {rec.global_step}")
+    typer.echo(
+        f"{out['uri']}  {monitor} {out['value']:.6g} ({mode}), epoch {rec.epoch}, step {rec.global_step}"
+    )
     if download:
-        typer.echo(f"downloaded (verified) to {out['downloaded_to']}; load with "
-                   "torch.load('model.pt', weights_only=True)")
+        typer.echo(
+            f"downloaded (verified) to {out['downloaded_to']}; load with "
+            "torch.load('model.pt', weights_only=True)"
+        )
 
 
 @app.command()
@@ -301,8 +331,11 @@ def metrics(
     """Per-epoch metrics history of a run."""
     storage, _ = _open(run_uri, storage_option)
     for row in read_jsonl(storage, METRICS):
-        typer.echo(json.dumps(row, sort_keys=True) if as_json else
-                   "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        typer.echo(
+            json.dumps(row, sort_keys=True)
+            if as_json
+            else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        )
 
 
 def _register_cluster_commands() -> None:

@@ -103,10 +103,25 @@ def _reap() -> None:
             del _CHILDREN[pid]
 
 
+def _psutil() -> Any:
+    """psutil, which Ray ships in ray/thirdparty_files (put on sys.path by `import ray`)."""
+    try:
+        import psutil
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.find_spec("ray")
+        if spec is None or not spec.submodule_search_locations:
+            raise ClusterError("ray is not installed in this Python (psutil comes with it)") from None
+        sys.path.append(os.path.join(list(spec.submodule_search_locations)[0], "thirdparty_files"))
+        import psutil
+    return psutil
+
+
 def _proc(pid: int | None, create_time: float | None = None) -> Any:
     """The live psutil.Process for pid, or None when it is gone, a zombie, or a newer
     process that reused the pid (its start time differs from the recorded one)."""
-    import psutil
+    psutil = _psutil()
 
     if not pid:
         return None
@@ -130,7 +145,7 @@ def node_processes(node: dict[str, Any]) -> list[Any]:
     """Every live process that belongs to a node we started: the recorded processes,
     their descendants, and whatever else is in the node's session (workers whose raylet
     was killed are reparented away, but stay in the session)."""
-    import psutil
+    psutil = _psutil()
 
     found: dict[int, Any] = {}
     for key in ("pid", "raylet_pid", "gcs_pid"):
@@ -155,7 +170,7 @@ def node_processes(node: dict[str, Any]) -> list[Any]:
 
 
 def _signal_all(procs: list[Any], sig: int) -> None:
-    import psutil
+    psutil = _psutil()
 
     for p in procs:
         with contextlib.suppress(psutil.Error, ProcessLookupError):
@@ -326,23 +341,25 @@ def _start_node(
         "node_id": None, "ports": ports, "log": log, "started_at": time.time(),
     }
     deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            stop_nodes([node], grace_s=5)
-            raise ClusterError(f"{name}: `ray start` exited with {proc.returncode}:\n{_tail(log)}")
-        _find_node_processes(node)
-        if node["raylet_pid"] and node["node_id"] and (node["gcs_pid"] or not head) and (
-            "Ray runtime started" in Path(log).read_text(errors="replace")
-        ):
-            return node
-        if time.monotonic() > deadline:
-            stop_nodes([node], grace_s=5)
-            raise ClusterError(f"{name}: not up after {timeout_s:.0f}s; its log ends:\n{_tail(log)}")
-        time.sleep(0.25)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise ClusterError(f"{name}: `ray start` exited with {proc.returncode}:\n{_tail(log)}")
+            _find_node_processes(node)
+            if node["raylet_pid"] and node["node_id"] and (node["gcs_pid"] or not head) and (
+                "Ray runtime started" in Path(log).read_text(errors="replace")
+            ):
+                return node
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{name}: not up after {timeout_s:.0f}s; its log ends:\n{_tail(log)}")
+            time.sleep(0.25)
+    except BaseException:
+        stop_nodes([node], grace_s=5)
+        raise
 
 
 def _find_node_processes(node: dict[str, Any]) -> None:
-    import psutil
+    psutil = _psutil()
 
     leader = _proc(node["pid"], node.get("create_time"))
     if leader is None:

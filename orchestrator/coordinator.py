@@ -90,11 +90,7 @@ class RunLedger:
         attempt = m.attempts + 1
         self.collect_orphans()
         latest = m.latest()
-        self._save(
-            m.model_copy(
-                update={"attempts": attempt, "resumed_from": latest.id if latest else None}
-            )
-        )
+        self._save(m.model_copy(update={"attempts": attempt, "resumed_from": latest.id if latest else None}))
         self.event(
             "attempt_started",
             attempt=attempt,
@@ -146,7 +142,11 @@ class RunLedger:
         views = [c.view(self.cfg.monitor) for c in m.checkpoints]
         pinned = [m.resumed_from] if pins and m.resumed_from else []
         policies = retention.policies_for(
-            self.cfg.top_k, self.cfg.mode, self.cfg.keep_latest, self.cfg.keep_every_n_epochs, pinned
+            self.cfg.top_k,
+            self.cfg.mode,
+            self.cfg.keep_latest,
+            self.cfg.keep_every_n_epochs,
+            pinned,
         )
         decision = retention.decide(views, policies)
         dropped = [c for c in m.checkpoints if c.id in decision.drop]
@@ -235,9 +235,7 @@ def coordinator_actor_class() -> Any:
 
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1)
     class Coordinator:
-        def __init__(
-            self, uri: str, options: dict[str, Any], run: str, cfg: RetentionConfig
-        ) -> None:
+        def __init__(self, uri: str, options: dict[str, Any], run: str, cfg: RetentionConfig) -> None:
             self.ledger = RunLedger(Storage(uri, options), run, cfg)
             self.ledger.event("coordinator_started", pid=_pid())
 

@@ -161,7 +161,11 @@ class Progress:
         mon = self.spec.checkpoint.monitor
         vals = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("epoch", "global_step", "attempt"))
         best = p["best"]
-        best_s = f"best {mon} {best['metrics'].get(mon, float('nan')):.4f} (epoch {best['epoch']})" if best else "best -"
+        best_s = (
+            f"best {mon} {best['metrics'].get(mon, float('nan')):.4f} (epoch {best['epoch']})"
+            if best
+            else "best -"
+        )
         print(
             f"[run] epoch {m['epoch']}/{self.spec.epochs}  {vals}  {best_s}  restarts {p['restarts']}",
             flush=True,
@@ -205,21 +209,28 @@ def run(
             keep_latest=spec.checkpoint.keep_latest,
             keep_every_n_epochs=spec.checkpoint.keep_every_n_epochs,
         )
-        coord = coordinator_actor_class().options(
-            name=f"coordinator:{spec.run_uri}",
-            namespace=NAMESPACE,
-            # On the driver's node: it survives the loss of any other node.
-            scheduling_strategy=NodeAffinitySchedulingStrategy(
-                node_id=ray.get_runtime_context().get_node_id(), soft=True
-            ),
-        ).remote(spec.run_uri, spec.storage.options, spec.name, cfg)
+        coord = (
+            coordinator_actor_class()
+            .options(
+                name=f"coordinator:{spec.run_uri}",
+                namespace=NAMESPACE,
+                # On the driver's node: it survives the loss of any other node.
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    node_id=ray.get_runtime_context().get_node_id(), soft=True
+                ),
+            )
+            .remote(spec.run_uri, spec.storage.options, spec.name, cfg)
+        )
         ray.get(coord.ping.remote())
         for ev in lease.events:
             coord.event.remote(ev.pop("kind"), ev)
         ray.get(coord.event.remote("driver_started", {"pid": os.getpid(), "resume": resume}))
         if not quiet:
-            print(f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
-                  f"{spec.epochs} epochs", flush=True)
+            print(
+                f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
+                f"{spec.epochs} epochs",
+                flush=True,
+            )
 
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -81,16 +81,26 @@ class Lease:
                     f"({self.ttl_s:.0f}s after its last heartbeat)."
                 )
             self.events.append(
-                {"kind": "lease_taken_over", "previous_pid": held.get("pid"),
-                 "previous_host": held.get("host"), "why": why}
+                {
+                    "kind": "lease_taken_over",
+                    "previous_pid": held.get("pid"),
+                    "previous_host": held.get("host"),
+                    "why": why,
+                }
             )
         self._write()
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
 
     def _write(self) -> None:
-        body = {"host": self.host, "pid": self.pid, "token": self.token,
-                "since": self.since, "heartbeat": time.time(), "ttl_s": self.ttl_s}
+        body = {
+            "host": self.host,
+            "pid": self.pid,
+            "token": self.token,
+            "since": self.since,
+            "heartbeat": time.time(),
+            "ttl_s": self.ttl_s,
+        }
         self.storage.write_bytes(LEASE, json.dumps(body).encode())
 
     def _beat(self) -> None:

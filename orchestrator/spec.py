@@ -37,7 +37,6 @@ class StorageSpec(_Model):
         description="fsspec storage options, e.g. endpoint_url / region_name for S3-compatible stores.",
     )
 
-
     @field_validator("root")
     @classmethod
     def _local_roots_are_absolute(cls, v: str) -> str:
@@ -70,7 +69,9 @@ class CheckpointSpec(_Model):
         None, ge=1, description="Also save every n global steps, mid-epoch included."
     )
     keep_every_n_epochs: int | None = Field(
-        None, ge=1, description="Milestones: keep end-of-epoch checkpoints whose epoch is a multiple of n."
+        None,
+        ge=1,
+        description="Milestones: keep end-of-epoch checkpoints whose epoch is a multiple of n.",
     )
     async_save: bool = Field(
         True, description="Serialize and upload in the background; the step pays only a host copy."
@@ -125,8 +126,7 @@ class JobSpec(_Model):
         for i, kill in enumerate(self.chaos.kills):
             if kill.rank >= self.scaling.num_workers:
                 raise ValueError(
-                    f"chaos.kills.{i}.rank: {kill.rank} but scaling.num_workers is "
-                    f"{self.scaling.num_workers}"
+                    f"chaos.kills.{i}.rank: {kill.rank} but scaling.num_workers is {self.scaling.num_workers}"
                 )
             if kill.point == "after_upload" and kill.rank != 0:
                 raise ValueError(f"chaos.kills.{i}.rank: after_upload kills rank 0, the writer")
@@ -230,7 +230,9 @@ def parse_spec(data: Any, source: str = "<spec>", check_task: bool = True) -> Jo
     return spec
 
 
-def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = (), check_task: bool = True) -> JobSpec:
+def load_spec(
+    path: str | os.PathLike[str], overrides: Sequence[str] = (), check_task: bool = True
+) -> JobSpec:
     source = str(path)
     try:
         text = Path(path).read_text()

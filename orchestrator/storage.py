@@ -175,8 +175,7 @@ class Storage:
                 delay = next(delays, None)
                 if delay is None:
                     raise StorageError(
-                        f"storage {self.uri}: {what} failed {attempt} times, giving up: "
-                        f"{self._clean(e)}"
+                        f"storage {self.uri}: {what} failed {attempt} times, giving up: {self._clean(e)}"
                     ) from None
                 if self.on_retry:
                     self.on_retry(what, e, attempt, delay)
@@ -208,9 +207,7 @@ class Storage:
             except FileNotFoundError:
                 return []
             base = self.path(rel).rstrip("/")
-            return sorted(
-                e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != base
-            )
+            return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != base)
 
         return self._call(f"list {rel}", ls)
 

@@ -22,20 +22,35 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None, check: bool = False
-            ) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([*CLI, *args], cwd=ROOT, env=env or cli_env(), capture_output=True, text=True,
-                       timeout=timeout)
+def run_cli(
+    *args: str, timeout: float = 600, env: dict[str, str] | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(
+        [*CLI, *args],
+        cwd=ROOT,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"orchestrator {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+        raise AssertionError(
+            f"orchestrator {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+        )
     return p
 
 
 def start_cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """The CLI in the background, in its own process group, output to log."""
     f = open(log, "wb")
-    return subprocess.Popen([*CLI, *args], cwd=ROOT, env=env or cli_env(), stdout=f, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [*CLI, *args],
+        cwd=ROOT,
+        env=env or cli_env(),
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def jsonl(path: Path) -> list[dict[str, Any]]:

@@ -12,8 +12,8 @@ import signal
 
 import pytest
 import torch
-
 from conftest import expected_kept, jsonl, manifest, pid_alive, run_cli, start_cli, wait_until
+
 from orchestrator.manifest import CheckpointRecord
 from orchestrator.storage import Storage
 from workers.loop import evaluate
@@ -25,8 +25,16 @@ pytestmark = pytest.mark.e2e
 
 
 def test_demo_survives_a_worker_kill_and_hands_back_the_best(tmp_path):
-    p = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=demo",
-                "--json", timeout=600)
+    p = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=demo",
+        "--json",
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-5000:]
     summary = json.loads(p.stdout)
     run_dir = tmp_path / "demo"
@@ -83,9 +91,21 @@ def test_demo_survives_a_worker_kill_and_hands_back_the_best(tmp_path):
 
 def test_killing_the_coordinator_mid_run_loses_no_committed_checkpoint(tmp_path, kill_group):
     run_dir = tmp_path / "coordkill"
-    proc = start_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=coordkill",
-                     "--set", "chaos.kills=[]", "--set", "epochs=8", "--address", "local",
-                     log=tmp_path / "run.log")
+    proc = start_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=coordkill",
+        "--set",
+        "chaos.kills=[]",
+        "--set",
+        "epochs=8",
+        "--address",
+        "local",
+        log=tmp_path / "run.log",
+    )
     kill_group(proc)
     commits = lambda: [e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == "commit"]  # noqa: E731
     wait_until(lambda: len(commits()) >= 3 or proc.poll() is not None, 300, "three commits")

@@ -6,7 +6,14 @@ import json
 import pytest
 
 from orchestrator.coordinator import CommitError, RetentionConfig, RunLedger
-from orchestrator.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry, read_jsonl, read_manifest
+from orchestrator.manifest import (
+    CHECKPOINTS,
+    RECORD,
+    CheckpointRecord,
+    FileEntry,
+    read_jsonl,
+    read_manifest,
+)
 from orchestrator.storage import Storage
 
 _ids = itertools.count()
@@ -26,9 +33,18 @@ def upload(storage, epoch, loss, end=True, step=None):
     """What a worker does before commit: files, then checkpoint.json last."""
     cid = f"epoch{epoch:04d}-step{(step or epoch * 10):07d}"
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", b"weights")
-    rec = CheckpointRecord(id=cid, epoch=epoch, step_in_epoch=10, global_step=step or epoch * 10,
-                           end_of_epoch=end, metrics={"val_loss": loss}, metrics_fresh=end,
-                           files=[FileEntry(path="model.pt", size=7, sha256="x" * 64)], world_size=2, attempt=1)
+    rec = CheckpointRecord(
+        id=cid,
+        epoch=epoch,
+        step_in_epoch=10,
+        global_step=step or epoch * 10,
+        end_of_epoch=end,
+        metrics={"val_loss": loss},
+        metrics_fresh=end,
+        files=[FileEntry(path="model.pt", size=7, sha256="x" * 64)],
+        world_size=2,
+        attempt=1,
+    )
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", rec.model_dump_json().encode())
     return rec
 
@@ -43,8 +59,11 @@ def test_commit_keeps_best_k_and_latest_and_deletes_the_rest(storage):
     for epoch, loss in [(1, 0.9), (2, 0.5), (3, 0.7), (4, 0.3), (5, 0.8)]:
         led.commit(upload(storage, epoch, loss))
     m = read_manifest(storage)
-    assert m.kept == {"epoch0002-step0000020": ["best-k"], "epoch0004-step0000040": ["best-k"],
-                      "epoch0005-step0000050": ["latest"]}
+    assert m.kept == {
+        "epoch0002-step0000020": ["best-k"],
+        "epoch0004-step0000040": ["best-k"],
+        "epoch0005-step0000050": ["latest"],
+    }
     assert on_disk(storage) == set(m.kept)
     kinds = [e["kind"] for e in read_jsonl(storage, "events.jsonl")]
     assert kinds.count("commit") == 5 and kinds.count("delete") == 2
@@ -148,4 +167,6 @@ def test_mid_epoch_checkpoints_do_not_compete_for_best(storage):
     led.commit(upload(storage, 2, 0.6, end=True, step=20))
     assert led.best().id == "epoch0001-step0000010"
     assert json.loads(storage.read_bytes("manifest.json"))["kept"] == {
-        "epoch0001-step0000010": ["best-k"], "epoch0002-step0000020": ["latest"]}
+        "epoch0001-step0000010": ["best-k"],
+        "epoch0002-step0000020": ["latest"],
+    }

@@ -4,13 +4,28 @@ import math
 
 import pytest
 
-from orchestrator.retention import BestK, Ckpt, EveryNEpochs, LatestN, Pinned, decide, policies_for, rank_best
+from orchestrator.retention import (
+    BestK,
+    Ckpt,
+    EveryNEpochs,
+    LatestN,
+    Pinned,
+    decide,
+    policies_for,
+    rank_best,
+)
 
 NAN = math.nan
 
 
 def ck(seq, value, epoch=None, end=True):
-    return Ckpt(id=f"c{seq}", seq=seq, epoch=epoch if epoch is not None else seq, end_of_epoch=end, value=value)
+    return Ckpt(
+        id=f"c{seq}",
+        seq=seq,
+        epoch=epoch if epoch is not None else seq,
+        end_of_epoch=end,
+        value=value,
+    )
 
 
 @pytest.mark.parametrize(
@@ -36,9 +51,7 @@ def test_checkpoints_without_fresh_metric_are_not_ranked():
     assert [c.id for c in rank_best(ckpts, "min")] == ["c1", "c3"]
 
 
-@pytest.mark.parametrize(
-    "n, expected", [(1, ["c4"]), (2, ["c4", "c3"]), (9, ["c4", "c3", "c2", "c1"])]
-)
+@pytest.mark.parametrize("n, expected", [(1, ["c4"]), (2, ["c4", "c3"]), (9, ["c4", "c3", "c2", "c1"])])
 def test_latest_n(n, expected):
     assert LatestN(n).keep([ck(s, 0.0) for s in (1, 2, 3, 4)]) == expected
 
@@ -58,7 +71,10 @@ def test_milestones_are_end_of_epoch_multiples_newest_per_epoch():
 
 def test_union_with_reasons_and_drop():
     ckpts = [ck(1, 0.9), ck(2, 0.1), ck(3, 0.5), ck(4, 0.8), ck(5, 0.7)]
-    d = decide(ckpts, policies_for(top_k=2, mode="min", keep_latest=1, keep_every_n_epochs=4, pinned=["c1"]))
+    d = decide(
+        ckpts,
+        policies_for(top_k=2, mode="min", keep_latest=1, keep_every_n_epochs=4, pinned=["c1"]),
+    )
     assert d.keep == {
         "c1": ("resumed-from",),
         "c2": ("best-k",),

@@ -24,18 +24,36 @@ def test_default_demo_config_is_valid():
 @pytest.mark.parametrize(
     "patch, message",
     [
-        ({"checkpoint": {"top_k": 0}}, "checkpoint.top_k: Input should be greater than or equal to 1"),
+        (
+            {"checkpoint": {"top_k": 0}},
+            "checkpoint.top_k: Input should be greater than or equal to 1",
+        ),
         ({"checkpoint": {"mode": "avg"}}, "checkpoint.mode: Input should be 'min' or 'max'"),
         ({"checkpoint": {"monitr": "val_loss"}}, "checkpoint.monitr: unknown field"),
         ({"epochs": "ten"}, "epochs: Input should be a valid integer"),
-        ({"scaling": {"num_workers": 0}}, "scaling.num_workers: Input should be greater than or equal to 1"),
+        (
+            {"scaling": {"num_workers": 0}},
+            "scaling.num_workers: Input should be greater than or equal to 1",
+        ),
         ({"task": {"name": "nosuch"}}, "task.name: unknown task 'nosuch'"),
-        ({"task": {"name": "json:nosuch"}}, "task.name: task 'json:nosuch': json has no function 'nosuch'"),
+        (
+            {"task": {"name": "json:nosuch"}},
+            "task.name: task 'json:nosuch': json has no function 'nosuch'",
+        ),
         ({"task": {"name": "no_such_pkg.mod:fn"}}, "cannot import no_such_pkg.mod"),
         ({"task": {"name": "missing/file.py:build"}}, "file missing/file.py does not exist"),
-        ({"chaos": {"kills": [{"rank": 5, "epoch": 1}]}}, "chaos.kills.0.rank: 5 but scaling.num_workers is 2"),
-        ({"chaos": {"kills": [{"rank": 0, "epoch": 9}]}}, "chaos.kills.0.epoch: 9 is past epochs=3"),
-        ({"chaos": {"kills": [{"rank": 1, "epoch": 1, "point": "after_upload"}]}}, "after_upload kills rank 0"),
+        (
+            {"chaos": {"kills": [{"rank": 5, "epoch": 1}]}},
+            "chaos.kills.0.rank: 5 but scaling.num_workers is 2",
+        ),
+        (
+            {"chaos": {"kills": [{"rank": 0, "epoch": 9}]}},
+            "chaos.kills.0.epoch: 9 is past epochs=3",
+        ),
+        (
+            {"chaos": {"kills": [{"rank": 1, "epoch": 1, "point": "after_upload"}]}},
+            "after_upload kills rank 0",
+        ),
         ({"name": "a/b"}, "name: must be letters"),
     ],
 )
@@ -53,7 +71,9 @@ def test_missing_name(tmp_path):
         load_spec(write(tmp_path, {"epochs": 2}))
 
 
-@pytest.mark.parametrize("text, message", [("a: [1,", "not valid YAML"), ("- 1\n- 2\n", "expected a mapping")])
+@pytest.mark.parametrize(
+    "text, message", [("a: [1,", "not valid YAML"), ("- 1\n- 2\n", "expected a mapping")]
+)
 def test_not_a_spec(tmp_path, text, message):
     with pytest.raises(SpecError, match=message):
         load_spec(write(tmp_path, text))
@@ -66,7 +86,9 @@ def test_unreadable_file(tmp_path):
 
 def test_overrides(tmp_path):
     path = write(tmp_path, BASE)
-    spec = load_spec(path, ["checkpoint.top_k=5", "checkpoint.mode=max", "chaos.kills=[]", "task.options.lr=0.1"])
+    spec = load_spec(
+        path, ["checkpoint.top_k=5", "checkpoint.mode=max", "chaos.kills=[]", "task.options.lr=0.1"]
+    )
     assert spec.checkpoint.top_k == 5 and spec.checkpoint.mode == "max"
     assert spec.task.options == {"lr": 0.1}
     with pytest.raises(SpecError, match="checkpoint.top_k: Input should be greater"):

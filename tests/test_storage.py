@@ -11,15 +11,37 @@ import time
 
 import pytest
 
-from orchestrator.manifest import CheckpointRecord, FileEntry, Manifest, read_manifest, write_manifest
-from orchestrator.storage import RetryPolicy, Storage, StorageError, is_transient, redact_options, secrets_in
+from orchestrator.manifest import (
+    CheckpointRecord,
+    FileEntry,
+    Manifest,
+    read_manifest,
+    write_manifest,
+)
+from orchestrator.storage import (
+    RetryPolicy,
+    Storage,
+    StorageError,
+    is_transient,
+    redact_options,
+    secrets_in,
+)
 
 
 def big_manifest(n: int, gen: int = 0) -> Manifest:
     recs = [
-        CheckpointRecord(id=f"c{i:05d}", epoch=i, step_in_epoch=0, global_step=i, end_of_epoch=True,
-                         metrics={"val_loss": 1.0 / (i + 1)}, files=[FileEntry(path="model.pt", size=1, sha256="0" * 64)],
-                         world_size=2, attempt=1, seq=i)
+        CheckpointRecord(
+            id=f"c{i:05d}",
+            epoch=i,
+            step_in_epoch=0,
+            global_step=i,
+            end_of_epoch=True,
+            metrics={"val_loss": 1.0 / (i + 1)},
+            files=[FileEntry(path="model.pt", size=1, sha256="0" * 64)],
+            world_size=2,
+            attempt=1,
+            seq=i,
+        )
         for i in range(n)
     ]
     return Manifest(run="r", checkpoints=recs, generation=gen)
@@ -104,8 +126,11 @@ class Flaky:
 
 def test_transient_errors_are_retried_and_reported(tmp_path):
     retries = []
-    s = Storage("memory://flaky/run", retry=RetryPolicy(attempts=4, initial_s=0.01),
-                on_retry=lambda what, e, n, d: retries.append((what, type(e).__name__, n)))
+    s = Storage(
+        "memory://flaky/run",
+        retry=RetryPolicy(attempts=4, initial_s=0.01),
+        on_retry=lambda what, e, n, d: retries.append((what, type(e).__name__, n)),
+    )
     s.write_bytes("x", b"1")
     s.fs.cat_file = Flaky(s.fs.cat_file, [ConnectionResetError(), OSError(errno.EREMOTEIO, "InternalError")])
     assert s.read_bytes("x") == b"1"
@@ -149,16 +174,26 @@ def test_is_transient(exc, transient):
 
 def test_secrets_are_found_and_redacted(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecretvalue")
-    opts = {"key": "AKIAEXAMPLE", "secret": "s3cr3tvalue", "endpoint_url": "http://x",
-            "client_kwargs": {"aws_session_token": "tok3nvalue", "region_name": "us-east-1"}}
+    opts = {
+        "key": "AKIAEXAMPLE",
+        "secret": "s3cr3tvalue",
+        "endpoint_url": "http://x",
+        "client_kwargs": {"aws_session_token": "tok3nvalue", "region_name": "us-east-1"},
+    }
     assert set(secrets_in(opts)) == {"AKIAEXAMPLE", "s3cr3tvalue", "tok3nvalue", "envsecretvalue"}
     red = redact_options(opts)
-    assert red["secret"] == "***" and red["key"] == "***" and red["client_kwargs"]["aws_session_token"] == "***"
+    assert (
+        red["secret"] == "***" and red["key"] == "***" and red["client_kwargs"]["aws_session_token"] == "***"
+    )
     assert red["endpoint_url"] == "http://x" and red["client_kwargs"]["region_name"] == "us-east-1"
 
 
 def test_error_messages_do_not_carry_secrets():
-    s = Storage("memory://sec/run", {"secret_token": "canary-SECRET-123"}, retry=RetryPolicy(attempts=2, initial_s=0.01))
+    s = Storage(
+        "memory://sec/run",
+        {"secret_token": "canary-SECRET-123"},
+        retry=RetryPolicy(attempts=2, initial_s=0.01),
+    )
     s.fs.cat_file = Flaky(s.fs.cat_file, [ConnectionError("failed with canary-SECRET-123 in url")] * 3)
     with pytest.raises(StorageError) as e:
         s.read_bytes("x")

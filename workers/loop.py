@@ -25,7 +25,15 @@ from orchestrator.storage import Storage
 from workers.chaos import Chaos
 from workers.data import rank_batches, shard
 from workers.restore import VerificationError, load_tensor_file, read_verified
-from workers.state import MODEL_FILE, STATE_FILE, Progress, capture_rng, restore_rng, seed_all, unwrap
+from workers.state import (
+    MODEL_FILE,
+    STATE_FILE,
+    Progress,
+    capture_rng,
+    restore_rng,
+    seed_all,
+    unwrap,
+)
 from workers.task import Task, TaskContext, collate
 from workers.writer import CheckpointWriter
 
@@ -44,7 +52,11 @@ class EarlyStopping:
     def update(self, value: float) -> bool:
         improved = not math.isnan(value) and (
             self.best is None
-            or (value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta)
+            or (
+                value < self.best - self.min_delta
+                if self.mode == "min"
+                else value > self.best + self.min_delta
+            )
         )
         if improved:
             self.best, self.bad_epochs = value, 0
@@ -83,17 +95,21 @@ def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]
     return t.tolist()
 
 
-def evaluate(task: Task, model: torch.nn.Module, device: torch.device, world: int = 1, rank: int = 0) -> dict[str, float]:
+def evaluate(
+    task: Task, model: torch.nn.Module, device: torch.device, world: int = 1, rank: int = 0
+) -> dict[str, float]:
     """Metrics on the held-out split: each rank sums its shard, sums are reduced, then averaged."""
     model.eval()
     idx = shard(len(task.val_data), world, rank)
     sums: dict[str, float] = {}
     with torch.no_grad():
         for i in range(0, len(idx), task.batch_size):
-            for k, v in task.eval_step(model, collate(task.val_data, idx[i : i + task.batch_size], device)).items():
+            for k, v in task.eval_step(
+                model, collate(task.val_data, idx[i : i + task.batch_size], device)
+            ).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     keys = sorted(sums)
-    totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device)))
+    totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device), strict=True))
     count = totals.pop("count")
     return {k: v / count for k, v in totals.items()}
 
@@ -113,7 +129,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     seed_all(spec.seed + rank)
     task: Task = resolve_task(spec.task.name)(
-        dict(spec.task.options), TaskContext(rank=rank, world_size=world, seed=spec.seed, device=device)
+        dict(spec.task.options),
+        TaskContext(rank=rank, world_size=world, seed=spec.seed, device=device),
     )
     model = task.model.to(device)
 
@@ -142,8 +159,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         train_state = load_tensor_file(blobs[STATE_FILE], device)
         progress = Progress(**train_state["progress"])
         if rank == 0:
-            print(f"[restore] attempt {attempt}: resumed from {record.id} "
-                  f"(epoch {record.epoch}, step {record.global_step})", flush=True)
+            print(
+                f"[restore] attempt {attempt}: resumed from {record.id} "
+                f"(epoch {record.epoch}, step {record.global_step})",
+                flush=True,
+            )
 
     ddp = torch.nn.parallel.DistributedDataParallel(model) if _distributed() else model
     optimizer = task.optimizer
@@ -160,9 +180,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             seed_all(spec.seed + rank + 7919 * progress.global_step)
 
     stopper = (
-        EarlyStopping(ckpt.mode, spec.early_stopping.patience, spec.early_stopping.min_delta,
-                      train_state.get("early_stopping"))
-        if spec.early_stopping else None
+        EarlyStopping(
+            ckpt.mode,
+            spec.early_stopping.patience,
+            spec.early_stopping.min_delta,
+            train_state.get("early_stopping"),
+        )
+        if spec.early_stopping
+        else None
     )
     last_metrics: dict[str, float] = dict(train_state.get("last_metrics", {}))
     epoch_acc: dict[str, float] = dict(train_state.get("epoch_acc", {"loss_sum": 0.0, "steps": 0}))
@@ -174,7 +199,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             async_save=ckpt.async_save,
             after_upload=chaos.after_upload,
         )
-        if rank == 0 else None
+        if rank == 0
+        else None
     )
 
     def save(epoch: int, step_in_epoch: int, global_step: int, end_of_epoch: bool) -> None:
@@ -252,7 +278,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             save(epoch, len(batches), global_step, end_of_epoch=True)
         if stopped_early:
             if rank == 0:
-                ray.get(coord.event.remote("early_stop", {"epoch": epoch, "best": stopper.best if stopper else None}))
+                ray.get(
+                    coord.event.remote(
+                        "early_stop", {"epoch": epoch, "best": stopper.best if stopper else None}
+                    )
+                )
             break
 
     if writer is not None:

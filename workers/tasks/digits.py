@@ -82,5 +82,11 @@ def build(options: dict[str, Any], ctx: TaskContext) -> Task:
     model = build_model(o)
     opt = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"])
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o["lr_step_epochs"], gamma=o["lr_gamma"])
-    return Task(model=model, optimizer=opt, train_data=train, val_data=val,
-                batch_size=o["batch_size"], scheduler=sched)
+    return Task(
+        model=model,
+        optimizer=opt,
+        train_data=train,
+        val_data=val,
+        batch_size=o["batch_size"],
+        scheduler=sched,
+    )
