@@ -92,7 +92,8 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     best = summary.get("best")
     if best:
         typer.echo(
-            f"[run] best checkpoint: {best['uri']}  ({best['monitor']} {best['value']:.6g}, epoch {best['epoch']})"
+            f"[run] best checkpoint: {best['uri']}  "
+            f"({best['monitor']} {best['value']:.6g}, epoch {best['epoch']})"
         )
     if summary.get("error"):
         typer.echo(f"[run] reason: {summary['error']}", err=True)
