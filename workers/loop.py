@@ -152,6 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     attempt: int = plan["attempt"]
     progress = Progress()
     train_state: dict[str, Any] = {}
+    epoch_acc: dict[str, float] = {"loss_sum": 0.0, "steps": 0}  # this rank's running train loss
     if plan["restore"] is not None:
         record = CheckpointRecord.model_validate(plan["restore"])
         blobs = read_verified(storage, record)  # each rank reads (and checks) for itself
@@ -173,11 +174,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             task.scheduler.load_state_dict(train_state["scheduler"])
         if task.grad_scaler is not None and train_state.get("grad_scaler") is not None:
             task.grad_scaler.load_state_dict(train_state["grad_scaler"])
-        rngs = train_state["rng"]
-        if len(rngs) == world:
-            restore_rng(rngs[rank])
-        else:  # elastic resume: exact RNG streams cannot map onto a new world size
+        ranks = train_state["ranks"]
+        if len(ranks) == world:
+            restore_rng(ranks[rank]["rng"])
+            epoch_acc = dict(ranks[rank]["epoch_acc"])
+        else:  # elastic resume: per-rank streams cannot map onto a new world size
             seed_all(spec.seed + rank + 7919 * progress.global_step)
+            epoch_acc = {"loss_sum": 0.0, "steps": 0}
 
     stopper = (
         EarlyStopping(
@@ -190,7 +193,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         else None
     )
     last_metrics: dict[str, float] = dict(train_state.get("last_metrics", {}))
-    epoch_acc: dict[str, float] = dict(train_state.get("epoch_acc", {"loss_sum": 0.0, "steps": 0}))
     chaos = Chaos(spec.chaos.kills, rank, lambda key: ray.get(coord.claim_chaos.remote(key, os.getpid())))
     writer = (
         CheckpointWriter(
@@ -204,7 +206,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     )
 
     def save(epoch: int, step_in_epoch: int, global_step: int, end_of_epoch: bool) -> None:
-        rngs = gather(capture_rng())  # a collective: every rank reaches it at the same step
+        # A collective: every rank reaches it at the same step and hands rank 0 its own streams.
+        ranks = gather({"rng": capture_rng(), "epoch_acc": dict(epoch_acc)})
         if writer is None:
             return
         meta = {
@@ -224,12 +227,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": task.scheduler.state_dict() if task.scheduler is not None else None,
                 "grad_scaler": task.grad_scaler.state_dict() if task.grad_scaler is not None else None,
-                "rng": rngs,
+                "ranks": ranks,
                 "progress": Progress(epoch, step_in_epoch, global_step, end_of_epoch).as_dict(),
                 "data_seed": spec.seed,
                 "early_stopping": stopper.state() if stopper else None,
                 "last_metrics": last_metrics,
-                "epoch_acc": {"loss_sum": epoch_acc["loss_sum"], "steps": epoch_acc["steps"]},
             },
         }
         writer.save(meta, state)
