@@ -90,7 +90,8 @@ class RunLedger:
         attempt = m.attempts + 1
         self.collect_orphans()
         latest = m.latest()
-        self._save(m.model_copy(update={"attempts": attempt, "resumed_from": latest.id if latest else None}))
+        pin = latest.id if latest else None
+        self._save(m.model_copy(update={"attempts": attempt, "resumed_from": pin, "status": "running"}))
         self.event(
             "attempt_started",
             attempt=attempt,
@@ -235,8 +236,8 @@ def coordinator_actor_class() -> Any:
 
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1)
     class Coordinator:
-        def __init__(self, uri: str, options: dict[str, Any], run: str, cfg: RetentionConfig) -> None:
-            self.ledger = RunLedger(Storage(uri, options), run, cfg)
+        def __init__(self, storage: Storage, run: str, cfg: RetentionConfig) -> None:
+            self.ledger = RunLedger(storage, run, cfg)
             self.ledger.event("coordinator_started", pid=_pid())
 
         def ping(self) -> int:

@@ -8,6 +8,7 @@ the manifest. The driver only wires them together and watches.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -188,7 +189,7 @@ def run(
     from workers.loop import train_loop_per_worker
 
     secrets = secrets_in(spec.storage.options)
-    storage = Storage(spec.run_uri, spec.storage.options)
+    storage = spec.open_run_storage()
     existing = read_manifest(storage)
     if existing is not None and not resume and existing.status == "finished":
         raise RunFailed(
@@ -219,7 +220,7 @@ def run(
                     node_id=ray.get_runtime_context().get_node_id(), soft=True
                 ),
             )
-            .remote(spec.run_uri, spec.storage.options, spec.name, cfg)
+            .remote(storage, spec.name, cfg)
         )
         ray.get(coord.ping.remote())
         for ev in lease.events:
@@ -257,8 +258,18 @@ def run(
             except Exception as e:  # Ray Train gave up (max_failures) or the run was invalid
                 error = f"{type(e).__name__}: {e}"
         status = "failed" if error else "finished"
-        kept = ray.get(coord.finish.remote(status))
-        prog = ray.get(coord.progress.remote())
+        reason = redact(root_cause(error), secrets) if error else None
+        try:
+            kept = ray.get(coord.finish.remote(status))
+            prog = ray.get(coord.progress.remote())
+        except Exception as e:  # storage (or the coordinator) is gone: committed data stays as it is
+            why = redact(root_cause(f"{type(e).__name__}: {e}"), secrets)
+            raise RunFailed(
+                f"{reason or 'training finished'}; then recording the end of the run failed: {why}. "
+                f"Every committed checkpoint is intact; once storage is back, run "
+                f"`orchestrator resume {spec.run_uri}`",
+                Summary(run_uri=spec.run_uri, status="failed", error=reason or why),
+            ) from None
         summary = Summary(
             run_uri=spec.run_uri,
             status=status,
@@ -267,15 +278,31 @@ def run(
             attempts=prog["attempts"],
             best=_best_entry(spec, prog["best"]),
             kept=kept,
-            error=redact(error, secrets)[-4000:] if error else None,
+            error=reason,
         )
         if error:
-            raise RunFailed(summary.error or "training failed", summary)
+            hint = f"; when the cause is fixed, `orchestrator resume {spec.run_uri}` continues it"
+            raise RunFailed((reason or "training failed") + hint, summary)
         return summary
     finally:
         lease.release()
         if started_ray:
             ray.shutdown()
+
+
+_CAUSE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Failed)\w*): (.+)$")
+
+
+def root_cause(text: str) -> str:
+    """The line of a (possibly nested, remote) traceback that says what went wrong.
+
+    A storage error that ran out of retries wins; else the last `SomethingError: ...` line."""
+    lines = text.splitlines()
+    for line in lines:
+        if "giving up" in line:
+            return line.strip()
+    causes = [line.strip() for line in lines if _CAUSE.match(line)]
+    return (causes[-1] if causes else (lines[-1].strip() if lines else text))[:1000]
 
 
 def _best_entry(spec: JobSpec, best: dict[str, Any] | None) -> dict[str, Any] | None:

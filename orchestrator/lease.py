@@ -104,11 +104,17 @@ class Lease:
         self.storage.write_bytes(LEASE, json.dumps(body).encode())
 
     def _beat(self) -> None:
+        failing = False
         while not self._stop.wait(self.heartbeat_s):
             try:
                 self._write()
+                if failing:
+                    print("[lease] heartbeat restored", flush=True)
+                failing = False
             except Exception as e:  # storage trouble: the next beat tries again
-                print(f"[lease] heartbeat failed: {type(e).__name__}", flush=True)
+                if not failing:
+                    print(f"[lease] heartbeat failing ({type(e).__name__}); retrying", flush=True)
+                failing = True
 
     def release(self) -> None:
         self._stop.set()

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.storage import RetryPolicy, Storage
+
 BUILTIN_TASKS = {"digits": "workers.tasks.digits:build"}
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -30,11 +32,20 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RetrySpec(_Model):
+    attempts: int = Field(8, ge=1, description="Tries per storage operation, the first included.")
+    initial_s: float = Field(0.2, gt=0, description="First backoff; doubles each retry.")
+    max_s: float = Field(5.0, gt=0, description="Longest single backoff.")
+
+
 class StorageSpec(_Model):
     root: str = Field("runs", description="Where runs live: a local dir, s3://bucket/prefix, ...")
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec storage options, e.g. endpoint_url / region_name for S3-compatible stores.",
+    )
+    retry: RetrySpec = Field(
+        default_factory=RetrySpec, description="Retries of transient errors (5xx, throttling, resets)."
     )
 
     @field_validator("root")
@@ -137,6 +148,12 @@ class JobSpec(_Model):
     @property
     def run_uri(self) -> str:
         return join_uri(self.storage.root, self.name)
+
+    def open_run_storage(self, on_retry: Callable[..., None] | None = None) -> Storage:
+        r = self.storage.retry
+        return Storage(
+            self.run_uri, self.storage.options, RetryPolicy(r.attempts, r.initial_s, r.max_s), on_retry
+        )
 
 
 def join_uri(root: str, *parts: str) -> str:

@@ -126,6 +126,17 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+def _single_retry_owner(uri: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn botocore's own retries off for S3 (unless the user set them): this layer retries,
+    with one budget, and logs every retry. Layered retries multiply (botocore 5 x s3fs 5 x ours)."""
+    opts = dict(options)
+    if uri.startswith(("s3://", "s3a://")):
+        config = dict(opts.get("config_kwargs") or {})
+        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        opts["config_kwargs"] = config
+    return opts
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -146,9 +157,13 @@ class Storage:
         self.on_retry = on_retry
         self._secrets = secrets_in(self.options)
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.uri, **self.options)
+            self.fs, self.root = fsspec.core.url_to_fs(
+                self.uri, **_single_retry_owner(self.uri, self.options)
+            )
         except (ImportError, ValueError, TypeError) as e:
             raise StorageError(f"storage {uri!r}: {self._clean(e)}") from None
+        if hasattr(self.fs, "retries"):
+            self.fs.retries = 1  # s3fs would retry throttling 5x on its own, unseen and unbounded by us
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
     def __reduce__(self) -> Any:  # ship to Ray actors without the live filesystem

@@ -107,3 +107,35 @@ def kill_group():
             except ProcessLookupError:
                 pass
             p.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    """moto's standalone S3 server on a free loopback port, stopped (by pid) at the end."""
+    from s3_support import MotoServer
+
+    server = MotoServer.start(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+    assert server.proc.poll() is not None
+
+
+@pytest.fixture
+def bucket(moto, request):
+    """A fresh bucket per test."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-b"
+    moto.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_env(moto, monkeypatch):
+    """AWS settings the way AWS tools take them, in this process and for CLI subprocesses."""
+    from s3_support import CREDS
+
+    env = {**CREDS, "AWS_ENDPOINT_URL": moto.endpoint}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env

@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from orchestrator.manifest import CheckpointRecord
 from orchestrator.spec import JobSpec, resolve_task
-from orchestrator.storage import Storage
 from workers.chaos import Chaos
 from workers.data import rank_batches, shard
 from workers.restore import VerificationError, load_tensor_file, read_verified
@@ -124,7 +123,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(config.get("threads_per_worker", 1)))
     device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
-    storage = Storage(spec.run_uri, spec.storage.options)
+    storage = spec.open_run_storage(
+        on_retry=lambda what, exc, n, delay: coord.event.remote(
+            "storage_retry",
+            {"op": what, "attempt": n, "delay_s": round(delay, 3), "error": type(exc).__name__, "rank": rank},
+        )
+    )
     ckpt = spec.checkpoint
 
     seed_all(spec.seed + rank)
