@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import jsonl, manifest, pid_alive, run_cli
 
 pytestmark = pytest.mark.e2e

@@ -7,11 +7,11 @@ import threading
 import time
 
 import pytest
-
 from conftest import cli_env, expected_kept, run_cli, start_cli, wait_until
+from s3_support import FaultProxy
+
 from orchestrator.manifest import CHECKPOINTS, CheckpointRecord, FileEntry, read_manifest, write_manifest
 from orchestrator.storage import Storage, sha256_hex
-from s3_support import FaultProxy
 from workers.restore import VerificationError, read_verified
 
 
