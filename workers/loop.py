@@ -215,7 +215,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if writer is None:
             return
         meta = {
-            "id": f"epoch{epoch:04d}-step{global_step:07d}",
+            # Unique per attempt: a redone epoch never reuses the name of one marked bad.
+            "id": f"epoch{epoch:04d}-step{global_step:07d}-a{attempt}",
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
             "global_step": global_step,
