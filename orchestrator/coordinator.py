@@ -53,6 +53,7 @@ class RunLedger:
         self.cfg = retention_cfg
         self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
         self.metrics: list[dict[str, Any]] = read_jsonl(storage, METRICS)
+        self.reported: list[dict[str, Any]] = []  # every report of this coordinator's life, in order
         storage.on_retry = self._on_retry
         self.manifest: Manifest = read_manifest(storage) or Manifest(run=run)
 
@@ -77,6 +78,7 @@ class RunLedger:
 
     def report_metrics(self, row: dict[str, Any]) -> None:
         """One row per (epoch) as reported by rank 0; a redone epoch replaces its row."""
+        self.reported.append(row)
         self.metrics = [m for m in self.metrics if m.get("epoch") != row.get("epoch")]
         self.metrics.append(row)
         self.metrics.sort(key=lambda m: m.get("epoch", 0))
@@ -218,11 +220,13 @@ class RunLedger:
         ranked = retention.rank_best(views, self.cfg.mode)
         return self.manifest.get(ranked[0].id) if ranked else None
 
-    def progress(self) -> dict[str, Any]:
+    def progress(self, since: int = 0) -> dict[str, Any]:
+        """For the driver's progress lines: rows reported since `since`, the best so far."""
         best = self.best()
         return {
             "metrics": self.metrics[-1] if self.metrics else None,
-            "history_len": len(self.metrics),
+            "new": self.reported[since:],
+            "next": len(self.reported),
             "best": best.model_dump() if best else None,
             "restarts": self.manifest.restarts,
             "attempts": self.manifest.attempts,
@@ -267,8 +271,8 @@ def coordinator_actor_class() -> Any:
         def finish(self, status: str) -> dict[str, list[str]]:
             return self.ledger.finish(status)  # type: ignore[arg-type]
 
-        def progress(self) -> dict[str, Any]:
-            return self.ledger.progress()
+        def progress(self, since: int = 0) -> dict[str, Any]:
+            return self.ledger.progress(since)
 
         def manifest(self) -> dict[str, Any]:
             return self.ledger.manifest.model_dump()

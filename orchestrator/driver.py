@@ -131,7 +131,8 @@ class Progress:
     def __init__(self, coord: Any, spec: JobSpec, quiet: bool = False) -> None:
         self.coord, self.spec, self.quiet = coord, spec, quiet
         self._stop = threading.Event()
-        self._seen: tuple[int, int] = (0, 0)
+        self._next = 0
+        self._restarts = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> Progress:
@@ -153,24 +154,26 @@ class Progress:
     def poll(self) -> None:
         import ray
 
-        p = ray.get(self.coord.progress.remote(), timeout=30)
-        m = p["metrics"]
-        key = (m["epoch"], m["attempt"]) if m else (0, 0)
-        if m is None or key == self._seen or self.quiet:
+        p = ray.get(self.coord.progress.remote(self._next), timeout=30)
+        if p["next"] < self._next:  # the coordinator restarted: its report count began again
+            p = ray.get(self.coord.progress.remote(0), timeout=30)
+        self._next = p["next"]
+        if self.quiet:
             return
-        self._seen = key
         mon = self.spec.checkpoint.monitor
-        vals = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("epoch", "global_step", "attempt"))
         best = p["best"]
         best_s = (
-            f"best {mon} {best['metrics'].get(mon, float('nan')):.4f} (epoch {best['epoch']})"
-            if best
-            else "best -"
+            f"best {mon} {best['metrics'].get(mon, float('nan')):.4f} (epoch {best['epoch']})" if best else ""
         )
-        print(
-            f"[run] epoch {m['epoch']}/{self.spec.epochs}  {vals}  {best_s}  restarts {p['restarts']}",
-            flush=True,
-        )
+        for m in p["new"]:
+            vals = "  ".join(
+                f"{k} {v:.4f}" for k, v in m.items() if k not in ("epoch", "global_step", "attempt")
+            )
+            print(f"[run] epoch {m['epoch']}/{self.spec.epochs}  {vals}  {best_s}", flush=True)
+        if p["restarts"] > self._restarts:
+            self._restarts = p["restarts"]
+            print(f"[run] worker group restarted ({self._restarts} so far); resuming from the latest "
+                  f"committed checkpoint", flush=True)  # fmt: skip
 
 
 def run(

@@ -62,6 +62,16 @@ class TaskSpec(_Model):
     options: dict[str, Any] = Field(default_factory=dict, description="Passed to the task builder.")
 
 
+    @field_validator("name")
+    @classmethod
+    def _task_files_are_absolute(cls, v: str) -> str:
+        # A task file is relative to where the CLI runs; Ray workers run elsewhere.
+        module, sep, func = v.rpartition(":")
+        if sep and module.endswith(".py") and not os.path.isabs(module):
+            return f"{os.path.abspath(module)}:{func}"
+        return v
+
+
 class ScalingSpec(_Model):
     num_workers: int = Field(2, ge=1, description="Training workers (one process per rank).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL instead of gloo.")

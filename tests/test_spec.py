@@ -41,7 +41,7 @@ def test_default_demo_config_is_valid():
             "task.name: task 'json:nosuch': json has no function 'nosuch'",
         ),
         ({"task": {"name": "no_such_pkg.mod:fn"}}, "cannot import no_such_pkg.mod"),
-        ({"task": {"name": "missing/file.py:build"}}, "file missing/file.py does not exist"),
+        ({"task": {"name": "missing/file.py:build"}}, "missing/file.py does not exist"),
         (
             {"chaos": {"kills": [{"rank": 5, "epoch": 1}]}},
             "chaos.kills.0.rank: 5 but scaling.num_workers is 2",

@@ -274,6 +274,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         metrics = evaluate(task, unwrap(ddp), device, world, rank)
         loss_sum, steps = all_reduce_sum([epoch_acc["loss_sum"], epoch_acc["steps"]], device)
         metrics["train_loss"] = loss_sum / max(steps, 1)
+        if ckpt.monitor not in metrics:
+            raise ValueError(
+                f"checkpoint.monitor {ckpt.monitor!r} is not a metric of task {spec.task.name!r}; "
+                f"it reports {sorted(metrics)}"
+            )
         last_metrics = metrics
         if stopper is not None and ckpt.monitor in metrics:
             stopped_early = stopper.update(metrics[ckpt.monitor])
