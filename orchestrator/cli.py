@@ -7,7 +7,7 @@
     orchestrator events RUN_URI [--json]                 commits, deletions, restarts, retries
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (spec, arguments), 3 run owned
-by another live driver, 4 storage unreachable or unreadable.
+by another live driver, 4 storage unreachable or unreadable, 5 Ray's Jobs API unreachable.
 """
 
 from __future__ import annotations

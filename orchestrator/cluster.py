@@ -86,7 +86,9 @@ def read_state(path: str | os.PathLike[str] | None = None) -> dict[str, Any] | N
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError) as e:
-        raise ClusterError(f"{p}: unreadable cluster state ({e}); remove it once its processes are gone") from e
+        raise ClusterError(
+            f"{p}: unreadable cluster state ({e}); remove it once its processes are gone"
+        ) from e
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
@@ -156,13 +158,15 @@ def node_processes(node: dict[str, Any]) -> list[Any]:
         with contextlib.suppress(psutil.Error):
             for c in p.children(recursive=True):
                 found[c.pid] = c
-    sid = node.get("pid")
+    sid, born = node.get("pid"), float(node.get("create_time") or 0) - 1.0
     if sid:
-        for p in psutil.process_iter():
+        for p in psutil.process_iter(["create_time"]):
             if p.pid in found or p.pid == os.getpid():
                 continue
             try:
-                if os.getsid(p.pid) == sid:
+                # Members of the node's session, started after the node (not a later,
+                # unrelated session that happens to reuse the id).
+                if os.getsid(p.pid) == sid and (p.info["create_time"] or 0) >= born:
                     found[p.pid] = p
             except (ProcessLookupError, PermissionError):
                 continue
@@ -214,7 +218,8 @@ def _port_free(port: int) -> bool:
 
 def free_ports(n: int, avoid: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """n distinct ports that nobody listens on now (held open together so they differ)."""
-    socks, ports = [], []
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
         while len(ports) < n:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -267,6 +272,8 @@ def _node_env() -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # On SIGTERM a node first drains for Serve (30 s by default); nothing here needs that.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     return env
 
 
@@ -301,29 +308,63 @@ def _start_node(
     """Start one `ray start --block` node in its own session; return its record once its
     raylet (and on the head its GCS) runs."""
     avoid = {p for p in (port, dashboard_port) if p}
-    names = ["node_manager", "object_manager", "agent_http", "agent_grpc", "runtime_env_agent",
-             "metrics_export"] + (["client_server"] if head else [])
+    names = [
+        "node_manager",
+        "object_manager",
+        "agent_http",
+        "agent_grpc",
+        "runtime_env_agent",
+        "metrics_export",
+    ] + (["client_server"] if head else [])
     ports = dict(zip(names, free_ports(len(names), avoid), strict=True))
     cmd = [
-        ray_executable(), "start", "--block", "--disable-usage-stats",
-        "--node-ip-address", "127.0.0.1", "--node-name", name,
-        "--num-cpus", str(num_cpus), "--num-gpus", "0",
-        "--object-store-memory", str(object_store_memory),
-        "--temp-dir", temp_dir,
-        "--node-manager-port", str(ports["node_manager"]),
-        "--object-manager-port", str(ports["object_manager"]),
-        "--dashboard-agent-listen-port", str(ports["agent_http"]),
-        "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
-        "--runtime-env-agent-port", str(ports["runtime_env_agent"]),
-        "--metrics-export-port", str(ports["metrics_export"]),
-        "--min-worker-port", "0", "--max-worker-port", "0",
+        ray_executable(),
+        "start",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--node-name",
+        name,
+        "--num-cpus",
+        str(num_cpus),
+        "--num-gpus",
+        "0",
+        "--object-store-memory",
+        str(object_store_memory),
+        "--temp-dir",
+        temp_dir,
+        "--node-manager-port",
+        str(ports["node_manager"]),
+        "--object-manager-port",
+        str(ports["object_manager"]),
+        "--dashboard-agent-listen-port",
+        str(ports["agent_http"]),
+        "--dashboard-agent-grpc-port",
+        str(ports["agent_grpc"]),
+        "--runtime-env-agent-port",
+        str(ports["runtime_env_agent"]),
+        "--metrics-export-port",
+        str(ports["metrics_export"]),
+        "--min-worker-port",
+        "0",
+        "--max-worker-port",
+        "0",
     ]
     if head:
         assert port and dashboard_port
         ports.update(gcs=port, dashboard=dashboard_port)
-        cmd += ["--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                "--dashboard-port", str(dashboard_port),
-                "--ray-client-server-port", str(ports["client_server"])]
+        cmd += [
+            "--head",
+            "--port",
+            str(port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard_port),
+            "--ray-client-server-port",
+            str(ports["client_server"]),
+        ]
     else:
         assert address
         cmd += ["--address", address, "--include-log-monitor", "False"]
@@ -331,14 +372,29 @@ def _start_node(
     os.makedirs(temp_dir, exist_ok=True)
     log = os.path.join(temp_dir, f"orchestrator-{name}.log")
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=_node_env(), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_node_env(),
+            start_new_session=True,
+        )
     _CHILDREN[proc.pid] = proc
     node: dict[str, Any] = {
-        "name": name, "role": "head" if head else "worker", "num_cpus": num_cpus,
-        "pid": proc.pid, "create_time": _proc(proc.pid).create_time() if _proc(proc.pid) else None,
-        "raylet_pid": None, "raylet_create_time": None, "gcs_pid": None, "gcs_create_time": None,
-        "node_id": None, "ports": ports, "log": log, "started_at": time.time(),
+        "name": name,
+        "role": "head" if head else "worker",
+        "num_cpus": num_cpus,
+        "pid": proc.pid,
+        "create_time": _proc(proc.pid).create_time() if _proc(proc.pid) else None,
+        "raylet_pid": None,
+        "raylet_create_time": None,
+        "gcs_pid": None,
+        "gcs_create_time": None,
+        "node_id": None,
+        "ports": ports,
+        "log": log,
+        "started_at": time.time(),
     }
     deadline = time.monotonic() + timeout_s
     try:
@@ -346,8 +402,11 @@ def _start_node(
             if proc.poll() is not None:
                 raise ClusterError(f"{name}: `ray start` exited with {proc.returncode}:\n{_tail(log)}")
             _find_node_processes(node)
-            if node["raylet_pid"] and node["node_id"] and (node["gcs_pid"] or not head) and (
-                "Ray runtime started" in Path(log).read_text(errors="replace")
+            if (
+                node["raylet_pid"]
+                and node["node_id"]
+                and (node["gcs_pid"] or not head)
+                and ("Ray runtime started" in Path(log).read_text(errors="replace"))
             ):
                 return node
             if time.monotonic() > deadline:
@@ -384,7 +443,7 @@ def _wait_address(temp_dir: str, timeout_s: float = 30.0) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
-            if (addr := f.read_text().strip()):
+            if addr := f.read_text().strip():
                 return addr
         time.sleep(0.2)
     raise ClusterError(f"head started but wrote no address to {f}")
@@ -408,11 +467,31 @@ def _wait_dashboard(url: str, timeout_s: float = 90.0) -> None:
     raise ClusterError(f"dashboard {url} not answering after {timeout_s:.0f}s: {last}")
 
 
+def use_token_auth() -> None:
+    """Make this process a token-auth Ray client when a token is at hand and RAY_AUTH_MODE
+    is unset. Ray reads RAY_AUTH_MODE once, when its config is first loaded (at import),
+    so the config is reloaded when ray is already imported."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if not (
+        os.path.exists(os.path.expanduser(TOKEN_PATH))
+        or os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    ):
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray._raylet" in sys.modules:
+        with contextlib.suppress(Exception):
+            from ray._raylet import Config  # type: ignore[attr-defined]
+
+            Config.initialize("")
+
+
 def _alive_node_ids(address: str, timeout_s: float = 5.0) -> set[str] | None:
     """Node ids the GCS reports ALIVE, or None when it cannot be asked."""
-    os.environ.update({k: v for k, v in token_auth_env().items() if k == "RAY_AUTH_MODE"})
+    use_token_auth()
     try:
-        from ray._raylet import GcsClient
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]
 
         infos = GcsClient(address=address).get_all_node_info(timeout=timeout_s)
         return {nid.hex() for nid, info in infos.items() if info.state == 0}  # 0: ALIVE
@@ -470,33 +549,52 @@ def up(
             raise ClusterError("--port and --dashboard-port must differ")
         ray_executable()
         tdir = os.path.abspath(temp_dir or _default_temp_dir(path))
-        created = not os.path.exists(tdir)
+        # The default dir is this cluster's own; a given one is removed only if made here.
+        owned = temp_dir is None or not os.path.exists(tdir)
         state: dict[str, Any] = {
-            "address": None, "dashboard_url": f"http://127.0.0.1:{dashboard_port}",
-            "temp_dir": tdir, "temp_dir_created": created, "state_file": str(path),
+            "address": None,
+            "dashboard_url": f"http://127.0.0.1:{dashboard_port}",
+            "temp_dir": tdir,
+            "temp_dir_owned": owned,
+            "state_file": str(path),
             "auth_mode": token_auth_env().get("RAY_AUTH_MODE", "disabled"),
-            "object_store_memory": object_store_memory, "started_at": time.time(), "nodes": [],
+            "object_store_memory": object_store_memory,
+            "started_at": time.time(),
+            "nodes": [],
         }
         try:
-            head = _start_node(name="head", head=True, temp_dir=tdir,
-                               num_cpus=num_cpus if head_num_cpus is None else head_num_cpus,
-                               object_store_memory=object_store_memory, port=port,
-                               dashboard_port=dashboard_port, timeout_s=timeout_s)
+            head = _start_node(
+                name="head",
+                head=True,
+                temp_dir=tdir,
+                num_cpus=num_cpus if head_num_cpus is None else head_num_cpus,
+                object_store_memory=object_store_memory,
+                port=port,
+                dashboard_port=dashboard_port,
+                timeout_s=timeout_s,
+            )
             state["nodes"].append(head)
             _write_state(path, state)
             state["address"] = _wait_address(tdir)
             _write_state(path, state)
             for i in range(1, workers + 1):
-                node = _start_node(name=f"worker-{i}", head=False, temp_dir=tdir, num_cpus=num_cpus,
-                                   object_store_memory=object_store_memory,
-                                   address=state["address"], timeout_s=timeout_s)
+                node = _start_node(
+                    name=f"worker-{i}",
+                    head=False,
+                    temp_dir=tdir,
+                    num_cpus=num_cpus,
+                    object_store_memory=object_store_memory,
+                    address=state["address"],
+                    timeout_s=timeout_s,
+                )
                 state["nodes"].append(node)
                 _write_state(path, state)
             _wait_registered(state["address"], [n["node_id"] for n in state["nodes"]])
             _wait_dashboard(state["dashboard_url"])
         except BaseException:
-            stop_nodes(state["nodes"], grace_s=10)
-            path.unlink(missing_ok=True)
+            survivors = stop_nodes(state["nodes"], grace_s=10)
+            if not survivors:
+                path.unlink(missing_ok=True)
             raise
     return state
 
@@ -510,7 +608,9 @@ def _require_state(state_file: str | os.PathLike[str] | None) -> tuple[Path, dic
 
 
 def add_node(
-    num_cpus: int = 1, state_file: str | os.PathLike[str] | None = None, timeout_s: float = 120.0,
+    num_cpus: int = 1,
+    state_file: str | os.PathLike[str] | None = None,
+    timeout_s: float = 120.0,
     name: str | None = None,
 ) -> dict[str, Any]:
     """Start one more worker raylet in the recorded cluster; return its record."""
@@ -528,9 +628,15 @@ def add_node(
             name = f"worker-{i}"
         elif name in taken:
             raise ClusterError(f"a node named {name!r} is already recorded")
-        node = _start_node(name=name, head=False, temp_dir=state["temp_dir"], num_cpus=num_cpus,
-                           object_store_memory=int(state.get("object_store_memory", 256 * 1024**2)),
-                           address=state["address"], timeout_s=timeout_s)
+        node = _start_node(
+            name=name,
+            head=False,
+            temp_dir=state["temp_dir"],
+            num_cpus=num_cpus,
+            object_store_memory=int(state.get("object_store_memory", 256 * 1024**2)),
+            address=state["address"],
+            timeout_s=timeout_s,
+        )
         state["nodes"].append(node)
         _write_state(path, state)
     try:
@@ -549,7 +655,8 @@ def find_node(state: dict[str, Any], key: str | int) -> dict[str, Any]:
         if 0 <= i < len(nodes):
             return dict(nodes[i])
     for n in nodes:
-        if key == n["name"] or (isinstance(key, str) and len(key) >= 6 and (n.get("node_id") or "").startswith(key)):
+        by_id = isinstance(key, str) and len(key) >= 6 and (n.get("node_id") or "").startswith(key)
+        if key == n["name"] or by_id:
             return dict(n)
     raise ClusterError(f"no node {key!r}; recorded: {', '.join(n['name'] for n in nodes)}")
 
@@ -568,8 +675,9 @@ def kill_node(
     return int(p.pid)
 
 
-def down(state_file: str | os.PathLike[str] | None = None, grace_s: float = 20.0,
-         keep_logs: bool = False) -> dict[str, Any]:
+def down(
+    state_file: str | os.PathLike[str] | None = None, grace_s: float = 20.0, keep_logs: bool = False
+) -> dict[str, Any]:
     """Stop every node recorded in the state file (workers first) and remove the file.
     Returns {"stopped": [names], "survivors": [pids]}; survivors keep the file in place."""
     path = state_path(state_file)
@@ -583,7 +691,7 @@ def down(state_file: str | os.PathLike[str] | None = None, grace_s: float = 20.0
         if survivors:
             return {"stopped": [], "survivors": survivors, "state_file": str(path)}
         path.unlink(missing_ok=True)
-        if state.get("temp_dir_created") and not keep_logs:
+        if state.get("temp_dir_owned") and not keep_logs:
             shutil.rmtree(state["temp_dir"], ignore_errors=True)
     return {"stopped": [n["name"] for n in nodes], "survivors": [], "state_file": str(path)}
 
@@ -591,11 +699,15 @@ def down(state_file: str | os.PathLike[str] | None = None, grace_s: float = 20.0
 def status(state_file: str | os.PathLike[str] | None = None, ask_ray: bool = True) -> dict[str, Any]:
     """The recorded cluster, each node's process liveness and (when reachable) Ray's view."""
     path, state = _require_state(state_file)
-    alive_ids = _alive_node_ids(state["address"]) if ask_ray and state.get("address") else None
+    head: dict[str, Any] = next((n for n in state.get("nodes", []) if n["role"] == "head"), {})
+    gcs_up = pid_alive(head.get("gcs_pid"), head.get("gcs_create_time"))
+    alive_ids = _alive_node_ids(state["address"]) if ask_ray and gcs_up and state.get("address") else None
     nodes = []
     for n in state.get("nodes", []):
-        row = {k: n.get(k) for k in ("name", "role", "num_cpus", "pid", "raylet_pid", "gcs_pid",
-                                     "node_id", "log")}
+        row = {
+            k: n.get(k)
+            for k in ("name", "role", "num_cpus", "pid", "raylet_pid", "gcs_pid", "node_id", "log")
+        }
         row["raylet_alive"] = pid_alive(n.get("raylet_pid"), n.get("raylet_create_time"))
         row["processes"] = len(node_processes(n))
         row["ray_state"] = (
@@ -603,9 +715,12 @@ def status(state_file: str | os.PathLike[str] | None = None, ask_ray: bool = Tru
         )
         nodes.append(row)
     return {
-        "address": state.get("address"), "dashboard_url": state.get("dashboard_url"),
-        "state_file": str(path), "temp_dir": state.get("temp_dir"),
-        "auth_mode": state.get("auth_mode"), "gcs_reachable": alive_ids is not None,
+        "address": state.get("address"),
+        "dashboard_url": state.get("dashboard_url"),
+        "state_file": str(path),
+        "temp_dir": state.get("temp_dir"),
+        "auth_mode": state.get("auth_mode"),
+        "gcs_reachable": alive_ids is not None,
         "nodes": nodes,
     }
 
@@ -639,17 +754,23 @@ def up_cmd(
     port: int = typer.Option(6379, help="GCS port of the head."),
     dashboard_port: int = typer.Option(8265, help="Dashboard / Jobs API port."),
     num_cpus: int = typer.Option(1, help="CPUs each worker node offers to Ray."),
-    head_num_cpus: int = typer.Option(None, help="CPUs of the head (default: --num-cpus); "
-                                      "0 keeps training off the head."),
+    head_num_cpus: int = typer.Option(
+        None, help="CPUs of the head (default: --num-cpus); 0 keeps training off the head."
+    ),
     object_store_memory: int = typer.Option(256 * 1024**2, help="Object store bytes per node."),
     temp_dir: str = typer.Option(None, help="Ray temp/log dir of the cluster (default /tmp/orch-<hash>)."),
     state_file: str = typer.Option(None, help=STATE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the recorded state as JSON."),
 ) -> None:
-    """Start a head (127.0.0.1) plus N worker raylets on this machine, with token auth."""
+    """Start a head plus N worker raylets on this machine, with token auth.
+
+    Nodes are started for 127.0.0.1; Ray advertises them under this machine's IP, which is the
+    address printed. The dashboard (Jobs API) listens on 127.0.0.1 only.
+    """
     try:
-        state = up(workers, port, dashboard_port, num_cpus, head_num_cpus, object_store_memory,
-                   temp_dir, state_file)
+        state = up(
+            workers, port, dashboard_port, num_cpus, head_num_cpus, object_store_memory, temp_dir, state_file
+        )
     except ClusterError as e:
         _fail(e)
         return
@@ -657,12 +778,16 @@ def up_cmd(
         typer.echo(json.dumps(state, indent=2, sort_keys=True))
         return
     addr, dash = state["address"], state["dashboard_url"]
-    typer.echo(f"[cluster] up: {len(state['nodes'])} node(s) "
-               f"({', '.join(n['name'] + ':' + str(n['num_cpus']) + 'cpu' for n in state['nodes'])})")
+    typer.echo(
+        f"[cluster] up: {len(state['nodes'])} node(s) "
+        f"({', '.join(n['name'] + ':' + str(n['num_cpus']) + 'cpu' for n in state['nodes'])})"
+    )
     typer.echo(f"[cluster] address:   {addr}")
     typer.echo(f"[cluster] dashboard: {dash}  (Jobs API)")
     typer.echo(f"[cluster] state:     {state['state_file']}   logs: {state['temp_dir']}")
-    auth = "export RAY_AUTH_MODE=token  # token in ~/.ray/auth_token\n  " if state["auth_mode"] == "token" else ""
+    auth = ""
+    if state["auth_mode"] == "token":
+        auth = "export RAY_AUTH_MODE=token  # clients send the token in ~/.ray/auth_token\n  "
     typer.echo(
         "Use it:\n"
         f"  {auth}orchestrator run configs/digits.yaml --address {addr}\n"
@@ -683,8 +808,11 @@ def down_cmd(
     path = state_path(state_file)
     try:
         if read_state(path) is None:
-            typer.echo(json.dumps({"stopped": [], "survivors": [], "state_file": str(path)})
-                       if as_json else f"[cluster] nothing to stop: no cluster recorded in {path}")
+            typer.echo(
+                json.dumps({"stopped": [], "survivors": [], "state_file": str(path)})
+                if as_json
+                else f"[cluster] nothing to stop: no cluster recorded in {path}"
+            )
             return
         out = down(path, grace, keep_logs)
     except ClusterError as e:
@@ -714,14 +842,19 @@ def status_cmd(
     if as_json:
         typer.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    typer.echo(f"address {st['address']}  dashboard {st['dashboard_url']}  "
-               f"(GCS {'reachable' if st['gcs_reachable'] else 'unreachable'})")
-    typer.echo(f"{'node':<10} {'role':<7} {'cpus':>4} {'pid':>8} {'raylet':>8} {'procs':>5} "
-               f"{'ray':<6} node_id")
+    typer.echo(
+        f"address {st['address']}  dashboard {st['dashboard_url']}  "
+        f"(GCS {'reachable' if st['gcs_reachable'] else 'unreachable'})"
+    )
+    typer.echo(
+        f"{'node':<10} {'role':<7} {'cpus':>4} {'pid':>8} {'raylet':>8} {'procs':>5} {'ray':<6} node_id"
+    )
     for n in st["nodes"]:
-        typer.echo(f"{n['name']:<10} {n['role']:<7} {n['num_cpus']:>4} {n['pid']:>8} "
-                   f"{str(n['raylet_pid']) + ('' if n['raylet_alive'] else '†'):>8} {n['processes']:>5} "
-                   f"{n['ray_state'] or '?':<6} {n['node_id']}")
+        typer.echo(
+            f"{n['name']:<10} {n['role']:<7} {n['num_cpus']:>4} {n['pid']:>8} "
+            f"{str(n['raylet_pid']) + ('' if n['raylet_alive'] else '†'):>8} {n['processes']:>5} "
+            f"{n['ray_state'] or '?':<6} {n['node_id']}"
+        )
     if any(not n["raylet_alive"] for n in st["nodes"]):
         typer.echo("† raylet not running")
 
@@ -739,8 +872,11 @@ def add_node_cmd(
     except ClusterError as e:
         _fail(e)
         return
-    typer.echo(json.dumps(node, indent=2) if as_json else
-               f"[cluster] added {node['name']} (raylet pid {node['raylet_pid']}, node {node['node_id']})")
+    typer.echo(
+        json.dumps(node, indent=2)
+        if as_json
+        else f"[cluster] added {node['name']} (raylet pid {node['raylet_pid']}, node {node['node_id']})"
+    )
 
 
 @app.command("kill-node")

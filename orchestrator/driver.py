@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.cluster import use_token_auth
 from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
 from orchestrator.lease import Lease
 from orchestrator.manifest import SPEC, read_manifest
@@ -55,15 +56,12 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
 
     if ray.is_initialized():
         return False
-    token = os.path.expanduser("~/.ray/auth_token")
-    if os.path.exists(token) and "RAY_AUTH_MODE" not in os.environ:
-        os.environ["RAY_AUTH_MODE"] = "token"  # `ray start --head` in Ray 2.60 turns token auth on
     quiet = {"log_to_driver": verbose, "configure_logging": True, "logging_level": "WARNING"}
     address = address or os.environ.get("RAY_ADDRESS") or _running_cluster()
     if address and address != "local":
+        use_token_auth()  # a `ray start --head` cluster usually wants ~/.ray/auth_token
         ray.init(address=address, namespace=NAMESPACE, **quiet)
         return False
-    os.environ.pop("RAY_AUTH_MODE", None)
     ray.init(
         namespace=NAMESPACE,
         num_cpus=max(os.cpu_count() or 1, num_cpus_hint),
@@ -218,9 +216,10 @@ def run(
             .options(
                 name=f"coordinator:{spec.run_uri}",
                 namespace=NAMESPACE,
-                # On the driver's node: it survives the loss of any other node.
+                # Pinned to the driver's node (a zero-CPU actor always fits): it survives the loss of
+                # any other node. Soft affinity was seen to land it on worker nodes.
                 scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    node_id=ray.get_runtime_context().get_node_id(), soft=True
+                    node_id=ray.get_runtime_context().get_node_id(), soft=False
                 ),
             )
             .remote(storage, spec.name, cfg)

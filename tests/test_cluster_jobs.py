@@ -1,0 +1,527 @@
+"""The local multi-node cluster and the Jobs API path, with real processes.
+
+One cluster (a head plus worker raylets on this machine, non-default free ports, its own
+state file) serves the module; it is brought down at the end and no process it started may
+survive. On it: a run submitted over the Jobs API, a driver killed under --max-retries, a
+driver killed and resumed by hand, and a node (raylet) killed under a training worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import cli_env, expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
+
+from orchestrator import cluster as cl
+from orchestrator import jobs
+
+RUN_SETS = ["--set", "chaos.kills=[]", "--set", "scaling.num_workers=2"]
+
+
+def _committed(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        return list(manifest(run_dir)["checkpoints"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
+
+
+def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    return [e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == kind]
+
+
+def _recorded(state_file: Path) -> list[tuple[int, float]]:
+    """(pid, start time) of every process of every node recorded in the state file now."""
+    state = cl.read_state(state_file) or {"nodes": []}
+    out: set[tuple[int, float]] = set()
+    for n in state["nodes"]:
+        for key in ("pid", "raylet_pid", "gcs_pid"):
+            if n.get(key) and cl.pid_alive(n[key], n.get(key.replace("pid", "create_time"))):
+                out.add((n[key], n[key.replace("pid", "create_time")]))
+        out |= {(p.pid, p.create_time()) for p in cl.node_processes(n)}
+    return sorted(out)
+
+
+_LIST_ACTORS = """
+import json, sys
+from ray.util.state import list_actors
+actors = list_actors(address=sys.argv[1], filters=[("state", "=", "ALIVE")], limit=10000,
+                     raise_on_missing_output=False)
+print(json.dumps([{"class_name": a.class_name, "node_id": a.node_id} for a in actors]))
+"""
+
+
+def _alive_actors(c: dict[str, Any], *classes: str) -> list[dict[str, Any]]:
+    """Live actors of these classes and the Ray node each is on (Ray's state API, asked from
+    a subprocess with the cluster's token-auth environment)."""
+    p = subprocess.run(
+        [sys.executable, "-c", _LIST_ACTORS, c["dashboard"]],
+        env=c["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [a for a in json.loads(p.stdout.strip().splitlines()[-1]) if a["class_name"] in classes]
+
+
+def _job_status(c: dict[str, Any], job_id: str) -> dict[str, Any]:
+    p = run_cli("status", job_id, "--address", c["dashboard"], "--json", env=c["env"], timeout=60)
+    assert p.returncode == 0, p.stderr
+    return dict(json.loads(p.stdout))
+
+
+def _wait_job(c: dict[str, Any], job_id: str, timeout: float = 240) -> dict[str, Any]:
+    end = time.time() + timeout
+    while time.time() < end:
+        st = _job_status(c, job_id)
+        if st["status"] in jobs.TERMINAL:
+            return st
+        time.sleep(3)
+    raise AssertionError(f"job {job_id} not finished after {timeout}s")
+
+
+def _stop_job(c: dict[str, Any], job_id: str) -> None:
+    """Stop the job if it still runs (the test started it, the test ends it)."""
+    if _job_status(c, job_id)["status"] not in jobs.TERMINAL:
+        run_cli("stop", job_id, "--address", c["dashboard"], env=c["env"], timeout=90)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End a CLI process this test started (its own process group), by its pid."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """`orchestrator cluster up --workers 1` on free ports; `cluster down` at the end, and no
+    process it (or add-node) started survives."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    state_file = tmp / "cluster.json"
+    # RAY_AUTH_MODE=token for `orchestrator run/resume --address`: the driver's connect()
+    # sets it only after `import ray`, when Ray has already read it (see the report).
+    env = cli_env(ORCHESTRATOR_CLUSTER_STATE=str(state_file), RAY_AUTH_MODE="token")
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    port, dash = cl.free_ports(2)
+    p = run_cli(
+        "cluster",
+        "up",
+        "--workers",
+        "1",
+        "--port",
+        str(port),
+        "--dashboard-port",
+        str(dash),
+        "--json",
+        env=env,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    state = json.loads(p.stdout)
+    info = {
+        "env": env,
+        "state_file": state_file,
+        "address": state["address"],
+        "dashboard": state["dashboard_url"],
+        "port": port,
+        "dashboard_port": dash,
+        "tmp": tmp,
+    }
+    try:
+        yield info
+    finally:
+        started = _recorded(state_file)
+        d = run_cli("cluster", "down", "--json", env=env, timeout=180)
+        survivors = [pid for pid, t in started if cl.pid_alive(pid, t)]
+        assert d.returncode == 0, d.stdout + d.stderr
+        assert started and not survivors, f"still running after `cluster down`: {survivors}"
+        assert not state_file.exists()
+
+
+# -- no cluster needed -----------------------------------------------------------------------
+
+
+def test_bad_spec_fails_before_contacting_the_cluster(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nepochs: 0\nscaling: {num_workers: 2, bogus: 1}\n")
+    nobody = f"http://127.0.0.1:{cl.free_ports(1)[0]}"  # nothing listens: contacting it exits 5
+    t0 = time.time()
+    p = run_cli("submit", str(bad), "--address", nobody, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "epochs" in p.stderr and "scaling.bogus: unknown field" in p.stderr
+    assert "Jobs API" not in p.stderr and time.time() - t0 < 30
+    p = run_cli(
+        "submit",
+        "configs/digits.yaml",
+        "--set",
+        "chaos.kills=[{rank: 5, epoch: 1}]",
+        "--address",
+        nobody,
+        timeout=60,
+    )
+    assert p.returncode == 2 and "chaos.kills.0.rank" in p.stderr
+    # A good spec does try the cluster, and says it cannot reach it.
+    p = run_cli("submit", "configs/digits.yaml", "--address", nobody, timeout=60)
+    assert p.returncode == jobs.EXIT_API and "cannot reach the Ray Jobs API" in p.stderr
+
+
+def test_shipped_spec_drops_secrets_and_relativizes_file_tasks(tmp_path, monkeypatch):
+    from orchestrator.spec import load_spec
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "task.py").write_text("def build(ctx):\n    pass\n")
+    cfg = tmp_path / "spec.yaml"
+    cfg.write_text(
+        "name: t\ntask: {name: pkg/task.py:build}\n"
+        "storage: {root: s3://b/runs, options: {endpoint_url: 'http://s3:9000', secret: shh,"
+        " client_kwargs: {aws_secret_access_key: shh2, region_name: x}}}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    data, wd, warnings = jobs._shipped_spec(load_spec(cfg), None)
+    assert wd == str(tmp_path) and data["task"]["name"] == "pkg/task.py:build"
+    assert data["storage"]["options"] == {
+        "endpoint_url": "http://s3:9000",
+        "client_kwargs": {"region_name": "x"},
+    }
+    assert "shh" not in json.dumps(data) and "secret" in warnings[0]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    with pytest.raises(ValueError, match="not inside the working dir"):
+        jobs._shipped_spec(load_spec(cfg), str(outside))
+
+
+def test_default_address(monkeypatch, tmp_path):
+    monkeypatch.setenv(cl.STATE_ENV, str(tmp_path / "none.json"))
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    assert jobs.default_address(None) == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a GCS address is not the Jobs API
+    assert jobs.default_address(None) == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert jobs.default_address(None) == "http://head:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "https://api:443")
+    assert jobs.default_address(None) == "https://api:443"
+    assert jobs.default_address("h:1") == "http://h:1"
+
+
+def test_ray_not_found_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(cl.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(cl.ClusterError, match="ray not found"):
+        cl.ray_executable()
+
+
+def test_down_without_a_cluster_is_a_no_op(tmp_path):
+    env = cli_env(ORCHESTRATOR_CLUSTER_STATE=str(tmp_path / "c.json"))
+    p = run_cli("cluster", "down", env=env, timeout=60)
+    assert p.returncode == 0 and "nothing to stop" in p.stdout
+    p = run_cli("cluster", "status", env=env, timeout=60)
+    assert p.returncode == 1 and "no cluster recorded" in p.stderr
+
+
+# -- on the cluster --------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_cluster_status_and_clear_errors(ray_cluster):
+    c = ray_cluster
+    p = run_cli("cluster", "status", "--json", env=c["env"], timeout=60)
+    assert p.returncode == 0, p.stderr
+    st = json.loads(p.stdout)
+    assert st["gcs_reachable"] and [n["name"] for n in st["nodes"]] == ["head", "worker-1"]
+    assert all(n["raylet_alive"] and n["ray_state"] == "ALIVE" for n in st["nodes"])
+    before = c["state_file"].read_text()
+    # The same state file: already up.
+    a, b = cl.free_ports(2)
+    p = run_cli("cluster", "up", "--port", str(a), "--dashboard-port", str(b), env=c["env"], timeout=60)
+    assert p.returncode == 1 and "already up" in p.stderr and "cluster down" in p.stderr
+    assert c["state_file"].read_text() == before
+    # Another state file, but the GCS port is taken.
+    other = cli_env(ORCHESTRATOR_CLUSTER_STATE=str(c["tmp"] / "other.json"))
+    p = run_cli("cluster", "up", "--port", str(c["port"]), "--dashboard-port", str(b), env=other, timeout=60)
+    assert p.returncode == 1 and f"port {c['port']} (--port) is busy" in p.stderr
+    assert not (c["tmp"] / "other.json").exists()
+
+
+@pytest.mark.e2e
+def test_submit_runs_on_the_cluster(ray_cluster, tmp_path):
+    c = ray_cluster
+    name = f"jobs-{os.getpid()}-{int(time.time())}"
+    p = run_cli(
+        "submit",
+        "configs/digits.yaml",
+        "--address",
+        c["dashboard"],
+        "--json",
+        "--set",
+        "epochs=3",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        f"name={name}",
+        *RUN_SETS,
+        env=c["env"],
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    sub = json.loads(p.stdout)
+    job_id, run_uri = sub["job_id"], sub["run_uri"]
+    assert run_uri == str(tmp_path / name)
+    try:
+        st = _wait_job(c, job_id)
+        logs = run_cli("logs", job_id, "--address", c["dashboard"], env=c["env"], timeout=60).stdout
+        assert st["status"] == "SUCCEEDED", logs[-4000:]
+        assert "[run] finished: 3 epochs" in logs
+        assert st["run_uri"] == run_uri and st["progress"]["status"] == "finished"
+        ck = run_cli("checkpoints", run_uri, "--json", env=c["env"], timeout=60)
+        assert ck.returncode == 0, ck.stderr
+        rows = json.loads(ck.stdout)["checkpoints"]
+        assert [r["epoch"] for r in rows] == [1, 2, 3] and all(r["kept_because"] for r in rows)
+        listed = json.loads(
+            run_cli("list", "--json", "--address", c["dashboard"], env=c["env"], timeout=60).stdout
+        )
+        assert job_id in [r["job_id"] for r in listed]
+    finally:
+        _stop_job(c, job_id)
+
+
+@pytest.mark.e2e
+def test_submit_ships_a_file_task_in_the_working_dir(ray_cluster, tmp_path):
+    c = ray_cluster
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "mytask.py").write_text(
+        "from workers.tasks.digits import build as _build\n\n\n"
+        "def build(*args, **kwargs):\n"
+        "    print('[mytask] built from the uploaded copy', flush=True)\n"
+        "    return _build(*args, **kwargs)\n"
+    )
+    name = f"filetask-{os.getpid()}-{int(time.time())}"
+    p = run_cli(
+        "submit",
+        "configs/digits.yaml",
+        "--address",
+        c["dashboard"],
+        "--json",
+        "--verbose",
+        "--working-dir",
+        str(wd),
+        "--set",
+        f"task.name={wd / 'mytask.py'}:build",
+        "--set",
+        "epochs=1",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        f"name={name}",
+        *RUN_SETS,
+        env=c["env"],
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    job_id = json.loads(p.stdout)["job_id"]
+    try:
+        st = _wait_job(c, job_id)
+        logs = run_cli("logs", job_id, "--address", c["dashboard"], env=c["env"], timeout=60).stdout
+        assert st["status"] == "SUCCEEDED", logs[-4000:]
+        assert "[mytask] built from the uploaded copy" in logs and "[run] finished: 1 epochs" in logs
+        stored = (tmp_path / name / "spec.yaml").read_text()
+        assert "working_dir_files" in stored and str(wd) not in stored  # ran the shipped copy
+    finally:
+        _stop_job(c, job_id)
+
+
+@pytest.mark.e2e
+def test_max_retries_resumes_after_the_driver_is_killed(ray_cluster, tmp_path):
+    c = ray_cluster
+    psutil = cl._psutil()
+    name = f"retry-{os.getpid()}-{int(time.time())}"
+    run_dir = tmp_path / name
+    p = run_cli(
+        "submit",
+        "configs/digits.yaml",
+        "--address",
+        c["dashboard"],
+        "--json",
+        "--max-retries",
+        "1",
+        "--set",
+        "epochs=8",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        f"name={name}",
+        *RUN_SETS,
+        env=c["env"],
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    job_id = json.loads(p.stdout)["job_id"]
+    try:
+        wait_until(lambda: len(_committed(run_dir)) >= 2, 180, "2 committed checkpoints")
+
+        def driver() -> Any:
+            # The job's driver: `python -m orchestrator run <spec>` whose parent is the
+            # supervisor of this run.
+            for proc in psutil.process_iter(["cmdline"]):
+                try:
+                    cmd = proc.info["cmdline"] or []
+                    parent = proc.parent() if cmd[1:4] == ["-m", "orchestrator", "run"] else None
+                    if parent is not None and str(run_dir) in parent.cmdline():
+                        return proc
+                except psutil.Error:
+                    continue
+            return None
+
+        d = driver()
+        assert d is not None, "the job's driver process was not found"
+        d.send_signal(signal.SIGKILL)
+        st = _wait_job(c, job_id, timeout=300)
+        logs = run_cli("logs", job_id, "--address", c["dashboard"], env=c["env"], timeout=60).stdout
+        assert st["status"] == "SUCCEEDED", logs[-4000:]
+        assert "[supervise] driver killed by SIGKILL; resuming" in logs
+        assert "[run] finished: 8 epochs" in logs
+        second = [e for e in _events(run_dir, "attempt_started") if e["attempt"] == 2]
+        assert second and second[0]["restore"] and second[0]["restore_epoch"] >= 2
+        assert _events(run_dir, "lease_taken_over"), "the dead driver's lease was not taken over"
+    finally:
+        _stop_job(c, job_id)
+
+
+@pytest.mark.e2e
+def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
+    c = ray_cluster
+    name = "driverkill"
+    run_dir = tmp_path / name
+    drv = start_cli(
+        "run",
+        "configs/digits.yaml",
+        "--address",
+        c["address"],
+        "--quiet",
+        "--set",
+        "epochs=10",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        f"name={name}",
+        *RUN_SETS,
+        log=tmp_path / "driver.log",
+        env=c["env"],
+    )
+    try:
+        wait_until(
+            lambda: len(_committed(run_dir)) >= 2 or drv.poll() is not None, 180, "2 committed checkpoints"
+        )
+        assert drv.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
+        seen = max(r["epoch"] for r in _committed(run_dir))
+        os.kill(drv.pid, signal.SIGKILL)
+        drv.wait(timeout=30)
+        # Its actors (coordinator, Ray Train controller and workers) die with it.
+        wait_until(
+            lambda: not _alive_actors(c, "RayTrainWorker", "TrainController", "Coordinator"),
+            90,
+            "the dead driver's actors gone",
+            interval=2,
+        )
+        latest = max(r["epoch"] for r in _committed(run_dir))
+        assert latest >= seen and manifest(run_dir)["status"] == "running"
+        assert latest < 10, "the run finished before its driver was killed"
+        p = run_cli("resume", str(run_dir), "--address", c["address"], "--json", env=c["env"], timeout=400)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+        assert json.loads(p.stdout)["status"] == "finished"
+    finally:
+        _stop(drv)
+    starts = _events(run_dir, "driver_started")
+    assert [s["resume"] for s in starts] == [False, True]
+    attempt = [e for e in _events(run_dir, "attempt_started") if e["ts"] > starts[1]["ts"]][0]
+    assert attempt["restore"] is not None and attempt["restore_epoch"] == latest
+    # Resumed, not restarted: epochs up to `latest` were trained once, by attempt 1.
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == list(range(1, 11))
+    assert all(m["attempt"] == 1 for m in metrics if m["epoch"] <= latest)
+    assert all(m["attempt"] == attempt["attempt"] for m in metrics if m["epoch"] > latest)
+    # The final manifest holds exactly best-3 by val_loss plus the latest, and nothing else is
+    # left on disk.
+    want = expected_kept(metrics, "val_loss", "min", top_k=3)
+    m = manifest(run_dir)
+    assert m["status"] == "finished"
+    assert {r["epoch"] for r in m["checkpoints"]} == want
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {r["id"] for r in m["checkpoints"]}
+
+
+@pytest.mark.e2e
+def test_run_survives_losing_a_node(ray_cluster, tmp_path):
+    c = ray_cluster
+    state_file = c["state_file"]
+    # A second worker raylet: with the head's CPU there are 3, and a lost node leaves 2.
+    p = run_cli("cluster", "add-node", "--json", env=c["env"], timeout=180)
+    assert p.returncode == 0, p.stderr
+    name = "nodekill"
+    run_dir = tmp_path / name
+    drv = start_cli(
+        "run",
+        "configs/digits.yaml",
+        "--address",
+        c["address"],
+        "--quiet",
+        "--set",
+        "epochs=12",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        f"name={name}",
+        "--set",
+        "failure.max_failures=3",
+        *RUN_SETS,
+        log=tmp_path / "driver.log",
+        env=c["env"],
+    )
+    try:
+        wait_until(
+            lambda: len(_committed(run_dir)) >= 2 or drv.poll() is not None, 180, "2 committed checkpoints"
+        )
+        assert drv.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
+        nodes = {n["node_id"]: n for n in cl.read_state(state_file)["nodes"]}
+        hosts = [
+            a["node_id"] for a in _alive_actors(c, "RayTrainWorker") if nodes[a["node_id"]]["role"] != "head"
+        ]
+        assert hosts, "no training worker on a worker node"
+        victim = nodes[hosts[0]]
+        before = max(r["epoch"] for r in _committed(run_dir))
+        cl.kill_node(victim["name"], state_file)  # SIGKILL its raylet
+        wait_until(lambda: not cl.node_processes(victim), 60, f"{victim['name']} gone")
+        p = run_cli("cluster", "add-node", "--json", env=c["env"], timeout=180)  # the replacement
+        assert p.returncode == 0, p.stderr
+        rc = drv.wait(timeout=400)
+        log = (tmp_path / "driver.log").read_text()
+        assert rc == 0, log[-5000:]
+    finally:
+        _stop(drv)
+    assert before < 12, "the run finished before the node was killed"
+    restarts = _events(run_dir, "restart")
+    assert restarts, "no restart recorded"
+    second = [e for e in _events(run_dir, "attempt_started") if e["attempt"] == 2][0]
+    assert second["restore"] is not None and second["restore_epoch"] >= max(2, before)
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == list(range(1, 13))
+    # Training went on past the restored epoch with attempt 2; nothing before it was redone.
+    assert all(m["attempt"] == 1 for m in metrics if m["epoch"] <= second["restore_epoch"])
+    assert all(m["attempt"] >= 2 for m in metrics if m["epoch"] > second["restore_epoch"])
+    p = run_cli("cluster", "status", "--json", env=c["env"], timeout=60)
+    by_name = {n["name"]: n for n in json.loads(p.stdout)["nodes"]}
+    assert not by_name[victim["name"]]["raylet_alive"] and by_name[victim["name"]]["processes"] == 0
+    assert by_name[victim["name"]]["ray_state"] == "DEAD"
