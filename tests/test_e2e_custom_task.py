@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import jsonl, run_cli
+
 from orchestrator.manifest import CheckpointRecord, read_manifest
 from orchestrator.storage import Storage
 from workers.restore import read_verified
