@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
 from conftest import cli_env, expected_kept, run_cli, start_cli, wait_until
 from s3_support import FaultProxy
 
-from orchestrator.manifest import CHECKPOINTS, CheckpointRecord, FileEntry, read_manifest, write_manifest
+from orchestrator.manifest import CHECKPOINTS, CheckpointRecord, FileEntry, read_manifest
 from orchestrator.storage import Storage, sha256_hex
 from workers.restore import VerificationError, read_verified
 
@@ -58,27 +57,11 @@ def test_verification_catches_damaged_files(any_storage, damage):
 
 
 def test_s3_manifest_is_one_put_and_readers_never_see_part(s3_env, bucket, moto):
-    from test_storage import big_manifest
+    from test_storage import torn_reads_while_rewriting
 
-    s = Storage(f"s3://{bucket}/runs/atomic")
-    m = write_manifest(s, big_manifest(1500))
-    stop, bad = threading.Event(), []
-
-    def reader():
-        r = Storage(f"s3://{bucket}/runs/atomic", {"skip_instance_cache": True})
-        while not stop.is_set():
-            try:
-                assert len(read_manifest(r).checkpoints) == 1500
-            except Exception as e:
-                bad.append(repr(e))
-
-    t = threading.Thread(target=reader)
-    t.start()
-    for _ in range(15):
-        m = write_manifest(s, m)
-    stop.set()
-    t.join()
-    assert bad == []
+    uri = f"s3://{bucket}/runs/atomic"
+    reader = Storage(uri, {"skip_instance_cache": True})
+    assert torn_reads_while_rewriting(Storage(uri), reader, 1500, writes=15) == []
     assert set(s3_objects(moto, bucket, "runs/atomic/")) == {"runs/atomic/manifest.json"}  # no temp object
 
 

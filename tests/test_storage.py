@@ -59,27 +59,33 @@ def test_manifest_roundtrip_and_generation(tmp_path, uri):
         assert [p.name for p in (tmp_path / "run").iterdir()] == ["manifest.json"]  # no temp left
 
 
-def test_concurrent_reader_never_sees_a_partial_manifest(tmp_path):
-    s = Storage(str(tmp_path))
-    m = write_manifest(s, big_manifest(2000))  # ~600 KB: a torn write would be visible
+def torn_reads_while_rewriting(writer: Storage, reader: Storage, n_checkpoints: int, writes: int) -> list[str]:
+    """Rewrite the manifest `writes` times while another thread reads it in a loop; return
+    every read that failed to parse or came back with the wrong content (a torn read)."""
+    m = write_manifest(writer, big_manifest(n_checkpoints))
     stop = threading.Event()
     bad: list[str] = []
 
-    def reader():
-        r = Storage(str(tmp_path))
+    def read_loop():
         while not stop.is_set():
             try:
-                read_manifest(r)
-            except Exception as e:  # any parse failure is a torn read
+                assert len(read_manifest(reader).checkpoints) == n_checkpoints
+            except Exception as e:
                 bad.append(repr(e))
 
-    t = threading.Thread(target=reader)
+    t = threading.Thread(target=read_loop)
     t.start()
-    for _ in range(40):
-        m = write_manifest(s, m)
+    for _ in range(writes):
+        m = write_manifest(writer, m)
     stop.set()
     t.join()
-    assert bad == []
+    return bad
+
+
+def test_concurrent_reader_never_sees_a_partial_manifest(tmp_path):
+    s = Storage(str(tmp_path))
+    # ~600 KB: a torn write would be visible
+    assert torn_reads_while_rewriting(s, Storage(str(tmp_path)), 2000, writes=40) == []
     assert read_manifest(s).generation == 41
 
 
