@@ -202,7 +202,7 @@ def run(
     started_ray = False
     try:
         store_spec(storage, spec)
-        cpus = spec.scaling.num_workers * int(spec.scaling.resources_per_worker.get("CPU", 1))
+        cpus = spec.scaling.max_workers * int(spec.scaling.resources_per_worker.get("CPU", 1))
         started_ray = connect(address, num_cpus_hint=cpus, verbose=verbose)
         cfg = RetentionConfig(
             monitor=spec.checkpoint.monitor,
@@ -240,6 +240,7 @@ def run(
             train_loop_config={"spec": spec.model_dump(), "coordinator": coord},
             scaling_config=ScalingConfig(
                 num_workers=spec.scaling.num_workers,
+                elastic_resize_monitor_interval_s=spec.scaling.elastic_resize_interval_s,
                 use_gpu=spec.scaling.use_gpu,
                 resources_per_worker=dict(spec.scaling.resources_per_worker),
             ),

@@ -73,11 +73,33 @@ class TaskSpec(_Model):
 
 
 class ScalingSpec(_Model):
-    num_workers: int = Field(2, ge=1, description="Training workers (one process per rank).")
+    num_workers: int | tuple[int, int] = Field(
+        2,
+        description="Training workers (one process per rank), or [min, max] to train elastically: "
+        "on fewer workers after a node is lost, growing back when resources return.",
+    )
+    elastic_resize_interval_s: float = Field(
+        60.0, ge=0, description="Elastic runs: how often Ray Train looks for room to grow."
+    )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL instead of gloo.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0}, description="Ray resources each worker reserves."
     )
+
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_positive_and_ordered(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1:
+            raise ValueError(f"must be >= 1 (got {lo})")
+        if lo > hi:
+            raise ValueError(f"[min, max] needs min <= max (got [{lo}, {hi}])")
+        return v
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 class CheckpointSpec(_Model):
@@ -145,7 +167,7 @@ class JobSpec(_Model):
     @model_validator(mode="after")
     def _chaos_fits_the_run(self) -> JobSpec:
         for i, kill in enumerate(self.chaos.kills):
-            if kill.rank >= self.scaling.num_workers:
+            if kill.rank >= self.scaling.max_workers:
                 raise ValueError(
                     f"chaos.kills.{i}.rank: {kill.rank} but scaling.num_workers is {self.scaling.num_workers}"
                 )

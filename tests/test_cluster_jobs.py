@@ -11,65 +11,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster_support import alive_actors, committed, events, local_cluster, stop
 from conftest import cli_env, expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
 
 from orchestrator import cluster as cl
 from orchestrator import jobs
 
 RUN_SETS = ["--set", "chaos.kills=[]", "--set", "scaling.num_workers=2"]
-
-
-def _committed(run_dir: Path) -> list[dict[str, Any]]:
-    try:
-        return list(manifest(run_dir)["checkpoints"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return []
-
-
-def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    return [e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == kind]
-
-
-def _recorded(state_file: Path) -> list[tuple[int, float]]:
-    """(pid, start time) of every process of every node recorded in the state file now."""
-    state = cl.read_state(state_file) or {"nodes": []}
-    out: set[tuple[int, float]] = set()
-    for n in state["nodes"]:
-        for key in ("pid", "raylet_pid", "gcs_pid"):
-            if n.get(key) and cl.pid_alive(n[key], n.get(key.replace("pid", "create_time"))):
-                out.add((n[key], n[key.replace("pid", "create_time")]))
-        out |= {(p.pid, p.create_time()) for p in cl.node_processes(n)}
-    return sorted(out)
-
-
-_LIST_ACTORS = """
-import json, sys
-from ray.util.state import list_actors
-actors = list_actors(address=sys.argv[1], filters=[("state", "=", "ALIVE")], limit=10000,
-                     raise_on_missing_output=False)
-print(json.dumps([{"class_name": a.class_name, "node_id": a.node_id} for a in actors]))
-"""
-
-
-def _alive_actors(c: dict[str, Any], *classes: str) -> list[dict[str, Any]]:
-    """Live actors of these classes and the Ray node each is on (Ray's state API, asked from
-    a subprocess with the cluster's token-auth environment)."""
-    p = subprocess.run(
-        [sys.executable, "-c", _LIST_ACTORS, c["dashboard"]],
-        env=c["env"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    return [a for a in json.loads(p.stdout.strip().splitlines()[-1]) if a["class_name"] in classes]
 
 
 def _job_status(c: dict[str, Any], job_id: str) -> dict[str, Any]:
@@ -94,61 +46,11 @@ def _stop_job(c: dict[str, Any], job_id: str) -> None:
         run_cli("stop", job_id, "--address", c["dashboard"], env=c["env"], timeout=90)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """End a CLI process this test started (its own process group), by its pid."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """`orchestrator cluster up --workers 1` on free ports; `cluster down` at the end, and no
-    process it (or add-node) started survives."""
-    tmp = tmp_path_factory.mktemp("cluster")
-    state_file = tmp / "cluster.json"
-    # RAY_AUTH_MODE=token for `orchestrator run/resume --address`: the driver's connect()
-    # sets it only after `import ray`, when Ray has already read it (see the report).
-    env = cli_env(ORCHESTRATOR_CLUSTER_STATE=str(state_file), RAY_AUTH_MODE="token")
-    env.pop("RAY_API_SERVER_ADDRESS", None)
-    port, dash = cl.free_ports(2)
-    p = run_cli(
-        "cluster",
-        "up",
-        "--workers",
-        "1",
-        "--port",
-        str(port),
-        "--dashboard-port",
-        str(dash),
-        "--json",
-        env=env,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    state = json.loads(p.stdout)
-    info = {
-        "env": env,
-        "state_file": state_file,
-        "address": state["address"],
-        "dashboard": state["dashboard_url"],
-        "port": port,
-        "dashboard_port": dash,
-        "tmp": tmp,
-    }
-    try:
+    """A head plus one worker raylet, shared by this module's cluster tests."""
+    with local_cluster(tmp_path_factory.mktemp("cluster"), workers=1) as info:
         yield info
-    finally:
-        started = _recorded(state_file)
-        d = run_cli("cluster", "down", "--json", env=env, timeout=180)
-        survivors = [pid for pid, t in started if cl.pid_alive(pid, t)]
-        assert d.returncode == 0, d.stdout + d.stderr
-        assert started and not survivors, f"still running after `cluster down`: {survivors}"
-        assert not state_file.exists()
 
 
 # -- no cluster needed -----------------------------------------------------------------------
@@ -371,7 +273,7 @@ def test_max_retries_resumes_after_the_driver_is_killed(ray_cluster, tmp_path):
     assert p.returncode == 0, p.stderr
     job_id = json.loads(p.stdout)["job_id"]
     try:
-        wait_until(lambda: len(_committed(run_dir)) >= 2, 180, "2 committed checkpoints")
+        wait_until(lambda: len(committed(run_dir)) >= 2, 180, "2 committed checkpoints")
 
         def driver() -> Any:
             # The job's driver: `python -m orchestrator run <spec>` whose parent is the
@@ -394,9 +296,9 @@ def test_max_retries_resumes_after_the_driver_is_killed(ray_cluster, tmp_path):
         assert st["status"] == "SUCCEEDED", logs[-4000:]
         assert "[supervise] driver killed by SIGKILL; resuming" in logs
         assert "[run] finished: 8 epochs" in logs
-        second = [e for e in _events(run_dir, "attempt_started") if e["attempt"] == 2]
+        second = [e for e in events(run_dir, "attempt_started") if e["attempt"] == 2]
         assert second and second[0]["restore"] and second[0]["restore_epoch"] >= 2
-        assert _events(run_dir, "lease_taken_over"), "the dead driver's lease was not taken over"
+        assert events(run_dir, "lease_taken_over"), "the dead driver's lease was not taken over"
     finally:
         _stop_job(c, job_id)
 
@@ -424,30 +326,30 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
     )
     try:
         wait_until(
-            lambda: len(_committed(run_dir)) >= 2 or drv.poll() is not None, 180, "2 committed checkpoints"
+            lambda: len(committed(run_dir)) >= 2 or drv.poll() is not None, 180, "2 committed checkpoints"
         )
         assert drv.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
-        seen = max(r["epoch"] for r in _committed(run_dir))
+        seen = max(r["epoch"] for r in committed(run_dir))
         os.kill(drv.pid, signal.SIGKILL)
         drv.wait(timeout=30)
         # Its actors (coordinator, Ray Train controller and workers) die with it.
         wait_until(
-            lambda: not _alive_actors(c, "RayTrainWorker", "TrainController", "Coordinator"),
+            lambda: not alive_actors(c, "RayTrainWorker", "TrainController", "Coordinator"),
             90,
             "the dead driver's actors gone",
             interval=2,
         )
-        latest = max(r["epoch"] for r in _committed(run_dir))
+        latest = max(r["epoch"] for r in committed(run_dir))
         assert latest >= seen and manifest(run_dir)["status"] == "running"
         assert latest < 10, "the run finished before its driver was killed"
         p = run_cli("resume", str(run_dir), "--address", c["address"], "--json", env=c["env"], timeout=400)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
         assert json.loads(p.stdout)["status"] == "finished"
     finally:
-        _stop(drv)
-    starts = _events(run_dir, "driver_started")
+        stop(drv)
+    starts = events(run_dir, "driver_started")
     assert [s["resume"] for s in starts] == [False, True]
-    attempt = [e for e in _events(run_dir, "attempt_started") if e["ts"] > starts[1]["ts"]][0]
+    attempt = [e for e in events(run_dir, "attempt_started") if e["ts"] > starts[1]["ts"]][0]
     assert attempt["restore"] is not None and attempt["restore_epoch"] == latest
     # Resumed, not restarted: epochs up to `latest` were trained once, by attempt 1.
     metrics = jsonl(run_dir / "metrics.jsonl")
@@ -492,16 +394,16 @@ def test_run_survives_losing_a_node(ray_cluster, tmp_path):
     )
     try:
         wait_until(
-            lambda: len(_committed(run_dir)) >= 2 or drv.poll() is not None, 180, "2 committed checkpoints"
+            lambda: len(committed(run_dir)) >= 2 or drv.poll() is not None, 180, "2 committed checkpoints"
         )
         assert drv.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
         nodes = {n["node_id"]: n for n in cl.read_state(state_file)["nodes"]}
         hosts = [
-            a["node_id"] for a in _alive_actors(c, "RayTrainWorker") if nodes[a["node_id"]]["role"] != "head"
+            a["node_id"] for a in alive_actors(c, "RayTrainWorker") if nodes[a["node_id"]]["role"] != "head"
         ]
         assert hosts, "no training worker on a worker node"
         victim = nodes[hosts[0]]
-        before = max(r["epoch"] for r in _committed(run_dir))
+        before = max(r["epoch"] for r in committed(run_dir))
         cl.kill_node(victim["name"], state_file)  # SIGKILL its raylet
         wait_until(lambda: not cl.node_processes(victim), 60, f"{victim['name']} gone")
         p = run_cli("cluster", "add-node", "--json", env=c["env"], timeout=180)  # the replacement
@@ -510,11 +412,11 @@ def test_run_survives_losing_a_node(ray_cluster, tmp_path):
         log = (tmp_path / "driver.log").read_text()
         assert rc == 0, log[-5000:]
     finally:
-        _stop(drv)
+        stop(drv)
     assert before < 12, "the run finished before the node was killed"
-    restarts = _events(run_dir, "restart")
+    restarts = events(run_dir, "restart")
     assert restarts, "no restart recorded"
-    second = [e for e in _events(run_dir, "attempt_started") if e["attempt"] == 2][0]
+    second = [e for e in events(run_dir, "attempt_started") if e["attempt"] == 2][0]
     assert second["restore"] is not None and second["restore_epoch"] >= max(2, before)
     metrics = jsonl(run_dir / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == list(range(1, 13))

@@ -33,7 +33,11 @@ def test_default_demo_config_is_valid():
         ({"epochs": "ten"}, "epochs: Input should be a valid integer"),
         (
             {"scaling": {"num_workers": 0}},
-            "scaling.num_workers: Input should be greater than or equal to 1",
+            "scaling.num_workers: must be >= 1 (got 0)",
+        ),
+        (
+            {"scaling": {"num_workers": [3, 1]}},
+            "scaling.num_workers: [min, max] needs min <= max (got [3, 1])",
         ),
         ({"task": {"name": "nosuch"}}, "task.name: unknown task 'nosuch'"),
         (

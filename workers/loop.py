@@ -243,6 +243,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # -- train ---------------------------------------------------------------
     start_epoch, start_step = progress.resume_point() if plan["restore"] else (1, 0)
+    saved_world = len(train_state["ranks"]) if train_state else world
+    if start_step and saved_world != world:
+        # Elastic resume mid-epoch: keep the number of samples the epoch has seen, not the
+        # step index (a step of 2 ranks covers twice the samples of a step of 1).
+        start_step = start_step * saved_world // world
     global_step = progress.global_step
     stopped_early = False
     for epoch in range(start_epoch, spec.epochs + 1):
