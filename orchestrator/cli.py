@@ -202,7 +202,7 @@ def checkpoints(
     """List committed checkpoints: epoch, metrics, and why each is kept."""
     storage, m = _open(run_uri, storage_option)
     monitor, mode = _monitor(storage, m)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": c.id,
             "uri": storage.child_uri(c.dir),
@@ -282,10 +282,10 @@ def best(
             raise
         os.makedirs(download, exist_ok=True)
         for name, data in blobs.items():
-            with open(os.path.join(download, name), "wb") as f:
-                f.write(data)
-        with open(os.path.join(download, "checkpoint.json"), "w") as f:
-            json.dump(rec.model_dump(), f, indent=1)
+            with open(os.path.join(download, name), "wb") as fb:
+                fb.write(data)
+        with open(os.path.join(download, "checkpoint.json"), "w") as ft:
+            json.dump(rec.model_dump(), ft, indent=1)
         out["downloaded_to"] = os.path.abspath(download)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
@@ -354,4 +354,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -238,7 +238,7 @@ def coordinator_actor_class() -> Any:
     """The Ray actor wrapping a RunLedger (built lazily so this module imports without Ray)."""
     import ray
 
-    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1)
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1)  # type: ignore[call-overload]
     class Coordinator:
         def __init__(self, storage: Storage, run: str, cfg: RetentionConfig) -> None:
             self.ledger = RunLedger(storage, run, cfg)

@@ -56,7 +56,7 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
 
     if ray.is_initialized():
         return False
-    quiet = {"log_to_driver": verbose, "configure_logging": True, "logging_level": "WARNING"}
+    quiet: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": True, "logging_level": "WARNING"}
     address = address or os.environ.get("RAY_ADDRESS") or _running_cluster()
     if address and address != "local":
         use_token_auth()  # a `ray start --head` cluster usually wants ~/.ray/auth_token
@@ -183,8 +183,11 @@ def run(
 ) -> Summary:
     """Train spec to the end. Raises RunFailed (with the summary) when it cannot finish."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    # The V2 API (what ray.train exports in 2.60), named so type checkers see elastic scaling.
+    from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from workers.loop import train_loop_per_worker
@@ -236,7 +239,7 @@ def run(
             )
 
         trainer = TorchTrainer(
-            train_loop_per_worker,
+            train_loop_per_worker,  # type: ignore[arg-type]  # it returns a summary; Ray allows it
             train_loop_config={"spec": spec.model_dump(), "coordinator": coord},
             scaling_config=ScalingConfig(
                 num_workers=spec.scaling.num_workers,

@@ -28,7 +28,8 @@ class Ckpt:
 
 
 class Policy(Protocol):
-    reason: str
+    @property
+    def reason(self) -> str: ...
 
     def keep(self, ckpts: Sequence[Ckpt]) -> list[str]: ...
 

@@ -61,7 +61,6 @@ class TaskSpec(_Model):
     name: str = Field("digits", description="Built-in task, package.module:function or file.py:function.")
     options: dict[str, Any] = Field(default_factory=dict, description="Passed to the task builder.")
 
-
     @field_validator("name")
     @classmethod
     def _task_files_are_absolute(cls, v: str) -> str:
@@ -85,7 +84,6 @@ class ScalingSpec(_Model):
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0}, description="Ray resources each worker reserves."
     )
-
 
     @field_validator("num_workers")
     @classmethod

@@ -42,7 +42,7 @@ def seed_all(seed: int) -> None:
 
 def capture_rng() -> dict[str, Any]:
     # numpy's state holds an ndarray, which weights_only loading refuses: store a tensor.
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     out: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {

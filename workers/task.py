@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,6 +25,14 @@ class TaskContext:
 
 
 Batch = Any
+
+
+class Dataset(Protocol):
+    """What the loop needs of a dataset: a length and samples by index (TensorDataset fits)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 
 def classification_step(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -49,8 +57,8 @@ def classification_eval(model: nn.Module, batch: Batch) -> dict[str, float]:
 class Task:
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    train_data: Sequence[Any]  # indexable: data[i] -> sample (a tuple of tensors)
-    val_data: Sequence[Any]
+    train_data: Dataset  # data[i] -> sample (a tuple of tensors)
+    val_data: Dataset
     batch_size: int = 32  # per rank
     train_step: Callable[[nn.Module, Batch], torch.Tensor] = classification_step
     # Returns sums over the batch plus "count"; each metric is reported as sum / count.
@@ -67,7 +75,7 @@ class Task:
             raise ValueError("Task.val_data is empty")
 
 
-def collate(data: Sequence[Any], indices: Sequence[int], device: torch.device) -> Batch:
+def collate(data: Dataset, indices: Sequence[int], device: torch.device) -> Batch:
     tensors = getattr(data, "tensors", None)
     if tensors is not None:  # TensorDataset: one gather per tensor instead of per sample
         idx = torch.as_tensor(indices)
