@@ -228,6 +228,13 @@ def run(
             .remote(storage, spec.name, cfg)
         )
         ray.get(coord.ping.remote())
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if storage.is_local and nodes > 1:
+            print(
+                f"[run] warning: storage {spec.run_uri} is a local path and the cluster has {nodes} "
+                "nodes; every node must see the same directory (NFS, or one machine), or use s3://",
+                flush=True,
+            )
         for ev in lease.events:
             coord.event.remote(ev.pop("kind"), ev)
         ray.get(coord.event.remote("driver_started", {"pid": os.getpid(), "resume": resume}))
