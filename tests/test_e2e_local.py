@@ -114,6 +114,12 @@ def test_killing_the_coordinator_mid_run_loses_no_committed_checkpoint(tmp_path,
     committed_before = {e["id"] for e in commits()}
     os.kill(first["pid"], signal.SIGKILL)
 
+    # A second driver on the same run while the first lives is refused, told who owns it.
+    second = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=coordkill",
+                     "--address", "local", timeout=120)  # fmt: skip
+    assert second.returncode == 3, second.stdout + second.stderr
+    assert f"in use by driver pid {proc.pid}" in second.stderr and "since" in second.stderr
+
     assert proc.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-5000:]
     events = jsonl(run_dir / "events.jsonl")
     starts = [e for e in events if e["kind"] == "coordinator_started"]
