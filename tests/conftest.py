@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -139,3 +140,39 @@ def s3_env(moto, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
+
+
+_SERVICE_NAMES = ("raylet", "gcs_server", "moto_server")
+
+
+def _service_pids() -> set[tuple[int, float]]:
+    from orchestrator.cluster import _psutil
+
+    psutil = _psutil()
+
+    out = set()
+    for p in psutil.process_iter(["name", "cmdline", "create_time"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["name"] in _SERVICE_NAMES or any(f"/{n}" in cmd for n in _SERVICE_NAMES):
+            out.add((p.pid, p.info["create_time"]))
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_service_outlives_the_suite():
+    """Every raylet, GCS and S3 server a test started is gone when the suite ends."""
+    from orchestrator.cluster import _psutil
+
+    psutil = _psutil()
+
+    before = _service_pids()
+    yield
+    end = time.time() + 30
+    left = _service_pids() - before
+    while left and time.time() < end:
+        time.sleep(1)
+        left = _service_pids() - before
+    for pid, _ in left:  # do not leave them to the next run, but do fail
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+    assert not left, f"processes started by tests still running: {sorted(left)}"
