@@ -130,6 +130,7 @@ class Progress:
         self.coord, self.spec, self.quiet = coord, spec, quiet
         self._stop = threading.Event()
         self._next = 0
+        self._best: tuple[float, int] | None = None  # best monitored value reported so far
         self._restarts = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -158,15 +159,15 @@ class Progress:
         self._next = p["next"]
         if self.quiet:
             return
-        mon = self.spec.checkpoint.monitor
-        best = p["best"]
-        best_s = (
-            f"best {mon} {best['metrics'].get(mon, float('nan')):.4f} (epoch {best['epoch']})" if best else ""
-        )
+        mon, sign = self.spec.checkpoint.monitor, (1 if self.spec.checkpoint.mode == "min" else -1)
         for m in p["new"]:
+            v = m.get(mon)
+            if isinstance(v, float) and v == v and (self._best is None or sign * v < sign * self._best[0]):
+                self._best = (v, m["epoch"])
             vals = "  ".join(
                 f"{k} {v:.4f}" for k, v in m.items() if k not in ("epoch", "global_step", "attempt")
             )
+            best_s = f"best {mon} {self._best[0]:.4f} (epoch {self._best[1]})" if self._best else ""
             print(f"[run] epoch {m['epoch']}/{self.spec.epochs}  {vals}  {best_s}", flush=True)
         if p["restarts"] > self._restarts:
             self._restarts = p["restarts"]
