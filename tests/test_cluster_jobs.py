@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,15 @@ from orchestrator import cluster as cl
 from orchestrator import jobs
 
 RUN_SETS = ["--set", "chaos.kills=[]", "--set", "scaling.num_workers=2"]
+
+
+def submit(c: dict[str, Any], root: Path, name: str, *extra: str) -> dict[str, Any]:
+    """`orchestrator submit configs/digits.yaml` to the test cluster, storage under root."""
+    p = run_cli("submit", "configs/digits.yaml", "--address", c["dashboard"], "--json",
+                "--set", f"storage.root={root}", "--set", f"name={name}", *RUN_SETS, *extra,
+                env=c["env"], timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    return dict(json.loads(p.stdout))
 
 
 def _job_status(c: dict[str, Any], job_id: str) -> dict[str, Any]:
@@ -162,24 +172,7 @@ def test_cluster_status_and_clear_errors(ray_cluster):
 def test_submit_runs_on_the_cluster(ray_cluster, tmp_path):
     c = ray_cluster
     name = f"jobs-{os.getpid()}-{int(time.time())}"
-    p = run_cli(
-        "submit",
-        "configs/digits.yaml",
-        "--address",
-        c["dashboard"],
-        "--json",
-        "--set",
-        "epochs=3",
-        "--set",
-        f"storage.root={tmp_path}",
-        "--set",
-        f"name={name}",
-        *RUN_SETS,
-        env=c["env"],
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr
-    sub = json.loads(p.stdout)
+    sub = submit(c, tmp_path, name, "--set", "epochs=3")
     job_id, run_uri = sub["job_id"], sub["run_uri"]
     assert run_uri == str(tmp_path / name)
     try:
@@ -212,29 +205,8 @@ def test_submit_ships_a_file_task_in_the_working_dir(ray_cluster, tmp_path):
         "    return _build(*args, **kwargs)\n"
     )
     name = f"filetask-{os.getpid()}-{int(time.time())}"
-    p = run_cli(
-        "submit",
-        "configs/digits.yaml",
-        "--address",
-        c["dashboard"],
-        "--json",
-        "--verbose",
-        "--working-dir",
-        str(wd),
-        "--set",
-        f"task.name={wd / 'mytask.py'}:build",
-        "--set",
-        "epochs=1",
-        "--set",
-        f"storage.root={tmp_path}",
-        "--set",
-        f"name={name}",
-        *RUN_SETS,
-        env=c["env"],
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr
-    job_id = json.loads(p.stdout)["job_id"]
+    job_id = submit(c, tmp_path, name, "--verbose", "--working-dir", str(wd),
+                    "--set", f"task.name={wd / 'mytask.py'}:build", "--set", "epochs=1")["job_id"]  # fmt: skip
     try:
         st = _wait_job(c, job_id)
         logs = run_cli("logs", job_id, "--address", c["dashboard"], env=c["env"], timeout=60).stdout
@@ -252,26 +224,7 @@ def test_max_retries_resumes_after_the_driver_is_killed(ray_cluster, tmp_path):
     psutil = cl._psutil()
     name = f"retry-{os.getpid()}-{int(time.time())}"
     run_dir = tmp_path / name
-    p = run_cli(
-        "submit",
-        "configs/digits.yaml",
-        "--address",
-        c["dashboard"],
-        "--json",
-        "--max-retries",
-        "1",
-        "--set",
-        "epochs=8",
-        "--set",
-        f"storage.root={tmp_path}",
-        "--set",
-        f"name={name}",
-        *RUN_SETS,
-        env=c["env"],
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr
-    job_id = json.loads(p.stdout)["job_id"]
+    job_id = submit(c, tmp_path, name, "--max-retries", "1", "--set", "epochs=8")["job_id"]
     try:
         wait_until(lambda: len(committed(run_dir)) >= 2, 180, "2 committed checkpoints")
 
