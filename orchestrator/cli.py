@@ -34,7 +34,7 @@ from orchestrator.manifest import (
 )
 from orchestrator.retention import rank_best
 from orchestrator.spec import SpecError, load_spec
-from orchestrator.storage import Storage, StorageError
+from orchestrator.storage import Storage, StorageError, redact, secrets_in
 
 app = typer.Typer(
     help="Fault-tolerant distributed PyTorch training on Ray, with top-k checkpoints "
@@ -129,6 +129,9 @@ def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: b
         _die(f"run {spec.name} failed: {e}", EXIT_FAILED)
     except StorageError as e:
         _die(str(e), EXIT_STORAGE)
+    except OSError as e:  # before training starts, storage is all that does I/O
+        why = redact(f"{type(e).__name__}: {e}", secrets_in(spec.storage.options))
+        _die(f"storage {spec.run_uri}: {why}", EXIT_STORAGE)
     else:
         _print_summary(summary.as_dict(), as_json)
 

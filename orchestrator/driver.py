@@ -59,6 +59,7 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
     quiet: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": True, "logging_level": "WARNING"}
     address = address or os.environ.get("RAY_ADDRESS") or _running_cluster()
     if address and address != "local":
+        _check_reachable(address)
         use_token_auth()  # a `ray start --head` cluster usually wants ~/.ray/auth_token
         ray.init(address=address, namespace=NAMESPACE, **quiet)
         return False
@@ -69,6 +70,25 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
         **quiet,
     )
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, when nothing answers at a host:port cluster address
+    (Ray itself keeps retrying the GCS for a long time)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # ray://, auto, or a form Ray resolves itself
+    try:
+        with socket.create_connection((host, int(port)), timeout=5.0):
+            return
+    except OSError as e:
+        raise RunFailed(
+            f"no Ray cluster answers at {address} ({e.strerror or e}); start one with "
+            "`ray start --head` or `orchestrator cluster up`, or leave out --address to run "
+            "on an embedded Ray"
+        ) from None
 
 
 def _running_cluster() -> str | None:

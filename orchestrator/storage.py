@@ -186,7 +186,11 @@ class Storage:
                 return fn()
             except Exception as e:
                 if not is_transient(e):
-                    raise
+                    if isinstance(e, OSError):
+                        raise  # FileNotFoundError and friends: callers act on them
+                    # Not an OSError: missing credentials, a client misconfiguration. Say
+                    # which storage and what, without the secrets.
+                    raise StorageError(f"storage {self.uri}: {what}: {self._clean(e)}") from None
                 delay = next(delays, None)
                 if delay is None:
                     raise StorageError(

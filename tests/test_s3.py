@@ -193,3 +193,12 @@ def test_persistent_outage_fails_clearly_keeps_commits_and_resume_continues(
     )
     metrics = [json.loads(x) for x in direct.read_bytes("metrics.jsonl").decode().splitlines()]
     assert [r["epoch"] for r in metrics] == list(range(1, 9))
+
+
+def test_missing_bucket_is_a_clear_storage_error(s3_env):
+    env = cli_env(**s3_env)
+    p = run_cli("run", "configs/digits.yaml", "--set", "storage.root=s3://no-such-bucket-here/runs",
+                "--address", "local", env=env, timeout=120)  # fmt: skip
+    assert p.returncode == 4, p.stdout + p.stderr
+    assert "storage s3://no-such-bucket-here/runs/digits" in p.stderr and "bucket" in p.stderr.lower()
+    assert "Traceback" not in p.stderr
