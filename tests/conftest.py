@@ -143,35 +143,39 @@ def s3_env(moto, monkeypatch):
 
 
 _SERVICE_NAMES = ("raylet", "gcs_server", "moto_server")
+# Every process this suite starts inherits this mark (cli_env copies os.environ), so the
+# check below sees only this suite's servers, not another suite's running beside it.
+_MARK = "ORCHESTRATOR_TEST_SESSION"
+os.environ.setdefault(_MARK, f"{os.getpid()}-{time.time():.0f}")
 
 
 def _service_pids() -> set[tuple[int, float]]:
     from orchestrator.cluster import _psutil
 
     psutil = _psutil()
-
     out = set()
     for p in psutil.process_iter(["name", "cmdline", "create_time"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if p.info["name"] in _SERVICE_NAMES or any(f"/{n}" in cmd for n in _SERVICE_NAMES):
-            out.add((p.pid, p.info["create_time"]))
+        if not (p.info["name"] in _SERVICE_NAMES or any(f"/{n}" in cmd for n in _SERVICE_NAMES)):
+            continue
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get(_MARK) == os.environ[_MARK]:
+                out.add((p.pid, p.info["create_time"]))
     return out
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_service_outlives_the_suite():
-    """Every raylet, GCS and S3 server a test started is gone when the suite ends."""
+    """Every raylet, GCS and S3 server this suite started is gone when it ends."""
     from orchestrator.cluster import _psutil
 
     psutil = _psutil()
-
-    before = _service_pids()
     yield
     end = time.time() + 30
-    left = _service_pids() - before
+    left = _service_pids()
     while left and time.time() < end:
         time.sleep(1)
-        left = _service_pids() - before
+        left = _service_pids()
     for pid, _ in left:  # do not leave them to the next run, but do fail
         with contextlib.suppress(psutil.Error):
             psutil.Process(pid).kill()

@@ -140,12 +140,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # -- restore -------------------------------------------------------------
     plan: dict[str, Any] | None = None
+    blobs: dict[str, bytes] | None = None
     if rank == 0:
         plan = ray.get(coord.start_attempt.remote(world))
         rec = plan["restore"]
         while rec is not None:
             try:
-                read_verified(storage, CheckpointRecord.model_validate(rec))
+                blobs = read_verified(storage, CheckpointRecord.model_validate(rec))
                 break
             except VerificationError as e:
                 print(f"[restore] checkpoint {rec['id']} failed verification: {e}", flush=True)
@@ -159,7 +160,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     epoch_acc: dict[str, float] = {"loss_sum": 0.0, "steps": 0}  # this rank's running train loss
     if plan["restore"] is not None:
         record = CheckpointRecord.model_validate(plan["restore"])
-        blobs = read_verified(storage, record)  # each rank reads (and checks) for itself
+        if blobs is None:  # rank 0 has it verified already; the others read and check their own
+            blobs = read_verified(storage, record)
         model.load_state_dict(load_tensor_file(blobs[MODEL_FILE], device))
         train_state = load_tensor_file(blobs[STATE_FILE], device)
         progress = Progress(**train_state["progress"])
