@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import typer
-import yaml
 
+from orchestrator.exits import EXIT_FAILED, EXIT_INPUT, EXIT_LEASE, EXIT_STORAGE, die, parse_options
 from orchestrator.lease import LeaseHeld
 from orchestrator.manifest import (
     EVENTS,
@@ -44,40 +44,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-EXIT_FAILED, EXIT_INPUT, EXIT_LEASE, EXIT_STORAGE = 1, 2, 3, 4
-
 SET_HELP = "Override a spec field: --set checkpoint.top_k=5 (repeatable; values are YAML)."
 OPT_HELP = "fsspec storage option for RUN_URI: --storage-option endpoint_url=http://... (repeatable)."
 
 
-def _die(msg: str, code: int) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
-
-
-def _options(items: list[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            _die(f"--storage-option {item!r}: expected key=value", EXIT_INPUT)
-        out[k] = yaml.safe_load(v) if v else ""
-    return out
-
-
 def _open(run_uri: str, options: list[str] | None) -> tuple[Storage, Manifest]:
     try:
-        storage = Storage(run_uri, _options(options))
+        storage = Storage(run_uri, parse_options(options))
         manifest = read_manifest(storage)
     except (StorageError, ManifestError, OSError) as e:
-        _die(f"{run_uri}: {e}", EXIT_STORAGE)
-        raise
+        die(f"{run_uri}: {e}", EXIT_STORAGE)
     if manifest is None:
-        _die(
+        die(
             f"{run_uri}: no manifest.json; is this a run directory (storage root + run name)?",
             EXIT_INPUT,
         )
-        raise AssertionError
     return storage, manifest
 
 
@@ -122,16 +103,16 @@ def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: b
         with _stdout_to_stderr(as_json):  # Ray prints to fd 1; --json keeps stdout for the JSON
             summary = run(spec, address=address, quiet=quiet or as_json, resume=resume, verbose=verbose)
     except LeaseHeld as e:
-        _die(str(e), EXIT_LEASE)
+        die(str(e), EXIT_LEASE)
     except RunFailed as e:
         if e.summary is not None:
             _print_summary(e.summary.as_dict(), as_json)
-        _die(f"run {spec.name} failed: {e}", EXIT_FAILED)
+        die(f"run {spec.name} failed: {e}", EXIT_FAILED)
     except StorageError as e:
-        _die(str(e), EXIT_STORAGE)
+        die(str(e), EXIT_STORAGE)
     except OSError as e:  # before training starts, storage is all that does I/O
         why = redact(f"{type(e).__name__}: {e}", secrets_in(spec.storage.options))
-        _die(f"storage {spec.run_uri}: {why}", EXIT_STORAGE)
+        die(f"storage {spec.run_uri}: {why}", EXIT_STORAGE)
     else:
         _print_summary(summary.as_dict(), as_json)
 
@@ -154,8 +135,7 @@ def run(
     try:
         spec = load_spec(config, set_ or [])
     except SpecError as e:
-        _die(str(e), EXIT_INPUT)
-        raise
+        die(str(e), EXIT_INPUT)
     _train(spec, address, as_json, quiet, resume=False, verbose=verbose)
 
 
@@ -174,15 +154,13 @@ def resume(
     from orchestrator.spec import apply_overrides, parse_spec
 
     try:
-        spec = load_stored_spec(run_uri, _options(storage_option))
+        spec = load_stored_spec(run_uri, parse_options(storage_option))
         if set_:
             spec = parse_spec(apply_overrides(spec.model_dump(), set_), source=f"{run_uri} --set")
     except SpecError as e:
-        _die(str(e), EXIT_INPUT)
-        raise
+        die(str(e), EXIT_INPUT)
     except (StorageError, OSError) as e:
-        _die(f"{run_uri}: {e}", EXIT_STORAGE)
-        raise
+        die(f"{run_uri}: {e}", EXIT_STORAGE)
     _train(spec, address, as_json, quiet, resume=True, verbose=verbose)
 
 
@@ -263,7 +241,7 @@ def best(
     monitor, mode = _monitor(storage, m)
     ranked = rank_best([c.view(monitor) for c in m.checkpoints], mode)
     if not ranked:
-        _die(f"{run_uri}: no committed checkpoint carries {monitor!r}", EXIT_FAILED)
+        die(f"{run_uri}: no committed checkpoint carries {monitor!r}", EXIT_FAILED)
     rec = m.get(ranked[0].id)
     assert rec is not None
     out: dict[str, Any] = {
@@ -281,8 +259,7 @@ def best(
         try:
             blobs = read_verified(storage, rec)
         except (VerificationError, StorageError) as e:
-            _die(f"{rec.id}: {e}", EXIT_STORAGE)
-            raise
+            die(f"{rec.id}: {e}", EXIT_STORAGE)
         os.makedirs(download, exist_ok=True)
         for name, data in blobs.items():
             with open(os.path.join(download, name), "wb") as fb:

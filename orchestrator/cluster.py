@@ -42,10 +42,11 @@ from typing import Any
 
 import typer
 
+from orchestrator.exits import EXIT_FAILED, EXIT_INPUT, die
+
 STATE_ENV = "ORCHESTRATOR_CLUSTER_STATE"
 DEFAULT_STATE = "~/.orchestrator/cluster.json"
 TOKEN_PATH = "~/.ray/auth_token"
-EXIT_FAILED, EXIT_INPUT = 1, 2
 
 app = typer.Typer(
     help="Start and stop a local Ray cluster (a head plus worker raylets on this machine).",
@@ -741,8 +742,7 @@ def dashboard_url(state_file: str | os.PathLike[str] | None = None) -> str | Non
 
 # -- CLI ---------------------------------------------------------------------------
 def _fail(e: Exception, code: int = EXIT_FAILED) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(code)
+    die(str(e), code)
 
 
 STATE_HELP = f"State file (default ${STATE_ENV}, else {DEFAULT_STATE})."

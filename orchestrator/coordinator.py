@@ -230,7 +230,6 @@ class RunLedger:
             "best": best.model_dump() if best else None,
             "restarts": self.manifest.restarts,
             "attempts": self.manifest.attempts,
-            "latest": (lambda r: r.id if r else None)(self.manifest.latest()),
         }
 
 
@@ -273,9 +272,6 @@ def coordinator_actor_class() -> Any:
 
         def progress(self, since: int = 0) -> dict[str, Any]:
             return self.ledger.progress(since)
-
-        def manifest(self) -> dict[str, Any]:
-            return self.ledger.manifest.model_dump()
 
     return Coordinator
 

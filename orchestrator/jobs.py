@@ -41,7 +41,8 @@ from typing import Any
 import typer
 import yaml
 
-EXIT_INPUT, EXIT_LEASE, EXIT_API = 2, 3, 5
+from orchestrator.exits import EXIT_API, EXIT_INPUT, EXIT_LEASE, die, parse_options
+
 SPEC_ENV = "ORCHESTRATOR_SPEC_YAML"
 META_URI, META_RUN, META_RETRIES = "orchestrator_run_uri", "orchestrator_run", "orchestrator_max_retries"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -52,11 +53,6 @@ ADDRESS_HELP = (
     "it is http(s)://, else the cluster `orchestrator cluster up` started, else "
     "http://127.0.0.1:8265."
 )
-
-
-def _die(msg: str, code: int) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
 
 
 # -- talking to the Jobs API ----------------------------------------------------------
@@ -83,8 +79,7 @@ def client(address: str | None) -> Any:
     try:
         return JobSubmissionClient(url)
     except Exception as e:  # ConnectionError, requests errors, version mismatch
-        _die(f"cannot reach the Ray Jobs API at {url}: {type(e).__name__}: {e}", EXIT_API)
-        raise
+        die(f"cannot reach the Ray Jobs API at {url}: {type(e).__name__}: {e}", EXIT_API)
 
 
 def _api(call: Any, *args: Any, what: str) -> Any:
@@ -92,10 +87,9 @@ def _api(call: Any, *args: Any, what: str) -> Any:
         return call(*args)
     except RuntimeError as e:
         msg = str(e)
-        _die(f"{what}: {msg}", EXIT_INPUT if "does not exist" in msg or "404" in msg else EXIT_API)
+        die(f"{what}: {msg}", EXIT_INPUT if "does not exist" in msg or "404" in msg else EXIT_API)
     except Exception as e:
-        _die(f"{what}: {type(e).__name__}: {e}", EXIT_API)
-    raise AssertionError
+        die(f"{what}: {type(e).__name__}: {e}", EXIT_API)
 
 
 def _job_row(info: Any) -> dict[str, Any]:
@@ -234,8 +228,7 @@ def submit(
         data, wd, warnings = _shipped_spec(spec, working_dir)
         parse_spec(data, source=f"{config} (as shipped)", check_task=False)
     except (SpecError, ValueError) as e:
-        _die(str(e), EXIT_INPUT)
-        raise
+        die(str(e), EXIT_INPUT)
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)
     runtime_env: dict[str, Any] = {"env_vars": {SPEC_ENV: yaml.safe_dump(data, sort_keys=False)}}
@@ -336,7 +329,7 @@ def logs(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except Exception as e:  # the stream closed before the job ended
-        _die(f"job {job_id}: log stream ended: {type(e).__name__}: {e}", EXIT_API)
+        die(f"job {job_id}: log stream ended: {type(e).__name__}: {e}", EXIT_API)
 
 
 def stop(
@@ -397,11 +390,12 @@ def supervise(
     """Job entrypoint: run the shipped spec; on driver death resume it, up to N times."""
     text = os.environ.get(SPEC_ENV)
     if not text:
-        _die(f"no spec in ${SPEC_ENV}; this command is the entrypoint of `orchestrator submit`", EXIT_INPUT)
-        raise AssertionError
+        die(f"no spec in ${SPEC_ENV}; this command is the entrypoint of `orchestrator submit`", EXIT_INPUT)
     tmp = tempfile.mkdtemp(prefix="orchestrator-job-")
     spec_file = os.path.join(tmp, "spec.yaml")
-    Path(spec_file).write_text(yaml.safe_dump(_absolute_task(yaml.safe_load(text)), sort_keys=False))
+    # A file task, relative to the uploaded working dir (the job's cwd), is made absolute
+    # when `orchestrator run` loads this spec.
+    Path(spec_file).write_text(text)
     base = [sys.executable, "-m", "orchestrator"]
     opts = [a for o in storage_option or [] for a in ("--storage-option", o)]
     extra = ["--verbose"] if verbose else []
@@ -451,23 +445,12 @@ def supervise(
     raise typer.Exit(rc if rc >= 0 else 128 - rc)
 
 
-def _absolute_task(data: dict[str, Any]) -> dict[str, Any]:
-    """A path/to/file.py task, shipped relative to the working dir, made absolute here (the
-    job's cwd is the uploaded working dir): Ray Train workers run in a directory of their own."""
-    task = data.get("task") or {}
-    module, sep, func = str(task.get("name", "")).rpartition(":")
-    if sep and module.endswith(".py") and not os.path.isabs(module):
-        task["name"] = f"{os.path.abspath(module)}:{func}"
-    return data
-
-
 def _run_stored(run_uri: str, storage_option: list[str] | None) -> bool:
     try:
         from orchestrator.manifest import SPEC
         from orchestrator.storage import Storage
 
-        opts = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in storage_option or [])}
-        return bool(Storage(run_uri, opts).exists(SPEC))
+        return bool(Storage(run_uri, parse_options(storage_option)).exists(SPEC))
     except Exception:
         return False
 

@@ -67,6 +67,22 @@ class EarlyStopping:
         return {"best": self.best, "bad_epochs": self.bad_epochs}
 
 
+class RunningLoss:
+    """This rank's sum of step losses in the epoch, kept on the device: reading each loss
+    with float() would make every step wait for the GPU."""
+
+    def __init__(self, device: torch.device, state: dict[str, float] | None = None) -> None:
+        self.sum = torch.tensor((state or {}).get("loss_sum", 0.0), dtype=torch.float64, device=device)
+        self.steps = int((state or {}).get("steps", 0))
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss.detach()
+        self.steps += 1
+
+    def state(self) -> dict[str, float]:
+        return {"loss_sum": float(self.sum), "steps": self.steps}
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -157,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     attempt: int = plan["attempt"]
     progress = Progress()
     train_state: dict[str, Any] = {}
-    epoch_acc: dict[str, float] = {"loss_sum": 0.0, "steps": 0}  # this rank's running train loss
+    epoch_loss = RunningLoss(device)
     if plan["restore"] is not None:
         record = CheckpointRecord.model_validate(plan["restore"])
         if blobs is None:  # rank 0 has it verified already; the others read and check their own
@@ -183,10 +199,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         ranks = train_state["ranks"]
         if len(ranks) == world:
             restore_rng(ranks[rank]["rng"])
-            epoch_acc = dict(ranks[rank]["epoch_acc"])
+            epoch_loss = RunningLoss(device, ranks[rank]["epoch_acc"])
         else:  # elastic resume: per-rank streams cannot map onto a new world size
             seed_all(spec.seed + rank + 7919 * progress.global_step)
-            epoch_acc = {"loss_sum": 0.0, "steps": 0}
 
     stopper = (
         EarlyStopping(
@@ -213,7 +228,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     def save(epoch: int, step_in_epoch: int, global_step: int, end_of_epoch: bool) -> None:
         # A collective: every rank reaches it at the same step and hands rank 0 its own streams.
-        ranks = gather({"rng": capture_rng(), "epoch_acc": dict(epoch_acc)})
+        ranks = gather({"rng": capture_rng(), "epoch_acc": epoch_loss.state()})
         if writer is None:
             return
         meta = {
@@ -256,7 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         batches = rank_batches(len(task.train_data), task.batch_size, spec.seed, epoch, world, rank)
         first = start_step if epoch == start_epoch else 0
         if first == 0:
-            epoch_acc = {"loss_sum": 0.0, "steps": 0}
+            epoch_loss = RunningLoss(device)
         ddp.train()
         for step in range(first, len(batches)):
             chaos.before_step(epoch, step)
@@ -270,8 +285,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             else:
                 loss.backward()
                 optimizer.step()
-            epoch_acc["loss_sum"] += float(loss.detach())
-            epoch_acc["steps"] += 1
+            epoch_loss.add(loss)
             global_step += 1
             if ckpt.every_n_steps and global_step % ckpt.every_n_steps == 0 and step + 1 < len(batches):
                 save(epoch, step + 1, global_step, end_of_epoch=False)
@@ -279,7 +293,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             task.scheduler.step()
 
         metrics = evaluate(task, unwrap(ddp), device, world, rank)
-        loss_sum, steps = all_reduce_sum([epoch_acc["loss_sum"], epoch_acc["steps"]], device)
+        loss_sum, steps = all_reduce_sum(list(epoch_loss.state().values()), device)
         metrics["train_loss"] = loss_sum / max(steps, 1)
         if ckpt.monitor not in metrics:
             raise ValueError(

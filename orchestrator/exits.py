@@ -1,0 +1,30 @@
+"""What every command shares: its exit codes, how it dies, how it reads key=value options."""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import typer
+import yaml
+
+EXIT_FAILED = 1  # the run (or the operation) failed
+EXIT_INPUT = 2  # bad input: spec, arguments, unknown job
+EXIT_LEASE = 3  # the run is owned by another live driver
+EXIT_STORAGE = 4  # storage unreachable or unreadable
+EXIT_API = 5  # Ray's Jobs API unreachable or refused the request
+
+
+def die(msg: str, code: int) -> NoReturn:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def parse_options(items: list[str] | None, flag: str = "--storage-option") -> dict[str, Any]:
+    """key=value pairs, values read as YAML (so 3, true and {a: 1} keep their types)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            die(f"{flag} {item!r}: expected key=value", EXIT_INPUT)
+        out[k] = yaml.safe_load(v) if v else ""
+    return out
