@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from orchestrator import retention
-from orchestrator.manifest import (
+from orchestrator.core import retention
+from orchestrator.core.manifest import (
     CHECKPOINTS,
     EVENTS,
     METRICS,
@@ -31,7 +31,7 @@ from orchestrator.manifest import (
     write_jsonl,
     write_manifest,
 )
-from orchestrator.storage import Storage
+from orchestrator.core.storage import Storage
 
 
 @dataclass(frozen=True)

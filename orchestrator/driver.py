@@ -16,12 +16,13 @@ from typing import Any
 
 import yaml
 
-from orchestrator.cluster import use_token_auth
 from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
-from orchestrator.lease import Lease
-from orchestrator.manifest import SPEC, read_manifest
+from orchestrator.core.lease import Lease
+from orchestrator.core.manifest import SPEC, read_manifest
+from orchestrator.core.storage import Storage, redact, redact_options, secrets_in
+from orchestrator.ray_compat import restart_recorder, use_token_auth
 from orchestrator.spec import JobSpec, SpecError, parse_spec
-from orchestrator.storage import Storage, redact, redact_options, secrets_in
+from workers.config import Kill, WorkerConfig
 
 NAMESPACE = "orchestrator"
 
@@ -86,13 +87,17 @@ def _check_reachable(address: str) -> None:
     except OSError as e:
         raise RunFailed(
             f"no Ray cluster answers at {address} ({e.strerror or e}); start one with "
-            "`ray start --head` or `orchestrator cluster up`, or leave out --address to run "
+            "`ray start --head`, or leave out --address to run "
             "on an embedded Ray"
         ) from None
 
 
 def _running_cluster() -> str | None:
-    """The address of a cluster started on this machine by `ray start`, if it answers."""
+    """The address of a cluster started on this machine by `ray start`, if it answers.
+
+    Ray's own `ray.init(address="auto")` reads the same marker file but, when it names a
+    cluster that has since stopped, retries the dead GCS for minutes (seen: over 120 s);
+    one short connect first keeps `orchestrator run` with no cluster instant."""
     import socket
 
     marker = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
@@ -104,6 +109,28 @@ def _running_cluster() -> str | None:
             return address
     except (OSError, ValueError):
         return None  # none, or a stale marker of a stopped cluster
+
+
+def worker_config(spec: JobSpec) -> WorkerConfig:
+    """What each rank needs of the spec, and nothing else."""
+    ck, es = spec.checkpoint, spec.early_stopping
+    return WorkerConfig(
+        run_uri=spec.run_uri,
+        storage_options=dict(spec.storage.options),
+        retry=spec.retry_policy,
+        task=spec.task.name,
+        task_options=dict(spec.task.options),
+        seed=spec.seed,
+        epochs=spec.epochs,
+        use_gpu=spec.scaling.use_gpu,
+        monitor=ck.monitor,
+        mode=ck.mode,
+        every_n_epochs=ck.every_n_epochs,
+        every_n_steps=ck.every_n_steps,
+        async_save=ck.async_save,
+        early_stopping=(es.patience, es.min_delta) if es else None,
+        kills=tuple(Kill(k.rank, k.epoch, k.step, k.point) for k in spec.chaos.kills),
+    )
 
 
 def store_spec(storage: Storage, spec: JobSpec) -> None:
@@ -124,26 +151,7 @@ def load_stored_spec(run_uri: str, options: dict[str, Any] | None = None) -> Job
     return parse_spec(data, source=f"{run_uri}/{SPEC}")
 
 
-def _restart_recorder(coord: Any) -> Any:
-    from ray.train.v2._internal.execution.callback import ControllerCallback
-    from ray.train.v2._internal.execution.controller.state import TrainControllerStateType
-
-    class RestartRecorder(ControllerCallback):
-        """Runs in Ray Train's controller: tells the coordinator each time Ray Train
-        decides to restart the worker group, with the failure it restarts from."""
-
-        def __init__(self, coordinator: Any) -> None:
-            self.coordinator = coordinator
-
-        def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
-            if current_state._state_type == TrainControllerStateType.RESTARTING:
-                err = getattr(current_state, "training_failed_error", None)
-                self.coordinator.note_restart.remote(f"{type(err).__name__}: {err}")
-
-    return RestartRecorder(coord)
-
-
-class Progress:
+class EpochPrinter:
     """Prints one line per reported epoch while the run trains."""
 
     def __init__(self, coord: Any, spec: JobSpec, quiet: bool = False) -> None:
@@ -154,7 +162,7 @@ class Progress:
         self._restarts = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> EpochPrinter:
         self._thread.start()
         return self
 
@@ -206,7 +214,8 @@ def run(
     import ray
     from ray.train.torch import TorchConfig
 
-    # The V2 API (what ray.train exports in 2.60), named so type checkers see elastic scaling.
+    # What `ray.train` exports in 2.60 (V2), imported from its public home so type
+    # checkers see elastic scaling (`ray.train`'s own stubs still describe V1).
     from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.torch.torch_trainer import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -268,7 +277,7 @@ def run(
 
         trainer = TorchTrainer(
             train_loop_per_worker,  # type: ignore[arg-type]  # it returns a summary; Ray allows it
-            train_loop_config={"spec": spec.model_dump(), "coordinator": coord},
+            train_loop_config={"worker": worker_config(spec), "coordinator": coord},
             scaling_config=ScalingConfig(
                 num_workers=spec.scaling.num_workers,
                 elastic_resize_monitor_interval_s=spec.scaling.elastic_resize_interval_s,
@@ -280,11 +289,11 @@ def run(
                 name=spec.name,
                 storage_path=os.path.join(tempfile.gettempdir(), "orchestrator-ray-train"),
                 failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-                callbacks=[_restart_recorder(coord)],
+                callbacks=[restart_recorder(coord)],
             ),
         )
         error: str | None = None
-        with Progress(coord, spec, quiet):
+        with EpochPrinter(coord, spec, quiet):
             try:
                 result = trainer.fit()
                 if getattr(result, "error", None) is not None:

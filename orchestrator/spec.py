@@ -6,11 +6,8 @@ fails in milliseconds on the user's machine instead of minutes into a run.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import re
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,9 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.storage import RetryPolicy, Storage
+from orchestrator.core import tasks
+from orchestrator.core.storage import RetryPolicy, Storage
 
-BUILTIN_TASKS = {"digits": "workers.tasks.digits:build"}
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -179,11 +176,13 @@ class JobSpec(_Model):
     def run_uri(self) -> str:
         return join_uri(self.storage.root, self.name)
 
-    def open_run_storage(self, on_retry: Callable[..., None] | None = None) -> Storage:
+    @property
+    def retry_policy(self) -> RetryPolicy:
         r = self.storage.retry
-        return Storage(
-            self.run_uri, self.storage.options, RetryPolicy(r.attempts, r.initial_s, r.max_s), on_retry
-        )
+        return RetryPolicy(r.attempts, r.initial_s, r.max_s)
+
+    def open_run_storage(self, on_retry: Callable[..., None] | None = None) -> Storage:
+        return Storage(self.run_uri, self.storage.options, self.retry_policy, on_retry)
 
 
 def join_uri(root: str, *parts: str) -> str:
@@ -193,36 +192,10 @@ def join_uri(root: str, *parts: str) -> str:
 
 def resolve_task(name: str) -> Callable[..., Any]:
     """Return the builder a task name points to, or raise SpecError saying why not."""
-    target = BUILTIN_TASKS.get(name, name)
-    if ":" not in target:
-        raise SpecError(
-            f"unknown task {name!r}: use a built-in ({', '.join(sorted(BUILTIN_TASKS))}), "
-            "package.module:function or path/to/file.py:function"
-        )
-    module_name, _, func_name = target.rpartition(":")
     try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise SpecError(f"task {name!r}: file {module_name} does not exist")
-            mod_id = f"orchestrator_task_{abs(hash(str(path.resolve())))}"
-            module = sys.modules.get(mod_id)
-            if module is None:
-                spec = importlib.util.spec_from_file_location(mod_id, path)
-                assert spec and spec.loader
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[mod_id] = module
-                spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except SpecError:
-        raise
-    except Exception as e:  # an import error in user code: report it, do not hide it
-        raise SpecError(f"task {name!r}: cannot import {module_name}: {type(e).__name__}: {e}") from e
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise SpecError(f"task {name!r}: {module_name} has no function {func_name!r}")
-    return fn
+        return tasks.resolve_task(name)
+    except tasks.TaskError as e:
+        raise SpecError(str(e)) from e.__cause__
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,19 +72,6 @@ def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.5) -> N
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def expected_kept(metrics: list[dict[str, Any]], monitor: str, mode: str, top_k: int) -> set[int]:
@@ -150,9 +138,6 @@ os.environ.setdefault(_MARK, f"{os.getpid()}-{time.time():.0f}")
 
 
 def _service_pids() -> set[tuple[int, float]]:
-    from orchestrator.cluster import _psutil
-
-    psutil = _psutil()
     out = set()
     for p in psutil.process_iter(["name", "cmdline", "create_time"]):
         cmd = " ".join(p.info["cmdline"] or [])
@@ -167,9 +152,6 @@ def _service_pids() -> set[tuple[int, float]]:
 @pytest.fixture(scope="session", autouse=True)
 def no_service_outlives_the_suite():
     """Every raylet, GCS and S3 server this suite started is gone when it ends."""
-    from orchestrator.cluster import _psutil
-
-    psutil = _psutil()
     yield
     end = time.time() + 30
     left = _service_pids()

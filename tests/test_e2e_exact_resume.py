@@ -7,7 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import jsonl, manifest, pid_alive, run_cli
+from conftest import jsonl, manifest, run_cli
+
+from orchestrator.core.procs import pid_alive
 
 pytestmark = pytest.mark.e2e
 

@@ -12,12 +12,13 @@ import signal
 
 import pytest
 import torch
-from conftest import expected_kept, jsonl, manifest, pid_alive, run_cli, start_cli, wait_until
+from conftest import expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
 
-from orchestrator.manifest import CheckpointRecord
-from orchestrator.storage import Storage
-from workers.loop import evaluate
-from workers.restore import read_verified
+from orchestrator.core.manifest import CheckpointRecord
+from orchestrator.core.procs import pid_alive
+from orchestrator.core.storage import Storage
+from orchestrator.core.verify import read_verified
+from workers.metrics import evaluate
 from workers.task import TaskContext
 from workers.tasks import digits
 

@@ -11,14 +11,14 @@ import time
 
 import pytest
 
-from orchestrator.manifest import (
+from orchestrator.core.manifest import (
     CheckpointRecord,
     FileEntry,
     Manifest,
     read_manifest,
     write_manifest,
 )
-from orchestrator.storage import (
+from orchestrator.core.storage import (
     RetryPolicy,
     Storage,
     StorageError,
@@ -91,8 +91,8 @@ def test_concurrent_reader_never_sees_a_partial_manifest(tmp_path):
 
 WRITER = """
 import sys
-from orchestrator.storage import Storage
-from orchestrator.manifest import write_manifest, read_manifest
+from orchestrator.core.storage import Storage
+from orchestrator.core.manifest import write_manifest, read_manifest
 sys.path.insert(0, {tests!r})
 from test_storage import big_manifest
 s = Storage({root!r})
@@ -160,14 +160,31 @@ def test_permanent_errors_are_not_retried():
     assert s.fs.cat_file.calls == 1
 
 
+def s3_error(code: str, status: int, message: str = "") -> OSError:
+    """What s3fs raises for an S3 error response: botocore's ClientError, translated."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    err = ClientError(
+        {"Error": {"Code": code, "Message": message or code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "PutObject",
+    )
+    return translate_boto_error(err)
+
+
 @pytest.mark.parametrize(
     "exc, transient",
     [
         (ConnectionResetError(), True),
         (TimeoutError(), True),
         (OSError(errno.EREMOTEIO, "We encountered an internal error"), True),
-        (OSError("An error occurred (SlowDown) when calling the PutObject operation"), True),
-        (OSError("503 Service Unavailable"), True),
+        (s3_error("SlowDown", 503), True),
+        (s3_error("ServiceUnavailable", 503), True),
+        (s3_error("InternalError", 500), True),
+        (s3_error("AccessDenied", 403), False),
+        (s3_error("NoSuchKey", 404), False),
+        # Classified by code and status, never by the message: a 4xx that mentions "503".
+        (s3_error("InvalidArgument", 400, message="part 503 timed out"), False),
         (FileNotFoundError("nope"), False),
         (PermissionError("AccessDenied"), False),
         (ValueError("bad"), False),

@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from orchestrator.spec import ChaosKill
+from workers.config import Kill
 
 
 class Chaos:
-    def __init__(self, kills: list[ChaosKill], rank: int, claim: Callable[[str], bool]) -> None:
+    def __init__(self, kills: Sequence[Kill], rank: int, claim: Callable[[str], bool]) -> None:
         self.mine = [(f"kill-{i}", k) for i, k in enumerate(kills) if k.rank == rank]
         self.rank = rank
         self.claim = claim

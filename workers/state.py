@@ -1,26 +1,33 @@
-"""What a checkpoint holds, and how a worker puts it back.
+"""What a checkpoint holds, and the save every rank takes part in.
 
 model.pt holds the model's state_dict alone (it loads with weights_only=True and
 without this package); train_state.pt holds everything else that exact resume
-needs: optimizer, scheduler, grad scaler, every rank's RNG streams, the position
-in the data and the early-stopping state.
+needs: optimizer, scheduler, grad scaler, every rank's RNG streams and running
+loss, the position in the data and the early-stopping state.
 """
 
 from __future__ import annotations
 
-import random
+import io
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
+
+from workers.distributed import gather
+from workers.metrics import EarlyStopping, RunningLoss
+from workers.resume import capture_rng
+from workers.task import Task
+from workers.writer import CheckpointWriter
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 
 
 @dataclass
-class Progress:
+class Position:
+    """Where in training a checkpoint was taken."""
+
     epoch: int = 1  # the epoch being trained (1-based)
     step_in_epoch: int = 0  # steps of it already trained
     global_step: int = 0
@@ -34,47 +41,64 @@ class Progress:
         return asdict(self)
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def capture_rng() -> dict[str, Any]:
-    # numpy's state holds an ndarray, which weights_only loading refuses: store a tensor.
-    np_state: Any = np.random.get_state()
-    out: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            n["keys"].numpy().astype(np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
+
+
+def load_tensor_file(data: bytes, device: str | torch.device = "cpu") -> Any:
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
+class Saver:
+    """One save: a collective (every rank hands rank 0 its RNG streams and running loss at
+    the same step), then rank 0 passes the state to its background writer."""
+
+    def __init__(
+        self,
+        task: Task,
+        model: torch.nn.Module,
+        writer: CheckpointWriter | None,
+        attempt: int,
+        world: int,
+        seed: int,
+    ) -> None:
+        self.task, self.model, self.writer = task, model, writer
+        self.attempt, self.world, self.seed = attempt, world, seed
+
+    def save(
+        self,
+        at: Position,
+        epoch_loss: RunningLoss,
+        metrics: dict[str, float],
+        stopper: EarlyStopping | None,
+    ) -> None:
+        ranks = gather({"rng": capture_rng(), "epoch_acc": epoch_loss.state()})
+        if self.writer is None:
+            return
+        task = self.task
+        meta = {
+            # Unique per attempt: a redone epoch never reuses the name of one marked bad.
+            "id": f"epoch{at.epoch:04d}-step{at.global_step:07d}-a{self.attempt}",
+            "epoch": at.epoch,
+            "step_in_epoch": at.step_in_epoch,
+            "global_step": at.global_step,
+            "end_of_epoch": at.end_of_epoch,
+            "metrics": metrics,
+            "metrics_fresh": at.end_of_epoch,
+            "world_size": self.world,
+            "attempt": self.attempt,
+        }
+        state = {
+            MODEL_FILE: unwrap(self.model).state_dict(),
+            STATE_FILE: {
+                "optimizer": task.optimizer.state_dict(),
+                "scheduler": task.scheduler.state_dict() if task.scheduler is not None else None,
+                "grad_scaler": task.grad_scaler.state_dict() if task.grad_scaler is not None else None,
+                "ranks": ranks,
+                "progress": at.as_dict(),
+                "data_seed": self.seed,
+                "early_stopping": stopper.state() if stopper else None,
+                "last_metrics": metrics,
+            },
+        }
+        self.writer.save(meta, state)

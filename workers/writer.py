@@ -16,13 +16,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from orchestrator.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry
-from orchestrator.storage import Storage, sha256_hex
+from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry
+from orchestrator.core.storage import Storage, sha256_hex
 
 
 class HostBuffers:
@@ -51,7 +51,6 @@ class HostBuffers:
 class SaveJob:
     meta: dict[str, Any]  # CheckpointRecord fields other than files
     payload: dict[str, Any]  # file name -> state tree (in host buffers)
-    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class CheckpointWriter:

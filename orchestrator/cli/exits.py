@@ -13,6 +13,8 @@ EXIT_LEASE = 3  # the run is owned by another live driver
 EXIT_STORAGE = 4  # storage unreachable or unreadable
 EXIT_API = 5  # Ray's Jobs API unreachable or refused the request
 
+OPT_HELP = "fsspec storage option for RUN_URI: --storage-option endpoint_url=http://... (repeatable)."
+
 
 def die(msg: str, code: int) -> NoReturn:
     typer.echo(f"error: {msg}", err=True)

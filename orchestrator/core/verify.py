@@ -1,14 +1,13 @@
-"""Reading a committed checkpoint back, verified against its record."""
+"""Reading a committed checkpoint back, verified against its record.
+
+Plain bytes in, plain bytes out: what the bytes mean (torch tensors, safetensors) is
+the data plane's business, so this module needs neither torch nor Ray.
+"""
 
 from __future__ import annotations
 
-import io
-from typing import Any
-
-import torch
-
-from orchestrator.manifest import CHECKPOINTS, CheckpointRecord
-from orchestrator.storage import Storage, sha256_hex
+from orchestrator.core.manifest import CHECKPOINTS, CheckpointRecord
+from orchestrator.core.storage import Storage, sha256_hex
 
 
 class VerificationError(RuntimeError):
@@ -31,7 +30,3 @@ def read_verified(storage: Storage, record: CheckpointRecord) -> dict[str, bytes
             raise VerificationError(f"{rel}: sha256 {digest[:12]}… != recorded {f.sha256[:12]}…")
         out[f.path] = data
     return out
-
-
-def load_tensor_file(data: bytes, device: str | torch.device = "cpu") -> Any:
-    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)

@@ -18,23 +18,14 @@ import time
 import uuid
 from typing import Any
 
-from orchestrator.storage import Storage
+from orchestrator.core.procs import pid_alive
+from orchestrator.core.storage import Storage
 
 LEASE = "lease.json"
 
 
 class LeaseHeld(RuntimeError):
     """Another live driver owns this run."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Lease:
@@ -63,7 +54,7 @@ class Lease:
         age = now - float(held.get("heartbeat", 0))
         if age > self.ttl_s:
             return f"no heartbeat for {age:.0f}s (ttl {self.ttl_s:.0f}s)"
-        if held.get("host") == self.host and not _pid_alive(int(held.get("pid", -1))):
+        if held.get("host") == self.host and not pid_alive(int(held.get("pid", -1))):
             return f"owner pid {held.get('pid')} on this host is gone"
         return None
 

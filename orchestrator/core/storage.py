@@ -11,15 +11,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import random
 import re
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
+import tenacity
 from fsspec.implementations.local import LocalFileSystem
 
 T = TypeVar("T")
@@ -36,7 +35,9 @@ _TRANSIENT_ERRNOS = {
     errno.EPIPE,
     getattr(errno, "EREMOTEIO", errno.EIO),
 }
-_TRANSIENT_NAMES = {
+# botocore / aiohttp exception classes that mean "the request did not get an answer";
+# matched by class name along the MRO so this module imports neither library.
+_TRANSIENT_CLASSES = {
     "EndpointConnectionError",
     "ConnectionClosedError",
     "ReadTimeoutError",
@@ -50,43 +51,65 @@ _TRANSIENT_NAMES = {
     "HTTPClientError",
     "ResponseParserError",
 }
-_TRANSIENT_TEXT = re.compile(
-    r"SlowDown|Throttl|ServiceUnavailable|InternalError|RequestTimeout|"
-    r"\b(500|502|503|504)\b|Connection reset|Connection refused|timed out",
-    re.I,
-)
+# S3 error codes worth retrying (botocore's own retry handler uses the same set).
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "RequestThrottled",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+}
 
 
 class StorageError(RuntimeError):
     """A storage operation failed for good (not transient, or out of retry budget)."""
 
 
+def _s3_error(exc: BaseException) -> tuple[str, int] | None:
+    """(error code, HTTP status) of a botocore ClientError, else None."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, Mapping):
+        return None
+    code = str((response.get("Error") or {}).get("Code", ""))
+    status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+    return code, status
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: 5xx, throttling, resets, timeouts. Not for 4xx."""
+    """True for errors worth retrying: 5xx, throttling, resets, timeouts. Not for 4xx.
+
+    Decided by type, errno, and for S3 by botocore's error code and HTTP status (s3fs
+    raises an OSError whose __cause__ is the ClientError); never by the message text."""
+    s3 = _s3_error(exc)
+    if s3 is not None:
+        code, status = s3
+        return code in _TRANSIENT_CODES or status >= 500 or status == 429
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
+        return exc.__cause__ is not None and is_transient(exc.__cause__)
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
-    if any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__):
+    if any(c.__name__ in _TRANSIENT_CLASSES for c in type(exc).__mro__):
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
-    return bool(_TRANSIENT_TEXT.search(str(exc))) or (
-        exc.__cause__ is not None and is_transient(exc.__cause__)
-    )
+    return exc.__cause__ is not None and is_transient(exc.__cause__)
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 8  # tries per operation, the first included
-    initial_s: float = 0.2
-    max_s: float = 5.0
+    """One retry budget per storage operation (the layers below are told not to retry)."""
 
-    def delays(self) -> Iterable[float]:
-        d = self.initial_s
-        for _ in range(self.attempts - 1):
-            yield d * (0.5 + random.random() / 2)  # jitter: ranks do not retry in lockstep
-            d = min(d * 2, self.max_s)
+    attempts: int = 8  # tries per operation, the first included
+    initial_s: float = 0.2  # first backoff; doubles each retry
+    max_s: float = 5.0  # longest single backoff
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
 
 
 def secrets_in(options: Mapping[str, Any]) -> list[str]:
@@ -179,29 +202,35 @@ class Storage:
         return f"{self.uri}/{rel.strip('/')}"
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        delays = iter(self.retry.delays())
-        attempt = 1
-        while True:
-            try:
-                return fn()
-            except Exception as e:
-                if not is_transient(e):
-                    if isinstance(e, OSError):
-                        raise  # FileNotFoundError and friends: callers act on them
-                    # Not an OSError: missing credentials, a client misconfiguration. Say
-                    # which storage and what, without the secrets.
-                    raise StorageError(f"storage {self.uri}: {what}: {self._clean(e)}") from None
-                delay = next(delays, None)
-                if delay is None:
-                    raise StorageError(
-                        f"storage {self.uri}: {what} failed {attempt} times, giving up: {self._clean(e)}"
-                    ) from None
-                if self.on_retry:
-                    self.on_retry(what, e, attempt, delay)
-                time.sleep(delay)
-                attempt += 1
-                if not self.is_local:
-                    self.fs.invalidate_cache()
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            delay = state.next_action.sleep if state.next_action else 0.0
+            if self.on_retry and exc is not None:
+                self.on_retry(what, exc, state.attempt_number, delay)
+            if not self.is_local:
+                self.fs.invalidate_cache()
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.retry.attempts),
+            # Jittered: ranks that failed together do not retry in lockstep.
+            wait=tenacity.wait_random_exponential(multiplier=self.retry.initial_s, max=self.retry.max_s),
+            retry=tenacity.retry_if_exception(is_transient),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            return retrying(fn)
+        except Exception as e:
+            if is_transient(e):
+                raise StorageError(
+                    f"storage {self.uri}: {what} failed {self.retry.attempts} times, giving up: "
+                    f"{self._clean(e)}"
+                ) from None
+            if isinstance(e, OSError):
+                raise  # FileNotFoundError and friends: callers act on them
+            # Not an OSError: missing credentials, a client misconfiguration. Say which
+            # storage and what, without the secrets.
+            raise StorageError(f"storage {self.uri}: {what}: {self._clean(e)}") from None
 
     # -- reads ---------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:

@@ -41,7 +41,7 @@ from typing import Any
 import typer
 import yaml
 
-from orchestrator.exits import EXIT_API, EXIT_INPUT, EXIT_LEASE, die, parse_options
+from orchestrator.cli.exits import EXIT_API, EXIT_INPUT, EXIT_LEASE, die, parse_options
 
 SPEC_ENV = "ORCHESTRATOR_SPEC_YAML"
 META_URI, META_RUN, META_RETRIES = "orchestrator_run_uri", "orchestrator_run", "orchestrator_max_retries"
@@ -50,8 +50,7 @@ NOT_RETRIED = {EXIT_INPUT, EXIT_LEASE}
 
 ADDRESS_HELP = (
     "Ray Jobs API (dashboard) URL; default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS when "
-    "it is http(s)://, else the cluster `orchestrator cluster up` started, else "
-    "http://127.0.0.1:8265."
+    "it is http(s)://, else http://127.0.0.1:8265 (a `ray start --head` on this machine)."
 )
 
 
@@ -63,14 +62,12 @@ def default_address(address: str | None = None) -> str:
         v = os.environ.get(var, "")
         if v.startswith(("http://", "https://")):
             return v
-    from orchestrator.cluster import dashboard_url
-
-    return dashboard_url() or "http://127.0.0.1:8265"
+    return "http://127.0.0.1:8265"  # the dashboard of a `ray start --head` on this machine
 
 
 def client(address: str | None) -> Any:
     """A JobSubmissionClient for address (exits 5 with a clear message when unreachable)."""
-    from orchestrator.cluster import use_token_auth
+    from orchestrator.ray_compat import use_token_auth
 
     use_token_auth()  # `ray start --head` in Ray 2.60 turns token auth on
     from ray.job_submission import JobSubmissionClient
@@ -115,8 +112,8 @@ def _progress(run_uri: str | None) -> dict[str, Any] | None:
     if not run_uri or ("://" in run_uri and not run_uri.startswith("file://")):
         return None
     try:
-        from orchestrator.manifest import METRICS, read_jsonl, read_manifest
-        from orchestrator.storage import Storage
+        from orchestrator.core.manifest import METRICS, read_jsonl, read_manifest
+        from orchestrator.core.storage import Storage
 
         storage = Storage(run_uri, {})
         m = read_manifest(storage)
@@ -139,8 +136,8 @@ def _progress(run_uri: str | None) -> dict[str, Any] | None:
 # -- what gets shipped ---------------------------------------------------------------
 def _shipped_spec(spec: Any, working_dir: str | None) -> tuple[dict[str, Any], str | None, list[str]]:
     """The spec as the cluster will run it, the working dir to upload, and warnings."""
-    from orchestrator.spec import BUILTIN_TASKS
-    from orchestrator.storage import redact_options
+    from orchestrator.core.storage import redact_options
+    from orchestrator.core.tasks import BUILTIN_TASKS
 
     warnings: list[str] = []
     data = spec.model_dump(mode="json")
@@ -447,8 +444,8 @@ def supervise(
 
 def _run_stored(run_uri: str, storage_option: list[str] | None) -> bool:
     try:
-        from orchestrator.manifest import SPEC
-        from orchestrator.storage import Storage
+        from orchestrator.core.manifest import SPEC
+        from orchestrator.core.storage import Storage
 
         return bool(Storage(run_uri, parse_options(storage_option)).exists(SPEC))
     except Exception:

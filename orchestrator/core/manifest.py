@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.retention import Ckpt
-from orchestrator.storage import Storage
+from orchestrator.core.retention import Ckpt
+from orchestrator.core.storage import Storage
 
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
@@ -94,9 +94,6 @@ class Manifest(BaseModel):
 
     def latest(self) -> CheckpointRecord | None:
         return max(self.checkpoints, key=lambda c: c.seq, default=None)
-
-    def names(self) -> set[str]:
-        return {c.id for c in self.checkpoints} | {b.record.id for b in self.bad}
 
 
 def read_manifest(storage: Storage) -> Manifest | None:

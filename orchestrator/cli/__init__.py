@@ -1,0 +1,32 @@
+"""The `orchestrator` command line.
+
+    orchestrator run configs/digits.yaml                 train; prints progress and the best checkpoint
+    orchestrator resume RUN_URI                          continue a run whose driver died
+    orchestrator checkpoints RUN_URI [--json]            what is kept, and why
+    orchestrator best RUN_URI [--json] [--download DIR]  the best checkpoint, for serving
+    orchestrator events RUN_URI [--json]                 commits, deletions, restarts, retries
+
+Exit codes: 0 success, 1 the run failed, 2 bad input (spec, arguments), 3 run owned
+by another live driver, 4 storage unreachable or unreadable, 5 Ray's Jobs API unreachable.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from orchestrator.cli import inspect, jobs, train
+
+app = typer.Typer(
+    help="Fault-tolerant distributed PyTorch training on Ray, with top-k checkpoints "
+    "that are never lost or half-read.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+train.register(app)
+inspect.register(app)
+jobs.register(app)
+
+
+def main() -> None:
+    app(prog_name="orchestrator")

@@ -1,0 +1,54 @@
+"""Task names: a built-in, `package.module:function` or `path/to/file.py:function`.
+
+Resolving a name imports the user's module (and whatever it imports); only the
+worker and the spec check (before Ray starts) do that. Read-only commands never do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BUILTIN_TASKS = {"digits": "workers.tasks.digits:build"}
+
+
+class TaskError(ValueError):
+    """A task name that does not resolve to a function; the message says why."""
+
+
+def resolve_task(name: str) -> Callable[..., Any]:
+    """Return the function a task name points to, or raise TaskError saying why not."""
+    target = BUILTIN_TASKS.get(name, name)
+    if ":" not in target:
+        raise TaskError(
+            f"unknown task {name!r}: use a built-in ({', '.join(sorted(BUILTIN_TASKS))}), "
+            "package.module:function or path/to/file.py:function"
+        )
+    module_name, _, func_name = target.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise TaskError(f"task {name!r}: file {module_name} does not exist")
+            mod_id = f"orchestrator_task_{abs(hash(str(path.resolve())))}"
+            module = sys.modules.get(mod_id)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(mod_id, path)
+                assert spec and spec.loader
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_id] = module
+                spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except TaskError:
+        raise
+    except Exception as e:  # an import error in user code: report it, do not hide it
+        raise TaskError(f"task {name!r}: cannot import {module_name}: {type(e).__name__}: {e}") from e
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise TaskError(f"task {name!r}: {module_name} has no function {func_name!r}")
+    return fn

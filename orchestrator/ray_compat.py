@@ -1,0 +1,60 @@
+"""Every use of a private Ray API, in one place, each with the reason no public one serves.
+
+tests/test_ray_compat.py imports each of them, so a Ray upgrade that moves one fails
+there, by name, instead of deep inside a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any
+
+TOKEN_PATH = "~/.ray/auth_token"
+
+
+def use_token_auth() -> None:
+    """Make this process a token-auth Ray client when a token is at hand and RAY_AUTH_MODE
+    is unset (Ray 2.60's `ray start --head` turns token auth on and writes the token).
+
+    Private: Ray reads RAY_AUTH_MODE once, when its config is first loaded at import; no
+    public call reloads it, so when ray is already imported `ray._raylet.Config` is
+    re-initialized."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if not (
+        os.path.exists(os.path.expanduser(TOKEN_PATH))
+        or os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    ):
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray._raylet" in sys.modules:
+        with contextlib.suppress(Exception):
+            from ray._raylet import Config  # type: ignore[attr-defined]
+
+            Config.initialize("")
+
+
+def restart_recorder(coordinator: Any) -> Any:
+    """A Ray Train controller callback that tells the coordinator each time Ray Train
+    decides to restart the worker group, with the failure it restarts from.
+
+    Private: the public `ray.train.UserCallback.after_exception` fires on every worker
+    failure, including the last one after which Ray Train gives up; only the controller's
+    state machine says RESTARTING, and it is reachable only through
+    `ray.train.v2._internal`."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+    from ray.train.v2._internal.execution.controller.state import TrainControllerStateType
+
+    class RestartRecorder(ControllerCallback):  # type: ignore[misc]
+        def __init__(self, coordinator: Any) -> None:
+            self.coordinator = coordinator
+
+        def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+            if current_state._state_type == TrainControllerStateType.RESTARTING:
+                err = getattr(current_state, "training_failed_error", None)
+                self.coordinator.note_restart.remote(f"{type(err).__name__}: {err}")
+
+    return RestartRecorder(coordinator)

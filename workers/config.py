@@ -1,0 +1,42 @@
+"""What one rank needs to train: built by the control plane from the JobSpec, shipped to
+every Ray Train worker. The worker never sees the whole spec."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from orchestrator.core.storage import RetryPolicy, Storage
+
+
+@dataclass(frozen=True)
+class Kill:
+    """One injected SIGKILL (the spec's chaos.kills entry)."""
+
+    rank: int  # world rank whose process is killed
+    epoch: int  # 1-based epoch in which to kill
+    step: int = 0  # before this step of the epoch
+    point: Literal["step", "after_upload"] = "step"  # or: rank 0 after an upload, before the commit
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    run_uri: str  # storage root + run name
+    storage_options: dict[str, Any]  # fsspec options (credentials included: not stored, only shipped)
+    retry: RetryPolicy  # storage retry budget
+    task: str  # task name, resolved on the worker
+    task_options: dict[str, Any]  # passed to the task builder
+    seed: int  # model init and data order
+    epochs: int  # last epoch to train (1-based)
+    use_gpu: bool  # one GPU per rank
+    monitor: str  # the metric that must be reported
+    mode: Literal["min", "max"]  # for early stopping
+    every_n_epochs: int = 1  # end-of-epoch save cadence
+    every_n_steps: int | None = None  # mid-epoch save cadence (global steps)
+    async_save: bool = True  # serialize and upload in the background
+    early_stopping: tuple[int, float] | None = None  # (patience, min_delta)
+    kills: tuple[Kill, ...] = field(default_factory=tuple)  # fault injection
+
+    def open_storage(self, on_retry: Callable[..., None] | None = None) -> Storage:
+        return Storage(self.run_uri, self.storage_options, self.retry, on_retry)

@@ -1,0 +1,145 @@
+"""Resuming a rank: which checkpoint (planned once, on rank 0, with the coordinator),
+putting model, optimizer and RNG streams back, and re-mapping a checkpoint taken with
+another world size (elastic runs).
+
+    rank 0: start_attempt -> the latest commit -> verify it (a bad one is marked and the
+            next newest tried) -> broadcast the plan
+    every rank: read and verify its own copy -> load -> RNG streams (same world size) or
+                a fresh seed (another world size) -> where to continue
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestrator.core.manifest import CheckpointRecord
+from orchestrator.core.storage import Storage
+from orchestrator.core.verify import VerificationError, read_verified
+from workers.distributed import broadcast
+from workers.task import Task
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict[str, Any]:
+    # numpy's state holds an ndarray, which weights_only loading refuses: store a tensor.
+    np_state: Any = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plan_restore(
+    coord: Any, storage: Storage, rank: int, world: int
+) -> tuple[dict[str, Any], dict[str, bytes] | None]:
+    """Rank 0 asks the coordinator to start an attempt and verifies the checkpoint it names,
+    falling back past bad ones; every rank gets the plan. Rank 0 also returns the verified
+    bytes, so it does not read them twice."""
+    import ray
+
+    plan: dict[str, Any] | None = None
+    blobs: dict[str, bytes] | None = None
+    if rank == 0:
+        plan = ray.get(coord.start_attempt.remote(world))
+        rec = plan["restore"]
+        while rec is not None:
+            try:
+                blobs = read_verified(storage, CheckpointRecord.model_validate(rec))
+                break
+            except VerificationError as e:
+                print(f"[restore] checkpoint {rec['id']} failed verification: {e}", flush=True)
+                rec = ray.get(coord.next_restore.remote(rec["id"], str(e)))
+        plan["restore"] = rec
+    return broadcast(plan), blobs
+
+
+@dataclass
+class Resumed:
+    """Where this rank continues, and the state the loop still needs."""
+
+    attempt: int
+    start_epoch: int = 1
+    start_step: int = 0
+    global_step: int = 0
+    epoch_acc: dict[str, float] | None = None  # this rank's running loss of the epoch
+    train_state: dict[str, Any] = field(default_factory=dict)
+
+
+def restore(
+    coord: Any,
+    storage: Storage,
+    task: Task,
+    model: torch.nn.Module,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world: int,
+) -> Resumed:
+    """Put this rank back where the latest good checkpoint left it (or at the start)."""
+    from workers.state import MODEL_FILE, STATE_FILE, Position, load_tensor_file
+
+    plan, blobs = plan_restore(coord, storage, rank, world)
+    out = Resumed(attempt=plan["attempt"])
+    if plan["restore"] is None:
+        return out
+    record = CheckpointRecord.model_validate(plan["restore"])
+    if blobs is None:  # rank 0 has it verified already; the others read and check their own
+        blobs = read_verified(storage, record)
+    model.load_state_dict(load_tensor_file(blobs[MODEL_FILE], device))
+    state = load_tensor_file(blobs[STATE_FILE], device)
+    at = Position(**state["progress"])
+    if rank == 0:
+        print(
+            f"[restore] attempt {out.attempt}: resumed from {record.id} "
+            f"(epoch {record.epoch}, step {record.global_step})",
+            flush=True,
+        )
+    task.optimizer.load_state_dict(state["optimizer"])
+    if task.scheduler is not None and state.get("scheduler") is not None:
+        task.scheduler.load_state_dict(state["scheduler"])
+    if task.grad_scaler is not None and state.get("grad_scaler") is not None:
+        task.grad_scaler.load_state_dict(state["grad_scaler"])
+    out.start_epoch, out.start_step = at.resume_point()
+    out.global_step, out.train_state = at.global_step, state
+    ranks = state["ranks"]
+    if len(ranks) == world:
+        restore_rng(ranks[rank]["rng"])
+        out.epoch_acc = ranks[rank]["epoch_acc"]
+    else:  # elastic resume: per-rank streams cannot map onto a new world size
+        seed_all(seed + rank + 7919 * at.global_step)
+        if out.start_step:
+            # Mid-epoch: keep the number of samples the epoch has seen, not the step index
+            # (a step of 2 ranks covers twice the samples of a step of 1).
+            out.start_step = out.start_step * len(ranks) // world
+    return out
