@@ -13,7 +13,7 @@ manifest is durable do we delete what fell out of retention.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from typing import Any, Literal
 
 from orchestrator.core import retention
@@ -31,16 +31,8 @@ from orchestrator.core.manifest import (
     write_jsonl,
     write_manifest,
 )
+from orchestrator.core.retention import RetentionConfig
 from orchestrator.core.storage import Storage
-
-
-@dataclass(frozen=True)
-class RetentionConfig:
-    monitor: str
-    mode: Literal["min", "max"]
-    top_k: int
-    keep_latest: int
-    keep_every_n_epochs: int | None = None
 
 
 class CommitError(RuntimeError):
@@ -56,6 +48,8 @@ class RunLedger:
         self.reported: list[dict[str, Any]] = []  # every report of this coordinator's life, in order
         storage.on_retry = self._on_retry
         self.manifest: Manifest = read_manifest(storage) or Manifest(run=run)
+        if self.manifest.retention != asdict(retention_cfg):  # what read-only commands rank by
+            self._save(self.manifest.model_copy(update={"retention": asdict(retention_cfg)}))
 
     # -- events and metrics --------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
@@ -131,6 +125,14 @@ class RunLedger:
             return m.kept  # a retried call after the commit was durable
         if record.id in {b.record.id for b in m.bad}:
             raise CommitError(f"checkpoint {record.id} was marked bad; refusing to commit it again")
+        if m.attempts and record.attempt != m.attempts:
+            # A dead attempt's background writer, finishing late: the attempt that replaced it
+            # has collected orphans and may have committed past this point already.
+            self._delete(record.id, f"orphan: late commit of attempt {record.attempt}")
+            raise CommitError(
+                f"checkpoint {record.id}: attempt {record.attempt} is not the current attempt "
+                f"{m.attempts}; refusing a late commit"
+            )
         stored = read_record(self.storage, record.id)  # written last, so its presence proves the upload
         if [f.model_dump() for f in stored.files] != [f.model_dump() for f in record.files]:
             raise CommitError(f"checkpoint {record.id}: {RECORD} in storage differs from the commit")
@@ -144,14 +146,7 @@ class RunLedger:
     ) -> None:
         views = [c.view(self.cfg.monitor) for c in m.checkpoints]
         pinned = [m.resumed_from] if pins and m.resumed_from else []
-        policies = retention.policies_for(
-            self.cfg.top_k,
-            self.cfg.mode,
-            self.cfg.keep_latest,
-            self.cfg.keep_every_n_epochs,
-            pinned,
-        )
-        decision = retention.decide(views, policies)
+        decision = retention.decide(views, self.cfg.policies(pinned))
         dropped = [c for c in m.checkpoints if c.id in decision.drop]
         m = m.model_copy(
             update={

@@ -139,16 +139,20 @@ def store_spec(storage: Storage, spec: JobSpec) -> None:
     storage.write_bytes(SPEC, yaml.safe_dump(data, sort_keys=False).encode())
 
 
-def load_stored_spec(run_uri: str, options: dict[str, Any] | None = None) -> JobSpec:
+def load_stored_spec(run_uri: str, options: dict[str, Any] | None = None, check_task: bool = True) -> JobSpec:
     """The spec a run was started with, for `resume`. Secrets were redacted when it was
-    stored, so credentials come from the environment (or `options`) now."""
+    stored, so credentials come from the environment (or `options`) now. With
+    check_task=False the task is not imported (reading a run never runs user code)."""
     storage = Storage(run_uri, options or {})
     if not storage.exists(SPEC):
         raise SpecError(f"{run_uri}: no {SPEC} here; is this a run directory?")
     data = yaml.safe_load(storage.read_bytes(SPEC))
+    if not isinstance(data, dict):
+        raise SpecError(f"{run_uri}/{SPEC}: not a job spec")
+    data.setdefault("storage", {})
     opts = {k: v for k, v in data["storage"].get("options", {}).items() if v != "***"}
     data["storage"]["options"] = {**opts, **(options or {})}
-    return parse_spec(data, source=f"{run_uri}/{SPEC}")
+    return parse_spec(data, source=f"{run_uri}/{SPEC}", check_task=check_task)
 
 
 class EpochPrinter:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from orchestrator.retention import (
+from orchestrator.core.retention import (
     BestK,
     Ckpt,
     EveryNEpochs,
@@ -16,6 +16,7 @@ from orchestrator.retention import (
 )
 
 NAN = math.nan
+INF = math.inf
 
 
 def ck(seq, value, epoch=None, end=True):
@@ -34,8 +35,10 @@ def ck(seq, value, epoch=None, end=True):
         ([0.5, 0.3, 0.4, 0.6], "min", 2, ["c2", "c3"]),
         ([0.5, 0.3, 0.4, 0.6], "max", 2, ["c4", "c1"]),
         ([0.5, 0.3], "min", 5, ["c2", "c1"]),  # k larger than the count keeps all
-        ([NAN, 0.9, NAN], "min", 2, ["c2", "c3"]),  # NaN ranks worst, newer NaN first
-        ([NAN, 0.1, NAN], "max", 1, ["c2"]),  # NaN worst in max mode too
+        ([NAN, 0.9, NAN], "min", 2, ["c2"]),  # NaN is never ranked, so never best-k
+        ([NAN, 0.1, NAN], "max", 1, ["c2"]),  # in max mode neither
+        ([INF, 0.9, -INF], "max", 2, ["c2"]),  # nor inf, whichever the mode
+        ([-INF, 0.9], "min", 1, ["c2"]),
         ([0.2, 0.2, 0.2], "min", 2, ["c3", "c2"]),  # ties go to the newer
         ([0.7, 0.7, 0.1], "max", 1, ["c2"]),
     ],

@@ -34,13 +34,17 @@ def _open(run_uri: str, options: list[str] | None) -> tuple[Storage, Manifest]:
 
 
 def _monitor(storage: Storage, manifest: Manifest) -> tuple[str, str]:
+    """The monitor and mode the run ranks by: from its manifest; for a run written before
+    the manifest carried them, from its stored spec (read, never imported). Never a guess."""
+    if manifest.retention:
+        return manifest.retention["monitor"], manifest.retention["mode"]
     from orchestrator.driver import load_stored_spec
 
     try:
-        spec = load_stored_spec(storage.uri, storage.options)
-        return spec.checkpoint.monitor, spec.checkpoint.mode
-    except (SpecError, StorageError, OSError):
-        return "val_loss", "min"
+        spec = load_stored_spec(storage.uri, storage.options, check_task=False)
+    except (SpecError, StorageError, OSError) as e:
+        die(f"{storage.uri}: cannot tell which metric ranks this run's checkpoints: {e}", EXIT_STORAGE)
+    return spec.checkpoint.monitor, spec.checkpoint.mode
 
 
 def checkpoints(

@@ -39,10 +39,15 @@ class FileEntry(BaseModel):
     sha256: str
 
 
+# NaN and inf metrics are written as the JSON constants NaN / Infinity, which Python's json
+# and pydantic both read back: the default (null) would make a diverged run unreadable.
+_ROUND_TRIP = ConfigDict(extra="ignore", ser_json_inf_nan="constants")
+
+
 class CheckpointRecord(BaseModel):
     """checkpoint.json: written after the data; lists what a complete checkpoint holds."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _ROUND_TRIP
 
     id: str
     epoch: int  # 1-based epoch the checkpoint was taken in
@@ -73,11 +78,14 @@ class BadCheckpoint(BaseModel):
 
 
 class Manifest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _ROUND_TRIP
 
     format: int = FORMAT
     generation: int = 0
     run: str
+    # monitor, mode, top_k, keep_latest, keep_every_n_epochs: what read-only commands rank
+    # by, so reading a run never imports user code and never guesses.
+    retention: dict[str, Any] | None = None
     next_seq: int = 1
     checkpoints: list[CheckpointRecord] = Field(default_factory=list)  # committed, in commit order
     kept: dict[str, list[str]] = Field(default_factory=dict)  # id -> why it is kept
@@ -100,10 +108,20 @@ def read_manifest(storage: Storage) -> Manifest | None:
     if not storage.exists(MANIFEST):
         return None
     raw = storage.read_bytes(MANIFEST)
+    where = storage.child_uri(MANIFEST)
+    try:
+        fmt = json.loads(raw).get("format", FORMAT)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ManifestError(f"{where}: not a valid manifest: {e}") from None
+    if isinstance(fmt, int) and fmt > FORMAT:
+        raise ManifestError(
+            f"{where}: manifest format {fmt} is newer than this version of the tool reads "
+            f"({FORMAT}); upgrade ray-orchestrator to read this run"
+        )
     try:
         return Manifest.model_validate_json(raw)
     except ValidationError as e:
-        raise ManifestError(f"{storage.child_uri(MANIFEST)}: not a valid manifest: {e}") from None
+        raise ManifestError(f"{where}: not a valid manifest: {e}") from None
 
 
 def write_manifest(storage: Storage, manifest: Manifest) -> Manifest:

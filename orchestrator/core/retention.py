@@ -84,21 +84,38 @@ class Pinned:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """The spec's retention options, as the coordinator applies them and the manifest stores them."""
+
+    monitor: str  # the metric that ranks checkpoints
+    mode: Literal["min", "max"]  # min for losses, max for accuracies
+    top_k: int  # best checkpoints to keep
+    keep_latest: int  # newest checkpoints to keep (resume needs >= 1)
+    keep_every_n_epochs: int | None = None  # milestones
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        if self.top_k < 1 or self.keep_latest < 1:
+            raise ValueError(f"top_k and keep_latest must be >= 1, got {self.top_k}, {self.keep_latest}")
+
+    def policies(self, pinned: Iterable[str] = ()) -> list[Policy]:
+        return policies_for(self.top_k, self.mode, self.keep_latest, self.keep_every_n_epochs, pinned)
+
+
+@dataclass(frozen=True)
 class Decision:
     keep: dict[str, tuple[str, ...]] = field(default_factory=dict)  # id -> reasons
     drop: tuple[str, ...] = ()
 
 
-def _sort_key(c: Ckpt, mode: str) -> tuple[bool, float, int]:
-    assert c.value is not None
-    bad = math.isnan(c.value)
-    v = 0.0 if bad else (c.value if mode == "min" else -c.value)
-    return (bad, v, -c.seq)  # NaN ranks worst; ties go to the newer
-
-
 def rank_best(ckpts: Iterable[Ckpt], mode: str) -> list[Ckpt]:
-    """Checkpoints with a fresh metric, best first."""
-    return sorted((c for c in ckpts if c.value is not None), key=lambda c: _sort_key(c, mode))
+    """Checkpoints with a fresh, finite metric, best first; ties go to the newer.
+
+    NaN and inf are never ranked: a diverged epoch is not "best", whatever the mode."""
+    sign = 1.0 if mode == "min" else -1.0
+    ranked = [c for c in ckpts if c.value is not None and math.isfinite(c.value)]
+    return sorted(ranked, key=lambda c: (sign * c.value, -c.seq))  # type: ignore[operator]
 
 
 def decide(ckpts: Sequence[Ckpt], policies: Sequence[Policy]) -> Decision:

@@ -1,0 +1,145 @@
+"""The promise at its edges: NaN metrics, the true best without user code, stale
+attempts, fencing after a lease takeover, idempotent coordinator calls.
+
+Real storage throughout: a temp dir, and moto's S3 server on loopback where it says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import run_cli
+from s3_support import CREDS
+
+from orchestrator.coordinator import CommitError, RetentionConfig, RunLedger
+from orchestrator.core.manifest import (
+    CHECKPOINTS,
+    FORMAT,
+    MANIFEST,
+    RECORD,
+    CheckpointRecord,
+    FileEntry,
+    ManifestError,
+    read_jsonl,
+    read_manifest,
+)
+from orchestrator.core.retention import Ckpt, rank_best
+from orchestrator.core.storage import Storage, sha256_hex
+
+NAN, INF = float("nan"), float("inf")
+CFG = RetentionConfig(monitor="val_loss", mode="min", top_k=2, keep_latest=1)
+
+
+def upload(storage: Storage, epoch: int, loss: float, attempt: int = 1) -> CheckpointRecord:
+    """What a worker does before its commit: the files, then checkpoint.json last."""
+    cid = f"epoch{epoch:04d}-step{epoch * 10:07d}-a{attempt}"
+    data = f"weights {epoch}".encode()
+    storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", data)
+    rec = CheckpointRecord(id=cid, epoch=epoch, step_in_epoch=10, global_step=epoch * 10, end_of_epoch=True,
+                           metrics={"val_loss": loss, "val_acc": 1 - loss if math.isfinite(loss) else loss},
+                           files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))],
+                           world_size=1, attempt=attempt)  # fmt: skip
+    storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", json.dumps(rec.model_dump()).encode())
+    return rec
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return Storage(str(tmp_path / "run"))
+    moto = request.getfixturevalue("moto")
+    bucket = request.getfixturevalue("bucket")
+    return Storage(f"s3://{bucket}/runs/run", {"endpoint_url": moto.endpoint, **S3_OPTS})
+
+
+S3_OPTS = {"key": CREDS["AWS_ACCESS_KEY_ID"], "secret": CREDS["AWS_SECRET_ACCESS_KEY"]}
+
+
+# -- 1. NaN and inf --------------------------------------------------------------------------
+
+
+def test_nan_and_inf_metrics_round_trip_and_are_never_best(storage):
+    led = RunLedger(storage, "run", CFG)
+    led.start_attempt(1)
+    for epoch, loss in [(1, 0.5), (2, NAN), (3, INF), (4, 0.7)]:
+        led.commit(upload(storage, epoch, loss))
+        led.report_metrics({"epoch": epoch, "val_loss": loss, "attempt": 1})
+        if epoch == 2:  # NaN used to come back as null and fail validation here
+            latest = read_manifest(storage).latest()
+            assert latest.epoch == 2 and math.isnan(latest.metrics["val_loss"])
+    m = read_manifest(storage)
+    assert led.best().epoch == 1
+    assert set(m.kept) == {"epoch0001-step0000010-a1", "epoch0004-step0000040-a1"}
+    rows = read_jsonl(storage, "metrics.jsonl")
+    assert math.isnan(rows[1]["val_loss"]) and rows[2]["val_loss"] == INF
+    again = RunLedger(storage, "run", CFG)  # a restarted coordinator reads it all back
+    assert again.best().epoch == 1
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_non_finite_values_are_not_ranked(mode):
+    ckpts = [Ckpt("nan", 1, 1, True, NAN), Ckpt("inf", 2, 2, True, INF), Ckpt("-inf", 3, 3, True, -INF),
+             Ckpt("ok", 4, 4, True, 0.5)]  # fmt: skip
+    assert [c.id for c in rank_best(ckpts, mode)] == ["ok"]
+
+
+def test_read_only_commands_read_a_nan_run(tmp_path):
+    storage = Storage(str(tmp_path / "run"))
+    led = RunLedger(storage, "run", CFG)
+    for epoch, loss in [(1, 0.5), (2, NAN)]:
+        led.commit(upload(storage, epoch, loss))
+    for cmd in ("checkpoints", "best", "events"):
+        p = run_cli(cmd, str(tmp_path / "run"), "--json", timeout=60)
+        assert p.returncode == 0, (cmd, p.stderr)
+    assert json.loads(run_cli("best", str(tmp_path / "run"), "--json").stdout)["epoch"] == 1
+
+
+# -- 3. the true best, without user code -------------------------------------------------------
+
+
+def test_best_uses_the_monitor_stored_in_the_manifest_not_a_guess(tmp_path):
+    storage = Storage(str(tmp_path / "run"))
+    led = RunLedger(storage, "run", RetentionConfig(monitor="val_acc", mode="max", top_k=3, keep_latest=1))
+    for epoch, loss in [(1, 0.2), (2, 0.6), (3, 0.4)]:
+        led.commit(upload(storage, epoch, loss))  # val_acc = 1 - loss: epoch 1 is the best
+    # The task file the run was started with is not on this machine.
+    storage.write_bytes("spec.yaml", b"name: run\ntask: {name: /nowhere/task.py:build}\n"
+                                     b"checkpoint: {monitor: val_acc, mode: max}\n")  # fmt: skip
+    assert read_manifest(storage).retention["monitor"] == "val_acc"
+    p = run_cli("best", str(tmp_path / "run"), "--json", timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert (out["monitor"], out["mode"], out["epoch"]) == ("val_acc", "max", 1)
+
+
+# -- 5. a stale attempt cannot commit -----------------------------------------------------------
+
+
+def test_a_commit_from_a_previous_attempt_is_refused_and_collected(storage):
+    led = RunLedger(storage, "run", CFG)
+    led.start_attempt(1)
+    led.commit(upload(storage, 1, 0.5, attempt=1))
+    late = upload(storage, 2, 0.4, attempt=1)  # attempt 1's writer, still uploading
+    led.start_attempt(1)  # attempt 2 starts (and collects the upload as an orphan)
+    late = upload(storage, 2, 0.4, attempt=1)  # ...which the late writer then finishes
+    with pytest.raises(CommitError, match="attempt 1 is not the current attempt 2"):
+        led.commit(late)
+    assert read_manifest(storage).get(late.id) is None
+    assert late.id not in storage.list_dirs(CHECKPOINTS)
+
+
+# -- 8. format -----------------------------------------------------------------------------------
+
+
+def test_a_newer_manifest_format_is_refused_clearly(tmp_path):
+    storage = Storage(str(tmp_path / "run"))
+    RunLedger(storage, "run", CFG).commit(upload(storage, 1, 0.5))
+    data = json.loads(storage.read_bytes(MANIFEST))
+    data["format"] = FORMAT + 1
+    storage.write_bytes(MANIFEST, json.dumps(data).encode())
+    with pytest.raises(ManifestError, match=f"format {FORMAT + 1}.*newer"):
+        read_manifest(storage)
+    p = run_cli("checkpoints", str(tmp_path / "run"), timeout=60)
+    assert p.returncode == 4 and "newer" in p.stderr
