@@ -16,7 +16,8 @@ import time
 from dataclasses import asdict
 from typing import Any, Literal
 
-from orchestrator.core import retention
+from orchestrator.core import lease, retention
+from orchestrator.core.lease import LeaseLost
 from orchestrator.core.manifest import (
     CHECKPOINTS,
     EVENTS,
@@ -26,13 +27,14 @@ from orchestrator.core.manifest import (
     CheckpointRecord,
     Manifest,
     read_jsonl,
-    read_manifest,
+    read_manifest_versioned,
     read_record,
     write_jsonl,
     write_manifest,
+    write_manifest_if,
 )
 from orchestrator.core.retention import RetentionConfig
-from orchestrator.core.storage import Storage
+from orchestrator.core.storage import Conflict, Storage, StorageError
 
 
 class CommitError(RuntimeError):
@@ -40,19 +42,57 @@ class CommitError(RuntimeError):
 
 
 class RunLedger:
-    def __init__(self, storage: Storage, run: str, retention_cfg: RetentionConfig) -> None:
+    """With `owner` (the driver's lease token) every manifest write is a compare-and-swap on
+    the version this ledger last wrote: once another driver has taken the run over, the
+    first write that finds the manifest changed raises LeaseLost, and nothing is deleted
+    after it. Without an owner (tests of the pure logic) writes are plain replaces."""
+
+    def __init__(
+        self, storage: Storage, run: str, retention_cfg: RetentionConfig, owner: str | None = None
+    ) -> None:
         self.storage = storage
         self.cfg = retention_cfg
+        self.owner = owner
+        self.fenced: str | None = None  # why this ledger may no longer write
         self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
         self.metrics: list[dict[str, Any]] = read_jsonl(storage, METRICS)
         self.reported: list[dict[str, Any]] = []  # every report of this coordinator's life, in order
         storage.on_retry = self._on_retry
-        self.manifest: Manifest = read_manifest(storage) or Manifest(run=run)
-        if self.manifest.retention != asdict(retention_cfg):  # what read-only commands rank by
+        manifest, self._version = read_manifest_versioned(storage)
+        self.manifest: Manifest = manifest or Manifest(run=run)
+        if owner is not None:
+            self._claim(run, owner)
+        elif self.manifest.retention != asdict(retention_cfg):
             self._save(self.manifest.model_copy(update={"retention": asdict(retention_cfg)}))
+
+    def _claim(self, run: str, owner: str) -> None:
+        """Make the manifest name this owner, by compare-and-swap, retried while a stale
+        writer keeps committing: after this write lands, no stale write can."""
+        for _ in range(50):
+            held = lease.holder(self.storage)
+            if held is None or held.get("token") != owner:
+                self.fenced = f"run taken over by {lease.describe(held)}"
+                raise LeaseLost(f"{self.storage.uri}: {self.fenced}")
+            claimed = self.manifest.model_copy(update={"owner": owner, "retention": asdict(self.cfg)})
+            try:
+                self.manifest, self._version = write_manifest_if(self.storage, claimed, self._version)
+                return
+            except Conflict:
+                manifest, self._version = read_manifest_versioned(self.storage)
+                self.manifest = manifest or Manifest(run=run)
+        raise StorageError(f"{self.storage.uri}: the manifest kept changing; could not claim the run")
+
+    def _check_owner(self) -> None:
+        if self.fenced:
+            raise LeaseLost(f"{self.storage.uri}: {self.fenced}")
+
+    def fence(self, reason: str) -> None:
+        """The driver's heartbeat found the lease taken over: refuse every write from now on."""
+        self.fenced = self.fenced or reason
 
     # -- events and metrics --------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
+        self._check_owner()
         self.events.append({"ts": round(time.time(), 3), "kind": kind, **fields})
         write_jsonl(self.storage, EVENTS, self.events)
 
@@ -72,6 +112,7 @@ class RunLedger:
 
     def report_metrics(self, row: dict[str, Any]) -> None:
         """One row per (epoch) as reported by rank 0; a redone epoch replaces its row."""
+        self._check_owner()
         self.reported.append(row)
         self.metrics = [m for m in self.metrics if m.get("epoch") != row.get("epoch")]
         self.metrics.append(row)
@@ -207,7 +248,15 @@ class RunLedger:
         return self.manifest.kept
 
     def _save(self, m: Manifest) -> None:
-        self.manifest = write_manifest(self.storage, m)
+        self._check_owner()
+        if self.owner is None:
+            self.manifest = write_manifest(self.storage, m)
+            return
+        try:
+            self.manifest, self._version = write_manifest_if(self.storage, m, self._version)
+        except Conflict:
+            self.fenced = f"run taken over by {lease.describe(lease.holder(self.storage))}"
+            raise LeaseLost(f"{self.storage.uri}: {self.fenced}; nothing was deleted") from None
 
     # -- queries -------------------------------------------------------------
     def best(self) -> CheckpointRecord | None:
@@ -234,12 +283,17 @@ def coordinator_actor_class() -> Any:
 
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1)  # type: ignore[call-overload]
     class Coordinator:
-        def __init__(self, storage: Storage, run: str, cfg: RetentionConfig) -> None:
-            self.ledger = RunLedger(storage, run, cfg)
+        def __init__(
+            self, storage: Storage, run: str, cfg: RetentionConfig, owner: str | None = None
+        ) -> None:
+            self.ledger = RunLedger(storage, run, cfg, owner)
             self.ledger.event("coordinator_started", pid=_pid())
 
         def ping(self) -> int:
             return _pid()
+
+        def fence(self, reason: str) -> None:
+            self.ledger.fence(reason)
 
         def start_attempt(self, world_size: int) -> dict[str, Any]:
             return self.ledger.start_attempt(world_size)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
-from orchestrator.core.lease import Lease
+from orchestrator.core.lease import Lease, LeaseLost
 from orchestrator.core.manifest import SPEC, read_manifest
 from orchestrator.core.storage import Storage, redact, redact_options, secrets_in
 from orchestrator.ray_compat import restart_recorder, use_token_auth
@@ -234,8 +234,16 @@ def run(
             f"{spec.run_uri} already holds a finished run; pick another name "
             "(--set name=...) or `orchestrator resume` it"
         )
-    lease = Lease(storage)
+    lease = Lease(storage, ttl_s=spec.failure.lease_ttl_s, heartbeat_s=spec.failure.lease_ttl_s / 6)
     lease.acquire()  # refuses while another live driver owns the run
+    if existing is not None and not resume:
+        # `run` never continues a run silently, perhaps with another spec over its spec.yaml.
+        lease.release()
+        raise SpecError(
+            f"{spec.run_uri} already holds a {existing.status} run ({len(existing.checkpoints)} "
+            f"committed checkpoint(s)); continue it with `orchestrator resume {spec.run_uri}`, "
+            "or start a new one under another name (--set name=...)"
+        )
     started_ray = False
     try:
         store_spec(storage, spec)
@@ -259,9 +267,10 @@ def run(
                     node_id=ray.get_runtime_context().get_node_id(), soft=False
                 ),
             )
-            .remote(storage, spec.name, cfg)
+            .remote(storage, spec.name, cfg, lease.token)
         )
         ray.get(coord.ping.remote())
+        lease.on_lost = lambda why: coord.fence.remote(why)  # the coordinator stops writing at once
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         if storage.is_local and nodes > 1:
             print(
@@ -304,12 +313,19 @@ def run(
                     error = str(result.error)
             except Exception as e:  # Ray Train gave up (max_failures) or the run was invalid
                 error = f"{type(e).__name__}: {e}"
+        if lease.lost or (error and "LeaseLost" in error):
+            raise LeaseLost(
+                f"{spec.run_uri}: {lease.lost or root_cause(error or '')}. This driver stopped; it "
+                "deleted nothing, and what the new owner commits is its own"
+            )
         status = "failed" if error else "finished"
         reason = redact(root_cause(error), secrets) if error else None
         try:
             kept = ray.get(coord.finish.remote(status))
             prog = ray.get(coord.progress.remote())
         except Exception as e:  # storage (or the coordinator) is gone: committed data stays as it is
+            if "LeaseLost" in str(e):
+                raise LeaseLost(f"{spec.run_uri}: {root_cause(str(e))}; this driver stopped") from None
             why = redact(root_cause(f"{type(e).__name__}: {e}"), secrets)
             raise RunFailed(
                 f"{reason or 'training finished'}; then recording the end of the run failed: {why}. "

@@ -118,6 +118,12 @@ class CheckpointSpec(_Model):
 
 class FailureSpec(_Model):
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts before giving up (-1: no limit).")
+    lease_ttl_s: float = Field(
+        30.0,
+        ge=1.0,
+        description="A driver whose lease is not renewed for this long (by the storage's clock) "
+        "may be taken over by another; it renews every ttl/6.",
+    )
 
 
 class EarlyStoppingSpec(_Model):

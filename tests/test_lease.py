@@ -1,14 +1,15 @@
 """One driver per run: the lease refuses a second live owner and takes over a stale one."""
 
 import json
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from orchestrator.lease import LEASE, Lease, LeaseHeld
-from orchestrator.storage import Storage
+from orchestrator.core.lease import LEASE, Lease, LeaseHeld
+from orchestrator.core.storage import Storage
 
 
 def test_second_owner_is_refused_with_who_and_since(tmp_path):
@@ -49,6 +50,8 @@ def test_lease_without_heartbeat_past_ttl_is_taken_over(tmp_path):
     s = Storage(str(tmp_path))
     s.write_bytes(LEASE, json.dumps({"host": "other-host", "pid": 1, "token": "x", "since": 0,
                                      "heartbeat": time.time() - 120}).encode())  # fmt: skip
+    old = time.time() - 120  # staleness is the object's age by the storage's clock
+    os.utime(tmp_path / LEASE, (old, old))
     lease = Lease(s, ttl_s=30)
     lease.acquire()
     try:

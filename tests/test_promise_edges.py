@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 
 import pytest
 from conftest import run_cli
 from s3_support import CREDS
 
 from orchestrator.coordinator import CommitError, RetentionConfig, RunLedger
+from orchestrator.core.lease import Lease, LeaseHeld, LeaseLost
 from orchestrator.core.manifest import (
     CHECKPOINTS,
     FORMAT,
@@ -143,3 +146,119 @@ def test_a_newer_manifest_format_is_refused_clearly(tmp_path):
         read_manifest(storage)
     p = run_cli("checkpoints", str(tmp_path / "run"), timeout=60)
     assert p.returncode == 4 and "newer" in p.stderr
+
+
+# -- 2. fencing ------------------------------------------------------------------------------------
+
+
+def test_conditional_writes_let_exactly_one_racer_win(storage):
+    from orchestrator.core.storage import Conflict
+
+    wins, losses = [], []
+    go = threading.Barrier(6)
+
+    def racer(i: int) -> None:
+        go.wait()
+        try:
+            storage.write_if("race.json", f"{i}".encode(), None)
+            wins.append(i)
+        except Conflict:
+            losses.append(i)
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and len(losses) == 5
+    assert storage.read_bytes("race.json") == str(wins[0]).encode()
+
+
+def test_two_drivers_starting_together_one_wins_the_lease(storage):
+    leases = [Lease(storage, ttl_s=30, heartbeat_s=60) for _ in range(4)]
+    go = threading.Barrier(len(leases))
+    won, refused = [], []
+
+    def start(lease: Lease) -> None:
+        go.wait()
+        try:
+            lease.acquire()
+            won.append(lease)
+        except LeaseHeld as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=start, args=(le,)) for le in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert len(won) == 1 and len(refused) == 3, refused
+    finally:
+        for le in won:
+            le.release()
+
+
+def test_a_stalled_driver_is_fenced_and_deletes_nothing_after_a_takeover(storage):
+    a_lease = Lease(storage, ttl_s=1, heartbeat_s=60)
+    a_lease.acquire()
+    a = RunLedger(storage, "run", CFG, owner=a_lease.token)
+    a.start_attempt(1)
+    a.commit(upload(storage, 1, 0.9, attempt=1))
+    a_lease.stop_heartbeat()  # A stalls: a storage outage, a suspended laptop
+
+    time.sleep(2.5)  # past A's TTL by the storage's clock (S3 times have 1 s resolution)
+    b_lease = Lease(storage, ttl_s=30, heartbeat_s=60)
+    b_lease.acquire()
+    assert b_lease.events and b_lease.events[0]["kind"] == "lease_taken_over"
+    a_late = upload(storage, 2, 0.1, attempt=1)  # A's writer finished an upload meanwhile
+    b = RunLedger(storage, "run", CFG, owner=b_lease.token)
+    b_plan = b.start_attempt(1)  # B's orphan collection: A's uncommitted upload goes
+    assert b_plan["restore"]["id"] == "epoch0001-step0000010-a1"
+    b.commit(upload(storage, 2, 0.5, attempt=2))
+    # A wakes up: its heartbeat and its commit both find the run taken over.
+    with pytest.raises(LeaseLost, match=f"taken over by driver pid {b_lease.pid}"):
+        a_lease.beat()
+    a_again = upload(storage, 3, 0.05, attempt=1)
+    with pytest.raises(LeaseLost, match="taken over"):
+        a.commit(a_again)
+    with pytest.raises(LeaseLost):
+        a.finish("finished")  # would have applied retention and collected "orphans"
+    m = read_manifest(storage)
+    assert {c.id for c in m.checkpoints} == {"epoch0001-step0000010-a1", "epoch0002-step0000020-a2"}
+    assert m.owner == b_lease.token
+    on_disk = set(storage.list_dirs(CHECKPOINTS))
+    assert {c.id for c in m.checkpoints} <= on_disk  # nothing B committed was deleted by A
+    assert a_late.id not in on_disk
+    a_lease.release()  # must not delete B's lease
+    assert Lease(storage).read()["token"] == b_lease.token
+    b_lease.release()
+
+
+def test_a_coordinator_without_the_lease_cannot_claim_the_run(tmp_path):
+    storage = Storage(str(tmp_path / "run"))
+    holder = Lease(storage, heartbeat_s=60)
+    holder.acquire()
+    try:
+        with pytest.raises(LeaseLost, match=f"taken over by driver pid {holder.pid}"):
+            RunLedger(storage, "run", CFG, owner="some-other-token")
+    finally:
+        holder.release()
+
+
+# -- 6. `run` on an existing run ---------------------------------------------------------------------
+
+
+def test_run_refuses_an_existing_unfinished_run(tmp_path):
+    storage = Storage(str(tmp_path / "existing"))
+    RunLedger(storage, "existing", CFG).commit(upload(storage, 1, 0.5))
+    spec_before = b"name: existing\n"
+    storage.write_bytes("spec.yaml", spec_before)
+    p = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=existing",
+                "--set", "epochs=1", "--set", "chaos.kills=[]", timeout=120)  # fmt: skip
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert (
+        "already holds a running run" in p.stderr
+        and f"orchestrator resume {tmp_path / 'existing'}" in p.stderr
+    )
+    assert storage.read_bytes("spec.yaml") == spec_before  # its spec is left as it was

@@ -67,8 +67,10 @@ def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: b
     try:
         with _stdout_to_stderr(as_json):  # Ray prints to fd 1; --json keeps stdout for the JSON
             summary = run(spec, address=address, quiet=quiet or as_json, resume=resume, verbose=verbose)
-    except LeaseHeld as e:
+    except LeaseHeld as e:  # LeaseLost too: taken over mid-run
         die(str(e), EXIT_LEASE)
+    except SpecError as e:
+        die(str(e), EXIT_INPUT)
     except RunFailed as e:
         if e.summary is not None:
             _print_summary(e.summary.as_dict(), as_json)

@@ -1,11 +1,15 @@
-"""One driver per run: a lease object in RUN_URI with a heartbeat.
+"""One driver per run: a lease object in RUN_URI, replaced only by compare-and-swap.
 
-A second driver on a run whose owner is alive is refused, told who holds it and
-since when. A lease whose heartbeat is older than its TTL, or whose owner is a
-process on this host that no longer exists, is stale and is taken over (and the
-takeover is logged as an event). Object stores give no compare-and-swap here, so
-two drivers starting within the same instant can both win; the lease guards
-against the common case (a second `run`/`resume` on a live run), not that race.
+A second driver on a run whose owner is alive is refused, told who holds it and since
+when. A lease that has not been renewed for its TTL (judged by the storage's clock: the
+object's age, never one host's clock against another's), or whose owner is a process on
+this host that no longer exists, is stale and may be taken over (logged as an event).
+
+Every write is conditional (docs/storage.md): creating the lease succeeds only if none
+exists, and each heartbeat or takeover replaces exactly the version last read. So of two
+drivers starting in the same instant one wins, and a driver that stalled past its TTL
+finds out at its next beat that it lost the run (`lost` says to whom) instead of
+overwriting the new owner's lease.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.core.procs import pid_alive
-from orchestrator.core.storage import Storage
+from orchestrator.core.storage import Conflict, Storage
 
 LEASE = "lease.json"
 
@@ -28,9 +33,32 @@ class LeaseHeld(RuntimeError):
     """Another live driver owns this run."""
 
 
+class LeaseLost(LeaseHeld):
+    """This driver (or its coordinator) lost the run to another driver: it stops, deleting nothing."""
+
+
+def describe(held: dict[str, Any] | None) -> str:
+    if not held:
+        return "another driver (its lease is gone)"
+    return f"driver pid {held.get('pid')} on {held.get('host')}"
+
+
+def holder(storage: Storage) -> dict[str, Any] | None:
+    """The lease as stored now, or None."""
+    v = storage.read_versioned(LEASE)
+    return _parse(v.data) if v else None
+
+
 class Lease:
-    def __init__(self, storage: Storage, ttl_s: float = 30.0, heartbeat_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        ttl_s: float = 30.0,
+        heartbeat_s: float = 5.0,
+        on_lost: Callable[[str], Any] | None = None,
+    ) -> None:
         self.storage = storage
+        self.on_lost = on_lost
         self.ttl_s = ttl_s
         self.heartbeat_s = heartbeat_s
         self.host = socket.gethostname()
@@ -38,38 +66,34 @@ class Lease:
         self.token = uuid.uuid4().hex
         self.since = time.time()
         self.events: list[dict[str, Any]] = []
+        self.lost: str | None = None  # set when a heartbeat finds the lease taken over
+        self._version: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def read(self) -> dict[str, Any] | None:
-        if not self.storage.exists(LEASE):
-            return None
-        try:
-            return dict(json.loads(self.storage.read_bytes(LEASE)))
-        except (json.JSONDecodeError, TypeError):
-            return None
+        return holder(self.storage)
 
-    def is_stale(self, held: dict[str, Any], now: float) -> str | None:
+    def is_stale(self, held: dict[str, Any], age_s: float) -> str | None:
         """Why held is stale, or None while its owner is alive."""
-        age = now - float(held.get("heartbeat", 0))
-        if age > self.ttl_s:
-            return f"no heartbeat for {age:.0f}s (ttl {self.ttl_s:.0f}s)"
+        ttl = float(held.get("ttl_s", self.ttl_s))
+        if age_s > ttl:
+            return f"no heartbeat for {age_s:.0f}s (ttl {ttl:.0f}s, by the storage's clock)"
         if held.get("host") == self.host and not pid_alive(int(held.get("pid", -1))):
             return f"owner pid {held.get('pid')} on this host is gone"
         return None
 
     def acquire(self) -> None:
-        now = time.time()
-        held = self.read()
-        if held and held.get("token") != self.token:
-            why = self.is_stale(held, now)
+        current = self.storage.read_versioned(LEASE)
+        held = _parse(current.data) if current else None
+        if current is not None and held is not None:
+            why = self.is_stale(held, current.age_s)
             if why is None:
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("since", 0)))
                 raise LeaseHeld(
-                    f"{self.storage.uri} is in use by driver pid {held.get('pid')} on "
-                    f"{held.get('host')} since {since} (heartbeat {now - held['heartbeat']:.0f}s ago). "
-                    "Stop it first, or wait for its lease to expire "
-                    f"({self.ttl_s:.0f}s after its last heartbeat)."
+                    f"{self.storage.uri} is in use by {describe(held)} since {since} (renewed "
+                    f"{current.age_s:.0f}s ago). Stop it first, or wait for its lease to expire "
+                    f"({held.get('ttl_s', self.ttl_s):.0f}s after its last heartbeat)."
                 )
             self.events.append(
                 {
@@ -77,43 +101,69 @@ class Lease:
                     "previous_pid": held.get("pid"),
                     "previous_host": held.get("host"),
                     "why": why,
-                }
+                }  # fmt: skip
             )
-        self._write()
+        try:
+            self._version = self.storage.write_if(LEASE, self._body(), current.version if current else None)
+        except Conflict:  # another driver created or took it in the same instant
+            now = self.read() or {}
+            raise LeaseHeld(f"{self.storage.uri} was just taken by {describe(now)}") from None
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
 
-    def _write(self) -> None:
-        body = {
-            "host": self.host,
-            "pid": self.pid,
-            "token": self.token,
-            "since": self.since,
-            "heartbeat": time.time(),
-            "ttl_s": self.ttl_s,
-        }
-        self.storage.write_bytes(LEASE, json.dumps(body).encode())
+    def _body(self) -> bytes:
+        body = {"host": self.host, "pid": self.pid, "token": self.token, "since": self.since,
+                "heartbeat": time.time(), "ttl_s": self.ttl_s}  # fmt: skip
+        return json.dumps(body).encode()
+
+    def beat(self) -> None:
+        """Renew the lease; raises LeaseLost when another driver has taken it over."""
+        try:
+            self._version = self.storage.write_if(LEASE, self._body(), self._version)
+        except Conflict:
+            held = self.read() or {}
+            self.lost = f"run taken over by {describe(held)}"
+            raise LeaseLost(f"{self.storage.uri}: {self.lost}") from None
 
     def _beat(self) -> None:
         failing = False
         while not self._stop.wait(self.heartbeat_s):
             try:
-                self._write()
+                self.beat()
                 if failing:
                     print("[lease] heartbeat restored", flush=True)
                 failing = False
+            except LeaseLost as e:
+                print(f"[lease] {e}; this driver no longer owns the run", flush=True)
+                if self.on_lost is not None:
+                    self.on_lost(str(e))
+                return
             except Exception as e:  # storage trouble: the next beat tries again
                 if not failing:
                     print(f"[lease] heartbeat failing ({type(e).__name__}); retrying", flush=True)
                 failing = True
 
-    def release(self) -> None:
+    def stop_heartbeat(self) -> None:
+        """Stop renewing (a driver that stalls, as far as the store can tell)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.heartbeat_s + 1)
+
+    def release(self) -> None:
+        self.stop_heartbeat()
+        if self.lost:
+            return  # not ours any more: the new owner's lease stays
         try:
-            held = self.read()
-            if held and held.get("token") == self.token:
+            current = self.storage.read_versioned(LEASE)
+            if current and current.version == self._version:
                 self.storage.delete(LEASE)
         except Exception:
             pass  # a stale lease is taken over by the next driver anyway
+
+
+def _parse(data: bytes) -> dict[str, Any] | None:
+    try:
+        out = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return out if isinstance(out, dict) else None

@@ -86,6 +86,7 @@ class Manifest(BaseModel):
     # monitor, mode, top_k, keep_latest, keep_every_n_epochs: what read-only commands rank
     # by, so reading a run never imports user code and never guesses.
     retention: dict[str, Any] | None = None
+    owner: str | None = None  # lease token of the driver whose coordinator writes this manifest
     next_seq: int = 1
     checkpoints: list[CheckpointRecord] = Field(default_factory=list)  # committed, in commit order
     kept: dict[str, list[str]] = Field(default_factory=dict)  # id -> why it is kept
@@ -107,7 +108,16 @@ class Manifest(BaseModel):
 def read_manifest(storage: Storage) -> Manifest | None:
     if not storage.exists(MANIFEST):
         return None
-    raw = storage.read_bytes(MANIFEST)
+    return parse_manifest(storage, storage.read_bytes(MANIFEST))
+
+
+def read_manifest_versioned(storage: Storage) -> tuple[Manifest | None, str | None]:
+    """The manifest and the version a compare-and-swap must name to replace it."""
+    v = storage.read_versioned(MANIFEST)
+    return (parse_manifest(storage, v.data), v.version) if v else (None, None)
+
+
+def parse_manifest(storage: Storage, raw: bytes) -> Manifest:
     where = storage.child_uri(MANIFEST)
     try:
         fmt = json.loads(raw).get("format", FORMAT)
@@ -126,9 +136,20 @@ def read_manifest(storage: Storage) -> Manifest | None:
 
 def write_manifest(storage: Storage, manifest: Manifest) -> Manifest:
     """Bump the generation and replace the manifest atomically; return what was written."""
-    new = manifest.model_copy(update={"generation": manifest.generation + 1, "updated_at": time.time()})
+    new = _next(manifest)
     storage.write_bytes(MANIFEST, new.model_dump_json(indent=1).encode())
     return new
+
+
+def write_manifest_if(storage: Storage, manifest: Manifest, expect: str | None) -> tuple[Manifest, str]:
+    """write_manifest, but only over version `expect` (None: only where there is none);
+    raises storage.Conflict when another writer replaced it. Returns what was written."""
+    new = _next(manifest)
+    return new, storage.write_if(MANIFEST, new.model_dump_json(indent=1).encode(), expect)
+
+
+def _next(manifest: Manifest) -> Manifest:
+    return manifest.model_copy(update={"generation": manifest.generation + 1, "updated_at": time.time()})
 
 
 def read_record(storage: Storage, cid: str) -> CheckpointRecord:

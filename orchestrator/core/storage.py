@@ -12,6 +12,8 @@ import errno
 import hashlib
 import os
 import re
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -69,6 +71,25 @@ class StorageError(RuntimeError):
     """A storage operation failed for good (not transient, or out of retry budget)."""
 
 
+class Conflict(RuntimeError):
+    """A compare-and-swap lost: the object is no longer the version the writer last saw."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes, its version (S3: the ETag; elsewhere: the sha256 of the bytes) and
+    its age by the storage's own clock (S3: the response's Date minus LastModified)."""
+
+    data: bytes
+    version: str
+    age_s: float
+
+
+# Compare-and-swap on a local filesystem: an exclusive lock on a sidecar file around
+# read-compare-replace. In-process stores (memory://) use a process-wide lock.
+_MEMORY_CAS = threading.Lock()
+
+
 def _s3_error(exc: BaseException) -> tuple[str, int] | None:
     """(error code, HTTP status) of a botocore ClientError, else None."""
     response = getattr(exc, "response", None)
@@ -77,6 +98,18 @@ def _s3_error(exc: BaseException) -> tuple[str, int] | None:
     code = str((response.get("Error") or {}).get("Code", ""))
     status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
     return code, status
+
+
+def _lost_race(exc: BaseException) -> bool:
+    """An S3 conditional write refused: 412 PreconditionFailed, or 409 when another
+    conditional write to the same key is in flight."""
+    for e in (exc, exc.__cause__):
+        s3 = _s3_error(e) if e is not None else None
+        if s3 is not None and (
+            s3[1] in (409, 412) or s3[0] in ("PreconditionFailed", "ConditionalRequestConflict")
+        ):
+            return True
+    return isinstance(exc, FileExistsError)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -226,8 +259,8 @@ class Storage:
                     f"storage {self.uri}: {what} failed {self.retry.attempts} times, giving up: "
                     f"{self._clean(e)}"
                 ) from None
-            if isinstance(e, OSError):
-                raise  # FileNotFoundError and friends: callers act on them
+            if isinstance(e, (OSError, Conflict)):
+                raise  # FileNotFoundError, a lost compare-and-swap: callers act on them
             # Not an OSError: missing credentials, a client misconfiguration. Say which
             # storage and what, without the secrets.
             raise StorageError(f"storage {self.uri}: {what}: {self._clean(e)}") from None
@@ -267,24 +300,115 @@ class Storage:
         the store makes visible whole or not at all.
         """
         target = self.path(rel)
+        self._call(f"write {rel}", lambda: self._replace(target, data))
+
+    def _replace(self, target: str, data: bytes) -> None:
+        if not self.is_local:
+            self.fs.pipe_file(target, data)
+            return
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            # The rename itself is durable only once the directory is.
+            dir_fd = os.open(os.path.dirname(target), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    # -- compare-and-swap ------------------------------------------------------
+    @property
+    def is_s3(self) -> bool:
+        return "s3" in (
+            self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        )
+
+    def read_versioned(self, rel: str) -> Versioned | None:
+        """rel's bytes with its version and age, or None when it does not exist."""
+        return self._call(f"read {rel}", lambda: self._read_versioned(rel))
+
+    def _read_versioned(self, rel: str) -> Versioned | None:
+        target = self.path(rel)
+        if self.is_s3:
+            return self._s3_get(target)
+        try:
+            data = self.fs.cat_file(target)
+        except FileNotFoundError:
+            return None
+        age = 0.0
         if self.is_local:
+            age = time.time() - os.stat(target).st_mtime  # one host: the filesystem's clock is ours
+        return Versioned(data, sha256_hex(data), age)
 
-            def write_local() -> None:
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    def _s3_get(self, target: str) -> Versioned | None:
+        from email.utils import parsedate_to_datetime
+
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(target)
+
+        async def get() -> Versioned | None:
+            try:
+                r = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                return None
+            async with r["Body"] as body:
+                data = await body.read()
+            now = parsedate_to_datetime(r["ResponseMetadata"]["HTTPHeaders"]["date"])
+            return Versioned(data, r["ETag"], (now - r["LastModified"]).total_seconds())
+
+        return sync(self.fs.loop, get)
+
+    def write_if(self, rel: str, data: bytes, expect: str | None) -> str:
+        """Replace rel with data only if its version is still `expect` (None: only if rel does
+        not exist); return the new version. Raises Conflict when another writer got there first.
+
+        S3: a conditional PUT (If-Match / If-None-Match: *), decided by the store. Local: an
+        exclusive lock around compare and atomic replace (on NFS only as good as its locks)."""
+        target = self.path(rel)
+        if self.is_s3:
+            bucket, key, _ = self.fs.split_path(target)
+            cond = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
+
+            def put() -> str:
                 try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, target)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
+                    out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
+                except Exception as e:
+                    if _lost_race(e):
+                        raise Conflict(f"{self.child_uri(rel)} changed since version {expect}") from None
+                    raise
+                self.fs.invalidate_cache(target)
+                return str(out["ETag"])
 
-            self._call(f"write {rel}", write_local)
-        else:
-            self._call(f"write {rel}", lambda: self.fs.pipe_file(target, data))
+            return self._call(f"write {rel}", put)
+
+        def swap() -> str:
+            current = self._read_versioned(rel)
+            if (current.version if current else None) != expect:
+                raise Conflict(f"{self.child_uri(rel)} changed since version {expect}")
+            self._replace(target, data)
+            return sha256_hex(data)
+
+        if not self.is_local:
+            with _MEMORY_CAS:
+                return self._call(f"write {rel}", swap)
+        import fcntl
+
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(f"{target}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return self._call(f"write {rel}", swap)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def delete(self, rel: str) -> None:
         """Delete rel (a file or a whole directory); already gone is fine."""
