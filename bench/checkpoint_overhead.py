@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from orchestrator.storage import Storage
+from orchestrator.core.storage import Storage
 from workers.writer import CheckpointWriter
 
 

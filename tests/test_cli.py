@@ -9,7 +9,7 @@ from conftest import run_cli
 from test_ledger import upload
 
 from orchestrator.coordinator import RetentionConfig, RunLedger
-from orchestrator.storage import Storage
+from orchestrator.core.storage import Storage
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import jsonl, run_cli
 
-from orchestrator.manifest import CheckpointRecord, read_manifest
-from orchestrator.storage import Storage
-from workers.restore import read_verified
+from orchestrator.core.manifest import CheckpointRecord, read_manifest
+from orchestrator.core.storage import Storage
+from orchestrator.core.verify import read_verified
 
 pytestmark = pytest.mark.e2e
 

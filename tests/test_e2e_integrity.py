@@ -8,8 +8,8 @@ import json
 import pytest
 from conftest import cli_env, run_cli
 
-from orchestrator.manifest import read_jsonl, read_manifest
-from orchestrator.storage import Storage
+from orchestrator.core.manifest import read_jsonl, read_manifest
+from orchestrator.core.storage import Storage
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from orchestrator.coordinator import CommitError, RetentionConfig, RunLedger
-from orchestrator.manifest import (
+from orchestrator.core.manifest import (
     CHECKPOINTS,
     RECORD,
     CheckpointRecord,
@@ -14,7 +14,7 @@ from orchestrator.manifest import (
     read_jsonl,
     read_manifest,
 )
-from orchestrator.storage import Storage
+from orchestrator.core.storage import Storage
 
 _ids = itertools.count()
 

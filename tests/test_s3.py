@@ -9,9 +9,9 @@ import pytest
 from conftest import cli_env, expected_kept, run_cli, start_cli, wait_until
 from s3_support import FaultProxy
 
-from orchestrator.manifest import CHECKPOINTS, CheckpointRecord, FileEntry, read_manifest
-from orchestrator.storage import Storage, sha256_hex
-from workers.restore import VerificationError, read_verified
+from orchestrator.core.manifest import CHECKPOINTS, CheckpointRecord, FileEntry, read_manifest
+from orchestrator.core.storage import Storage, sha256_hex
+from orchestrator.core.verify import VerificationError, read_verified
 
 
 def s3_objects(moto, bucket, prefix=""):

@@ -59,7 +59,9 @@ def test_manifest_roundtrip_and_generation(tmp_path, uri):
         assert [p.name for p in (tmp_path / "run").iterdir()] == ["manifest.json"]  # no temp left
 
 
-def torn_reads_while_rewriting(writer: Storage, reader: Storage, n_checkpoints: int, writes: int) -> list[str]:
+def torn_reads_while_rewriting(
+    writer: Storage, reader: Storage, n_checkpoints: int, writes: int
+) -> list[str]:
     """Rewrite the manifest `writes` times while another thread reads it in a loop; return
     every read that failed to parse or came back with the wrong content (a torn read)."""
     m = write_manifest(writer, big_manifest(n_checkpoints))
