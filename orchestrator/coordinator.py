@@ -54,6 +54,7 @@ class RunLedger:
         self.cfg = retention_cfg
         self.owner = owner
         self.fenced: str | None = None  # why this ledger may no longer write
+        self.stopped: str | None = None  # why the workers stopped the run early, as a failure
         self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
         self.metrics: list[dict[str, Any]] = read_jsonl(storage, METRICS)
         self.reported: list[dict[str, Any]] = []  # every report of this coordinator's life, in order
@@ -150,6 +151,11 @@ class RunLedger:
         m = self.manifest
         self._save(m.model_copy(update={"restarts": m.restarts + 1}))
         self.event("restart", restarts=self.manifest.restarts, reason=reason[:2000])
+
+    def stop(self, reason: str) -> None:
+        """The workers stopped the run on purpose (stop_on_nan): it ends as failed, with reason."""
+        self.stopped = reason
+        self.event("stopped", reason=reason)
 
     def claim_chaos(self, key: str, pid: int | None = None) -> bool:
         """True exactly once per key per run: fault injection fires on the first attempt only."""
@@ -274,6 +280,7 @@ class RunLedger:
             "best": best.model_dump() if best else None,
             "restarts": self.manifest.restarts,
             "attempts": self.manifest.attempts,
+            "stopped": self.stopped,
         }
 
 
@@ -309,6 +316,9 @@ def coordinator_actor_class() -> Any:
 
         def claim_chaos(self, key: str, pid: int | None = None) -> bool:
             return self.ledger.claim_chaos(key, pid)
+
+        def stop(self, reason: str) -> None:
+            self.ledger.stop(reason)
 
         def note_restart(self, reason: str) -> None:
             self.ledger.note_restart(reason)

@@ -128,6 +128,7 @@ def worker_config(spec: JobSpec) -> WorkerConfig:
         every_n_epochs=ck.every_n_epochs,
         every_n_steps=ck.every_n_steps,
         async_save=ck.async_save,
+        stop_on_nan=ck.stop_on_nan,
         early_stopping=(es.patience, es.min_delta) if es else None,
         kills=tuple(Kill(k.rank, k.epoch, k.step, k.point) for k in spec.chaos.kills),
     )
@@ -313,6 +314,8 @@ def run(
                     error = str(result.error)
             except Exception as e:  # Ray Train gave up (max_failures) or the run was invalid
                 error = f"{type(e).__name__}: {e}"
+        stopped = ray.get(coord.progress.remote(), timeout=60).get("stopped")
+        error = error or stopped
         if lease.lost or (error and "LeaseLost" in error):
             raise LeaseLost(
                 f"{spec.run_uri}: {lease.lost or root_cause(error or '')}. This driver stopped; it "

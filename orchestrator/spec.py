@@ -114,6 +114,11 @@ class CheckpointSpec(_Model):
     async_save: bool = Field(
         True, description="Serialize and upload in the background; the step pays only a host copy."
     )
+    stop_on_nan: bool = Field(
+        False,
+        description="Stop the run (failed, every commit intact) at the first epoch whose metrics "
+        "hold NaN or inf; that epoch is not checkpointed.",
+    )
 
 
 class FailureSpec(_Model):

@@ -35,6 +35,7 @@ class WorkerConfig:
     every_n_epochs: int = 1  # end-of-epoch save cadence
     every_n_steps: int | None = None  # mid-epoch save cadence (global steps)
     async_save: bool = True  # serialize and upload in the background
+    stop_on_nan: bool = False  # stop at the first non-finite metric
     early_stopping: tuple[int, float] | None = None  # (patience, min_delta)
     kills: tuple[Kill, ...] = field(default_factory=tuple)  # fault injection
 

@@ -12,6 +12,7 @@ workers/resume.py, what a checkpoint holds in workers/state.py.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -82,6 +83,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if cfg.monitor not in metrics:
             raise ValueError(f"checkpoint.monitor {cfg.monitor!r} is not a metric of task {cfg.task!r}; "
                              f"it reports {sorted(metrics)}")  # fmt: skip
+        if cfg.stop_on_nan and not all(math.isfinite(v) for v in metrics.values()):
+            # Every rank sees the same all-reduced metrics, so every rank stops here.
+            if rank == 0:
+                bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+                ray.get(coord.stop.remote(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)"))
+            break
         stopped_early = stopper.update(metrics[cfg.monitor]) if stopper else False
         if rank == 0:
             ray.get(coord.report_metrics.remote({"epoch": epoch, "global_step": global_step,
