@@ -54,7 +54,7 @@ class RunLedger:
         self.cfg = retention_cfg
         self.owner = owner
         self.fenced: str | None = None  # why this ledger may no longer write
-        self.stopped: str | None = None  # why the workers stopped the run early, as a failure
+        self.stopped: dict[str, str] | None = None  # why the workers stopped the run, as a failure
         self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
         self.metrics: list[dict[str, Any]] = read_jsonl(storage, METRICS)
         self.reported: list[dict[str, Any]] = []  # every report of this coordinator's life, in order
@@ -152,10 +152,11 @@ class RunLedger:
         self._save(m.model_copy(update={"restarts": m.restarts + 1}))
         self.event("restart", restarts=self.manifest.restarts, reason=reason[:2000])
 
-    def stop(self, reason: str) -> None:
-        """The workers stopped the run on purpose (stop_on_nan): it ends as failed, with reason."""
-        self.stopped = reason
-        self.event("stopped", reason=reason)
+    def stop(self, reason: str, kind: str) -> None:
+        """The workers stopped the run on purpose: it ends as failed, with reason. kind "input"
+        (a spec error found on the workers) or "nan" (checkpoint.stop_on_nan)."""
+        self.stopped = {"reason": reason, "kind": kind}
+        self.event("stopped", reason=reason, why=kind)
 
     def claim_chaos(self, key: str, pid: int | None = None) -> bool:
         """True exactly once per key per run: fault injection fires on the first attempt only."""
@@ -317,8 +318,8 @@ def coordinator_actor_class() -> Any:
         def claim_chaos(self, key: str, pid: int | None = None) -> bool:
             return self.ledger.claim_chaos(key, pid)
 
-        def stop(self, reason: str) -> None:
-            self.ledger.stop(reason)
+        def stop(self, reason: str, kind: str) -> None:
+            self.ledger.stop(reason, kind)
 
         def note_restart(self, reason: str) -> None:
             self.ledger.note_restart(reason)

@@ -315,7 +315,10 @@ def run(
             except Exception as e:  # Ray Train gave up (max_failures) or the run was invalid
                 error = f"{type(e).__name__}: {e}"
         stopped = ray.get(coord.progress.remote(), timeout=60).get("stopped")
-        error = error or stopped
+        if stopped and stopped["kind"] == "input":
+            ray.get(coord.finish.remote("failed"), timeout=120)
+            raise SpecError(stopped["reason"])
+        error = error or (stopped and stopped["reason"])
         if lease.lost or (error and "LeaseLost" in error):
             raise LeaseLost(
                 f"{spec.run_uri}: {lease.lost or root_cause(error or '')}. This driver stopped; it "

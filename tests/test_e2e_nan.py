@@ -23,7 +23,8 @@ def build(options, ctx):
 
     def eval_step(model, batch):
         out = classification_eval(model, batch)
-        if evals["n"] >= evals_per_epoch(task, ctx) * 2:  # from the 3rd epoch's evaluation on
+        # One call before training checks the metric names; then from the 3rd epoch on.
+        if evals["n"] >= 1 + evals_per_epoch(task, ctx) * 2:
             out["val_loss"] = float("nan")
         evals["n"] += 1
         return out
@@ -69,3 +70,15 @@ def test_stop_on_nan_stops_the_run_naming_epoch_and_metric(tmp_path):
     assert "epoch 3: val_loss not finite (stop_on_nan)" in p.stderr
     ck = json.loads(run_cli("checkpoints", str(tmp_path / "nanstop"), "--json").stdout)
     assert sorted(r["epoch"] for r in ck["checkpoints"]) == [1, 2]  # every commit intact, no NaN one
+
+
+def test_a_monitor_the_task_does_not_report_fails_once_before_training(tmp_path):
+    p = run_cli("run", "configs/digits.yaml", "--address", "local", "--set", f"storage.root={tmp_path}",
+                "--set", "name=badmon", "--set", "chaos.kills=[]", "--set", "scaling.num_workers=1",
+                "--set", "checkpoint.monitor=val_f1", "--set", "failure.max_failures=3", timeout=400)  # fmt: skip
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "checkpoint.monitor 'val_f1'" in p.stderr and "val_acc" in p.stderr and "val_loss" in p.stderr
+    events = [json.loads(line) for line in (tmp_path / "badmon" / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["kind"] == "restart"], "retried a spec error"
+    assert [e["attempt"] for e in events if e["kind"] == "attempt_started"] == [1]
+    assert not (tmp_path / "badmon" / "metrics.jsonl").exists(), "trained an epoch first"

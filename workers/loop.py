@@ -23,7 +23,7 @@ from workers.chaos import Chaos
 from workers.config import WorkerConfig
 from workers.data import rank_batches
 from workers.distributed import is_distributed
-from workers.metrics import EarlyStopping, RunningLoss, evaluate
+from workers.metrics import EarlyStopping, RunningLoss, evaluate, metric_names
 from workers.resume import restore, seed_all
 from workers.state import Position, Saver, unwrap
 from workers.task import Task, TaskContext, collate
@@ -61,6 +61,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     saver = Saver(task, ddp, writer, resumed.attempt, world, cfg.seed)
     epoch_loss = RunningLoss(device, resumed.epoch_acc)
     global_step, stopped_early = resumed.global_step, False
+    if cfg.monitor not in (names := metric_names(task, unwrap(ddp), device)):
+        why = f"checkpoint.monitor {cfg.monitor!r} is not a metric of task {cfg.task!r}"
+        return stop_run(coord, rank, f"{why}; it reports {sorted(names)}", "input")
 
     for epoch in range(resumed.start_epoch, cfg.epochs + 1):
         batches = rank_batches(len(task.train_data), task.batch_size, cfg.seed, epoch, world, rank)
@@ -80,14 +83,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         metrics = evaluate(task, unwrap(ddp), device, world, rank)
         metrics["train_loss"] = epoch_loss.mean_over_ranks()
-        if cfg.monitor not in metrics:
-            raise ValueError(f"checkpoint.monitor {cfg.monitor!r} is not a metric of task {cfg.task!r}; "
-                             f"it reports {sorted(metrics)}")  # fmt: skip
         if cfg.stop_on_nan and not all(math.isfinite(v) for v in metrics.values()):
             # Every rank sees the same all-reduced metrics, so every rank stops here.
-            if rank == 0:
-                bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-                ray.get(coord.stop.remote(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)"))
+            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+            stop_run(coord, rank, f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
             break
         stopped_early = stopper.update(metrics[cfg.monitor]) if stopper else False
         if rank == 0:
@@ -106,6 +105,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     writer.close()
     return {"global_step": global_step, "stopped_early": stopped_early, "saves": writer.saves,
             "ckpt_blocked_s": writer.blocked_s, "pid": os.getpid()}  # fmt: skip
+
+
+def stop_run(coord: Any, rank: int, reason: str, kind: str) -> dict[str, Any]:
+    """End the run on purpose, not as a failure Ray Train would retry: every rank reaches this
+    at the same point (the metrics are all-reduced, the check is the same on every rank)."""
+    if rank == 0:
+        import ray
+
+        ray.get(coord.stop.remote(reason, kind), timeout=60)
+    return {"stopped": reason}
 
 
 def train_step(task: Task, model: torch.nn.Module, batch: Any) -> torch.Tensor:

@@ -31,6 +31,21 @@ def evaluate(
     return {k: v / count for k, v in totals.items()}
 
 
+def metric_names(task: Task, model: torch.nn.Module, device: torch.device) -> set[str]:
+    """The metrics an epoch will report, from one validation batch, before any training:
+    a monitor that names none of them is a spec error, found in seconds, not after an epoch.
+    The RNG streams are put back, so the check changes nothing that exact resume sees."""
+    from workers.resume import capture_rng, restore_rng
+
+    rng = capture_rng()
+    model.eval()
+    with torch.no_grad():
+        batch = collate(task.val_data, list(range(min(task.batch_size, len(task.val_data)))), device)
+        names = set(task.eval_step(model, batch)) - {"count"}
+    restore_rng(rng)
+    return names | {"train_loss"}
+
+
 class RunningLoss:
     """This rank's sum of step losses in the epoch, kept on the device: reading each loss
     with float() would make every step wait for the GPU."""
