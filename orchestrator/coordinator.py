@@ -36,6 +36,8 @@ from orchestrator.core.manifest import (
 from orchestrator.core.retention import RetentionConfig
 from orchestrator.core.storage import Conflict, Storage, StorageError
 
+_REMEMBERED = 200  # request ids (and their answers) kept for retried calls
+
 
 class CommitError(RuntimeError):
     """A commit that cannot be accepted (its files are not all in storage)."""
@@ -58,6 +60,7 @@ class RunLedger:
         self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
         self.metrics: list[dict[str, Any]] = read_jsonl(storage, METRICS)
         self.reported: list[dict[str, Any]] = []  # every report of this coordinator's life, in order
+        self._reported_rids: set[str | None] = set()
         storage.on_retry = self._on_retry
         manifest, self._version = read_manifest_versioned(storage)
         self.manifest: Manifest = manifest or Manifest(run=run)
@@ -92,10 +95,27 @@ class RunLedger:
         self.fenced = self.fenced or reason
 
     # -- events and metrics --------------------------------------------------
-    def event(self, kind: str, **fields: Any) -> None:
+    def event(self, kind: str, rid: str | None = None, **fields: Any) -> None:
+        """Log an event; with a request id, a retried call logs it once."""
         self._check_owner()
-        self.events.append({"ts": round(time.time(), 3), "kind": kind, **fields})
+        if rid and any(e.get("rid") == rid for e in self.events[-_REMEMBERED:]):
+            return
+        row = {"ts": round(time.time(), 3), "kind": kind, **fields}
+        self.events.append({**row, "rid": rid} if rid else row)
         write_jsonl(self.storage, EVENTS, self.events)
+
+    def _answered(self, rid: str | None) -> tuple[bool, Any]:
+        """(True, the first answer) when this request was already carried out."""
+        if rid and rid in self.manifest.requests:
+            return True, self.manifest.requests[rid]
+        return False, None
+
+    @staticmethod
+    def _remember(m: Manifest, rid: str | None, result: Any) -> Manifest:
+        if not rid:
+            return m
+        kept = list(m.requests.items())[-(_REMEMBERED - 1) :]
+        return m.model_copy(update={"requests": {**dict(kept), rid: result}})
 
     def _on_retry(self, what: str, exc: BaseException, attempt: int, delay: float) -> None:
         # Recorded in memory only: writing events.jsonl here would recurse into the
@@ -111,59 +131,77 @@ class RunLedger:
             }
         )
 
-    def report_metrics(self, row: dict[str, Any]) -> None:
-        """One row per (epoch) as reported by rank 0; a redone epoch replaces its row."""
+    def report_metrics(self, row: dict[str, Any], rid: str | None = None) -> None:
+        """One row per (epoch) as reported by rank 0; a redone epoch replaces its row (so a
+        retried report changes nothing)."""
         self._check_owner()
-        self.reported.append(row)
+        if rid is None or rid not in self._reported_rids:
+            self.reported.append(row)
+            self._reported_rids.add(rid)
         self.metrics = [m for m in self.metrics if m.get("epoch") != row.get("epoch")]
         self.metrics.append(row)
         self.metrics.sort(key=lambda m: m.get("epoch", 0))
         write_jsonl(self.storage, METRICS, self.metrics)
 
     # -- attempts ------------------------------------------------------------
-    def start_attempt(self, world_size: int) -> dict[str, Any]:
+    def start_attempt(self, world_size: int, rid: str | None = None) -> dict[str, Any]:
         """Called by rank 0 when a worker group starts: count it, collect orphans,
-        and say which checkpoint to restore (the latest committed one)."""
+        and say which checkpoint to restore (the latest committed one).
+
+        Idempotent under retry: the event is logged once (by rid), then the manifest records
+        the count and the answer in one write; a retry finds the answer there."""
+        done, answer = self._answered(rid)
+        if done:
+            return dict(answer)
         m = self.manifest
         attempt = m.attempts + 1
         self.collect_orphans()
         latest = m.latest()
-        pin = latest.id if latest else None
-        self._save(m.model_copy(update={"attempts": attempt, "resumed_from": pin, "status": "running"}))
+        result = {"attempt": attempt, "restore": latest.model_dump() if latest else None}
         self.event(
             "attempt_started",
+            rid,
             attempt=attempt,
             world_size=world_size,
             restore=latest.id if latest else None,
             restore_epoch=latest.epoch if latest else None,
         )
-        return {"attempt": attempt, "restore": latest.model_dump() if latest else None}
+        update = {"attempts": attempt, "resumed_from": latest.id if latest else None, "status": "running"}
+        self._save(self._remember(self.manifest.model_copy(update=update), rid, result))
+        return result
 
-    def next_restore(self, after_bad: str, reason: str) -> dict[str, Any] | None:
+    def next_restore(self, after_bad: str, reason: str, rid: str | None = None) -> dict[str, Any] | None:
         """Mark a checkpoint that failed verification bad, and name the next newest good one."""
         self.mark_bad(after_bad, reason)
         latest = self.manifest.latest()
         self._save(self.manifest.model_copy(update={"resumed_from": latest.id if latest else None}))
         return latest.model_dump() if latest else None
 
-    def note_restart(self, reason: str) -> None:
-        """Ray Train's controller decided to restart the worker group."""
+    def note_restart(self, reason: str, rid: str | None = None) -> None:
+        """Ray Train's controller decided to restart the worker group (counted once per rid)."""
+        if self._answered(rid)[0]:
+            return
         m = self.manifest
-        self._save(m.model_copy(update={"restarts": m.restarts + 1}))
-        self.event("restart", restarts=self.manifest.restarts, reason=reason[:2000])
+        self.event("restart", rid, restarts=m.restarts + 1, reason=reason[:2000])
+        self._save(self._remember(m.model_copy(update={"restarts": m.restarts + 1}), rid, True))
 
-    def stop(self, reason: str, kind: str) -> None:
+    def stop(self, reason: str, kind: str, rid: str | None = None) -> None:
         """The workers stopped the run on purpose: it ends as failed, with reason. kind "input"
         (a spec error found on the workers) or "nan" (checkpoint.stop_on_nan)."""
         self.stopped = {"reason": reason, "kind": kind}
-        self.event("stopped", reason=reason, why=kind)
+        self.event("stopped", rid, reason=reason, why=kind)
 
-    def claim_chaos(self, key: str, pid: int | None = None) -> bool:
-        """True exactly once per key per run: fault injection fires on the first attempt only."""
+    def claim_chaos(self, key: str, pid: int | None = None, rid: str | None = None) -> bool:
+        """True exactly once per key per run (fault injection fires on the first attempt only),
+        and True again for a retry of that same claim, so the kill still fires."""
+        done, answer = self._answered(rid)
+        if done:
+            return bool(answer)
         if key in self.manifest.chaos_fired:
             return False
-        self._save(self.manifest.model_copy(update={"chaos_fired": [*self.manifest.chaos_fired, key]}))
-        self.event("chaos_kill", key=key, pid=pid)
+        self.event("chaos_kill", rid, key=key, pid=pid)
+        m = self.manifest.model_copy(update={"chaos_fired": [*self.manifest.chaos_fired, key]})
+        self._save(self._remember(m, rid, True))
         return True
 
     # -- commits and retention -----------------------------------------------
@@ -303,29 +341,31 @@ def coordinator_actor_class() -> Any:
         def fence(self, reason: str) -> None:
             self.ledger.fence(reason)
 
-        def start_attempt(self, world_size: int) -> dict[str, Any]:
-            return self.ledger.start_attempt(world_size)
+        # Every mutating call takes the caller's request id last: Ray retries a call in flight
+        # when the actor restarts (max_task_retries=-1) with the same arguments.
+        def start_attempt(self, world_size: int, rid: str | None = None) -> dict[str, Any]:
+            return self.ledger.start_attempt(world_size, rid)
 
-        def next_restore(self, bad_id: str, reason: str) -> dict[str, Any] | None:
-            return self.ledger.next_restore(bad_id, reason)
+        def next_restore(self, bad_id: str, reason: str, rid: str | None = None) -> dict[str, Any] | None:
+            return self.ledger.next_restore(bad_id, reason, rid)
 
-        def commit(self, record: dict[str, Any]) -> dict[str, list[str]]:
-            return self.ledger.commit(CheckpointRecord.model_validate(record))
+        def commit(self, record: dict[str, Any], rid: str | None = None) -> dict[str, list[str]]:
+            return self.ledger.commit(CheckpointRecord.model_validate(record))  # idempotent by id
 
-        def report_metrics(self, row: dict[str, Any]) -> None:
-            self.ledger.report_metrics(row)
+        def report_metrics(self, row: dict[str, Any], rid: str | None = None) -> None:
+            self.ledger.report_metrics(row, rid)
 
-        def claim_chaos(self, key: str, pid: int | None = None) -> bool:
-            return self.ledger.claim_chaos(key, pid)
+        def claim_chaos(self, key: str, pid: int | None = None, rid: str | None = None) -> bool:
+            return self.ledger.claim_chaos(key, pid, rid)
 
-        def stop(self, reason: str, kind: str) -> None:
-            self.ledger.stop(reason, kind)
+        def stop(self, reason: str, kind: str, rid: str | None = None) -> None:
+            self.ledger.stop(reason, kind, rid)
 
-        def note_restart(self, reason: str) -> None:
-            self.ledger.note_restart(reason)
+        def note_restart(self, reason: str, rid: str | None = None) -> None:
+            self.ledger.note_restart(reason, rid)
 
-        def event(self, kind: str, fields: dict[str, Any]) -> None:
-            self.ledger.event(kind, **fields)
+        def event(self, kind: str, fields: dict[str, Any], rid: str | None = None) -> None:
+            self.ledger.event(kind, rid, **fields)
 
         def finish(self, status: str) -> dict[str, list[str]]:
             return self.ledger.finish(status)  # type: ignore[arg-type]

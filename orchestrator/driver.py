@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from orchestrator.spec import JobSpec, SpecError, parse_spec
 from workers.config import Kill, WorkerConfig
 
 NAMESPACE = "orchestrator"
+COORD_TIMEOUT_S = 300.0  # every wait on the coordinator ends, with the storage retry budget inside it
 
 
 class RunFailed(RuntimeError):
@@ -270,7 +272,7 @@ def run(
             )
             .remote(storage, spec.name, cfg, lease.token)
         )
-        ray.get(coord.ping.remote())
+        ray.get(coord.ping.remote(), timeout=COORD_TIMEOUT_S)
         lease.on_lost = lambda why: coord.fence.remote(why)  # the coordinator stops writing at once
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         if storage.is_local and nodes > 1:
@@ -280,8 +282,9 @@ def run(
                 flush=True,
             )
         for ev in lease.events:
-            coord.event.remote(ev.pop("kind"), ev)
-        ray.get(coord.event.remote("driver_started", {"pid": os.getpid(), "resume": resume}))
+            coord.event.remote(ev.pop("kind"), ev, uuid.uuid4().hex)
+        started = {"pid": os.getpid(), "resume": resume}
+        ray.get(coord.event.remote("driver_started", started, uuid.uuid4().hex), timeout=COORD_TIMEOUT_S)
         if not quiet:
             print(
                 f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
@@ -316,7 +319,7 @@ def run(
                 error = f"{type(e).__name__}: {e}"
         stopped = ray.get(coord.progress.remote(), timeout=60).get("stopped")
         if stopped and stopped["kind"] == "input":
-            ray.get(coord.finish.remote("failed"), timeout=120)
+            ray.get(coord.finish.remote("failed"), timeout=COORD_TIMEOUT_S)
             raise SpecError(stopped["reason"])
         error = error or (stopped and stopped["reason"])
         if lease.lost or (error and "LeaseLost" in error):
@@ -327,8 +330,8 @@ def run(
         status = "failed" if error else "finished"
         reason = redact(root_cause(error), secrets) if error else None
         try:
-            kept = ray.get(coord.finish.remote(status))
-            prog = ray.get(coord.progress.remote())
+            kept = ray.get(coord.finish.remote(status), timeout=COORD_TIMEOUT_S)
+            prog = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S)
         except Exception as e:  # storage (or the coordinator) is gone: committed data stays as it is
             if "LeaseLost" in str(e):
                 raise LeaseLost(f"{spec.run_uri}: {root_cause(str(e))}; this driver stopped") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import uuid
 from typing import Any
 
 TOKEN_PATH = "~/.ray/auth_token"
@@ -55,6 +56,7 @@ def restart_recorder(coordinator: Any) -> Any:
         def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
             if current_state._state_type == TrainControllerStateType.RESTARTING:
                 err = getattr(current_state, "training_failed_error", None)
-                self.coordinator.note_restart.remote(f"{type(err).__name__}: {err}")
+                # One request id per decision: Ray's retry of this call counts it once.
+                self.coordinator.note_restart.remote(f"{type(err).__name__}: {err}", uuid.uuid4().hex)
 
     return RestartRecorder(coordinator)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from orchestrator.core.tasks import resolve_task
+from workers.calls import call, send
 from workers.chaos import Chaos
 from workers.config import WorkerConfig
 from workers.data import rank_batches
@@ -55,8 +56,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         else None
     )
     metrics: dict[str, float] = dict(prior.get("last_metrics", {}))
-    chaos = Chaos(cfg.kills, rank, lambda key: ray.get(coord.claim_chaos.remote(key, os.getpid())))
-    commit = lambda r: ray.get(coord.commit.remote(r.model_dump()))  # noqa: E731
+    chaos = Chaos(cfg.kills, rank, lambda key: call(coord.claim_chaos, key, os.getpid()))
+    commit = lambda r: call(coord.commit, r.model_dump())  # noqa: E731
     writer = CheckpointWriter(storage, commit, cfg.async_save, chaos.after_upload) if rank == 0 else None
     saver = Saver(task, ddp, writer, resumed.attempt, world, cfg.seed)
     epoch_loss = RunningLoss(device, resumed.epoch_acc)
@@ -90,14 +91,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             break
         stopped_early = stopper.update(metrics[cfg.monitor]) if stopper else False
         if rank == 0:
-            ray.get(coord.report_metrics.remote({"epoch": epoch, "global_step": global_step,
-                                                 "attempt": resumed.attempt, **metrics}))  # fmt: skip
+            call(
+                coord.report_metrics,
+                {"epoch": epoch, "global_step": global_step, "attempt": resumed.attempt, **metrics},
+            )
         ray.train.report({"epoch": epoch, "global_step": global_step, **metrics})
         if epoch % cfg.every_n_epochs == 0 or epoch == cfg.epochs or stopped_early:
             saver.save(Position(epoch, len(batches), global_step, True), epoch_loss, metrics, stopper)
         if stopped_early:
             if rank == 0:
-                ray.get(coord.event.remote("early_stop", {"epoch": epoch, "best": stopper and stopper.best}))
+                call(coord.event, "early_stop", {"epoch": epoch, "best": stopper and stopper.best})
             break
 
     if writer is None:
@@ -111,9 +114,7 @@ def stop_run(coord: Any, rank: int, reason: str, kind: str) -> dict[str, Any]:
     """End the run on purpose, not as a failure Ray Train would retry: every rank reaches this
     at the same point (the metrics are all-reduced, the check is the same on every rank)."""
     if rank == 0:
-        import ray
-
-        ray.get(coord.stop.remote(reason, kind), timeout=60)
+        call(coord.stop, reason, kind)
     return {"stopped": reason}
 
 
@@ -135,7 +136,7 @@ def _retry_reporter(coord: Any, rank: int) -> Any:
     """Storage retries on this rank become events in the run's log."""
 
     def report(what: str, exc: BaseException, attempt: int, delay: float) -> None:
-        coord.event.remote("storage_retry", {"op": what, "attempt": attempt, "delay_s": round(delay, 3),
-                                             "error": type(exc).__name__, "rank": rank})  # fmt: skip
+        send(coord.event, "storage_retry", {"op": what, "attempt": attempt, "delay_s": round(delay, 3),
+                                            "error": type(exc).__name__, "rank": rank})  # fmt: skip
 
     return report

@@ -20,6 +20,7 @@ import torch
 from orchestrator.core.manifest import CheckpointRecord
 from orchestrator.core.storage import Storage
 from orchestrator.core.verify import VerificationError, read_verified
+from workers.calls import call
 from workers.distributed import broadcast
 from workers.task import Task
 
@@ -66,12 +67,10 @@ def plan_restore(
     """Rank 0 asks the coordinator to start an attempt and verifies the checkpoint it names,
     falling back past bad ones; every rank gets the plan. Rank 0 also returns the verified
     bytes, so it does not read them twice."""
-    import ray
-
     plan: dict[str, Any] | None = None
     blobs: dict[str, bytes] | None = None
     if rank == 0:
-        plan = ray.get(coord.start_attempt.remote(world))
+        plan = call(coord.start_attempt, world)
         rec = plan["restore"]
         while rec is not None:
             try:
@@ -79,7 +78,7 @@ def plan_restore(
                 break
             except VerificationError as e:
                 print(f"[restore] checkpoint {rec['id']} failed verification: {e}", flush=True)
-                rec = ray.get(coord.next_restore.remote(rec["id"], str(e)))
+                rec = call(coord.next_restore, rec["id"], str(e))
         plan["restore"] = rec
     return broadcast(plan), blobs
 

@@ -87,6 +87,9 @@ class Manifest(BaseModel):
     # by, so reading a run never imports user code and never guesses.
     retention: dict[str, Any] | None = None
     owner: str | None = None  # lease token of the driver whose coordinator writes this manifest
+    # request id -> result of the latest mutating coordinator calls: a call retried after the
+    # actor restarted gets the first answer instead of counting twice.
+    requests: dict[str, Any] = Field(default_factory=dict)
     next_seq: int = 1
     checkpoints: list[CheckpointRecord] = Field(default_factory=list)  # committed, in commit order
     kept: dict[str, list[str]] = Field(default_factory=dict)  # id -> why it is kept
