@@ -12,12 +12,13 @@ manifest is durable do we delete what fell out of retention.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from typing import Any, Literal
 
 from orchestrator.core import lease, retention
-from orchestrator.core.lease import LeaseLost
+from orchestrator.core.lease import LEASE, LeaseLost
 from orchestrator.core.manifest import (
     CHECKPOINTS,
     EVENTS,
@@ -58,6 +59,7 @@ class RunLedger:
         self.fenced: str | None = None  # why this ledger may no longer write
         self.stopped: dict[str, str] | None = None  # why the workers stopped the run, as a failure
         self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
+        self._events_stored = len(self.events)  # events up to here are in storage
         self.metrics: list[dict[str, Any]] = read_jsonl(storage, METRICS)
         self.reported: list[dict[str, Any]] = []  # every report of this coordinator's life, in order
         self._reported_rids: set[str | None] = set()
@@ -102,7 +104,12 @@ class RunLedger:
             return
         row = {"ts": round(time.time(), 3), "kind": kind, **fields}
         self.events.append({**row, "rid": rid} if rid else row)
-        write_jsonl(self.storage, EVENTS, self.events)
+        if self.storage.is_local:  # only the new lines; on object stores append is a rewrite anyway
+            new = self.events[self._events_stored :]
+            self.storage.append(EVENTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in new).encode())
+        else:
+            write_jsonl(self.storage, EVENTS, self.events)
+        self._events_stored = len(self.events)
 
     def _answered(self, rid: str | None) -> tuple[bool, Any]:
         """(True, the first answer) when this request was already carried out."""
@@ -258,7 +265,7 @@ class RunLedger:
             self.storage.delete(f"{CHECKPOINTS}/{cid}")
             self.event("delete", id=cid, why=why)
         except Exception as e:  # left for orphan collection at the next attempt start
-            self.event("delete_failed", id=cid, why=why, error=f"{type(e).__name__}: {e}")
+            self.event("delete_failed", id=cid, why=why, error=self.storage.clean(e))
 
     def mark_bad(self, cid: str, reason: str) -> None:
         m = self.manifest
@@ -277,7 +284,11 @@ class RunLedger:
         self._delete(cid, "failed verification")
 
     def collect_orphans(self) -> list[str]:
-        """Delete checkpoint directories no manifest names (uploaded, never committed)."""
+        """Delete checkpoint directories no manifest names (uploaded, never committed), and
+        the temp files of atomic writes that a crash interrupted."""
+        for name in self.storage.list_dirs(""):
+            if ".tmp-" in name and not name.startswith(LEASE):  # the lease is the driver's
+                self.storage.delete(name)
         known = {c.id for c in self.manifest.checkpoints}
         orphans = [n for n in self.storage.list_dirs(CHECKPOINTS) if n not in known]
         for name in orphans:

@@ -232,6 +232,27 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+# What `resume --set` may change: how long and how the run goes on, never what it computes
+# (seed, task, monitor) or where it lives (name, storage.root). docs/operations.md lists them.
+RESUME_SAFE = ("epochs", "failure.", "scaling.", "early_stopping", "chaos.", "checkpoint.top_k",
+               "checkpoint.keep_latest", "checkpoint.keep_every_n_epochs", "checkpoint.every_n_epochs",
+               "checkpoint.every_n_steps", "checkpoint.async_save", "checkpoint.stop_on_nan",
+               "storage.options", "storage.retry")  # fmt: skip
+
+
+def check_resume_overrides(overrides: Sequence[str]) -> None:
+    """Refuse a `resume --set` that would change what the run computes or where it lives."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if not any(key == safe.rstrip(".") or key.startswith(safe) for safe in RESUME_SAFE):
+            why = "breaks exact resume" if key in ("seed", "task") or key.startswith("task.") else ""
+            safe = ", ".join(s.rstrip(".") for s in RESUME_SAFE)
+            raise SpecError(
+                f"--set {key}: cannot change on resume{' (' + why + ')' if why else ''}; a resume "
+                f"continues the run as it was started. Changeable: {safe}"
+            )
+
+
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():

@@ -60,7 +60,7 @@ def test_bad_input_exits_2_with_a_clear_message(run_dir, tmp_path, args, code, m
 
 def test_help_teaches():
     p = run_cli("--help", check=True)
-    for cmd in ("run", "resume", "checkpoints", "best", "events", "submit", "cluster"):
+    for cmd in ("run", "resume", "checkpoints", "best", "events", "metrics", "submit", "status", "logs"):
         assert cmd in p.stdout
     p = run_cli("run", "--help", check=True)
     assert "--set" in p.stdout and "--address" in p.stdout

@@ -14,7 +14,7 @@ from orchestrator.core.manifest import (
     read_jsonl,
     read_manifest,
 )
-from orchestrator.core.storage import Storage
+from orchestrator.core.storage import Storage, sha256_hex
 
 _ids = itertools.count()
 
@@ -41,7 +41,7 @@ def upload(storage, epoch, loss, end=True, step=None):
         end_of_epoch=end,
         metrics={"val_loss": loss},
         metrics_fresh=end,
-        files=[FileEntry(path="model.pt", size=7, sha256="x" * 64)],
+        files=[FileEntry(path="model.pt", size=7, sha256=sha256_hex(b"weights"))],
         world_size=2,
         attempt=1,
     )

@@ -262,3 +262,95 @@ def test_run_refuses_an_existing_unfinished_run(tmp_path):
         and f"orchestrator resume {tmp_path / 'existing'}" in p.stderr
     )
     assert storage.read_bytes("spec.yaml") == spec_before  # its spec is left as it was
+
+
+# -- 8. smaller holes ----------------------------------------------------------------------------
+
+
+def test_events_are_appended_not_rewritten(tmp_path):
+    storage = Storage(str(tmp_path / "run"))
+    led = RunLedger(storage, "run", CFG)
+    writes: list[str] = []
+    plain = storage.write_bytes
+    storage.write_bytes = lambda rel, data: (writes.append(rel), plain(rel, data))[1]  # type: ignore[method-assign]
+    for i in range(30):
+        led.event("note", i=i)
+    assert "events.jsonl" not in writes
+    rows = read_jsonl(storage, "events.jsonl")
+    assert [r["i"] for r in rows if r["kind"] == "note"] == list(range(30))
+    again = RunLedger(storage, "run", CFG)  # a restarted coordinator appends after them
+    again.event("note", i=30)
+    assert [r["i"] for r in read_jsonl(storage, "events.jsonl") if r["kind"] == "note"] == list(range(31))
+
+
+def test_temp_files_of_an_interrupted_write_are_collected(tmp_path):
+    storage = Storage(str(tmp_path / "run"))
+    led = RunLedger(storage, "run", CFG)
+    (tmp_path / "run" / "manifest.json.tmp-deadbeef").write_bytes(b"half a manif")
+    led.start_attempt(1)
+    assert not list((tmp_path / "run").glob("*.tmp-*"))
+
+
+def test_every_credential_spelling_is_kept_out_of_the_spec_events_and_errors(tmp_path):
+    from orchestrator.core.storage import redact_options, secrets_in
+
+    canaries = {"aws_access_key_id": "CANARY-AKID-1", "aws_secret_access_key": "CANARY-SAK-2",
+                "key": "CANARY-KEY-3", "secret": "CANARY-SECRET-4", "token": "CANARY-TOKEN-5",
+                "aws_session_token": "CANARY-SESSION-6", "session_token": "CANARY-SESSION-7",
+                "password": "CANARY-PASSWORD-8"}  # fmt: skip
+    options = {**{k: v for k, v in canaries.items() if not k.startswith("aws_")},
+               "client_kwargs": {k: v for k, v in canaries.items() if k.startswith("aws_")}}  # fmt: skip
+    shown = json.dumps(redact_options(options))
+    assert not [v for v in canaries.values() if v in shown], shown
+    assert set(canaries.values()) <= set(secrets_in(options))
+    storage = Storage(str(tmp_path / "run"), options)
+    led = RunLedger(storage, "run", CFG)
+    rec = upload(storage, 1, 0.5)
+    led.commit(rec)
+
+    def failing_delete(rel: str) -> None:
+        raise PermissionError(f"denied for key CANARY-KEY-3 secret CANARY-SECRET-4 on {rel}")
+
+    storage.delete = failing_delete  # type: ignore[method-assign]
+    led._delete(rec.id, "retention")
+    text = (tmp_path / "run" / "events.jsonl").read_text()
+    assert "delete_failed" in text and "CANARY" not in text
+
+
+def test_best_verifies_and_falls_back_past_a_damaged_best(tmp_path):
+    storage = Storage(str(tmp_path / "run"))
+    led = RunLedger(storage, "run", RetentionConfig("val_loss", "min", top_k=3, keep_latest=1))
+    for epoch, loss in [(1, 0.3), (2, 0.1), (3, 0.5)]:
+        led.commit(upload(storage, epoch, loss))
+    damaged = tmp_path / "run" / CHECKPOINTS / "epoch0002-step0000020-a1" / "model.pt"
+    data = bytearray(damaged.read_bytes())
+    data[0] ^= 0xFF  # one flipped byte
+    damaged.write_bytes(bytes(data))
+    p = run_cli("best", str(tmp_path / "run"), "--json", timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["epoch"] == 1 and out["skipped"][0]["id"] == "epoch0002-step0000020-a1"
+    assert "failed verification" in p.stderr and "using the next best" in p.stderr
+    p = run_cli("best", str(tmp_path / "run"), "--download", str(tmp_path / "out"), timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "model.pt").read_bytes() == b"weights 1"
+
+
+def test_best_chosen_again_when_retention_deleted_it_mid_read(tmp_path):
+    from orchestrator.cli.inspect import _verified_best
+
+    storage = Storage(str(tmp_path / "run"))
+    led = RunLedger(storage, "run", RetentionConfig("val_loss", "min", top_k=1, keep_latest=1))
+    led.commit(upload(storage, 1, 0.3))
+    seen = read_manifest(storage)  # a reader chose epoch 1 as best here ...
+    led.commit(upload(storage, 2, 0.1))  # ... then a better commit dropped it
+    led.commit(upload(storage, 3, 0.5))
+    rec, blobs, skipped = _verified_best(storage, seen, "val_loss", "min")
+    assert rec.epoch == 2 and blobs["model.pt"] == b"weights 2" and skipped == []
+
+
+@pytest.mark.parametrize("override", ["seed=7", "task.options.lr=0.5", "checkpoint.monitor=val_acc"])
+def test_resume_refuses_overrides_that_change_what_the_run_computes(tmp_path, override):
+    p = run_cli("resume", str(tmp_path / "any"), "--set", override, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"--set {override.split('=')[0]}: cannot change on resume" in p.stderr

@@ -13,7 +13,15 @@ from typing import Any
 import typer
 
 from orchestrator.cli.exits import EXIT_FAILED, EXIT_INPUT, EXIT_STORAGE, OPT_HELP, die, parse_options
-from orchestrator.core.manifest import EVENTS, METRICS, Manifest, ManifestError, read_jsonl, read_manifest
+from orchestrator.core.manifest import (
+    EVENTS,
+    METRICS,
+    CheckpointRecord,
+    Manifest,
+    ManifestError,
+    read_jsonl,
+    read_manifest,
+)
 from orchestrator.core.retention import rank_best
 from orchestrator.core.storage import Storage, StorageError
 from orchestrator.spec import SpecError
@@ -105,16 +113,14 @@ def best(
     download: str = typer.Option(None, help="Copy the best checkpoint's files (verified) into DIR."),
     storage_option: list[str] = typer.Option(None, help=OPT_HELP),
 ) -> None:
-    """The best committed checkpoint by the run's monitored metric."""
-    from orchestrator.core.verify import VerificationError, read_verified
+    """The best committed checkpoint by the run's monitored metric, verified against its record.
 
+    A best checkpoint whose files no longer match their record is skipped, with a warning,
+    for the next best. On a live run, one that retention deletes while it is read is
+    looked up again."""
     storage, m = _open(run_uri, storage_option)
     monitor, mode = _monitor(storage, m)
-    ranked = rank_best([c.view(monitor) for c in m.checkpoints], mode)
-    if not ranked:
-        die(f"{run_uri}: no committed checkpoint carries {monitor!r}", EXIT_FAILED)
-    rec = m.get(ranked[0].id)
-    assert rec is not None
+    rec, blobs, skipped = _verified_best(storage, m, monitor, mode)
     out: dict[str, Any] = {
         "id": rec.id,
         "uri": storage.child_uri(rec.dir),
@@ -125,12 +131,12 @@ def best(
         "value": rec.metrics.get(monitor),
         "metrics": rec.metrics,
         "files": [f.model_dump() for f in rec.files],
+        "verified": True,
+        "skipped": skipped,
     }
+    for s in skipped:
+        typer.echo(f"warning: {s['id']} failed verification ({s['reason']}); using the next best", err=True)
     if download:
-        try:
-            blobs = read_verified(storage, rec)
-        except (VerificationError, StorageError) as e:
-            die(f"{rec.id}: {e}", EXIT_STORAGE)
         os.makedirs(download, exist_ok=True)
         for name, data in blobs.items():
             with open(os.path.join(download, name), "wb") as fb:
@@ -141,14 +147,42 @@ def best(
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
-    typer.echo(
-        f"{out['uri']}  {monitor} {out['value']:.6g} ({mode}), epoch {rec.epoch}, step {rec.global_step}"
-    )
+    where = f"epoch {rec.epoch}, step {rec.global_step}"
+    typer.echo(f"{out['uri']}  {monitor} {out['value']:.6g} ({mode}), {where} (verified)")
     if download:
         typer.echo(
             f"downloaded (verified) to {out['downloaded_to']}; load with "
             "torch.load('model.pt', weights_only=True)"
         )
+
+
+def _verified_best(
+    storage: Storage, m: Manifest, monitor: str, mode: str
+) -> tuple[CheckpointRecord, dict[str, bytes], list[dict[str, str]]]:
+    """The best checkpoint whose files verify, its bytes, and the better ones skipped."""
+    from orchestrator.core.verify import VerificationError, read_verified
+
+    skipped: list[dict[str, str]] = []
+    for _ in range(5):  # a live run's retention may delete what we chose: choose again
+        for view in rank_best([c.view(monitor) for c in m.checkpoints], mode):
+            if any(s["id"] == view.id for s in skipped):
+                continue
+            rec = m.get(view.id)
+            assert rec is not None
+            try:
+                return rec, read_verified(storage, rec), skipped
+            except VerificationError as e:
+                fresh = read_manifest(storage)
+                if fresh is not None and fresh.get(rec.id) is None:
+                    m = fresh  # dropped by retention while we read it, not damaged
+                    break
+                skipped.append({"id": rec.id, "reason": str(e)})
+            except StorageError as e:
+                die(f"{rec.id}: {e}", EXIT_STORAGE)
+        else:
+            why = "verifies" if skipped else f"carries {monitor!r}"
+            die(f"{storage.uri}: no committed checkpoint {why}", EXIT_FAILED)
+    die(f"{storage.uri}: the best checkpoint kept changing while it was read; try again", EXIT_STORAGE)
 
 
 def events(

@@ -114,11 +114,16 @@ def resume(
     quiet: bool = typer.Option(False, help="No per-epoch progress lines."),
     verbose: bool = typer.Option(False, help="Also stream Ray's and the workers' own logs."),
 ) -> None:
-    """Continue a run from its latest committed checkpoint, with the spec stored in the run."""
+    """Continue a run from its latest committed checkpoint, with the spec stored in the run.
+
+    --set may change how the run goes on (epochs, failure.*, scaling.*, retention counts,
+    save cadence); not what it computes (seed, task.*, checkpoint.monitor/mode) or where it
+    lives (name, storage.root)."""
     from orchestrator.driver import load_stored_spec
-    from orchestrator.spec import apply_overrides, parse_spec
+    from orchestrator.spec import apply_overrides, check_resume_overrides, parse_spec
 
     try:
+        check_resume_overrides(set_ or [])
         spec = load_stored_spec(run_uri, parse_options(storage_option))
         if set_:
             spec = parse_spec(apply_overrides(spec.model_dump(), set_), source=f"{run_uri} --set")

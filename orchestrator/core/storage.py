@@ -26,7 +26,8 @@ from fsspec.implementations.local import LocalFileSystem
 T = TypeVar("T")
 
 # Option keys whose values are secrets; matched case-insensitively anywhere in the key.
-_SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|(^|_)key$", re.I)
+# aws_access_key_id, key, secret, token, session_token, aws_secret_access_key, password, ...
+_SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|access_key|(^|_)key(_id)?$", re.I)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 _TRANSIENT_ERRNOS = {
     errno.ECONNRESET,
@@ -217,7 +218,7 @@ class Storage:
                 self.uri, **_single_retry_owner(self.uri, self.options)
             )
         except (ImportError, ValueError, TypeError) as e:
-            raise StorageError(f"storage {uri!r}: {self._clean(e)}") from None
+            raise StorageError(f"storage {uri!r}: {self.clean(e)}") from None
         if hasattr(self.fs, "retries"):
             self.fs.retries = 1  # s3fs would retry throttling 5x on its own, unseen and unbounded by us
         self.is_local = isinstance(self.fs, LocalFileSystem)
@@ -225,7 +226,8 @@ class Storage:
     def __reduce__(self) -> Any:  # ship to Ray actors without the live filesystem
         return (Storage, (self.uri, self.options, self.retry))
 
-    def _clean(self, e: BaseException) -> str:
+    def clean(self, e: BaseException) -> str:
+        """e as text, every secret of these options (and of the AWS environment) masked."""
         return redact(f"{type(e).__name__}: {e}", self._secrets)
 
     def path(self, rel: str = "") -> str:
@@ -257,13 +259,13 @@ class Storage:
             if is_transient(e):
                 raise StorageError(
                     f"storage {self.uri}: {what} failed {self.retry.attempts} times, giving up: "
-                    f"{self._clean(e)}"
+                    f"{self.clean(e)}"
                 ) from None
             if isinstance(e, (OSError, Conflict)):
                 raise  # FileNotFoundError, a lost compare-and-swap: callers act on them
             # Not an OSError: missing credentials, a client misconfiguration. Say which
             # storage and what, without the secrets.
-            raise StorageError(f"storage {self.uri}: {what}: {self._clean(e)}") from None
+            raise StorageError(f"storage {self.uri}: {what}: {self.clean(e)}") from None
 
     # -- reads ---------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
@@ -323,6 +325,27 @@ class Storage:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def append(self, rel: str, data: bytes) -> None:
+        """Add data at the end of rel. Local: an O_APPEND write, fsynced. Object stores have no
+        append, so there it is a rewrite of the whole object (read, concatenate, one PUT)."""
+        target = self.path(rel)
+
+        def add() -> None:
+            if self.is_local:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "ab") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                return
+            try:
+                old = self.fs.cat_file(target)
+            except FileNotFoundError:
+                old = b""
+            self.fs.pipe_file(target, old + data)
+
+        self._call(f"append {rel}", add)
 
     # -- compare-and-swap ------------------------------------------------------
     @property
