@@ -337,7 +337,7 @@ def test_best_verifies_and_falls_back_past_a_damaged_best(tmp_path):
 
 
 def test_best_chosen_again_when_retention_deleted_it_mid_read(tmp_path):
-    from orchestrator.cli.inspect import _verified_best
+    from orchestrator.api import Run
 
     storage = Storage(str(tmp_path / "run"))
     led = RunLedger(storage, "run", RetentionConfig("val_loss", "min", top_k=1, keep_latest=1))
@@ -345,8 +345,10 @@ def test_best_chosen_again_when_retention_deleted_it_mid_read(tmp_path):
     seen = read_manifest(storage)  # a reader chose epoch 1 as best here ...
     led.commit(upload(storage, 2, 0.1))  # ... then a better commit dropped it
     led.commit(upload(storage, 3, 0.5))
-    rec, blobs, skipped = _verified_best(storage, seen, "val_loss", "min")
-    assert rec.epoch == 2 and blobs["model.pt"] == b"weights 2" and skipped == []
+    run = Run(storage.uri)
+    run.manifest = seen  # what the reader had read
+    found = run.verified_best()
+    assert found.checkpoint.epoch == 2 and found.files["model.pt"] == b"weights 2" and found.skipped == []
 
 
 @pytest.mark.parametrize("override", ["seed=7", "task.options.lr=0.5", "checkpoint.monitor=val_acc"])

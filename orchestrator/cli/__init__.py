@@ -18,11 +18,33 @@ from orchestrator.cli import inspect, jobs, train
 
 app = typer.Typer(
     help="Fault-tolerant distributed PyTorch training on Ray, with top-k checkpoints "
-    "that are never lost or half-read.",
+    "that are never lost or half-read.\n\n"
+    "Exit codes: 0 success, 1 the run failed, 2 bad input (spec, arguments), 3 the run is "
+    "owned (or was taken over) by another driver, 4 storage unreachable or unreadable, "
+    "5 Ray's Jobs API unreachable.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from orchestrator import __version__
+
+        typer.echo(f"orchestrator {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    pass
+
+
 train.register(app)
 inspect.register(app)
 jobs.register(app)

@@ -12,47 +12,19 @@ from typing import Any
 
 import typer
 
+from orchestrator.api import NoCheckpoint, Run, RunNotFound
 from orchestrator.cli.exits import EXIT_FAILED, EXIT_INPUT, EXIT_STORAGE, OPT_HELP, die, parse_options
-from orchestrator.core.manifest import (
-    EVENTS,
-    METRICS,
-    CheckpointRecord,
-    Manifest,
-    ManifestError,
-    read_jsonl,
-    read_manifest,
-)
-from orchestrator.core.retention import rank_best
+from orchestrator.core.manifest import ManifestError
 from orchestrator.core.storage import Storage, StorageError
-from orchestrator.spec import SpecError
 
 
-def _open(run_uri: str, options: list[str] | None) -> tuple[Storage, Manifest]:
+def _open(run_uri: str, options: list[str] | None) -> Run:
     try:
-        storage = Storage(run_uri, parse_options(options))
-        manifest = read_manifest(storage)
+        return Run(run_uri, parse_options(options))
+    except RunNotFound as e:
+        die(str(e), EXIT_INPUT)
     except (StorageError, ManifestError, OSError) as e:
         die(f"{run_uri}: {e}", EXIT_STORAGE)
-    if manifest is None:
-        die(
-            f"{run_uri}: no manifest.json; is this a run directory (storage root + run name)?",
-            EXIT_INPUT,
-        )
-    return storage, manifest
-
-
-def _monitor(storage: Storage, manifest: Manifest) -> tuple[str, str]:
-    """The monitor and mode the run ranks by: from its manifest; for a run written before
-    the manifest carried them, from its stored spec (read, never imported). Never a guess."""
-    if manifest.retention:
-        return manifest.retention["monitor"], manifest.retention["mode"]
-    from orchestrator.driver import load_stored_spec
-
-    try:
-        spec = load_stored_spec(storage.uri, storage.options, check_task=False)
-    except (SpecError, StorageError, OSError) as e:
-        die(f"{storage.uri}: cannot tell which metric ranks this run's checkpoints: {e}", EXIT_STORAGE)
-    return spec.checkpoint.monitor, spec.checkpoint.mode
 
 
 def checkpoints(
@@ -60,47 +32,24 @@ def checkpoints(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     storage_option: list[str] = typer.Option(None, help=OPT_HELP),
 ) -> None:
-    """List committed checkpoints: epoch, metrics, and why each is kept."""
-    storage, m = _open(run_uri, storage_option)
-    monitor, mode = _monitor(storage, m)
-    rows: list[dict[str, Any]] = [
-        {
-            "id": c.id,
-            "uri": storage.child_uri(c.dir),
-            "epoch": c.epoch,
-            "global_step": c.global_step,
-            "end_of_epoch": c.end_of_epoch,
-            "metrics": c.metrics,
-            "metrics_fresh": c.metrics_fresh,
-            "kept_because": m.kept.get(c.id, []),
-        }
-        for c in sorted(m.checkpoints, key=lambda c: c.seq)
-    ]
+    """List committed checkpoints: epoch, metrics, rank by the monitor, and why each is kept."""
+    run = _open(run_uri, storage_option)
+    m, monitor = run.manifest, run.monitor
+    rows = [c.as_dict() for c in run.checkpoints()]
     bad = [{"id": b.record.id, "reason": b.reason} for b in m.bad]
     if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "run_uri": run_uri,
-                    "monitor": monitor,
-                    "mode": mode,
-                    "status": m.status,
-                    "generation": m.generation,
-                    "checkpoints": rows,
-                    "bad": bad,
-                },
-                indent=2,
-            )
-        )
+        out = {"run_uri": run_uri, "monitor": monitor, "mode": run.mode, "status": m.status,
+               "generation": m.generation, "checkpoints": rows, "bad": bad}  # fmt: skip
+        typer.echo(json.dumps(out, indent=2))
         return
-    typer.echo(f"{run_uri}  ({m.status}, manifest generation {m.generation}, monitor {monitor}/{mode})")
-    typer.echo(f"{'id':<24} {'epoch':>5} {'step':>7} {monitor:>10}  kept because")
+    typer.echo(f"{run_uri}  ({m.status}, manifest generation {m.generation}, monitor {monitor}/{run.mode})")
+    typer.echo(f"{'id':<26} {'epoch':>5} {'step':>7} {monitor:>10} {'rank':>4}  kept because")
     for r in rows:
         v = r["metrics"].get(monitor)
         vs = "-" if v is None else f"{v:.5g}" + ("" if r["metrics_fresh"] else "*")
-        typer.echo(
-            f"{r['id']:<24} {r['epoch']:>5} {r['global_step']:>7} {vs:>10}  {', '.join(r['kept_because'])}"
-        )
+        rank = "-" if r["rank"] is None else str(r["rank"])
+        why = ", ".join(r["kept_because"])
+        typer.echo(f"{r['id']:<26} {r['epoch']:>5} {r['global_step']:>7} {vs:>10} {rank:>4}  {why}")
     if any(not r["metrics_fresh"] for r in rows):
         typer.echo("* mid-epoch checkpoint: metric carried from the last evaluation, not ranked in best-k")
     for b in bad:
@@ -110,7 +59,8 @@ def checkpoints(
 def best(
     run_uri: str = typer.Argument(..., help="Storage root + run name."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    download: str = typer.Option(None, help="Copy the best checkpoint's files (verified) into DIR."),
+    rank: int = typer.Option(1, min=1, help="1 for the best, 2 for the runner-up, ..."),
+    download: str = typer.Option(None, help="Copy the checkpoint's files (verified) into DIR."),
     storage_option: list[str] = typer.Option(None, help=OPT_HELP),
 ) -> None:
     """The best committed checkpoint by the run's monitored metric, verified against its record.
@@ -118,37 +68,36 @@ def best(
     A best checkpoint whose files no longer match their record is skipped, with a warning,
     for the next best. On a live run, one that retention deletes while it is read is
     looked up again."""
-    storage, m = _open(run_uri, storage_option)
-    monitor, mode = _monitor(storage, m)
-    rec, blobs, skipped = _verified_best(storage, m, monitor, mode)
-    out: dict[str, Any] = {
-        "id": rec.id,
-        "uri": storage.child_uri(rec.dir),
-        "epoch": rec.epoch,
-        "global_step": rec.global_step,
-        "monitor": monitor,
-        "mode": mode,
-        "value": rec.metrics.get(monitor),
-        "metrics": rec.metrics,
-        "files": [f.model_dump() for f in rec.files],
-        "verified": True,
-        "skipped": skipped,
-    }
-    for s in skipped:
+    if download and os.path.exists(download) and not os.path.isdir(download):
+        die(f"--download {download}: exists and is not a directory", EXIT_INPUT)
+    run = _open(run_uri, storage_option)
+    try:
+        found = run.verified_best(rank)
+    except NoCheckpoint as e:
+        die(str(e), EXIT_FAILED)
+    except StorageError as e:
+        die(str(e), EXIT_STORAGE)
+    c = found.checkpoint
+    out: dict[str, Any] = {**c.as_dict(), "monitor": run.monitor, "mode": run.mode}
+    out.update(value=c.metrics.get(run.monitor), verified=True, skipped=found.skipped)
+    for s in found.skipped:
         typer.echo(f"warning: {s['id']} failed verification ({s['reason']}); using the next best", err=True)
     if download:
-        os.makedirs(download, exist_ok=True)
-        for name, data in blobs.items():
-            with open(os.path.join(download, name), "wb") as fb:
-                fb.write(data)
-        with open(os.path.join(download, "checkpoint.json"), "w") as ft:
-            json.dump(rec.model_dump(), ft, indent=1)
+        try:
+            os.makedirs(download, exist_ok=True)
+            for name, data in found.files.items():
+                with open(os.path.join(download, name), "wb") as fb:
+                    fb.write(data)
+            with open(os.path.join(download, "checkpoint.json"), "w") as ft:
+                json.dump(c.record.model_dump(mode="json"), ft, indent=1)
+        except OSError as e:
+            die(f"--download {download}: {e.strerror or e}", EXIT_INPUT)
         out["downloaded_to"] = os.path.abspath(download)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
-    where = f"epoch {rec.epoch}, step {rec.global_step}"
-    typer.echo(f"{out['uri']}  {monitor} {out['value']:.6g} ({mode}), {where} (verified)")
+    where = f"epoch {c.epoch}, step {c.global_step}"
+    typer.echo(f"{c.uri}  {run.monitor} {out['value']:.6g} ({run.mode}), {where}, rank {c.rank} (verified)")
     if download:
         typer.echo(
             f"downloaded (verified) to {out['downloaded_to']}; load with "
@@ -156,70 +105,117 @@ def best(
         )
 
 
-def _verified_best(
-    storage: Storage, m: Manifest, monitor: str, mode: str
-) -> tuple[CheckpointRecord, dict[str, bytes], list[dict[str, str]]]:
-    """The best checkpoint whose files verify, its bytes, and the better ones skipped."""
-    from orchestrator.core.verify import VerificationError, read_verified
-
-    skipped: list[dict[str, str]] = []
-    for _ in range(5):  # a live run's retention may delete what we chose: choose again
-        for view in rank_best([c.view(monitor) for c in m.checkpoints], mode):
-            if any(s["id"] == view.id for s in skipped):
-                continue
-            rec = m.get(view.id)
-            assert rec is not None
-            try:
-                return rec, read_verified(storage, rec), skipped
-            except VerificationError as e:
-                fresh = read_manifest(storage)
-                if fresh is not None and fresh.get(rec.id) is None:
-                    m = fresh  # dropped by retention while we read it, not damaged
-                    break
-                skipped.append({"id": rec.id, "reason": str(e)})
-            except StorageError as e:
-                die(f"{rec.id}: {e}", EXIT_STORAGE)
-        else:
-            why = "verifies" if skipped else f"carries {monitor!r}"
-            die(f"{storage.uri}: no committed checkpoint {why}", EXIT_FAILED)
-    die(f"{storage.uri}: the best checkpoint kept changing while it was read; try again", EXIT_STORAGE)
+EVENT_KINDS = (
+    "attempt_started", "chaos_kill", "commit", "coordinator_started", "delete", "delete_failed",
+    "driver_started", "early_stop", "lease_taken_over", "restart", "run_failed", "run_finished",
+    "stopped", "storage_retry", "verification_failed",
+)  # fmt: skip
 
 
 def events(
     run_uri: str = typer.Argument(..., help="Storage root + run name."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
-    kind: list[str] = typer.Option(None, help="Only these kinds (repeatable): commit, delete, restart, ..."),
+    kind: list[str] = typer.Option(None, help=f"Only these kinds (repeatable): {', '.join(EVENT_KINDS)}."),
     storage_option: list[str] = typer.Option(None, help=OPT_HELP),
 ) -> None:
     """The run's event log: commits, deletions, restarts, verification failures, retries."""
-    storage, _ = _open(run_uri, storage_option)
-    rows = [e for e in read_jsonl(storage, EVENTS) if not kind or e.get("kind") in kind]
-    for e in rows:
+    unknown = sorted(set(kind or []) - set(EVENT_KINDS))
+    if unknown:
+        die(f"--kind {', '.join(unknown)}: unknown; kinds are {', '.join(EVENT_KINDS)}", EXIT_INPUT)
+    run = _open(run_uri, storage_option)
+    for e in run.events(kind or None):
         if as_json:
             typer.echo(json.dumps(e, sort_keys=True))
         else:
             rest = " ".join(
                 f"{k}={str(v).splitlines()[0] if str(v) else v}"
                 for k, v in e.items()
-                if k not in ("ts", "kind")
+                if k not in ("ts", "kind", "rid")
             )
-            ts = time.strftime("%H:%M:%S", time.localtime(e.get("ts", 0)))
+            ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("ts", 0)))
             typer.echo(f"{ts} {e.get('kind', '?'):<20} {rest}")
 
 
 def metrics(
     run_uri: str = typer.Argument(..., help="Storage root + run name."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    csv_out: bool = typer.Option(False, "--csv", help="CSV with a header row, for spreadsheets."),
     storage_option: list[str] = typer.Option(None, help=OPT_HELP),
 ) -> None:
-    """Per-epoch metrics history of a run."""
-    storage, _ = _open(run_uri, storage_option)
-    for row in read_jsonl(storage, METRICS):
-        typer.echo(
-            json.dumps(row, sort_keys=True)
-            if as_json
-            else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+    """Per-epoch metrics of a run: a table with the best epoch marked and restarts shown."""
+    run = _open(run_uri, storage_option)
+    rows = run.metrics(as_frame=False)
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row, sort_keys=True))
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    if csv_out:
+        import csv
+        import sys
+
+        w = csv.DictWriter(sys.stdout, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+        return
+    best_epoch = _best_epoch(rows, run.monitor, run.mode)
+    metric_keys = [k for k in keys if k not in ("epoch", "global_step", "attempt")]
+    typer.echo(f"{'epoch':>5} {'step':>7} {'att':>3}  " + "  ".join(f"{k:>10}" for k in metric_keys))
+    attempt = None
+    for r in rows:
+        if attempt is not None and r.get("attempt") != attempt:
+            typer.echo(f"{'':>5} --- restart: attempt {r.get('attempt')} resumed here ---")
+        attempt = r.get("attempt")
+        vals = "  ".join(
+            f"{r[k]:>10.5g}" if isinstance(r.get(k), float) else f"{r.get(k, '-')!s:>10}" for k in metric_keys
         )
+        mark = f"  <- best {run.monitor}" if r.get("epoch") == best_epoch else ""
+        at = f"{r.get('epoch', '-'):>5} {r.get('global_step', '-'):>7} {r.get('attempt', '-')!s:>3}"
+        typer.echo(f"{at}  {vals}{mark}")
+
+
+def _best_epoch(rows: list[dict[str, Any]], monitor: str, mode: str) -> int | None:
+    import math
+
+    sign = 1.0 if mode == "min" else -1.0
+    ranked = [r for r in rows if isinstance(r.get(monitor), (int, float)) and math.isfinite(r[monitor])]
+    return min(ranked, key=lambda r: (sign * r[monitor], -r["epoch"]))["epoch"] if ranked else None
+
+
+def runs(
+    root: str = typer.Argument(..., help="A storage root: runs, s3://bucket/prefix, ..."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    storage_option: list[str] = typer.Option(None, help=OPT_HELP),
+) -> None:
+    """The runs under a storage root: name, status, epochs, best metric, last update."""
+    try:
+        top = Storage(root, parse_options(storage_option))
+        names = top.list_dirs("")
+    except (StorageError, OSError) as e:
+        die(f"{root}: {e}", EXIT_STORAGE)
+    out: list[dict[str, Any]] = []
+    for name in names:
+        try:
+            run = Run(top.child_uri(name), top.options)
+        except (RunNotFound, ManifestError, StorageError, OSError):
+            continue  # not a run (or not readable as one)
+        m, ranked = run.manifest, run.ranked()
+        last = max((c.epoch for c in run.checkpoints()), default=0)
+        out.append({"name": name, "run_uri": run.uri, "status": m.status, "epochs": last,
+                    "monitor": run.monitor, "best": ranked[0].metrics.get(run.monitor) if ranked else None,
+                    "updated": m.updated_at})  # fmt: skip
+    out.sort(key=lambda r: r["updated"], reverse=True)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    if not out:
+        typer.echo(f"no runs under {root}")
+        return
+    typer.echo(f"{'name':<32} {'status':<9} {'epochs':>6} {'best':>22}  updated")
+    for r in out:
+        b = "-" if r["best"] is None else f"{r['monitor']} {r['best']:.5g}"
+        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["updated"]))
+        typer.echo(f"{r['name']:<32} {r['status']:<9} {r['epochs']:>6} {b:>22}  {ts}")
 
 
 def register(app: typer.Typer) -> None:
@@ -227,3 +223,4 @@ def register(app: typer.Typer) -> None:
     app.command("best")(best)
     app.command("events")(events)
     app.command("metrics")(metrics)
+    app.command("runs")(runs)

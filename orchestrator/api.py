@@ -1,0 +1,243 @@
+"""The Python API: read a run from its storage alone, and get its best model.
+
+    from orchestrator import open_run, load_best
+
+    run = open_run("s3://bucket/runs/digits")         # or a local runs/digits
+    run.best()                                         # the best checkpoint, verified
+    run.checkpoints(); run.metrics(); run.events()
+    model = load_best("runs/digits", model=MyNet())    # weights verified and loaded, model.eval()
+
+Read-only: nothing here writes to the run, and nothing imports the user's task unless
+asked (`load_best(..., build=True)`). Monitor and mode come from the manifest, never a
+guess. The CLI's read commands (`checkpoints`, `best`, `metrics`, `events`) are built on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.core.manifest import (
+    EVENTS,
+    METRICS,
+    SPEC,
+    CheckpointRecord,
+    Manifest,
+    ManifestError,
+    read_jsonl,
+    read_manifest,
+)
+from orchestrator.core.retention import rank_best
+from orchestrator.core.storage import Storage
+from orchestrator.core.verify import VerificationError, read_verified
+
+
+class RunNotFound(ManifestError):
+    """RUN_URI holds no run (no manifest.json)."""
+
+
+class NoCheckpoint(LookupError):
+    """The run has no committed checkpoint that carries the monitor and verifies."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One committed checkpoint as a reader sees it."""
+
+    id: str
+    uri: str
+    epoch: int
+    global_step: int
+    end_of_epoch: bool
+    metrics: dict[str, float]
+    metrics_fresh: bool  # measured on these weights (end of epoch), so ranked by the monitor
+    kept_because: list[str]
+    rank: int | None  # 1 = best by the monitor; None: not ranked (mid-epoch, NaN)
+    record: CheckpointRecord = field(repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "record"}
+        out["files"] = [f.model_dump() for f in self.record.files]
+        return out
+
+
+@dataclass
+class Verified:
+    """A checkpoint whose files matched their record, the bytes, and better ones skipped."""
+
+    checkpoint: Checkpoint
+    files: dict[str, bytes]
+    skipped: list[dict[str, str]]
+
+
+class Run:
+    """A run at RUN_URI (storage root + run name), read from storage."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        self.storage = Storage(self.uri, storage_options or {})
+        self.manifest = self._read()
+        self.monitor, self.mode = self._ranking()
+
+    def _read(self) -> Manifest:
+        m = read_manifest(self.storage)
+        if m is None:
+            raise RunNotFound(
+                f"{self.uri}: no manifest.json; is this a run directory (storage root + run name)?"
+            )
+        return m
+
+    def refresh(self) -> Run:
+        """Read the manifest again (a live run commits while you look)."""
+        self.manifest = self._read()
+        return self
+
+    def _ranking(self) -> tuple[str, str]:
+        """Monitor and mode from the manifest; for runs written before it carried them, from
+        the stored spec as data (the task is not imported). Never a guess."""
+        if self.manifest.retention:
+            return self.manifest.retention["monitor"], self.manifest.retention["mode"]
+        import yaml
+
+        try:
+            spec = yaml.safe_load(self.storage.read_bytes(SPEC)) or {}
+            ck = spec.get("checkpoint") or {}
+            return str(ck.get("monitor", "val_loss")), str(ck.get("mode", "min"))
+        except (FileNotFoundError, yaml.YAMLError, AttributeError) as e:
+            raise ManifestError(
+                f"{self.uri}: cannot tell which metric ranks this run's checkpoints (an old manifest "
+                f"without its monitor, and no readable {SPEC}: {e})"
+            ) from None
+
+    @property
+    def status(self) -> str:
+        return self.manifest.status
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every committed checkpoint, oldest first, with why it is kept and its rank."""
+        m = self.manifest
+        ranks = {
+            c.id: i + 1
+            for i, c in enumerate(rank_best([c.view(self.monitor) for c in m.checkpoints], self.mode))
+        }
+        return [
+            Checkpoint(
+                id=c.id,
+                uri=self.storage.child_uri(c.dir),
+                epoch=c.epoch,
+                global_step=c.global_step,
+                end_of_epoch=c.end_of_epoch,
+                metrics=c.metrics,
+                metrics_fresh=c.metrics_fresh,
+                kept_because=list(m.kept.get(c.id, [])),
+                rank=ranks.get(c.id),
+                record=c,
+            )
+            for c in sorted(m.checkpoints, key=lambda c: c.seq)
+        ]
+
+    def ranked(self) -> list[Checkpoint]:
+        """Checkpoints with a finite, fresh monitor value, best first."""
+        return sorted((c for c in self.checkpoints() if c.rank is not None), key=lambda c: c.rank or 0)
+
+    def best(self, rank: int = 1, verify: bool = True) -> Checkpoint:
+        """The rank-th best checkpoint (1: the best). With verify, its files are checked against
+        its record first, and a damaged one is passed over for the next (see verified_best)."""
+        if not verify:
+            ranked = self.ranked()
+            if len(ranked) < rank:
+                raise NoCheckpoint(f"{self.uri}: {len(ranked)} ranked checkpoint(s), asked for rank {rank}")
+            return ranked[rank - 1]
+        return self.verified_best(rank).checkpoint
+
+    def verified_best(self, rank: int = 1) -> Verified:
+        """The rank-th best checkpoint whose files verify, with its bytes. A damaged one is
+        skipped (and listed); one that retention deleted while it was read (a live run) is
+        chosen again from a fresh manifest."""
+        skipped: list[dict[str, str]] = []
+        for _ in range(5):
+            candidates = [c for c in self.ranked() if not any(s["id"] == c.id for s in skipped)]
+            if len(candidates) < rank:
+                why = "that verify" if skipped else f"carrying {self.monitor!r}"
+                raise NoCheckpoint(
+                    f"{self.uri}: {len(candidates)} committed checkpoint(s) {why}; asked for rank {rank}"
+                )
+            for c in candidates[rank - 1 :]:
+                try:
+                    return Verified(c, read_verified(self.storage, c.record), skipped)
+                except VerificationError as e:
+                    fresh = read_manifest(self.storage)
+                    if fresh is not None and fresh.get(c.id) is None:
+                        self.manifest = fresh  # dropped by retention while read, not damaged
+                        break
+                    skipped.append({"id": c.id, "reason": str(e)})
+            else:
+                raise NoCheckpoint(f"{self.uri}: no committed checkpoint at rank {rank} or below verifies")
+        raise NoCheckpoint(f"{self.uri}: the best checkpoint kept changing while it was read; try again")
+
+    def metrics(self, as_frame: bool | None = None) -> Any:
+        """Per-epoch metric rows; a pandas DataFrame when pandas is installed (or as_frame=True)."""
+        rows = read_jsonl(self.storage, METRICS)
+        if as_frame is False:
+            return rows
+        try:
+            import pandas as pd
+        except ImportError:
+            if as_frame:
+                raise
+            return rows
+        return pd.DataFrame(rows)
+
+    def events(self, kinds: list[str] | None = None) -> list[dict[str, Any]]:
+        rows = read_jsonl(self.storage, EVENTS)
+        return [e for e in rows if not kinds or e.get("kind") in kinds]
+
+
+def open_run(uri: str, storage_options: dict[str, Any] | None = None) -> Run:
+    return Run(uri, storage_options)
+
+
+def load_best(
+    uri: str,
+    model: Any = None,
+    *,
+    rank: int = 1,
+    build: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
+    """The best checkpoint's weights, verified against its record.
+
+    - model=None, build=False: the state_dict (loaded with weights_only=True);
+    - model given: its load_state_dict(weights), then model.eval(), returned;
+    - build=True: the run's task is imported and built (user code runs: only when asked)
+      and its model returned with the weights, in eval mode."""
+    import io
+
+    import torch
+
+    verified = open_run(uri, storage_options).verified_best(rank)
+    state = torch.load(io.BytesIO(verified.files["model.pt"]), map_location="cpu", weights_only=True)
+    if model is None and build:
+        model = build_model(uri, storage_options)
+    if model is None:
+        return state
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def build_model(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """The run's task model, freshly built from the stored spec (imports the user's task)."""
+    import torch
+    import yaml
+
+    from orchestrator.core.tasks import resolve_task
+    from workers.task import TaskContext
+
+    storage = Storage(uri.rstrip("/"), storage_options or {})
+    spec = yaml.safe_load(storage.read_bytes(SPEC))
+    task = spec.get("task") or {}
+    built = resolve_task(task.get("name", "digits"))(
+        dict(task.get("options") or {}),
+        TaskContext(rank=0, world_size=1, seed=int(spec.get("seed", 0)), device=torch.device("cpu")),
+    )
+    return built.model
