@@ -29,7 +29,9 @@ from orchestrator.core.manifest import (
 )
 from orchestrator.core.retention import rank_best
 from orchestrator.core.storage import Storage
-from orchestrator.core.verify import VerificationError, read_verified
+from orchestrator.core.verify import VerificationError, copy_verified
+
+MODEL_FILE = "model.pt"  # the weights alone (workers/state.py writes it)
 
 
 class RunNotFound(ManifestError):
@@ -63,10 +65,11 @@ class Checkpoint:
 
 @dataclass
 class Verified:
-    """A checkpoint whose files matched their record, the bytes, and better ones skipped."""
+    """A checkpoint whose files matched their record, where they were copied (if asked), and
+    the better-ranked ones skipped as damaged."""
 
     checkpoint: Checkpoint
-    files: dict[str, bytes]
+    paths: list[str]
     skipped: list[dict[str, str]]
 
 
@@ -150,10 +153,11 @@ class Run:
             return ranked[rank - 1]
         return self.verified_best(rank).checkpoint
 
-    def verified_best(self, rank: int = 1) -> Verified:
-        """The rank-th best checkpoint whose files verify, with its bytes. A damaged one is
-        skipped (and listed); one that retention deleted while it was read (a live run) is
-        chosen again from a fresh manifest."""
+    def verified_best(self, rank: int = 1, into: str | None = None, only: set[str] | None = None) -> Verified:
+        """The rank-th best checkpoint whose files verify (streamed and hashed, never whole in
+        memory), copied into the directory `into` when given (`only` these files). A damaged
+        one is skipped and listed; one that retention deleted while it was read (a live run)
+        is chosen again from a fresh manifest."""
         skipped: list[dict[str, str]] = []
         for _ in range(5):
             candidates = [c for c in self.ranked() if not any(s["id"] == c.id for s in skipped)]
@@ -164,7 +168,7 @@ class Run:
                 )
             for c in candidates[rank - 1 :]:
                 try:
-                    return Verified(c, read_verified(self.storage, c.record), skipped)
+                    return Verified(c, copy_verified(self.storage, c.record, into, only), skipped)
                 except VerificationError as e:
                     fresh = read_manifest(self.storage)
                     if fresh is not None and fresh.get(c.id) is None:
@@ -211,12 +215,13 @@ def load_best(
     - model given: its load_state_dict(weights), then model.eval(), returned;
     - build=True: the run's task is imported and built (user code runs: only when asked)
       and its model returned with the weights, in eval mode."""
-    import io
+    import tempfile
 
     import torch
 
-    verified = open_run(uri, storage_options).verified_best(rank)
-    state = torch.load(io.BytesIO(verified.files["model.pt"]), map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory(prefix="orchestrator-best-") as tmp:
+        found = open_run(uri, storage_options).verified_best(rank, into=tmp, only={MODEL_FILE})
+        state = torch.load(found.paths[0], map_location="cpu", weights_only=True)
     if model is None and build:
         model = build_model(uri, storage_options)
     if model is None:

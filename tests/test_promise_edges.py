@@ -347,8 +347,9 @@ def test_best_chosen_again_when_retention_deleted_it_mid_read(tmp_path):
     led.commit(upload(storage, 3, 0.5))
     run = Run(storage.uri)
     run.manifest = seen  # what the reader had read
-    found = run.verified_best()
-    assert found.checkpoint.epoch == 2 and found.files["model.pt"] == b"weights 2" and found.skipped == []
+    found = run.verified_best(into=str(tmp_path / "got"))
+    assert found.checkpoint.epoch == 2 and found.skipped == []
+    assert (tmp_path / "got" / "model.pt").read_bytes() == b"weights 2"
 
 
 @pytest.mark.parametrize("override", ["seed=7", "task.options.lr=0.5", "checkpoint.monitor=val_acc"])

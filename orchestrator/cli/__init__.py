@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import inspect, jobs, train
+from orchestrator.cli import export, inspect, jobs, train
 
 app = typer.Typer(
     help="Fault-tolerant distributed PyTorch training on Ray, with top-k checkpoints "
@@ -47,6 +47,7 @@ def _root(
 
 train.register(app)
 inspect.register(app)
+export.register(app)
 jobs.register(app)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import typer
@@ -30,3 +34,21 @@ def parse_options(items: list[str] | None, flag: str = "--storage-option") -> di
             die(f"{flag} {item!r}: expected key=value", EXIT_INPUT)
         out[k] = yaml.safe_load(v) if v else ""
     return out
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool) -> Iterator[None]:
+    """While active, whatever writes to fd 1 (Ray, torch.onnx) goes to stderr, so stdout holds
+    only the JSON a script reads."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

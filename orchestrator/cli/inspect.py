@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from orchestrator.api import NoCheckpoint, Run, RunNotFound
+from orchestrator.api import MODEL_FILE, NoCheckpoint, Run, RunNotFound
 from orchestrator.cli.exits import EXIT_FAILED, EXIT_INPUT, EXIT_STORAGE, OPT_HELP, die, parse_options
 from orchestrator.core.manifest import ManifestError
 from orchestrator.core.storage import Storage, StorageError
@@ -60,7 +60,13 @@ def best(
     run_uri: str = typer.Argument(..., help="Storage root + run name."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     rank: int = typer.Option(1, min=1, help="1 for the best, 2 for the runner-up, ..."),
-    download: str = typer.Option(None, help="Copy the checkpoint's files (verified) into DIR."),
+    download: str = typer.Option(None, help="Copy the checkpoint's files (verified, streamed) into DIR."),
+    weights_only: bool = typer.Option(
+        True,
+        "--weights-only/--all-files",
+        help="With --download: model.pt alone (what serving needs), or also train_state.pt "
+        "(optimizer, RNG, data position: what resuming needs).",
+    ),
     storage_option: list[str] = typer.Option(None, help=OPT_HELP),
 ) -> None:
     """The best committed checkpoint by the run's monitored metric, verified against its record.
@@ -70,29 +76,31 @@ def best(
     looked up again."""
     if download and os.path.exists(download) and not os.path.isdir(download):
         die(f"--download {download}: exists and is not a directory", EXIT_INPUT)
+    if download:
+        try:
+            os.makedirs(download, exist_ok=True)
+        except OSError as e:
+            die(f"--download {download}: {e.strerror or e}", EXIT_INPUT)
     run = _open(run_uri, storage_option)
+    only = {MODEL_FILE} if weights_only else None
     try:
-        found = run.verified_best(rank)
+        found = run.verified_best(rank, into=download or None, only=only if download else None)
     except NoCheckpoint as e:
         die(str(e), EXIT_FAILED)
     except StorageError as e:
         die(str(e), EXIT_STORAGE)
+    except OSError as e:
+        die(f"--download {download}: {e.strerror or e}", EXIT_INPUT)
     c = found.checkpoint
     out: dict[str, Any] = {**c.as_dict(), "monitor": run.monitor, "mode": run.mode}
     out.update(value=c.metrics.get(run.monitor), verified=True, skipped=found.skipped)
     for s in found.skipped:
         typer.echo(f"warning: {s['id']} failed verification ({s['reason']}); using the next best", err=True)
     if download:
-        try:
-            os.makedirs(download, exist_ok=True)
-            for name, data in found.files.items():
-                with open(os.path.join(download, name), "wb") as fb:
-                    fb.write(data)
-            with open(os.path.join(download, "checkpoint.json"), "w") as ft:
-                json.dump(c.record.model_dump(mode="json"), ft, indent=1)
-        except OSError as e:
-            die(f"--download {download}: {e.strerror or e}", EXIT_INPUT)
+        with open(os.path.join(download, "checkpoint.json"), "w") as ft:
+            json.dump(c.record.model_dump(mode="json"), ft, indent=1)
         out["downloaded_to"] = os.path.abspath(download)
+        out["downloaded"] = sorted(os.path.basename(p) for p in found.paths)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
@@ -100,7 +108,7 @@ def best(
     typer.echo(f"{c.uri}  {run.monitor} {out['value']:.6g} ({run.mode}), {where}, rank {c.rank} (verified)")
     if download:
         typer.echo(
-            f"downloaded (verified) to {out['downloaded_to']}; load with "
+            f"downloaded (verified) to {out['downloaded_to']}: {', '.join(out['downloaded'])}; load with "
             "torch.load('model.pt', weights_only=True)"
         )
 

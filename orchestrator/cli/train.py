@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -19,6 +15,7 @@ from orchestrator.cli.exits import (
     OPT_HELP,
     die,
     parse_options,
+    stdout_to_stderr,
 )
 from orchestrator.core.lease import LeaseHeld
 from orchestrator.core.storage import StorageError, redact, secrets_in
@@ -45,27 +42,11 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         typer.echo(f"[run] reason: {summary['error']}", err=True)
 
 
-@contextlib.contextmanager
-def _stdout_to_stderr(active: bool) -> Iterator[None]:
-    if not active:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: bool, verbose: bool) -> None:
     from orchestrator.driver import RunFailed, run
 
     try:
-        with _stdout_to_stderr(as_json):  # Ray prints to fd 1; --json keeps stdout for the JSON
+        with stdout_to_stderr(as_json):  # Ray prints to fd 1; --json keeps stdout for the JSON
             summary = run(spec, address=address, quiet=quiet or as_json, resume=resume, verbose=verbose)
     except LeaseHeld as e:  # LeaseLost too: taken over mid-run
         die(str(e), EXIT_LEASE)

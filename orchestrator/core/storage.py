@@ -271,6 +271,29 @@ class Storage:
     def read_bytes(self, rel: str) -> bytes:
         return self._call(f"read {rel}", lambda: self.fs.cat_file(self.path(rel)))
 
+    def download(self, rel: str, target: str | None, chunk: int = 8 << 20) -> tuple[int, str]:
+        """Stream rel into the local file target (whole or not at all: a .part file renamed at
+        the end), or only through the hash when target is None; returns (size, sha256) of
+        what was read, hashed while copying. Nothing is held in memory whole."""
+        part = f"{target}.part" if target else None
+
+        def copy() -> tuple[int, str]:
+            digest, size = hashlib.sha256(), 0
+            with self.fs.open(self.path(rel), "rb") as src, open(part or os.devnull, "wb") as out:
+                while block := src.read(chunk):
+                    digest.update(block)
+                    size += len(block)
+                    out.write(block)
+            if part and target:
+                os.replace(part, target)
+            return size, digest.hexdigest()
+
+        try:
+            return self._call(f"read {rel}", copy)
+        finally:
+            if part and os.path.exists(part):
+                os.unlink(part)
+
     def exists(self, rel: str) -> bool:
         def check() -> bool:
             if not self.is_local:

@@ -30,3 +30,37 @@ def read_verified(storage: Storage, record: CheckpointRecord) -> dict[str, bytes
             raise VerificationError(f"{rel}: sha256 {digest[:12]}… != recorded {f.sha256[:12]}…")
         out[f.path] = data
     return out
+
+
+def copy_verified(
+    storage: Storage, record: CheckpointRecord, dest: str | None, only: set[str] | None = None
+) -> list[str]:
+    """Stream the checkpoint's files (or `only` those) into the local directory dest (or just
+    through the hash, dest=None), checked against the record; never held in memory whole.
+    A file that does not match is removed and VerificationError raised. Returns the paths."""
+    import os
+
+    written: list[str] = []
+    for f in record.files:
+        if only is not None and f.path not in only:
+            continue
+        rel = f"{CHECKPOINTS}/{record.id}/{f.path}"
+        target = os.path.join(dest, f.path) if dest else None
+        if target:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            size, digest = storage.download(rel, target)
+        except FileNotFoundError:
+            raise VerificationError(f"{rel}: missing") from None
+        if (size, digest) != (f.size, f.sha256):
+            if target:
+                os.unlink(target)
+            what = (
+                f"size {size} != recorded {f.size}"
+                if size != f.size
+                else f"sha256 {digest[:12]}… != recorded"
+            )
+            raise VerificationError(f"{rel}: {what}")
+        if target:
+            written.append(target)
+    return written

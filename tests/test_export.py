@@ -1,0 +1,142 @@
+"""Export for serving: the best checkpoint as safetensors (loaded with plain safetensors and
+the model's class, in a process that imports neither orchestrator nor workers),
+TorchScript and ONNX, each answering like the model itself."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import run_cli
+
+from orchestrator.api import load_best
+from orchestrator.coordinator import RetentionConfig, RunLedger
+from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry
+from orchestrator.core.storage import Storage, sha256_hex
+from workers.tasks.digits import DigitsCNN
+
+CFG = RetentionConfig("val_loss", "min", top_k=2, keep_latest=1)
+
+
+def digits_inputs(n: int = 64) -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    return torch.tensor(load_digits().images[:n], dtype=torch.float32).unsqueeze(1) / 16.0
+
+
+def make_run(storage: Storage, losses: list[float]) -> None:
+    """A finished digits run written the way workers and the coordinator write one (no Ray):
+    real DigitsCNN weights per epoch, each checkpoint's files then its record, then commit."""
+    import io
+
+    storage.write_bytes("spec.yaml", b"name: r\ntask: {name: digits, options: {}}\nseed: 0\n")
+    led = RunLedger(storage, "r", CFG)
+    led.start_attempt(1)
+    for epoch, loss in enumerate(losses, start=1):
+        torch.manual_seed(epoch)
+        buf = io.BytesIO()
+        torch.save(DigitsCNN().state_dict(), buf)
+        data, cid = buf.getvalue(), f"epoch{epoch:04d}-step{epoch:07d}-a1"
+        storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", data)
+        rec = CheckpointRecord(id=cid, epoch=epoch, step_in_epoch=1, global_step=epoch, end_of_epoch=True,
+                               metrics={"val_loss": loss}, world_size=1, attempt=1,
+                               files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))])  # fmt: skip
+        storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", rec.model_dump_json().encode())
+        led.commit(rec)
+    led.finish("finished")
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_uri(request, tmp_path):
+    if request.param == "local":
+        uri = str(tmp_path / "r")
+    else:
+        request.getfixturevalue("s3_env")
+        uri = f"s3://{request.getfixturevalue('bucket')}/runs/r"
+    make_run(Storage(uri), [0.9, 0.2, 0.5])  # epoch 2 is the best
+    return uri
+
+
+def expected(uri: str) -> list[int]:
+    model = load_best(uri, model=DigitsCNN())
+    with torch.no_grad():
+        return model(digits_inputs()).argmax(1).tolist()
+
+
+INFERENCE = """
+import json, sys, torch
+from torch import nn
+from safetensors.torch import load_file
+exec(sys.argv[1])  # the model's class, as its source: nothing of this project is imported
+model = DigitsCNN()
+model.load_state_dict(load_file(sys.argv[2]))
+model.eval()
+x = torch.tensor(json.loads(sys.argv[3]))
+print(json.dumps({"pred": model(x).argmax(1).tolist(),
+                  "leaked": sorted(m for m in sys.modules if m.split(".")[0] in ("orchestrator", "workers"))}))
+"""
+
+
+def test_safetensors_export_loads_without_this_package(run_uri, tmp_path):
+    p = run_cli("export", run_uri, "--out", str(tmp_path / "exp"), "--format", "safetensors", "--json")
+    assert p.returncode == 0, p.stderr
+    config = json.loads(p.stdout)
+    assert config["checkpoint"] == "epoch0002-step0000002-a1" and config["epoch"] == 2
+    assert config["metrics"] == {"val_loss": 0.2} and config["monitor"] == "val_loss"
+    assert config["task"] == "digits" and config["run_uri"] == run_uri
+    assert set(config["source_sha256"]) == {"model.pt"}
+    assert json.loads((tmp_path / "exp" / "config.json").read_text()) == config
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", INFERENCE, inspect.getsource(DigitsCNN), str(tmp_path / "exp" / "model.safetensors"),
+         json.dumps(digits_inputs().tolist())],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["leaked"] == []
+    assert got["pred"] == expected(run_uri)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_traced_exports_answer_like_the_model(tmp_path, fmt):
+    uri = str(tmp_path / "r")
+    make_run(Storage(uri), [0.9, 0.2, 0.5])
+    p = run_cli("export", uri, "--out", str(tmp_path / fmt), "--format", fmt, "--json", timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    config = json.loads(p.stdout)
+    assert config["input_shape"] == ["batch", 1, 8, 8]
+    x = digits_inputs()
+    if fmt == "torchscript":
+        pred = torch.jit.load(str(tmp_path / fmt / "model.ts"))(x).argmax(1).tolist()
+    else:
+        ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extras")
+        session = ort.InferenceSession(str(tmp_path / fmt / "model.onnx"))
+        pred = session.run(None, {"input": x.numpy()})[0].argmax(1).tolist()
+    assert pred == expected(uri)
+
+
+def test_export_of_latest_or_an_id_and_clear_errors(tmp_path):
+    uri = str(tmp_path / "r")
+    make_run(Storage(uri), [0.9, 0.2, 0.5])
+    p = run_cli("export", uri, "--out", str(tmp_path / "l"), "--checkpoint", "latest", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["epoch"] == 3
+    p = run_cli("export", uri, "--out", str(tmp_path / "x"), "--checkpoint", "nope")
+    assert p.returncode == 1 and "no committed checkpoint 'nope'" in p.stderr and "epoch0002" in p.stderr
+    p = run_cli("export", uri, "--out", str(tmp_path / "x"), "--format", "pickle")
+    assert p.returncode == 2 and "safetensors, torchscript, onnx" in p.stderr
+    (tmp_path / "afile").write_text("x")
+    p = run_cli("export", uri, "--out", str(tmp_path / "afile"))
+    assert p.returncode == 2 and "--out" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_load_best_builds_the_model_only_when_asked(tmp_path):
+    uri = str(tmp_path / "r")
+    make_run(Storage(uri), [0.9, 0.2, 0.5])
+    state = load_best(uri)
+    assert isinstance(state, dict) and "head.4.weight" in state
+    model = load_best(uri, build=True)
+    assert not model.training and isinstance(model, DigitsCNN)
