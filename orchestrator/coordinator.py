@@ -36,6 +36,7 @@ from orchestrator.core.manifest import (
 )
 from orchestrator.core.retention import RetentionConfig
 from orchestrator.core.storage import Conflict, Storage, StorageError
+from orchestrator.tracking import Trackers
 
 _REMEMBERED = 200  # request ids (and their answers) kept for retried calls
 
@@ -51,7 +52,12 @@ class RunLedger:
     after it. Without an owner (tests of the pure logic) writes are plain replaces."""
 
     def __init__(
-        self, storage: Storage, run: str, retention_cfg: RetentionConfig, owner: str | None = None
+        self,
+        storage: Storage,
+        run: str,
+        retention_cfg: RetentionConfig,
+        owner: str | None = None,
+        tracking: dict[str, Any] | None = None,
     ) -> None:
         self.storage = storage
         self.cfg = retention_cfg
@@ -70,6 +76,7 @@ class RunLedger:
             self._claim(run, owner)
         elif self.manifest.retention != asdict(retention_cfg):
             self._save(self.manifest.model_copy(update={"retention": asdict(retention_cfg)}))
+        self.trackers = Trackers(storage, tracking, self._tracker_failed) if tracking is not None else None
 
     def _claim(self, run: str, owner: str) -> None:
         """Make the manifest name this owner, by compare-and-swap, retried while a stale
@@ -149,6 +156,11 @@ class RunLedger:
         self.metrics.append(row)
         self.metrics.sort(key=lambda m: m.get("epoch", 0))
         write_jsonl(self.storage, METRICS, self.metrics)
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def _tracker_failed(self, name: str, exc: BaseException) -> None:
+        self.event("tracker_off", tracker=name, error=self.storage.clean(exc)[:500])
 
     # -- attempts ------------------------------------------------------------
     def start_attempt(self, world_size: int, rid: str | None = None) -> dict[str, Any]:
@@ -301,6 +313,8 @@ class RunLedger:
         self._apply_retention(m, pins=False)
         self.collect_orphans()
         self.event("run_" + status, checkpoints=len(self.manifest.checkpoints))
+        if self.trackers is not None:
+            self.trackers.finish(status)
         return self.manifest.kept
 
     def _save(self, m: Manifest) -> None:

@@ -136,6 +136,14 @@ def worker_config(spec: JobSpec) -> WorkerConfig:
     )
 
 
+def tracking_settings(spec: JobSpec) -> dict[str, Any]:
+    t = spec.tracking
+    params = {"task": spec.task.name, **{f"task.{k}": v for k, v in spec.task.options.items()},
+              "seed": spec.seed, "epochs": spec.epochs, "num_workers": spec.scaling.num_workers}  # fmt: skip
+    return {"tensorboard": t.tensorboard, "mlflow_uri": t.mlflow_uri, "experiment": t.mlflow_experiment,
+            "params": params}  # fmt: skip
+
+
 def store_spec(storage: Storage, spec: JobSpec) -> None:
     data = spec.model_dump(mode="json")
     data["storage"]["options"] = redact_options(spec.storage.options)
@@ -270,7 +278,7 @@ def run(
                     node_id=ray.get_runtime_context().get_node_id(), soft=False
                 ),
             )
-            .remote(storage, spec.name, cfg, lease.token)
+            .remote(storage, spec.name, cfg, lease.token, tracking_settings(spec))
         )
         ray.get(coord.ping.remote(), timeout=COORD_TIMEOUT_S)
         lease.on_lost = lambda why: coord.fence.remote(why)  # the coordinator stops writing at once

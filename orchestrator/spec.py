@@ -131,6 +131,14 @@ class FailureSpec(_Model):
     )
 
 
+class TrackingSpec(_Model):
+    tensorboard: bool = Field(True, description="Write TensorBoard event files under RUN_URI/tb.")
+    mlflow_uri: str | None = Field(
+        None, description="Also log to MLflow at this tracking URI (needs `pip install mlflow`)."
+    )
+    mlflow_experiment: str = Field("orchestrator", description="MLflow experiment name.")
+
+
 class EarlyStoppingSpec(_Model):
     patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as improvement.")
@@ -162,6 +170,7 @@ class JobSpec(_Model):
     epochs: int = Field(10, ge=1)
     seed: int = 0
     chaos: ChaosSpec = Field(default_factory=ChaosSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @field_validator("name")
     @classmethod
