@@ -64,6 +64,7 @@ class RunLedger:
         self.owner = owner
         self.fenced: str | None = None  # why this ledger may no longer write
         self.stopped: dict[str, str] | None = None  # why the workers stopped the run, as a failure
+        self.live: dict[str, Any] | None = None  # rank 0's latest position in the epoch (display only)
         self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
         self._events_stored = len(self.events)  # events up to here are in storage
         self.metrics: list[dict[str, Any]] = read_jsonl(storage, METRICS)
@@ -345,6 +346,8 @@ class RunLedger:
             "restarts": self.manifest.restarts,
             "attempts": self.manifest.attempts,
             "stopped": self.stopped,
+            "live": self.live,
+            "resumed_from": self.manifest.resumed_from,
         }
 
 
@@ -355,9 +358,14 @@ def coordinator_actor_class() -> Any:
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1)  # type: ignore[call-overload]
     class Coordinator:
         def __init__(
-            self, storage: Storage, run: str, cfg: RetentionConfig, owner: str | None = None
+            self,
+            storage: Storage,
+            run: str,
+            cfg: RetentionConfig,
+            owner: str | None = None,
+            tracking: dict[str, Any] | None = None,
         ) -> None:
-            self.ledger = RunLedger(storage, run, cfg, owner)
+            self.ledger = RunLedger(storage, run, cfg, owner, tracking)
             self.ledger.event("coordinator_started", pid=_pid())
 
         def ping(self) -> int:
@@ -379,6 +387,9 @@ def coordinator_actor_class() -> Any:
 
         def report_metrics(self, row: dict[str, Any], rid: str | None = None) -> None:
             self.ledger.report_metrics(row, rid)
+
+        def tick(self, position: dict[str, Any], rid: str | None = None) -> None:
+            self.ledger.live = position  # in memory only: what the live display shows
 
         def claim_chaos(self, key: str, pid: int | None = None, rid: str | None = None) -> bool:
             return self.ledger.claim_chaos(key, pid, rid)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
 from orchestrator.core.lease import Lease, LeaseLost
 from orchestrator.core.manifest import SPEC, read_manifest
 from orchestrator.core.storage import Storage, redact, redact_options, secrets_in
+from orchestrator.progress import ProgressView
 from orchestrator.ray_compat import restart_recorder, use_token_auth
 from orchestrator.spec import JobSpec, SpecError, parse_spec
 from workers.config import Kill, WorkerConfig
@@ -166,58 +166,6 @@ def load_stored_spec(run_uri: str, options: dict[str, Any] | None = None, check_
     return parse_spec(data, source=f"{run_uri}/{SPEC}", check_task=check_task)
 
 
-class EpochPrinter:
-    """Prints one line per reported epoch while the run trains."""
-
-    def __init__(self, coord: Any, spec: JobSpec, quiet: bool = False) -> None:
-        self.coord, self.spec, self.quiet = coord, spec, quiet
-        self._stop = threading.Event()
-        self._next = 0
-        self._best: tuple[float, int] | None = None  # best monitored value reported so far
-        self._restarts = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> EpochPrinter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.poll()
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            try:
-                self.poll()
-            except Exception:  # the coordinator may be restarting; the next poll catches up
-                pass
-
-    def poll(self) -> None:
-        import ray
-
-        p = ray.get(self.coord.progress.remote(self._next), timeout=30)
-        if p["next"] < self._next:  # the coordinator restarted: its report count began again
-            p = ray.get(self.coord.progress.remote(0), timeout=30)
-        self._next = p["next"]
-        if self.quiet:
-            return
-        mon, sign = self.spec.checkpoint.monitor, (1 if self.spec.checkpoint.mode == "min" else -1)
-        for m in p["new"]:
-            v = m.get(mon)
-            if isinstance(v, float) and v == v and (self._best is None or sign * v < sign * self._best[0]):
-                self._best = (v, m["epoch"])
-            vals = "  ".join(
-                f"{k} {v:.4f}" for k, v in m.items() if k not in ("epoch", "global_step", "attempt")
-            )
-            best_s = f"best {mon} {self._best[0]:.4f} (epoch {self._best[1]})" if self._best else ""
-            print(f"[run] epoch {m['epoch']}/{self.spec.epochs}  {vals}  {best_s}", flush=True)
-        if p["restarts"] > self._restarts:
-            self._restarts = p["restarts"]
-            print(f"[run] worker group restarted ({self._restarts} so far); resuming from the latest "
-                  f"committed checkpoint", flush=True)  # fmt: skip
-
-
 def run(
     spec: JobSpec,
     address: str | None = None,
@@ -318,7 +266,9 @@ def run(
             ),
         )
         error: str | None = None
-        with EpochPrinter(coord, spec, quiet):
+        poll = lambda since: ray.get(coord.progress.remote(since), timeout=30)  # noqa: E731
+        ck = spec.checkpoint
+        with ProgressView(poll, spec.epochs, ck.monitor, ck.mode, quiet):
             try:
                 result = trainer.fit()
                 if getattr(result, "error", None) is not None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from orchestrator.core.tasks import resolve_task
-from workers.calls import call, send
+from workers.calls import StepTicker, call, send
 from workers.chaos import Chaos
 from workers.config import WorkerConfig
 from workers.data import rank_batches
@@ -61,6 +61,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     writer = CheckpointWriter(storage, commit, cfg.async_save, chaos.after_upload) if rank == 0 else None
     saver = Saver(task, ddp, writer, resumed.attempt, world, cfg.seed)
     epoch_loss = RunningLoss(device, resumed.epoch_acc)
+    ticker = StepTicker(lambda at: send(coord.tick, at)) if rank == 0 else (lambda *a: None)
     global_step, stopped_early = resumed.global_step, False
     if cfg.monitor not in (names := metric_names(task, unwrap(ddp), device)):
         why = f"checkpoint.monitor {cfg.monitor!r} is not a metric of task {cfg.task!r}"
@@ -77,6 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             loss = train_step(task, ddp, collate(task.train_data, batches[step], device))
             epoch_loss.add(loss)
             global_step += 1
+            ticker(epoch, step + 1, len(batches), global_step)
             if cfg.every_n_steps and global_step % cfg.every_n_steps == 0 and step + 1 < len(batches):
                 saver.save(Position(epoch, step + 1, global_step, False), epoch_loss, metrics, stopper)
         if task.scheduler is not None:

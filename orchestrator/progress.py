@@ -1,0 +1,133 @@
+"""What the driver shows while a run trains, from the coordinator's progress.
+
+On a terminal: a live display (rich) with the epoch, the step within it, throughput, the
+ETA, the best so far and, after a restart, which checkpoint the run resumed from. Not on a
+terminal (logs, CI, a Ray job): one plain line per epoch and per restart.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TextIO
+
+
+class ProgressView:
+    """Polls the coordinator's progress once a second and renders it."""
+
+    def __init__(
+        self,
+        poll: Callable[[int], dict[str, Any]],
+        epochs: int,
+        monitor: str,
+        mode: str,
+        quiet: bool = False,
+        out: TextIO | None = None,
+        live: bool | None = None,
+    ) -> None:
+        self._poll, self.epochs, self.monitor, self.quiet = poll, epochs, monitor, quiet
+        self.sign = 1 if mode == "min" else -1
+        self.out = out or sys.stdout
+        self.live = self.out.isatty() if live is None else live
+        self._stop = threading.Event()
+        self._next = 0
+        self._best: tuple[float, int] | None = None  # best monitored value reported so far
+        self._restarts = 0
+        self._attempts = 0
+        self._rate: tuple[float, int] | None = None  # (time, global step) of the first sample
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._display: Any = None
+
+    def __enter__(self) -> ProgressView:
+        if self.live and not self.quiet:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._display = Live(console=Console(file=self.out), refresh_per_second=2, transient=False)
+            self._display.start()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.update()
+        finally:
+            if self._display is not None:
+                self._display.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.update()
+            except Exception:  # the coordinator may be restarting; the next poll catches up
+                pass
+
+    def update(self) -> None:
+        p = self._poll(self._next)
+        if p["next"] < self._next:  # the coordinator restarted: its report count began again
+            p = self._poll(0)
+        self._next = p["next"]
+        if self.quiet:
+            return
+        lines = [self._epoch_line(m) for m in p["new"]]
+        if p["attempts"] > self._attempts:
+            if p["attempts"] > 1:
+                where = p.get("resumed_from") or "the start (nothing committed yet)"
+                lines.append(f"[run] attempt {p['attempts']} resumed from {where}")
+            self._attempts = p["attempts"]
+        if p["restarts"] > self._restarts:
+            self._restarts = p["restarts"]
+            lines.append(f"[run] worker group restarted ({self._restarts} so far)")
+        for line in lines:
+            if self._display is not None:
+                self._display.console.print(line, highlight=False, markup=False)
+            else:
+                print(line, file=self.out, flush=True)
+        if self._display is not None:
+            self._display.update(self._status(p.get("live")))
+
+    def _epoch_line(self, m: dict[str, Any]) -> str:
+        v = m.get(self.monitor)
+        if (
+            isinstance(v, float)
+            and math.isfinite(v)
+            and (self._best is None or self.sign * v < self.sign * self._best[0])
+        ):
+            self._best = (v, m["epoch"])
+        vals = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("epoch", "global_step", "attempt"))
+        best = f"  best {self.monitor} {self._best[0]:.4f} (epoch {self._best[1]})" if self._best else ""
+        return f"[run] epoch {m['epoch']}/{self.epochs}  {vals}{best}"
+
+    def _status(self, live: dict[str, Any] | None) -> Any:
+        """The live line: epoch, step in epoch, steps/s, ETA, best so far."""
+        from rich.text import Text
+
+        if not live:
+            return Text("[run] starting workers ...", style="dim")
+        now, step = live["ts"], live["global_step"]
+        if self._rate is None or step < self._rate[1]:
+            self._rate = (now, step)
+        dt, ds = now - self._rate[0], step - self._rate[1]
+        rate = ds / dt if dt > 0 and ds > 0 else None
+        left = (self.epochs - live["epoch"]) * live["steps"] + (live["steps"] - live["step"])
+        eta = f"ETA {_clock(left / rate)}" if rate else "ETA -"
+        best = f"best {self.monitor} {self._best[0]:.4f} (epoch {self._best[1]})" if self._best else ""
+        bar = _bar(live["step"] / max(live["steps"], 1))
+        return Text(
+            f"epoch {live['epoch']}/{self.epochs} {bar} step {live['step']}/{live['steps']}  "
+            f"{rate or 0:.1f} steps/s  {eta}  {best}"
+        )
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    n = int(round(max(0.0, min(1.0, fraction)) * width))
+    return "[" + "#" * n + "." * (width - n) + "]"
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,60 @@
+"""The driver's progress view: plain lines off a terminal, a live line on one (rendering logic
+only, fed the coordinator's progress payloads)."""
+
+from __future__ import annotations
+
+import io
+
+from orchestrator.progress import ProgressView
+
+
+def payloads():
+    """What coordinator.progress returns over a run with one restart."""
+    base = {"restarts": 0, "attempts": 1, "resumed_from": None, "live": None, "new": [], "next": 0}
+    row = lambda e, v: {"epoch": e, "global_step": 10 * e, "attempt": 1, "val_loss": v}  # noqa: E731
+    yield {**base, "live": {"epoch": 1, "step": 5, "steps": 10, "global_step": 5, "ts": 100.0}}
+    yield {**base, "new": [row(1, 0.5)], "next": 1,
+           "live": {"epoch": 2, "step": 5, "steps": 10, "global_step": 15, "ts": 102.0}}  # fmt: skip
+    yield {**base, "next": 1, "restarts": 1}
+    yield {**base, "next": 2, "restarts": 1, "attempts": 2, "resumed_from": "epoch0001-step0000010-a1",
+           "new": [row(2, float("nan"))], "live": {"epoch": 3, "step": 10, "steps": 10, "global_step": 30, "ts": 106.0}}  # fmt: skip
+
+
+def run_view(live: bool) -> str:
+    out = io.StringIO()
+    feed = payloads()
+    view = ProgressView(
+        lambda since: next(feed), epochs=3, monitor="val_loss", mode="min", out=out, live=live
+    )
+    view._stop.set()  # drive it by hand, not from its thread
+    if live:
+        from rich.console import Console
+        from rich.live import Live
+
+        view._display = Live(console=Console(file=out, force_terminal=True, width=120), auto_refresh=False)
+        view._display.start()
+    for _ in range(4):
+        view.update()
+        if view._display is not None:
+            view._display.refresh()
+    if view._display is not None:
+        view._display.stop()
+    return out.getvalue()
+
+
+def test_plain_lines_when_not_a_terminal():
+    text = run_view(live=False)
+    lines = [line for line in text.splitlines() if line]
+    assert lines[0] == "[run] epoch 1/3  val_loss 0.5000  best val_loss 0.5000 (epoch 1)"
+    assert "[run] worker group restarted (1 so far)" in lines
+    assert "[run] attempt 2 resumed from epoch0001-step0000010-a1" in lines
+    nan_line = next(line for line in lines if line.startswith("[run] epoch 2/3"))
+    assert "val_loss nan" in nan_line and "best val_loss 0.5000 (epoch 1)" in nan_line  # NaN is never best
+    assert "steps/s" not in text
+
+
+def test_live_line_on_a_terminal_shows_step_rate_eta_and_best():
+    text = run_view(live=True)
+    assert "step 5/10" in text and "steps/s" in text and "ETA 0:00:0" in text
+    assert "best val_loss 0.5000 (epoch 1)" in text
+    assert "resumed from epoch0001-step0000010-a1" in text
