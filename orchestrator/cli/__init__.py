@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import export, inspect, jobs, train
+from orchestrator.cli import export, inspect, jobs, see, train
 
 app = typer.Typer(
     help="Fault-tolerant distributed PyTorch training on Ray, with top-k checkpoints "
@@ -48,6 +48,7 @@ def _root(
 train.register(app)
 inspect.register(app)
 export.register(app)
+see.register(app)
 jobs.register(app)
 
 
