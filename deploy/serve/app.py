@@ -1,0 +1,201 @@
+"""Serve a run's best checkpoint over HTTP; switch to a better one when it is committed.
+
+    serve run deploy/serve/config.yaml                       # from the repository root
+    serve run deploy.serve.app:app run_uri=runs/digits poll_s=10
+
+POST /predict {"inputs": [[64 floats], ...]} (or 8x8 images)
+  -> {"predictions": [...], "checkpoint": id, "epoch": n, "generation": g}
+GET  /healthz  -> which checkpoint is loaded, when, and the poller's state
+
+Each replica loads the best checkpoint (verified against its record) into the model the
+run's task builds. A thread reads manifest.json every `poll_s`; when the best checkpoint
+changed it loads the new weights (verified) and swaps them in with one assignment: a
+request takes the model once when it starts, so requests in flight finish on the old one.
+Nothing here writes to the run. See docs/serving.md.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime.
+import copy
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+
+from orchestrator.api import MODEL_FILE, NoCheckpoint, build_model, open_run
+
+log = logging.getLogger("ray.serve")
+
+
+class AppArgs(BaseModel):
+    """The builder's arguments (`key=value` after the import path, or `args:` in config.yaml)."""
+
+    run_uri: str  # storage root + run name: runs/digits, s3://bucket/runs/digits
+    poll_s: float = Field(10.0, gt=0)  # how often manifest.json is read
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto, ...)
+    storage_options: dict[str, Any] = Field(default_factory=dict)  # any fsspec/s3fs option
+    input_shape: list[int] = [1, 8, 8]  # one model input (the digits CNN: 1x8x8)
+
+    def options(self) -> dict[str, Any]:
+        extra = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+        return {**self.storage_options, **extra}
+
+
+class PredictRequest(BaseModel):
+    inputs: list[Any]  # each one input: a flat list or nested lists (8x8), as the model takes it
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One model with its weights, never changed after it is built: swapped whole."""
+
+    model: torch.nn.Module
+    checkpoint: str
+    epoch: int
+    generation: int  # of the manifest it was chosen from
+    metrics: dict[str, float]
+    loaded_at: float
+    load_s: float
+
+
+api = FastAPI(title="ray-orchestrator: best checkpoint")
+
+
+@serve.deployment
+@serve.ingress(api)
+class BestCheckpoint:
+    def __init__(
+        self, run_uri: str, poll_s: float, storage_options: dict[str, Any], input_shape: list[int]
+    ) -> None:
+        self.run = open_run(run_uri, storage_options)
+        self.input_shape = tuple(input_shape)
+        self.template = build_model(run_uri, storage_options)  # the task's code runs once, here
+        self.skipped: list[dict[str, str]] = []  # better checkpoints that failed verification
+        self.current = self._load()
+        self.checked_generation = self.current.generation
+        self.last_poll: float | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, args=(poll_s,), daemon=True, name="poller")
+        self._poller.start()
+
+    def _load(self) -> Loaded:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="serve-best-") as tmp:
+            # Streamed and hashed against the record; a damaged best is passed over for the next.
+            verified = self.run.verified_best(into=tmp, only={MODEL_FILE})
+            state = torch.load(verified.paths[0], map_location="cpu", weights_only=True)
+        model = copy.deepcopy(self.template)
+        model.load_state_dict(state)
+        c = verified.checkpoint
+        self.skipped = verified.skipped
+        for s in verified.skipped:
+            log.warning("checkpoint %s failed verification, not served: %s", s["id"], s["reason"])
+        return Loaded(
+            model=model.eval(),
+            checkpoint=c.id,
+            epoch=c.epoch,
+            generation=self.run.manifest.generation,
+            metrics=c.metrics,
+            loaded_at=time.time(),
+            load_s=time.perf_counter() - t0,
+        )
+
+    def _poll(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self._check()
+                self.last_error = None
+            except Exception as e:  # storage down, every checkpoint bad: keep serving what we have
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.warning("checking %s for a better checkpoint: %s", self.run.uri, self.last_error)
+            self.last_poll = time.time()
+
+    def _check(self) -> None:
+        generation = self.run.refresh().manifest.generation  # reads manifest.json only
+        if generation == self.checked_generation:
+            return
+        ranked = self.run.ranked()
+        if ranked and ranked[0].id != self.current.checkpoint:
+            new = self._load()
+            if new.checkpoint != self.current.checkpoint:
+                old, self.current = self.current, new  # the swap: one assignment
+                log.info(
+                    "serving %s (epoch %d, generation %d) instead of %s; loaded in %.3fs",
+                    new.checkpoint, new.epoch, new.generation, old.checkpoint, new.load_s,
+                )  # fmt: skip
+        self.checked_generation = generation  # only once handled: a failed load is retried
+
+    def check_health(self) -> None:  # Serve restarts a replica whose poller died
+        if not self._poller.is_alive():
+            raise RuntimeError("the checkpoint poller thread stopped")
+
+    def __del__(self) -> None:
+        if hasattr(self, "_stop"):
+            self._stop.set()
+
+    @api.post("/predict")
+    def predict(self, req: PredictRequest) -> dict[str, Any]:
+        cur = self.current  # this request's model, whatever swap lands meanwhile
+        size = math.prod(self.input_shape)
+        try:
+            x = torch.tensor(req.inputs, dtype=torch.float32)
+        except (ValueError, TypeError) as e:
+            raise HTTPException(422, f"inputs: not a list of equally shaped numeric inputs: {e}") from None
+        if x.ndim < 2 or x[0].numel() != size:
+            raise HTTPException(
+                422, f"inputs: each input must hold {size} numbers (shape {list(self.input_shape)})"
+            )
+        with torch.inference_mode():
+            predictions = cur.model(x.reshape(-1, *self.input_shape)).argmax(dim=1).tolist()
+        return {
+            "predictions": predictions,
+            "checkpoint": cur.checkpoint,
+            "epoch": cur.epoch,
+            "generation": cur.generation,
+        }
+
+    @api.get("/healthz")
+    def healthz(self) -> dict[str, Any]:
+        cur = self.current
+        return {
+            "run": self.run.uri,
+            "checkpoint": cur.checkpoint,
+            "epoch": cur.epoch,
+            "generation": cur.generation,
+            "monitor": self.run.monitor,
+            "metrics": cur.metrics,
+            "loaded_at": cur.loaded_at,
+            "load_s": round(cur.load_s, 4),
+            "skipped": self.skipped,
+            "checked_generation": self.checked_generation,
+            "last_poll": self.last_poll,
+            "last_error": self.last_error,
+        }
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """The Serve application for `args` (see AppArgs). Fails here, before any replica starts,
+    when the run is missing or has no checkpoint to serve yet."""
+    a = AppArgs.model_validate(args)
+    # Replicas do not share the caller's working directory: a local path is made absolute here.
+    uri = a.run_uri if "://" in a.run_uri else os.path.abspath(a.run_uri)
+    run = open_run(uri, a.options())  # RunNotFound names the path
+    if not run.ranked():
+        raise NoCheckpoint(
+            f"{uri}: no committed checkpoint with a {run.monitor!r} value to serve yet "
+            f"(status {run.status}); start the app after the run's first commit"
+        )
+    return BestCheckpoint.bind(uri, a.poll_s, a.options(), a.input_shape)  # type: ignore[attr-defined]
+
+
+app = app_builder

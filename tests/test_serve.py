@@ -1,0 +1,277 @@
+"""deploy/serve: the best checkpoint served over real HTTP by a real Ray Serve, and reloaded
+when a better one is committed.
+
+The run is made without training a cluster: checkpoints of a digits CNN trained here for
+an epoch or two, written as the workers write them (model.pt, then checkpoint.json) and
+committed through the real RunLedger. Serve runs as `serve run CONFIG` in a process of its
+own (its own local Ray), stopped with Ctrl-C (SIGINT) as a user would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+import yaml
+from conftest import ROOT, cli_env, manifest, wait_until
+from s3_support import free_port
+from sklearn.datasets import load_digits
+
+from orchestrator.api import load_best
+from orchestrator.coordinator import RunLedger
+from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry
+from orchestrator.core.retention import RetentionConfig
+from orchestrator.core.storage import Storage, sha256_hex
+from orchestrator.driver import store_spec
+from orchestrator.spec import load_spec
+from workers.metrics import evaluate
+from workers.task import TaskContext
+from workers.tasks import digits
+
+pytestmark = pytest.mark.e2e
+
+SERVE = str(Path(sys.executable).parent / "serve")
+POLL_S = 1.0
+
+
+class Trainer:
+    """The digits task, trained here a little at a time; each checkpoint is committed the
+    way rank 0's writer commits it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        spec = load_spec(
+            ROOT / "configs" / "digits.yaml",
+            [f"storage.root={run_dir.parent}", f"name={run_dir.name}", "chaos.kills=[]"],
+        )
+        self.storage = Storage(str(run_dir))
+        store_spec(self.storage, spec)
+        ck = spec.checkpoint
+        cfg = RetentionConfig(ck.monitor, ck.mode, ck.top_k, ck.keep_latest)
+        self.ledger = RunLedger(self.storage, spec.name, cfg)
+        self.attempt = self.ledger.start_attempt(world_size=1)["attempt"]
+        torch.manual_seed(0)
+        self.task = digits.build(spec.task.options, TaskContext(0, 1, spec.seed, torch.device("cpu")))
+        self.epoch = self.step = 0
+
+    def train_epoch(self) -> None:
+        t = self.task
+        t.model.train()
+        for x, y in torch.utils.data.DataLoader(t.train_data, batch_size=t.batch_size, shuffle=True):
+            t.optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(t.model(x), y).backward()
+            t.optimizer.step()
+            self.step += 1
+        self.epoch += 1
+
+    def commit(self, val_loss: float | None = None, damage: bool = False) -> str:
+        metrics = evaluate(self.task, self.task.model, torch.device("cpu"))
+        if val_loss is not None:
+            metrics["val_loss"] = val_loss
+        cid = f"epoch{self.epoch:04d}-step{self.step:07d}-a{self.attempt}"
+        buf = io.BytesIO()
+        torch.save(self.task.model.state_dict(), buf)
+        data = buf.getvalue()
+        self.storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", data)
+        record = CheckpointRecord(
+            id=cid,
+            epoch=self.epoch,
+            step_in_epoch=0,
+            global_step=self.step,
+            end_of_epoch=True,
+            metrics=metrics,
+            files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))],
+            world_size=1,
+            attempt=self.attempt,
+        )
+        body = json.dumps(record.model_dump(), indent=1).encode()
+        self.storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", body)  # last, as the writer does
+        if damage:  # bit rot after the upload: same size, other bytes; the commit does not hash
+            self.storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", bytes(b ^ 0xFF for b in data))
+        self.ledger.commit(record)
+        return cid
+
+
+def http(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        return 0, str(e)
+
+
+def tree(pid: int) -> set[tuple[int, float]]:
+    """A process and everything under it, as (pid, start time): a reused pid is not a survivor."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    out = set()
+    for p in procs:
+        try:
+            out.add((p.pid, p.create_time()))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def alive(procs: set[tuple[int, float]]) -> set[tuple[int, float]]:
+    left = set()
+    for pid, created in procs:
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                left.add((pid, created))
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def model_predictions(run_dir: Path, images: torch.Tensor) -> tuple[str, list[int]]:
+    """The best checkpoint's own answers, loaded here the documented way."""
+    from orchestrator.api import open_run
+
+    best = open_run(str(run_dir)).best().id
+    model = load_best(str(run_dir), model=digits.build_model({}))
+    with torch.inference_mode():
+        return best, model(images).argmax(dim=1).tolist()
+
+
+def test_serves_the_best_checkpoint_and_reloads_a_better_one(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "digits"
+    trainer = Trainer(run_dir)
+    trainer.train_epoch()
+    first = trainer.commit()
+    assert load_best(str(run_dir)).keys()  # a committed, verified best exists
+
+    # Serve's own config file, pointed at this run and at a free loopback port.
+    config = yaml.safe_load((ROOT / "deploy" / "serve" / "config.yaml").read_text())
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["applications"][0]["args"].update(run_uri=str(run_dir), poll_s=POLL_S)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    base = f"http://127.0.0.1:{port}"
+
+    digits_data = load_digits()
+    images = torch.tensor(digits_data.images[:200], dtype=torch.float32) / 16.0  # as the task scales
+    flat = images.reshape(len(images), 64).tolist()
+    labels = digits_data.target[:200].tolist()
+
+    log = open(tmp_path / "serve.log", "wb")
+    env = cli_env(PYTHONDONTWRITEBYTECODE="1", RAY_USAGE_STATS_ENABLED="0")
+    t_start = time.time()
+    proc = subprocess.Popen(
+        [SERVE, "run", "--address", "local", str(tmp_path / "serve.yaml")],
+        cwd=ROOT,  # deploy.serve.app imports from the repository root
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    started: set[tuple[int, float]] = set()
+    try:
+
+        def up() -> bool:
+            started.update(tree(proc.pid))
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-5000:]
+            return http("GET", f"{base}/healthz", timeout=2)[0] == 200
+
+        wait_until(up, timeout=180, what="Serve to answer /healthz", interval=1)
+        print(f"serve up in {time.time() - t_start:.1f}s")
+        status, health = http("GET", f"{base}/healthz")
+        assert health["checkpoint"] == first and health["run"] == str(run_dir)
+
+        # Answers are the checkpoint's own, for flat inputs and 8x8 images alike.
+        best, expected = model_predictions(run_dir, images.unsqueeze(1))
+        assert best == first
+        status, out = http("POST", f"{base}/predict", {"inputs": flat})
+        assert status == 200, out
+        assert out["predictions"] == expected and out["checkpoint"] == first and out["epoch"] == 1
+        status, out8 = http("POST", f"{base}/predict", {"inputs": images[:5].tolist()})
+        assert status == 200 and out8["predictions"] == expected[:5], out8
+
+        # Bad input: a clear 422, the server keeps serving.
+        status, err = http("POST", f"{base}/predict", {"inputs": [[1.0, 2.0]]})
+        assert status == 422 and "64 numbers" in err, err
+
+        # A better checkpoint (more training, lower val_loss) is committed: served within a poll.
+        trainer.train_epoch()
+        trainer.train_epoch()
+        second = trainer.commit()
+        committed_at = time.time()
+        better, expected2 = model_predictions(run_dir, images.unsqueeze(1))
+        assert better == second != first and expected2 != expected  # different weights, different answers
+
+        generation = manifest(run_dir)["generation"]
+        answers = {first: expected, second: expected2}
+
+        def reloaded() -> bool:
+            status, out = http("POST", f"{base}/predict", {"inputs": flat})
+            assert status == 200, out
+            assert out["predictions"] == answers[out["checkpoint"]]  # one model per request, never a mix
+            return bool(out["checkpoint"] == second)
+
+        wait_until(reloaded, timeout=30, what="the better checkpoint to be served", interval=0.05)
+        latency = time.time() - committed_at
+        status, out = http("POST", f"{base}/predict", {"inputs": flat})
+        assert out["predictions"] == expected2 and out["epoch"] == 3 and out["generation"] == generation
+        assert sum(p == y for p, y in zip(out["predictions"], labels, strict=True)) > 0.8 * len(labels)
+        status, health = http("GET", f"{base}/healthz")
+        assert health["checkpoint"] == second and health["last_error"] is None
+        print(f"reload seen {latency:.2f}s after the commit (poll_s={POLL_S}); load_s={health['load_s']}")
+
+        # A worse checkpoint, then a "better" one whose model.pt is damaged: neither is served.
+        trainer.train_epoch()
+        trainer.commit(val_loss=10.0)
+        trainer.train_epoch()
+        damaged = trainer.commit(val_loss=0.0, damage=True)
+        generation = manifest(run_dir)["generation"]
+
+        def checked() -> bool:
+            return bool(http("GET", f"{base}/healthz")[1]["checked_generation"] == generation)
+
+        wait_until(checked, timeout=30, what="the server to check the latest manifest", interval=0.2)
+        status, health = http("GET", f"{base}/healthz")
+        assert health["checkpoint"] == second, health
+        (skipped,) = health["skipped"]
+        assert skipped["id"] == damaged and "sha256" in skipped["reason"], skipped
+        status, out = http("POST", f"{base}/predict", {"inputs": flat})
+        assert out["checkpoint"] == second and out["predictions"] == expected2
+    finally:
+        started.update(tree(proc.pid))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: `serve run` shuts Serve and its Ray down
+        try:
+            proc.wait(timeout=60)
+        finally:
+            log.close()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+    # Nothing it started survives: Serve's controller, proxy, replica, and the Ray it started.
+    assert len(started) > 3, started
+    try:
+        wait_until(lambda: not alive(started), timeout=30, what="Serve's processes to exit")
+    finally:
+        for pid, _ in alive(started):  # fail, but leave nothing behind
+            psutil.Process(pid).kill()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
