@@ -63,7 +63,6 @@ class RunLedger:
         self.cfg = retention_cfg
         self.owner = owner
         self.fenced: str | None = None  # why this ledger may no longer write
-        self.stopped: dict[str, str] | None = None  # why the workers stopped the run, as a failure
         self.live: dict[str, Any] | None = None  # rank 0's latest position in the epoch (display only)
         self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
         self._events_stored = len(self.events)  # events up to here are in storage
@@ -175,7 +174,6 @@ class RunLedger:
             return dict(answer)
         m = self.manifest
         attempt = m.attempts + 1
-        self.collect_orphans()
         latest = m.latest()
         result = {"attempt": attempt, "restore": latest.model_dump() if latest else None}
         self.event(
@@ -186,8 +184,12 @@ class RunLedger:
             restore=latest.id if latest else None,
             restore_epoch=latest.epoch if latest else None,
         )
-        update = {"attempts": attempt, "resumed_from": latest.id if latest else None, "status": "running"}
+        update = {"attempts": attempt, "resumed_from": latest.id if latest else None, "status": "running",
+                  "stopped": None}  # fmt: skip
+        # The compare-and-swap first: a coordinator whose run was taken over is fenced here,
+        # before it could take the new owner's commits for orphans.
         self._save(self._remember(self.manifest.model_copy(update=update), rid, result))
+        self.collect_orphans()
         return result
 
     def next_restore(self, after_bad: str, reason: str, rid: str | None = None) -> dict[str, Any] | None:
@@ -208,8 +210,8 @@ class RunLedger:
     def stop(self, reason: str, kind: str, rid: str | None = None) -> None:
         """The workers stopped the run on purpose: it ends as failed, with reason. kind "input"
         (a spec error found on the workers) or "nan" (checkpoint.stop_on_nan)."""
-        self.stopped = {"reason": reason, "kind": kind}
         self.event("stopped", rid, reason=reason, why=kind)
+        self._save(self.manifest.model_copy(update={"stopped": {"reason": reason, "kind": kind}}))
 
     def claim_chaos(self, key: str, pid: int | None = None, rid: str | None = None) -> bool:
         """True exactly once per key per run (fault injection fires on the first attempt only),
@@ -274,6 +276,7 @@ class RunLedger:
             self._delete(c.id, "retention")
 
     def _delete(self, cid: str, why: str) -> None:
+        self._check_owner()  # a fenced coordinator deletes nothing
         try:
             self.storage.delete(f"{CHECKPOINTS}/{cid}")
             self.event("delete", id=cid, why=why)
@@ -298,7 +301,9 @@ class RunLedger:
 
     def collect_orphans(self) -> list[str]:
         """Delete checkpoint directories no manifest names (uploaded, never committed), and
-        the temp files of atomic writes that a crash interrupted."""
+        the temp files of atomic writes that a crash interrupted. Called only right after a
+        manifest write succeeded, so the manifest it compares with is the current one."""
+        self._check_owner()
         for name in self.storage.list_dirs(""):
             if ".tmp-" in name and not name.startswith(LEASE):  # the lease is the driver's
                 self.storage.delete(name)
@@ -326,6 +331,15 @@ class RunLedger:
         try:
             self.manifest, self._version = write_manifest_if(self.storage, m, self._version)
         except Conflict:
+            current, version = read_manifest_versioned(self.storage)
+            if current is not None and current.owner == self.owner:
+                # Still ours: an earlier write of ours landed though it was reported failed (a
+                # lost response past the retry budget). Take storage as the truth; the caller's
+                # operation fails once and is retried on it.
+                self.manifest, self._version = current, version
+                raise StorageError(
+                    f"{self.storage.uri}: manifest changed by our own earlier write; reloaded"
+                ) from None
             self.fenced = f"run taken over by {lease.describe(lease.holder(self.storage))}"
             raise LeaseLost(f"{self.storage.uri}: {self.fenced}; nothing was deleted") from None
 
@@ -345,7 +359,8 @@ class RunLedger:
             "best": best.model_dump() if best else None,
             "restarts": self.manifest.restarts,
             "attempts": self.manifest.attempts,
-            "stopped": self.stopped,
+            "stopped": self.manifest.stopped,
+            "fenced": self.fenced,
             "live": self.live,
             "resumed_from": self.manifest.resumed_from,
         }

@@ -357,3 +357,61 @@ def test_resume_refuses_overrides_that_change_what_the_run_computes(tmp_path, ov
     p = run_cli("resume", str(tmp_path / "any"), "--set", override, timeout=60)
     assert p.returncode == 2, p.stdout + p.stderr
     assert f"--set {override.split('=')[0]}: cannot change on resume" in p.stderr
+
+
+def test_a_fenced_coordinator_deletes_nothing_the_new_owner_committed(storage):
+    a_lease = Lease(storage, ttl_s=1, heartbeat_s=60)
+    a_lease.acquire()
+    a = RunLedger(storage, "run", CFG, owner=a_lease.token)
+    a.start_attempt(1)
+    a.commit(upload(storage, 1, 0.9, attempt=1))
+    a_lease.stop_heartbeat()
+    time.sleep(2.5)
+    b_lease = Lease(storage, ttl_s=30, heartbeat_s=60)
+    b_lease.acquire()
+    b = RunLedger(storage, "run", CFG, owner=b_lease.token)
+    b.start_attempt(1)
+    b.commit(upload(storage, 2, 0.5, attempt=2))
+    b.commit(upload(storage, 3, 0.4, attempt=2))
+    # A's worker group restarts (its commit failed) and asks A's coordinator for an attempt:
+    # its manifest is stale, so everything B committed looks like an orphan to it.
+    for _ in range(2):
+        with pytest.raises(LeaseLost, match="taken over"):
+            a.start_attempt(1)
+    on_disk = set(storage.list_dirs(CHECKPOINTS))
+    assert {c.id for c in read_manifest(storage).checkpoints} <= on_disk
+    assert {"epoch0002-step0000020-a2", "epoch0003-step0000030-a2"} <= on_disk
+    b_lease.release()
+    a_lease.release()
+
+
+def test_a_write_whose_answer_was_lost_is_not_mistaken_for_a_takeover(moto, bucket):
+    """The PUT lands, its response does not (a reset): the retry meets our own write."""
+    from orchestrator.core.storage import RetryPolicy
+
+    storage = Storage(f"s3://{bucket}/runs/run", {"endpoint_url": moto.endpoint, **S3_OPTS},
+                      retry=RetryPolicy(attempts=3, initial_s=0.01, max_s=0.02))  # fmt: skip
+    lease = Lease(storage, heartbeat_s=3600)
+    lease.acquire()
+    led = RunLedger(storage, "run", CFG, owner=lease.token)
+    led.start_attempt(1)
+    real, lost = storage.fs.call_s3, []
+
+    def answer_lost_once(method, *args, **kwargs):
+        out = real(method, *args, **kwargs)  # the request reaches the store and is applied
+        if method == "put_object" and not lost:
+            lost.append(kwargs["Key"])
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return out
+
+    storage.fs.call_s3 = answer_lost_once
+    rec = upload(storage, 1, 0.5)  # plain writes are retried as before
+    lost.clear()
+    led.commit(rec)  # the manifest's conditional PUT: landed, answer lost, retried
+    assert lost and lost[0].endswith("manifest.json")
+    assert read_manifest(storage).get(rec.id) is not None
+    lost.clear()
+    lease.beat()  # the lease's conditional PUT, the same way
+    assert lost and lost[0].endswith("lease.json") and lease.lost is None
+    storage.fs.call_s3 = real
+    lease.release()

@@ -121,7 +121,12 @@ class Lease:
         try:
             self._version = self.storage.write_if(LEASE, self._body(), self._version)
         except Conflict:
-            held = self.read() or {}
+            current = self.storage.read_versioned(LEASE)
+            held = _parse(current.data) if current else None
+            if current is not None and held is not None and held.get("token") == self.token:
+                # Our own earlier beat landed though it was reported failed: still ours.
+                self._version = current.version
+                return self.beat()
             self.lost = f"run taken over by {describe(held)}"
             raise LeaseLost(f"{self.storage.uri}: {self.lost}") from None
 

@@ -90,6 +90,7 @@ class Manifest(BaseModel):
     # request id -> result of the latest mutating coordinator calls: a call retried after the
     # actor restarted gets the first answer instead of counting twice.
     requests: dict[str, Any] = Field(default_factory=dict)
+    stopped: dict[str, str] | None = None  # {reason, kind} when the workers stopped the run on purpose
     next_seq: int = 1
     checkpoints: list[CheckpointRecord] = Field(default_factory=list)  # committed, in commit order
     kept: dict[str, list[str]] = Field(default_factory=dict)  # id -> why it is kept

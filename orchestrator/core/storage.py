@@ -434,7 +434,15 @@ class Storage:
                 self.fs.invalidate_cache(target)
                 return str(out["ETag"])
 
-            return self._call(f"write {rel}", put)
+            try:
+                return self._call(f"write {rel}", put)
+            except Conflict:
+                # A retried PUT whose first try landed (its answer lost) meets its own write:
+                # the bytes are ours, so the write succeeded.
+                current = self._read_versioned(rel)
+                if current is not None and current.data == data:
+                    return current.version
+                raise
 
         def swap() -> str:
             current = self._read_versioned(rel)
@@ -444,6 +452,8 @@ class Storage:
             return sha256_hex(data)
 
         if not self.is_local:
+            # memory:// (one process: exact). Other remote stores without conditional writes
+            # (gs://, az://, ...): read, compare, write, not fenced across hosts (docs/storage.md).
             with _MEMORY_CAS:
                 return self._call(f"write {rel}", swap)
         import fcntl
