@@ -1,7 +1,7 @@
-"""The local multi-node cluster and the Jobs API path, with real processes.
+"""Runs on a multi-node Ray cluster and the Jobs API path, with real processes.
 
-One cluster (a head plus worker raylets on this machine, non-default free ports, its own
-state file) serves the module; it is brought down at the end and no process it started may
+One cluster (a head plus worker nodes on this machine, free ports, token auth; see
+cluster_support) serves the module; it is shut down at the end and no process it started may
 survive. On it: a run submitted over the Jobs API, a driver killed under --max-retries, a
 driver killed and resumed by hand, and a node (raylet) killed under a training worker.
 """
@@ -15,32 +15,41 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-from cluster_support import alive_actors, committed, events, local_cluster, stop
-from conftest import cli_env, expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
+from cluster_support import (
+    LocalCluster,
+    alive_actors,
+    committed,
+    events,
+    free_ports,
+    local_cluster,
+    node_states,
+    stop,
+)
+from conftest import expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
 
-from orchestrator import cluster as cl
-from orchestrator import jobs
+from orchestrator.cli import jobs
 
 RUN_SETS = ["--set", "chaos.kills=[]", "--set", "scaling.num_workers=2"]
 
 
-def submit(c: dict[str, Any], root: Path, name: str, *extra: str) -> dict[str, Any]:
+def submit(c: LocalCluster, root: Path, name: str, *extra: str) -> dict[str, Any]:
     """`orchestrator submit configs/digits.yaml` to the test cluster, storage under root."""
-    p = run_cli("submit", "configs/digits.yaml", "--address", c["dashboard"], "--json",
+    p = run_cli("submit", "configs/digits.yaml", "--address", c.dashboard, "--json",
                 "--set", f"storage.root={root}", "--set", f"name={name}", *RUN_SETS, *extra,
-                env=c["env"], timeout=120)  # fmt: skip
+                env=c.env, timeout=120)  # fmt: skip
     assert p.returncode == 0, p.stderr
     return dict(json.loads(p.stdout))
 
 
-def _job_status(c: dict[str, Any], job_id: str) -> dict[str, Any]:
-    p = run_cli("status", job_id, "--address", c["dashboard"], "--json", env=c["env"], timeout=60)
+def _job_status(c: LocalCluster, job_id: str) -> dict[str, Any]:
+    p = run_cli("status", job_id, "--address", c.dashboard, "--json", env=c.env, timeout=60)
     assert p.returncode == 0, p.stderr
     return dict(json.loads(p.stdout))
 
 
-def _wait_job(c: dict[str, Any], job_id: str, timeout: float = 240) -> dict[str, Any]:
+def _wait_job(c: LocalCluster, job_id: str, timeout: float = 240) -> dict[str, Any]:
     end = time.time() + timeout
     while time.time() < end:
         st = _job_status(c, job_id)
@@ -50,16 +59,16 @@ def _wait_job(c: dict[str, Any], job_id: str, timeout: float = 240) -> dict[str,
     raise AssertionError(f"job {job_id} not finished after {timeout}s")
 
 
-def _stop_job(c: dict[str, Any], job_id: str) -> None:
+def _stop_job(c: LocalCluster, job_id: str) -> None:
     """Stop the job if it still runs (the test started it, the test ends it)."""
     if _job_status(c, job_id)["status"] not in jobs.TERMINAL:
-        run_cli("stop", job_id, "--address", c["dashboard"], env=c["env"], timeout=90)
+        run_cli("stop", job_id, "--address", c.dashboard, env=c.env, timeout=90)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """A head plus one worker raylet, shared by this module's cluster tests."""
-    with local_cluster(tmp_path_factory.mktemp("cluster"), workers=1) as info:
+def ray_cluster():
+    """A head plus one worker node, shared by this module's cluster tests."""
+    with local_cluster(workers=1) as info:
         yield info
 
 
@@ -69,7 +78,7 @@ def ray_cluster(tmp_path_factory):
 def test_bad_spec_fails_before_contacting_the_cluster(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nepochs: 0\nscaling: {num_workers: 2, bogus: 1}\n")
-    nobody = f"http://127.0.0.1:{cl.free_ports(1)[0]}"  # nothing listens: contacting it exits 5
+    nobody = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens: contacting it exits 5
     t0 = time.time()
     p = run_cli("submit", str(bad), "--address", nobody, timeout=60)
     assert p.returncode == 2, p.stdout + p.stderr
@@ -115,8 +124,7 @@ def test_shipped_spec_drops_secrets_and_relativizes_file_tasks(tmp_path, monkeyp
         jobs._shipped_spec(load_spec(cfg), str(outside))
 
 
-def test_default_address(monkeypatch, tmp_path):
-    monkeypatch.setenv(cl.STATE_ENV, str(tmp_path / "none.json"))
+def test_default_address(monkeypatch):
     for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
     assert jobs.default_address(None) == "http://127.0.0.1:8265"
@@ -129,43 +137,7 @@ def test_default_address(monkeypatch, tmp_path):
     assert jobs.default_address("h:1") == "http://h:1"
 
 
-def test_ray_not_found_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(cl.sys, "executable", str(tmp_path / "python"))
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(cl.ClusterError, match="ray not found"):
-        cl.ray_executable()
-
-
-def test_down_without_a_cluster_is_a_no_op(tmp_path):
-    env = cli_env(ORCHESTRATOR_CLUSTER_STATE=str(tmp_path / "c.json"))
-    p = run_cli("cluster", "down", env=env, timeout=60)
-    assert p.returncode == 0 and "nothing to stop" in p.stdout
-    p = run_cli("cluster", "status", env=env, timeout=60)
-    assert p.returncode == 1 and "no cluster recorded" in p.stderr
-
-
 # -- on the cluster --------------------------------------------------------------------------
-
-
-@pytest.mark.e2e
-def test_cluster_status_and_clear_errors(ray_cluster):
-    c = ray_cluster
-    p = run_cli("cluster", "status", "--json", env=c["env"], timeout=60)
-    assert p.returncode == 0, p.stderr
-    st = json.loads(p.stdout)
-    assert st["gcs_reachable"] and [n["name"] for n in st["nodes"]] == ["head", "worker-1"]
-    assert all(n["raylet_alive"] and n["ray_state"] == "ALIVE" for n in st["nodes"])
-    before = c["state_file"].read_text()
-    # The same state file: already up.
-    a, b = cl.free_ports(2)
-    p = run_cli("cluster", "up", "--port", str(a), "--dashboard-port", str(b), env=c["env"], timeout=60)
-    assert p.returncode == 1 and "already up" in p.stderr and "cluster down" in p.stderr
-    assert c["state_file"].read_text() == before
-    # Another state file, but the GCS port is taken.
-    other = cli_env(ORCHESTRATOR_CLUSTER_STATE=str(c["tmp"] / "other.json"))
-    p = run_cli("cluster", "up", "--port", str(c["port"]), "--dashboard-port", str(b), env=other, timeout=60)
-    assert p.returncode == 1 and f"port {c['port']} (--port) is busy" in p.stderr
-    assert not (c["tmp"] / "other.json").exists()
 
 
 @pytest.mark.e2e
@@ -177,17 +149,15 @@ def test_submit_runs_on_the_cluster(ray_cluster, tmp_path):
     assert run_uri == str(tmp_path / name)
     try:
         st = _wait_job(c, job_id)
-        logs = run_cli("logs", job_id, "--address", c["dashboard"], env=c["env"], timeout=60).stdout
+        logs = run_cli("logs", job_id, "--address", c.dashboard, env=c.env, timeout=60).stdout
         assert st["status"] == "SUCCEEDED", logs[-4000:]
         assert "[run] finished: 3 epochs" in logs
         assert st["run_uri"] == run_uri and st["progress"]["status"] == "finished"
-        ck = run_cli("checkpoints", run_uri, "--json", env=c["env"], timeout=60)
+        ck = run_cli("checkpoints", run_uri, "--json", env=c.env, timeout=60)
         assert ck.returncode == 0, ck.stderr
         rows = json.loads(ck.stdout)["checkpoints"]
         assert [r["epoch"] for r in rows] == [1, 2, 3] and all(r["kept_because"] for r in rows)
-        listed = json.loads(
-            run_cli("list", "--json", "--address", c["dashboard"], env=c["env"], timeout=60).stdout
-        )
+        listed = json.loads(run_cli("list", "--json", "--address", c.dashboard, env=c.env, timeout=60).stdout)
         assert job_id in [r["job_id"] for r in listed]
     finally:
         _stop_job(c, job_id)
@@ -209,7 +179,7 @@ def test_submit_ships_a_file_task_in_the_working_dir(ray_cluster, tmp_path):
                     "--set", f"task.name={wd / 'mytask.py'}:build", "--set", "epochs=1")["job_id"]  # fmt: skip
     try:
         st = _wait_job(c, job_id)
-        logs = run_cli("logs", job_id, "--address", c["dashboard"], env=c["env"], timeout=60).stdout
+        logs = run_cli("logs", job_id, "--address", c.dashboard, env=c.env, timeout=60).stdout
         assert st["status"] == "SUCCEEDED", logs[-4000:]
         assert "[mytask] built from the uploaded copy" in logs and "[run] finished: 1 epochs" in logs
         stored = (tmp_path / name / "spec.yaml").read_text()
@@ -221,7 +191,6 @@ def test_submit_ships_a_file_task_in_the_working_dir(ray_cluster, tmp_path):
 @pytest.mark.e2e
 def test_max_retries_resumes_after_the_driver_is_killed(ray_cluster, tmp_path):
     c = ray_cluster
-    psutil = cl._psutil()
     name = f"retry-{os.getpid()}-{int(time.time())}"
     run_dir = tmp_path / name
     job_id = submit(c, tmp_path, name, "--max-retries", "1", "--set", "epochs=8")["job_id"]
@@ -245,7 +214,7 @@ def test_max_retries_resumes_after_the_driver_is_killed(ray_cluster, tmp_path):
         assert d is not None, "the job's driver process was not found"
         d.send_signal(signal.SIGKILL)
         st = _wait_job(c, job_id, timeout=300)
-        logs = run_cli("logs", job_id, "--address", c["dashboard"], env=c["env"], timeout=60).stdout
+        logs = run_cli("logs", job_id, "--address", c.dashboard, env=c.env, timeout=60).stdout
         assert st["status"] == "SUCCEEDED", logs[-4000:]
         assert "[supervise] driver killed by SIGKILL; resuming" in logs
         assert "[run] finished: 8 epochs" in logs
@@ -265,7 +234,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
         "run",
         "configs/digits.yaml",
         "--address",
-        c["address"],
+        c.address,
         "--quiet",
         "--set",
         "epochs=10",
@@ -275,7 +244,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
         f"name={name}",
         *RUN_SETS,
         log=tmp_path / "driver.log",
-        env=c["env"],
+        env=c.env,
     )
     try:
         wait_until(
@@ -295,7 +264,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
         latest = max(r["epoch"] for r in committed(run_dir))
         assert latest >= seen and manifest(run_dir)["status"] == "running"
         assert latest < 10, "the run finished before its driver was killed"
-        p = run_cli("resume", str(run_dir), "--address", c["address"], "--json", env=c["env"], timeout=400)
+        p = run_cli("resume", str(run_dir), "--address", c.address, "--json", env=c.env, timeout=400)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
         assert json.loads(p.stdout)["status"] == "finished"
     finally:
@@ -321,17 +290,15 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tmp_path):
 @pytest.mark.e2e
 def test_run_survives_losing_a_node(ray_cluster, tmp_path):
     c = ray_cluster
-    state_file = c["state_file"]
-    # A second worker raylet: with the head's CPU there are 3, and a lost node leaves 2.
-    p = run_cli("cluster", "add-node", "--json", env=c["env"], timeout=180)
-    assert p.returncode == 0, p.stderr
+    # A second worker node: with the head's CPU there are 3, and a lost node leaves 2.
+    c.add_node()
     name = "nodekill"
     run_dir = tmp_path / name
     drv = start_cli(
         "run",
         "configs/digits.yaml",
         "--address",
-        c["address"],
+        c.address,
         "--quiet",
         "--set",
         "epochs=12",
@@ -343,24 +310,19 @@ def test_run_survives_losing_a_node(ray_cluster, tmp_path):
         "failure.max_failures=3",
         *RUN_SETS,
         log=tmp_path / "driver.log",
-        env=c["env"],
+        env=c.env,
     )
     try:
         wait_until(
             lambda: len(committed(run_dir)) >= 2 or drv.poll() is not None, 180, "2 committed checkpoints"
         )
         assert drv.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
-        nodes = {n["node_id"]: n for n in cl.read_state(state_file)["nodes"]}
-        hosts = [
-            a["node_id"] for a in alive_actors(c, "RayTrainWorker") if nodes[a["node_id"]]["role"] != "head"
-        ]
+        hosts = [a["node_id"] for a in alive_actors(c, "RayTrainWorker") if c.name_of(a["node_id"]) != "head"]
         assert hosts, "no training worker on a worker node"
-        victim = nodes[hosts[0]]
+        victim, victim_id = c.name_of(hosts[0]), hosts[0]
         before = max(r["epoch"] for r in committed(run_dir))
-        cl.kill_node(victim["name"], state_file)  # SIGKILL its raylet
-        wait_until(lambda: not cl.node_processes(victim), 60, f"{victim['name']} gone")
-        p = run_cli("cluster", "add-node", "--json", env=c["env"], timeout=180)  # the replacement
-        assert p.returncode == 0, p.stderr
+        c.kill_node(victim)  # SIGKILL its raylet; returns once none of its processes is left
+        c.add_node()  # the replacement
         rc = drv.wait(timeout=400)
         log = (tmp_path / "driver.log").read_text()
         assert rc == 0, log[-5000:]
@@ -376,7 +338,4 @@ def test_run_survives_losing_a_node(ray_cluster, tmp_path):
     # Training went on past the restored epoch with attempt 2; nothing before it was redone.
     assert all(m["attempt"] == 1 for m in metrics if m["epoch"] <= second["restore_epoch"])
     assert all(m["attempt"] >= 2 for m in metrics if m["epoch"] > second["restore_epoch"])
-    p = run_cli("cluster", "status", "--json", env=c["env"], timeout=60)
-    by_name = {n["name"]: n for n in json.loads(p.stdout)["nodes"]}
-    assert not by_name[victim["name"]]["raylet_alive"] and by_name[victim["name"]]["processes"] == 0
-    assert by_name[victim["name"]]["ray_state"] == "DEAD"
+    assert not c.processes(victim) and node_states(c)[victim_id] == "DEAD"

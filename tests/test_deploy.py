@@ -1,15 +1,19 @@
 """deploy/ stays consistent with the project: one Ray version, one image, shared storage,
 credentials only from Secrets, an entrypoint that runs the CLI on a spec that validates.
 
-Reads files only (plus `bash`): no cluster, no docker, no network.
+Reads files only (plus `bash`, and deploy/local-cluster.sh against a stand-in for `ray`): no
+cluster, no docker, no network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import json
 import os
 import re
 import shlex
+import signal
 import stat
 import subprocess
 import sys
@@ -190,14 +194,13 @@ def test_dockerfile_base_and_versions_agree_with_pyproject(
 
 def test_dockerfile_installs_what_it_declares(dockerfile: list[str]) -> None:
     runs = [re.sub(r"[\"']", "", i) for i in dockerfile if i.startswith("RUN ")]
-    assert any(
-        "pip install --index-url ${TORCH_INDEX_URL} torch==${TORCH_VERSION}" in r for r in runs
-    ), "torch is not installed from TORCH_INDEX_URL at TORCH_VERSION"
+    assert any("pip install --index-url ${TORCH_INDEX_URL} torch==${TORCH_VERSION}" in r for r in runs), (
+        "torch is not installed from TORCH_INDEX_URL at TORCH_VERSION"
+    )
     # Ray pinned at RAY_VERSION in the same pip run that installs the project, so the
     # project's own `ray==2.60.*` cannot move it.
     assert any(
-        "ray[default,train]==${RAY_VERSION}" in r and re.search(r"pip install /src\b", r)
-        for r in runs
+        "ray[default,train,serve]==${RAY_VERSION}" in r and re.search(r"pip install /src\b", r) for r in runs
     ), "the project is not installed with Ray pinned at RAY_VERSION"
     assert "COPY deploy/configs/ /app/configs/" in dockerfile
 
@@ -275,9 +278,7 @@ def test_rayjob_entrypoint_runs_the_cli_on_shared_storage(kube: dict[str, dict[s
     assert config.startswith("/app/configs/"), config
     # /app/configs/ holds configs/ and deploy/configs/ (see the Dockerfile's COPY lines).
     name = config.removeprefix("/app/configs/")
-    local = next(
-        (p for p in (DEPLOY / "configs" / name, ROOT / "configs" / name) if p.is_file()), None
-    )
+    local = next((p for p in (DEPLOY / "configs" / name, ROOT / "configs" / name) if p.is_file()), None)
     assert local is not None, f"{config} is in neither deploy/configs/ nor configs/"
     rest = argv[3:]
     assert len(rest) % 2 == 0 and all(flag == "--set" for flag in rest[::2]), rest
@@ -368,40 +369,134 @@ def test_local_cluster_script_is_valid_bash() -> None:
     assert "set -euo pipefail" in LOCAL_CLUSTER.read_text()
 
 
+# A stand-in for `ray`: records how it was called, and for `ray start --head` writes the
+# address file and listens on the dashboard port; then blocks like `ray start --block`.
+RAY_STUB = """#!{python}
+import json, os, socket, sys, time
+argv = sys.argv[1:]
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps({{"argv": argv, "auth": os.environ.get("RAY_AUTH_MODE"), "pid": os.getpid()}}) + "\\n")
+opt = lambda name: argv[argv.index(name) + 1]
+if "--head" in argv:
+    with open(os.path.join(opt("--temp-dir"), "ray_current_cluster"), "w") as f:
+        f.write("127.0.0.1:" + opt("--port"))
+    s = socket.socket()
+    s.bind(("127.0.0.1", int(opt("--dashboard-port"))))
+    s.listen()
+print("Ray runtime started.", flush=True)
+time.sleep(600)
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def local_cluster_sh(tmp_path: Path) -> Any:
+    """Run deploy/local-cluster.sh with the stub as RAY, HOME and STATE_DIR under tmp_path."""
+    stub = tmp_path / "bin" / "ray"
+    stub.parent.mkdir()
+    stub.write_text(RAY_STUB.format(python=sys.executable))
+    stub.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("N", "RAY_AUTH_MODE")}
+    env = {**base, "RAY": str(stub), "HOME": str(tmp_path), "STATE_DIR": str(tmp_path / "state"),
+           "STUB_LOG": str(tmp_path / "calls.jsonl"), "GRACE": "5"}  # fmt: skip
+
+    def sh(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(LOCAL_CLUSTER), *args], env={**env, **extra},
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    yield sh
+    if (tmp_path / "calls.jsonl").exists():  # whatever a failed test left running, by pid
+        for call in _stub_calls(tmp_path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(call["pid"], signal.SIGKILL)
+
+
+def _stub_calls(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+
+
+def _session_alive(sid: int) -> bool:
+    """Any process (not a zombie) left in the session that `ray start` with this pid led."""
+    out = subprocess.run(["ps", "-e", "-o", "sid=,stat="], capture_output=True, text=True).stdout
+    return any(row.split()[0] == str(sid) and not row.split()[1].startswith("Z") for row in out.splitlines())
+
+
 @pytest.mark.parametrize(
-    ("args", "env", "expected"),
+    ("args", "env", "workers", "cpus", "head_cpus"),
     [
-        (["up"], {}, "cluster up --workers 2"),
-        (["up"], {"N": "3"}, "cluster up --workers 3"),
-        (["up", "4", "--num-cpus", "2"], {}, "cluster up --workers 4 --num-cpus 2"),
-        (["down"], {}, "cluster down"),
-        (["status", "--json"], {}, "cluster status --json"),
+        ([], {}, 2, "1", "1"),
+        ([], {"N": "3"}, 3, "1", "1"),
+        (["1", "--num-cpus", "2", "--head-num-cpus", "0"], {}, 1, "2", "0"),
     ],
 )
-def test_local_cluster_script_calls_the_cli(
-    tmp_path: Path, args: list[str], env: dict[str, str], expected: str
-) -> None:
-    stub = tmp_path / "orchestrator"
-    stub.write_text('#!/bin/sh\necho "$@"\n')
-    stub.chmod(0o755)
-    base = {k: v for k, v in os.environ.items() if k != "N"}
-    p = subprocess.run(
-        ["bash", str(LOCAL_CLUSTER), *args],
-        env={**base, "ORCHESTRATOR": str(stub), **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == expected
+def test_local_cluster_script_starts_and_stops_exactly_its_nodes(
+    local_cluster_sh: Any, tmp_path: Path, args: list[str], env: dict[str, str], workers: int, cpus: str,
+    head_cpus: str,
+) -> None:  # fmt: skip
+    port, dash = _free_ports(2)
+    p = local_cluster_sh("up", *args, "--port", str(port), "--dashboard-port", str(dash), **env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"address:   127.0.0.1:{port}" in p.stdout and f"http://127.0.0.1:{dash}" in p.stdout
+    calls = _stub_calls(tmp_path)
+    assert [c["auth"] for c in calls] == ["token"] * (1 + workers)
+    head, *rest = [c["argv"] for c in calls]
+    assert head[:2] == ["start", "--block"] and "--head" in head
+    assert head[head.index("--num-cpus") + 1] == head_cpus
+    assert head[head.index("--dashboard-host") + 1] == "127.0.0.1"
+    assert len(rest) == workers and all("--head" not in w for w in rest)
+    assert all(w[w.index("--address") + 1] == f"127.0.0.1:{port}" for w in rest)
+    assert all(w[w.index("--num-cpus") + 1] == cpus for w in rest)
+    token = tmp_path / ".ray" / "auth_token"
+    assert re.fullmatch(r"[0-9a-f]{64}", token.read_text()) and token.stat().st_mode & 0o777 == 0o600
+
+    st = local_cluster_sh("status")
+    assert st.returncode == 0, st.stderr
+    rows = [line.split() for line in st.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["head"] + [f"worker-{i}" for i in range(1, workers + 1)]
+    assert all(r[2] == "up" for r in rows)
+    pids = [int(r[1]) for r in rows]
+    again = local_cluster_sh("up", "--port", str(port), "--dashboard-port", str(dash))
+    assert again.returncode == 1 and "already up" in again.stderr
+
+    k = local_cluster_sh("kill-node", "worker-1")  # a node-failure drill: the whole node at once
+    assert k.returncode == 0 and "SIGKILLed worker-1" in k.stdout, k.stderr
+    assert not _session_alive(pids[1]) and _session_alive(pids[0])
+    st = local_cluster_sh("status")
+    assert [line.split()[2] for line in st.stdout.splitlines()[2:4]] == ["up", "DOWN"]
+    assert local_cluster_sh("kill-node", "worker-9").returncode == 2
+
+    d = local_cluster_sh("down")
+    assert d.returncode == 0, d.stderr
+    assert "down: stopped head" in d.stdout and not any(_session_alive(pid) for pid in pids)
+    assert not (tmp_path / "state").exists()
+    p = local_cluster_sh("status")
+    assert p.returncode == 1 and "no cluster recorded" in p.stderr
+    p = local_cluster_sh("down")
+    assert p.returncode == 0 and "nothing to stop" in p.stdout
 
 
-def test_local_cluster_script_rejects_bad_usage() -> None:
+def test_local_cluster_script_rejects_bad_usage(local_cluster_sh: Any, tmp_path: Path) -> None:
     for args in ([], ["bogus"]):
-        p = subprocess.run(["bash", str(LOCAL_CLUSTER), *args], capture_output=True, text=True)
+        p = local_cluster_sh(*args)
         assert p.returncode == 2 and "Usage:" in p.stderr
-    p = subprocess.run(["bash", str(LOCAL_CLUSTER), "--help"], capture_output=True, text=True)
-    assert p.returncode == 0 and "Usage:" in p.stdout
+    p = local_cluster_sh("--help")
+    assert p.returncode == 0 and "Usage:" in p.stdout and "ray start" not in p.stderr
+    for args in (["up", "--bogus", "1"], ["up", "--port"], ["up", "--num-cpus", "x"], ["down", "now"],
+                 ["status", "--json"], ["kill-node"]):  # fmt: skip
+        p = local_cluster_sh(*args)
+        assert p.returncode == 2 and p.stderr.startswith("error: "), (args, p.stderr)
+    assert not (tmp_path / "calls.jsonl").exists() and not (tmp_path / "state").exists()  # nothing started
 
 
 # -- docs ---------------------------------------------------------------------------------
@@ -410,5 +505,5 @@ def test_local_cluster_script_rejects_bad_usage() -> None:
 def test_deploy_doc_covers_every_artifact() -> None:
     text = DEPLOY_DOC.read_text()
     for p in sorted(DEPLOY.rglob("*")):
-        if p.is_file():
+        if p.is_file() and "__pycache__" not in p.parts:
             assert _rel(p) in text, f"docs/deploy.md does not mention {_rel(p)}"

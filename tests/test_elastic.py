@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 from cluster_support import committed, events, local_cluster, stop
-from conftest import expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
-
-from orchestrator import cluster as cl
+from conftest import expected_kept, jsonl, manifest, start_cli, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -19,11 +17,10 @@ def world_sizes(run_dir):
 def test_elastic_run_shrinks_after_node_loss_and_grows_back(tmp_path):
     # Ray Train waits this long for a worker group it cannot place before it tries a smaller
     # one (60 s by default); the controller reads it from the head node's environment.
-    with local_cluster(tmp_path / "cluster", workers=2, head_num_cpus=0,
-                       RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15") as c:  # fmt: skip
-        env = {k: v for k, v in c["env"].items() if k != "RAY_AUTH_MODE"}  # the driver finds the token
+    with local_cluster(workers=2, head_num_cpus=0, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15") as c:
+        env = {k: v for k, v in c.env.items() if k != "RAY_AUTH_MODE"}  # the driver finds the token
         run_dir = tmp_path / "elastic"
-        drv = start_cli("run", "configs/digits.yaml", "--address", c["address"], "--quiet",
+        drv = start_cli("run", "configs/digits.yaml", "--address", c.address, "--quiet",
                         "--set", "epochs=30", "--set", f"storage.root={tmp_path}", "--set", "name=elastic",
                         "--set", "chaos.kills=[]", "--set", "scaling.num_workers=[1, 2]",
                         "--set", "scaling.elastic_resize_interval_s=5", "--set", "failure.max_failures=5",
@@ -33,10 +30,9 @@ def test_elastic_run_shrinks_after_node_loss_and_grows_back(tmp_path):
             assert drv.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
             assert world_sizes(run_dir) == [2]
             before = max(r["epoch"] for r in committed(run_dir))
-            cl.kill_node("worker-2", c["state_file"])  # each worker node hosts one training worker
+            c.kill_node("worker-2")  # each worker node hosts one training worker
             wait_until(lambda: world_sizes(run_dir)[-1:] == [1] or drv.poll() is not None, 240, "shrink to 1")
-            p = run_cli("cluster", "add-node", "--json", env=c["env"], timeout=180)
-            assert p.returncode == 0, p.stderr
+            c.add_node()
             wait_until(lambda: world_sizes(run_dir)[-1:] == [2] and len(world_sizes(run_dir)) > 2
                        or drv.poll() is not None, 240, "grow back to 2")  # fmt: skip
             rc = drv.wait(timeout=400)
@@ -53,4 +49,6 @@ def test_elastic_run_shrinks_after_node_loss_and_grows_back(tmp_path):
     assert grown["restore_epoch"] >= shrunk["restore_epoch"]
     metrics = jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in metrics] == list(range(1, 31))
-    assert {c["epoch"] for c in manifest(run_dir)["checkpoints"]} == expected_kept(metrics, "val_loss", "min", 3)
+    assert {c["epoch"] for c in manifest(run_dir)["checkpoints"]} == expected_kept(
+        metrics, "val_loss", "min", 3
+    )
