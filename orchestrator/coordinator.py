@@ -76,7 +76,7 @@ class RunLedger:
             self._claim(run, owner)
         elif self.manifest.retention != asdict(retention_cfg):
             self._save(self.manifest.model_copy(update={"retention": asdict(retention_cfg)}))
-        self.trackers = Trackers(storage, tracking, self._tracker_failed) if tracking is not None else None
+        self.trackers = Trackers(storage, tracking) if tracking is not None else None
 
     def _claim(self, run: str, owner: str) -> None:
         """Make the manifest name this owner, by compare-and-swap, retried while a stale
@@ -158,9 +158,11 @@ class RunLedger:
         write_jsonl(self.storage, METRICS, self.metrics)
         if self.trackers is not None:
             self.trackers.log(row)
+            self._log_tracker_errors()
 
-    def _tracker_failed(self, name: str, exc: BaseException) -> None:
-        self.event("tracker_off", tracker=name, error=self.storage.clean(exc)[:500])
+    def _log_tracker_errors(self) -> None:
+        for name, exc in self.trackers.take_errors() if self.trackers else []:
+            self.event("tracker_off", tracker=name, error=self.storage.clean(exc)[:500])
 
     # -- attempts ------------------------------------------------------------
     def start_attempt(self, world_size: int, rid: str | None = None) -> dict[str, Any]:
@@ -321,6 +323,7 @@ class RunLedger:
         self.event("run_" + status, checkpoints=len(self.manifest.checkpoints))
         if self.trackers is not None:
             self.trackers.finish(status)
+            self._log_tracker_errors()
         return self.manifest.kept
 
     def _save(self, m: Manifest) -> None:

@@ -136,6 +136,37 @@ def worker_config(spec: JobSpec) -> WorkerConfig:
     )
 
 
+def start_coordinator(spec: JobSpec, storage: Storage, cfg: RetentionConfig, token: str) -> Any:
+    """The run's coordinator actor, named after the run. On a shared cluster a driver that
+    stalled and lost its lease may still have one there: this driver holds the lease now, so
+    that one is stopped (it is fenced anyway) and the name taken over."""
+    import time
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    name = f"coordinator:{spec.run_uri}"
+    actor = coordinator_actor_class().options(
+        name=name,
+        namespace=NAMESPACE,
+        # Pinned to the driver's node (a zero-CPU actor always fits): it survives the loss of
+        # any other node. Soft affinity was seen to land it on worker nodes.
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=False
+        ),
+    )
+    for _ in range(30):
+        try:
+            return actor.remote(storage, spec.name, cfg, token, tracking_settings(spec))
+        except ValueError:  # the name is taken: the previous owner's coordinator
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            except ValueError:
+                pass  # gone meanwhile
+            time.sleep(1.0)
+    raise RunFailed(f"{spec.run_uri}: the previous driver's coordinator actor ({name}) would not go away")
+
+
 def tracking_settings(spec: JobSpec) -> dict[str, Any]:
     t = spec.tracking
     params = {"task": spec.task.name, **{f"task.{k}": v for k, v in spec.task.options.items()},
@@ -181,7 +212,6 @@ def run(
     # checkers see elastic scaling (`ray.train`'s own stubs still describe V1).
     from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.torch.torch_trainer import TorchTrainer
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from workers.loop import train_loop_per_worker
 
@@ -215,19 +245,7 @@ def run(
             keep_latest=spec.checkpoint.keep_latest,
             keep_every_n_epochs=spec.checkpoint.keep_every_n_epochs,
         )
-        coord = (
-            coordinator_actor_class()
-            .options(
-                name=f"coordinator:{spec.run_uri}",
-                namespace=NAMESPACE,
-                # Pinned to the driver's node (a zero-CPU actor always fits): it survives the loss of
-                # any other node. Soft affinity was seen to land it on worker nodes.
-                scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    node_id=ray.get_runtime_context().get_node_id(), soft=False
-                ),
-            )
-            .remote(storage, spec.name, cfg, lease.token, tracking_settings(spec))
-        )
+        coord = start_coordinator(spec, storage, cfg, lease.token)
         ray.get(coord.ping.remote(), timeout=COORD_TIMEOUT_S)
         lease.on_lost = lambda why: coord.fence.remote(why)  # the coordinator stops writing at once
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -275,16 +293,22 @@ def run(
                     error = str(result.error)
             except Exception as e:  # Ray Train gave up (max_failures) or the run was invalid
                 error = f"{type(e).__name__}: {e}"
-        stopped = ray.get(coord.progress.remote(), timeout=60).get("stopped")
+        try:
+            after = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S)
+        except Exception as e:  # the coordinator is gone (its restart refused: taken over) or stuck
+            after = {"fenced": root_cause(f"{type(e).__name__}: {e}")} if "LeaseLost" in str(e) else {}
+            error = error or f"the run's coordinator did not answer: {type(e).__name__}: {e}"
+        if lease.lost or after.get("fenced") or (error and "LeaseLost" in error):
+            why = lease.lost or after.get("fenced") or root_cause(error or "")
+            raise LeaseLost(
+                f"{spec.run_uri}: {why}. This driver stopped; it deleted nothing, and what the new "
+                "owner commits is its own"
+            )
+        stopped = after.get("stopped")
         if stopped and stopped["kind"] == "input":
             ray.get(coord.finish.remote("failed"), timeout=COORD_TIMEOUT_S)
             raise SpecError(stopped["reason"])
         error = error or (stopped and stopped["reason"])
-        if lease.lost or (error and "LeaseLost" in error):
-            raise LeaseLost(
-                f"{spec.run_uri}: {lease.lost or root_cause(error or '')}. This driver stopped; it "
-                "deleted nothing, and what the new owner commits is its own"
-            )
         status = "failed" if error else "finished"
         reason = redact(root_cause(error), secrets) if error else None
         try:

@@ -54,7 +54,9 @@ class ProgressView:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            self.update()
+            self.update()  # the last rows; the coordinator may be gone, which the driver reports
+        except Exception:
+            pass
         finally:
             if self._display is not None:
                 self._display.stop()

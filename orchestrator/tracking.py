@@ -9,7 +9,9 @@ fails never fails the run: it is switched off with one event saying why.
 from __future__ import annotations
 
 import os
+import queue
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any
@@ -76,9 +78,14 @@ class MLflow:
 
 
 class Trackers:
-    def __init__(self, storage: Storage, settings: dict[str, Any] | None, on_error: Any) -> None:
-        self.on_error = on_error
+    """The trackers of one coordinator, fed from a background thread: rank 0 waits for the
+    coordinator's report_metrics, and a slow TensorBoard upload or MLflow server must not
+    make it (and every rank behind it at the next collective) wait too."""
+
+    def __init__(self, storage: Storage, settings: dict[str, Any] | None) -> None:
+        self.errors: list[tuple[str, BaseException]] = []  # (tracker, error): the ledger logs them
         self.active: list[Any] = []
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         settings = settings or {}
         if settings.get("tensorboard", True):
             self._start(lambda: TensorBoard(storage), "tensorboard")
@@ -90,25 +97,46 @@ class Trackers:
                 ),
                 "mlflow",
             )
+        self._thread = threading.Thread(target=self._drain, name="trackers", daemon=True)
+        self._thread.start()
 
     def _start(self, make: Any, name: str) -> None:
         try:
             self.active.append(make())
         except Exception as e:  # a missing package or an unreachable server: say so, train on
-            self.on_error(name, e)
+            self.errors.append((name, e))
 
     def log(self, row: dict[str, Any]) -> None:
-        for t in list(self.active):
-            try:
-                t.log(row)
-            except Exception as e:
-                self.active.remove(t)
-                self.on_error(type(t).__name__.lower(), e)
+        if self.active:
+            self._queue.put(row)
+
+    def _drain(self) -> None:
+        while (row := self._queue.get()) is not None:
+            for t in list(self.active):
+                try:
+                    t.log(row)
+                except Exception as e:
+                    self.active.remove(t)
+                    self.errors.append((type(t).__name__.lower(), e))
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def take_errors(self) -> list[tuple[str, BaseException]]:
+        """Trackers switched off since the last call (the caller logs them, on its own thread)."""
+        out, self.errors = self.errors, []
+        return out
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        """Wait (up to timeout_s) until every row handed over so far is logged."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def finish(self, status: str) -> None:
+        self.flush()
         for t in self.active:
             if hasattr(t, "finish"):
                 try:
                     t.finish(status)
                 except Exception as e:
-                    self.on_error(type(t).__name__.lower(), e)
+                    self.errors.append((type(t).__name__.lower(), e))

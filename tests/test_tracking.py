@@ -34,8 +34,10 @@ def test_tensorboard_event_files_land_in_the_run(where, tmp_path, request):
     led = RunLedger(storage, "run", CFG, tracking={"tensorboard": True})
     for row in ROWS[:2]:
         led.report_metrics(row)
+    led.trackers.flush()
     again = RunLedger(storage, "run", CFG, tracking={"tensorboard": True})  # a restarted coordinator
     again.report_metrics(ROWS[2])
+    again.trackers.flush()
     names = storage.list_dirs("tb")
     assert len(names) == 2 and all(n.startswith("events.out.tfevents") for n in names)
     local = tmp_path / "tb"
@@ -58,6 +60,7 @@ def test_mlflow_gets_every_epoch_and_one_run_across_restarts(tmp_path, monkeypat
     tracking = {"tensorboard": False, "mlflow_uri": uri, "experiment": "digits", "params": {"seed": 0}}
     led = RunLedger(storage, "run", CFG, tracking=tracking)
     led.report_metrics(ROWS[0])
+    led.trackers.flush()
     again = RunLedger(storage, "run", CFG, tracking=tracking)
     for row in ROWS[1:]:
         again.report_metrics(row)
@@ -75,6 +78,7 @@ def test_a_broken_tracker_is_switched_off_not_fatal(tmp_path):
     storage = Storage(str(tmp_path / "run"))
     led = RunLedger(storage, "run", CFG, tracking={"tensorboard": False, "mlflow_uri": "nosuchscheme://x"})
     led.report_metrics(ROWS[0])
+    led.trackers.flush()
     assert read_jsonl(storage, "metrics.jsonl") == [ROWS[0]]
     off = [e for e in read_jsonl(storage, "events.jsonl") if e["kind"] == "tracker_off"]
     assert off and off[0]["tracker"] == "mlflow"

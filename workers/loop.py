@@ -48,13 +48,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     )
     model = task.model.to(device)
     resumed = restore(coord, storage, task, model, device, cfg.seed, rank, world)
+    if resumed.taken_over:  # another driver owns the run now: end quietly, the driver says why
+        return {"stopped": resumed.taken_over}
     ddp = torch.nn.parallel.DistributedDataParallel(model) if is_distributed() else model
     prior = resumed.train_state
-    stopper = (
-        EarlyStopping(cfg.mode, *cfg.early_stopping, prior.get("early_stopping"))
-        if cfg.early_stopping
-        else None
-    )
+    stopper = EarlyStopping.configured(cfg.mode, cfg.early_stopping, prior.get("early_stopping"))
     metrics: dict[str, float] = dict(prior.get("last_metrics", {}))
     chaos = Chaos(cfg.kills, rank, lambda key: call(coord.claim_chaos, key, os.getpid()))
     commit = lambda r: call(coord.commit, r.model_dump())  # noqa: E731

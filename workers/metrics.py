@@ -78,6 +78,13 @@ class EarlyStopping:
         self.best: float | None = (state or {}).get("best")
         self.bad_epochs: int = (state or {}).get("bad_epochs", 0)
 
+    @classmethod
+    def configured(
+        cls, mode: str, settings: tuple[int, float] | None, state: dict[str, Any] | None
+    ) -> EarlyStopping | None:
+        """From the spec's early_stopping (patience, min_delta); None when it is off."""
+        return cls(mode, *settings, state) if settings else None
+
     def update(self, value: float) -> bool:
         improved = not math.isnan(value) and (
             self.best is None

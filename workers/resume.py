@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from orchestrator.core.lease import LeaseLost
 from orchestrator.core.manifest import CheckpointRecord
 from orchestrator.core.storage import Storage
 from orchestrator.core.verify import VerificationError, read_verified
@@ -70,7 +71,10 @@ def plan_restore(
     plan: dict[str, Any] | None = None
     blobs: dict[str, bytes] | None = None
     if rank == 0:
-        plan = call(coord.start_attempt, world)
+        try:
+            plan = call(coord.start_attempt, world)
+        except LeaseLost as e:  # another driver took the run over: this attempt must not start
+            return broadcast({"attempt": 0, "restore": None, "taken_over": str(e)}), None
         rec = plan["restore"]
         while rec is not None:
             try:
@@ -88,6 +92,7 @@ class Resumed:
     """Where this rank continues, and the state the loop still needs."""
 
     attempt: int
+    taken_over: str | None = None  # set when another driver owns the run: do not train
     start_epoch: int = 1
     start_step: int = 0
     global_step: int = 0
@@ -109,7 +114,7 @@ def restore(
     from workers.state import MODEL_FILE, STATE_FILE, Position, load_tensor_file
 
     plan, blobs = plan_restore(coord, storage, rank, world)
-    out = Resumed(attempt=plan["attempt"])
+    out = Resumed(attempt=plan["attempt"], taken_over=plan.get("taken_over"))
     if plan["restore"] is None:
         return out
     record = CheckpointRecord.model_validate(plan["restore"])

@@ -18,6 +18,7 @@ from orchestrator.cli.exits import (
 from orchestrator.core.manifest import ManifestError
 from orchestrator.core.storage import StorageError
 from orchestrator.core.tasks import TaskError
+from orchestrator.core.verify import VerificationError
 
 
 def export(
@@ -47,7 +48,7 @@ def export(
             config = do_export(run, out, fmt, checkpoint)
     except RunNotFound as e:
         die(str(e), EXIT_INPUT)
-    except NoCheckpoint as e:
+    except (NoCheckpoint, VerificationError) as e:
         die(str(e), EXIT_FAILED)
     except TaskError as e:
         die(f"{fmt} export builds the task's model: {e}", EXIT_INPUT)

@@ -18,6 +18,7 @@ from orchestrator.cli.exits import (
     stdout_to_stderr,
 )
 from orchestrator.core.lease import LeaseHeld
+from orchestrator.core.manifest import ManifestError
 from orchestrator.core.storage import StorageError, redact, secrets_in
 from orchestrator.spec import SpecError, load_spec
 
@@ -56,7 +57,7 @@ def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: b
         if e.summary is not None:
             _print_summary(e.summary.as_dict(), as_json)
         die(f"run {spec.name} failed: {e}", EXIT_FAILED)
-    except StorageError as e:
+    except (StorageError, ManifestError) as e:
         die(str(e), EXIT_STORAGE)
     except OSError as e:  # before training starts, storage is all that does I/O
         why = redact(f"{type(e).__name__}: {e}", secrets_in(spec.storage.options))
