@@ -67,3 +67,13 @@ def test_live_lease_on_another_host_is_respected(tmp_path):
                                      "heartbeat": time.time()}).encode())  # fmt: skip
     with pytest.raises(LeaseHeld, match="on other-host"):
         Lease(s, ttl_s=30).acquire()
+
+
+def test_a_lease_deleted_under_its_owner_is_written_again_not_lost(tmp_path):
+    s = Storage(str(tmp_path))
+    lease = Lease(s, heartbeat_s=60)
+    lease.acquire()
+    s.delete(LEASE)  # a stale previous owner's release, racing the takeover
+    lease.beat()
+    assert lease.lost is None and json.loads(s.read_bytes(LEASE))["token"] == lease.token
+    lease.release()

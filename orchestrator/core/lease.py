@@ -123,6 +123,13 @@ class Lease:
         except Conflict:
             current = self.storage.read_versioned(LEASE)
             held = _parse(current.data) if current else None
+            if current is None:  # deleted under us (a stale owner's release): create it again
+                try:
+                    self._version = self.storage.write_if(LEASE, self._body(), None)
+                    return
+                except Conflict:
+                    current = self.storage.read_versioned(LEASE)
+                    held = _parse(current.data) if current else None
             if current is not None and held is not None and held.get("token") == self.token:
                 # Our own earlier beat landed though it was reported failed: still ours.
                 self._version = current.version
