@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import run_cli
 from test_ledger import upload
 
 from orchestrator.coordinator import RetentionConfig, RunLedger
-from orchestrator.core.storage import Storage
+from orchestrator.core.manifest import FileEntry
+from orchestrator.core.storage import Storage, sha256_hex
 
 
 @pytest.fixture
@@ -64,3 +66,69 @@ def test_help_teaches():
         assert cmd in p.stdout
     p = run_cli("run", "--help", check=True)
     assert "--set" in p.stdout and "--address" in p.stdout
+
+
+def test_metrics_table_marks_the_best_epoch_and_restarts_and_speaks_csv(tmp_path):
+    storage = Storage(str(tmp_path / "r"))
+    led = RunLedger(storage, "r", RetentionConfig("val_loss", "min", top_k=1, keep_latest=1))
+    for epoch, loss, attempt in [(1, 0.9, 1), (2, 0.2, 1), (3, 0.5, 2)]:
+        led.report_metrics({"epoch": epoch, "global_step": 10 * epoch, "attempt": attempt, "val_loss": loss})
+    p = run_cli("metrics", str(tmp_path / "r"), check=True)
+    lines = p.stdout.splitlines()
+    assert lines[0].split()[:3] == ["epoch", "step", "att"] and "val_loss" in lines[0]
+    assert [line for line in lines if "<- best val_loss" in line][0].split()[0] == "2"
+    assert any("restart: attempt 2 resumed here" in line for line in lines)
+    p = run_cli("metrics", str(tmp_path / "r"), "--csv", check=True)
+    assert p.stdout.splitlines()[0] == "epoch,global_step,attempt,val_loss"
+    assert p.stdout.splitlines()[2] == "2,20,1,0.2"
+
+
+def test_checkpoints_rank_best_rank_and_runs_under_a_root(run_dir):
+    rows = json.loads(run_cli("checkpoints", str(run_dir), "--json", check=True).stdout)["checkpoints"]
+    assert {r["id"]: r["rank"] for r in rows} == {"epoch0002-step0000020": 1, "epoch0003-step0000030": 2}
+    text = run_cli("checkpoints", str(run_dir), check=True).stdout
+    assert "rank" in text.splitlines()[1]
+    second = json.loads(run_cli("best", str(run_dir), "--rank", "2", "--json", check=True).stdout)
+    assert second["id"] == "epoch0003-step0000030" and second["rank"] == 2
+    p = run_cli("best", str(run_dir), "--rank", "3")
+    assert p.returncode == 1 and "asked for rank 3" in p.stderr
+    listed = json.loads(run_cli("runs", str(run_dir.parent), "--json", check=True).stdout)
+    assert [(r["name"], r["status"], r["best"]) for r in listed] == [("r", "running", 0.2)]
+    p = run_cli("runs", str(run_dir.parent), check=True)
+    assert p.stdout.splitlines()[1].split()[:3] == ["r", "running", "3"]
+
+
+def test_rough_edges_give_clear_errors(run_dir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for target in (afile, afile / "below"):
+        p = run_cli("best", str(run_dir), "--download", str(target))
+        assert p.returncode == 2 and "--download" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = run_cli("events", str(run_dir), "--kind", "comit")
+    assert p.returncode == 2 and "--kind comit: unknown" in p.stderr and "commit" in p.stderr
+    first = run_cli("events", str(run_dir), check=True).stdout.splitlines()[0]
+    assert re.match(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ", first)  # the date, not only the time
+    p = run_cli("--version", check=True)
+    assert re.fullmatch(r"orchestrator \d+\.\d+\.\d+\n", p.stdout)
+    help_text = " ".join(run_cli("--help", check=True).stdout.split())
+    assert "Exit codes: 0 success, 1 the run failed, 2 bad input" in help_text
+    assert "5 Ray's Jobs API unreachable" in help_text
+
+
+def test_best_download_is_weights_only_unless_asked(tmp_path):
+    storage = Storage(str(tmp_path / "r"))
+    led = RunLedger(storage, "r", RetentionConfig("val_loss", "min", top_k=1, keep_latest=1))
+    rec = upload(storage, 1, 0.5)
+    storage.write_bytes(f"checkpoints/{rec.id}/train_state.pt", b"state")
+    rec = rec.model_copy(update={"files": [*rec.files, FileEntry(path="train_state.pt", size=5,
+                                                                  sha256=sha256_hex(b"state"))]})  # fmt: skip
+    storage.write_bytes(f"checkpoints/{rec.id}/checkpoint.json", rec.model_dump_json().encode())
+    led.commit(rec)
+    run_cli("best", str(tmp_path / "r"), "--download", str(tmp_path / "w"), check=True)
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["checkpoint.json", "model.pt"]
+    run_cli("best", str(tmp_path / "r"), "--download", str(tmp_path / "a"), "--all-files", check=True)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "checkpoint.json",
+        "model.pt",
+        "train_state.pt",
+    ]

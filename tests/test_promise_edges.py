@@ -415,3 +415,20 @@ def test_a_write_whose_answer_was_lost_is_not_mistaken_for_a_takeover(moto, buck
     assert lost and lost[0].endswith("lease.json") and lease.lost is None
     storage.fs.call_s3 = real
     lease.release()
+
+
+def test_the_python_api_reads_a_run_on_local_and_s3(storage):
+    from orchestrator import open_run
+
+    led = RunLedger(storage, "run", CFG)
+    for epoch, loss in [(1, 0.5), (2, 0.3), (3, NAN)]:
+        led.commit(upload(storage, epoch, loss))
+        led.report_metrics({"epoch": epoch, "val_loss": loss, "attempt": 1})
+    run = open_run(storage.uri, storage.options)
+    assert (run.monitor, run.mode, run.status) == ("val_loss", "min", "running")
+    assert run.best().epoch == 2 and run.best(rank=2).epoch == 1
+    assert [c.rank for c in run.checkpoints()] == [2, 1, None]  # NaN: kept as latest, never ranked
+    frame = run.metrics()
+    assert list(frame["epoch"]) == [1, 2, 3]  # a DataFrame: pandas is installed here
+    assert run.metrics(as_frame=False)[1]["val_loss"] == 0.3
+    assert [e["kind"] for e in run.events(["commit"])] == ["commit"] * 3

@@ -157,7 +157,9 @@ def metrics(
         for row in rows:
             typer.echo(json.dumps(row, sort_keys=True))
         return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lead = ("epoch", "global_step", "attempt")
+    seen = {k for r in rows for k in r}
+    keys = [k for k in lead if k in seen] + sorted(seen - set(lead))
     if csv_out:
         import csv
         import sys
