@@ -28,6 +28,8 @@ from unittest import mock
 import psutil
 from conftest import cli_env, jsonl, manifest, wait_until
 
+from orchestrator.core.procs import pid_alive
+
 MARK = "ORCH_TEST_NODE"
 
 
@@ -54,13 +56,13 @@ def ensure_token() -> None:
 
 def _alive(p: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
-        return bool(p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+        return pid_alive(p.pid, p.create_time())
     return False
 
 
 def _reload_ray_config() -> None:
     """Ray reads RAY_AUTH_MODE into its config once (this process asks the GCS when nodes are up)."""
-    from ray._raylet import Config  # type: ignore[attr-defined]
+    from ray._raylet import Config  # type: ignore[attr-defined]  # see orchestrator/ray_compat.py
 
     Config.initialize("")
 
