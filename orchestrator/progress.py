@@ -75,15 +75,18 @@ class ProgressView:
         self._next = p["next"]
         if self.quiet:
             return
-        lines = [self._epoch_line(m) for m in p["new"]]
+        # Rows of earlier attempts, then the restart and the attempt after it, then its rows.
+        current = p["attempts"]
+        lines = [self._epoch_line(m) for m in p["new"] if m.get("attempt", current) < current]
+        if p["restarts"] > self._restarts:
+            self._restarts = p["restarts"]
+            lines.append(f"[run] worker group restarted ({self._restarts} so far)")
         if p["attempts"] > self._attempts:
             if p["attempts"] > 1:
                 where = p.get("resumed_from") or "the start (nothing committed yet)"
                 lines.append(f"[run] attempt {p['attempts']} resumed from {where}")
             self._attempts = p["attempts"]
-        if p["restarts"] > self._restarts:
-            self._restarts = p["restarts"]
-            lines.append(f"[run] worker group restarted ({self._restarts} so far)")
+        lines += [self._epoch_line(m) for m in p["new"] if m.get("attempt", current) >= current]
         for line in lines:
             if self._display is not None:
                 self._display.console.print(line, highlight=False, markup=False)

@@ -58,3 +58,20 @@ def test_live_line_on_a_terminal_shows_step_rate_eta_and_best():
     assert "step 5/10" in text and "steps/s" in text and "ETA 0:00:0" in text
     assert "best val_loss 0.5000 (epoch 1)" in text
     assert "resumed from epoch0001-step0000010-a1" in text
+
+
+def test_a_restart_is_shown_between_the_attempts_epochs_even_in_one_poll():
+    row = lambda e, a: {"epoch": e, "global_step": e, "attempt": a, "val_loss": 1.0 / e}  # noqa: E731
+    feed = iter([{"restarts": 1, "attempts": 2, "resumed_from": "epoch0001-a1", "live": None, "next": 3,
+                  "new": [row(1, 1), row(2, 2), row(3, 2)]}])  # fmt: skip
+    out = io.StringIO()
+    ProgressView(
+        lambda since: next(feed), epochs=3, monitor="val_loss", mode="min", out=out, live=False
+    ).update()
+    assert [line.split()[1] for line in out.getvalue().splitlines()] == [
+        "epoch",
+        "worker",
+        "attempt",
+        "epoch",
+        "epoch",
+    ]
