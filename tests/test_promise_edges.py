@@ -199,17 +199,23 @@ def test_two_drivers_starting_together_one_wins_the_lease(storage):
             le.release()
 
 
-def test_a_stalled_driver_is_fenced_and_deletes_nothing_after_a_takeover(storage):
+def stall_and_take_over(storage: Storage) -> tuple[Lease, RunLedger, Lease]:
+    """Driver A owns the run and commits epoch 1, then stalls (a storage outage, a suspended
+    laptop) past its TTL, and driver B takes the lease over."""
     a_lease = Lease(storage, ttl_s=1, heartbeat_s=60)
     a_lease.acquire()
     a = RunLedger(storage, "run", CFG, owner=a_lease.token)
     a.start_attempt(1)
     a.commit(upload(storage, 1, 0.9, attempt=1))
-    a_lease.stop_heartbeat()  # A stalls: a storage outage, a suspended laptop
-
+    a_lease.stop_heartbeat()
     time.sleep(2.5)  # past A's TTL by the storage's clock (S3 times have 1 s resolution)
     b_lease = Lease(storage, ttl_s=30, heartbeat_s=60)
     b_lease.acquire()
+    return a_lease, a, b_lease
+
+
+def test_a_stalled_driver_is_fenced_and_deletes_nothing_after_a_takeover(storage):
+    a_lease, a, b_lease = stall_and_take_over(storage)
     assert b_lease.events and b_lease.events[0]["kind"] == "lease_taken_over"
     a_late = upload(storage, 2, 0.1, attempt=1)  # A's writer finished an upload meanwhile
     b = RunLedger(storage, "run", CFG, owner=b_lease.token)
@@ -360,15 +366,7 @@ def test_resume_refuses_overrides_that_change_what_the_run_computes(tmp_path, ov
 
 
 def test_a_fenced_coordinator_deletes_nothing_the_new_owner_committed(storage):
-    a_lease = Lease(storage, ttl_s=1, heartbeat_s=60)
-    a_lease.acquire()
-    a = RunLedger(storage, "run", CFG, owner=a_lease.token)
-    a.start_attempt(1)
-    a.commit(upload(storage, 1, 0.9, attempt=1))
-    a_lease.stop_heartbeat()
-    time.sleep(2.5)
-    b_lease = Lease(storage, ttl_s=30, heartbeat_s=60)
-    b_lease.acquire()
+    a_lease, a, b_lease = stall_and_take_over(storage)
     b = RunLedger(storage, "run", CFG, owner=b_lease.token)
     b.start_attempt(1)
     b.commit(upload(storage, 2, 0.5, attempt=2))
