@@ -192,7 +192,10 @@ class Run:
             return rows
         return pd.DataFrame(rows)
 
-    def events(self, kinds: list[str] | None = None) -> list[dict[str, Any]]:
+    def events(self, kinds: list[str] | str | None = None) -> list[dict[str, Any]]:
+        """The event log, optionally only these kinds (docs: core.manifest.EVENT_KINDS)."""
+        if isinstance(kinds, str):
+            kinds = [kinds]
         rows = read_jsonl(self.storage, EVENTS)
         return [e for e in rows if not kinds or e.get("kind") in kinds]
 

@@ -50,9 +50,10 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
         raise ValueError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="orchestrator-export-") as tmp:
+        skipped: list[dict[str, str]] = []
         if which == "best":
             found = run.verified_best(into=tmp, only={MODEL_FILE})
-            ck, path = found.checkpoint, found.paths[0]
+            ck, path, skipped = found.checkpoint, found.paths[0], found.skipped
         else:
             ck = pick(run, which)
             path = copy_verified(run.storage, ck.record, tmp, only={MODEL_FILE})[0]
@@ -76,8 +77,9 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
                 torch.jit.trace(model, sample).save(target)
             else:
                 batch = torch.export.Dim("batch")
+                # external_data=False: one self-contained file, not model.onnx + model.onnx.data
                 torch.onnx.export(model, (sample,), target, input_names=["input"], output_names=["output"],
-                                  dynamic_shapes=({0: batch},))  # fmt: skip
+                                  dynamic_shapes=({0: batch},), external_data=False)  # fmt: skip
     config = {
         "format": fmt,
         "file": FORMATS[fmt],
@@ -90,7 +92,8 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
         "mode": run.mode,
         "metrics": ck.metrics,
         "run_uri": run.uri,
-        "source_sha256": {f.path: f.sha256 for f in ck.record.files},
+        "source_sha256": {f.path: f.sha256 for f in ck.record.files if f.path == MODEL_FILE},
+        "skipped": skipped,  # better-ranked checkpoints passed over: their files failed verification
         **extra,
     }
     with open(os.path.join(out_dir, "config.json"), "w") as f:

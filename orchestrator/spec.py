@@ -189,7 +189,10 @@ class JobSpec(_Model):
             if kill.point == "after_upload" and kill.rank != 0:
                 raise ValueError(f"chaos.kills.{i}.rank: after_upload kills rank 0, the writer")
             if kill.epoch > self.epochs:
-                raise ValueError(f"chaos.kills.{i}.epoch: {kill.epoch} is past epochs={self.epochs}")
+                raise ValueError(
+                    f"chaos.kills.{i}.epoch: {kill.epoch} is past epochs={self.epochs} (drop the fault "
+                    "injection with --set 'chaos.kills=[]')"
+                )
         return self
 
     @property

@@ -36,6 +36,12 @@ class TensorBoard:
         self.writer = EventsWriter(os.path.join(self._dir, "events"), f".{uuid.uuid4().hex[:8]}")
         self.name = os.path.basename(self.writer._file_name)
 
+    def finish(self, status: str) -> None:
+        import shutil
+
+        self.writer.close()
+        shutil.rmtree(self._dir, ignore_errors=True)  # the event file is in storage
+
     def log(self, row: dict[str, Any]) -> None:
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar

@@ -77,7 +77,7 @@ def test_metrics_table_marks_the_best_epoch_and_restarts_and_speaks_csv(tmp_path
     lines = p.stdout.splitlines()
     assert lines[0].split()[:3] == ["epoch", "step", "att"] and "val_loss" in lines[0]
     assert [line for line in lines if "<- best val_loss" in line][0].split()[0] == "2"
-    assert any("restart: attempt 2 resumed here" in line for line in lines)
+    assert any("attempt 2 resumed here" in line for line in lines)
     p = run_cli("metrics", str(tmp_path / "r"), "--csv", check=True)
     assert p.stdout.splitlines()[0] == "epoch,global_step,attempt,val_loss"
     assert p.stdout.splitlines()[2] == "2,20,1,0.2"
@@ -132,3 +132,18 @@ def test_best_download_is_weights_only_unless_asked(tmp_path):
         "model.pt",
         "train_state.pt",
     ]
+
+
+def test_runs_lists_an_unreadable_run_and_events_know_every_kind(run_dir):
+    from orchestrator.core.manifest import EVENT_KINDS
+
+    other = run_dir.parent / "newer"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"format": 99, "run": "newer"}')
+    listed = {
+        r["name"]: r for r in json.loads(run_cli("runs", str(run_dir.parent), "--json", check=True).stdout)
+    }
+    assert listed["newer"]["status"] == "unreadable" and "newer" in listed["newer"]["error"]
+    assert listed["r"]["status"] == "running"
+    p = run_cli("events", str(run_dir), *[a for k in EVENT_KINDS for a in ("--kind", k)])
+    assert p.returncode == 0, p.stderr  # tracker_off, stopped, ...: every kind the tool writes

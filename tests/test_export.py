@@ -109,6 +109,9 @@ def test_traced_exports_answer_like_the_model(tmp_path, fmt):
     assert p.returncode == 0, p.stderr[-3000:]
     config = json.loads(p.stdout)
     assert config["input_shape"] == ["batch", 1, 8, 8]
+    assert sorted(f.name for f in (tmp_path / fmt).iterdir()) == sorted(
+        ["config.json", config["file"]]
+    )  # one file
     x = digits_inputs()
     if fmt == "torchscript":
         pred = torch.jit.load(str(tmp_path / fmt / "model.ts"))(x).argmax(1).tolist()
@@ -131,6 +134,32 @@ def test_export_of_latest_or_an_id_and_clear_errors(tmp_path):
     (tmp_path / "afile").write_text("x")
     p = run_cli("export", uri, "--out", str(tmp_path / "afile"))
     assert p.returncode == 2 and "--out" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_export_says_when_it_passed_over_a_damaged_best(tmp_path):
+    uri = str(tmp_path / "r")
+    make_run(Storage(uri), [0.9, 0.2, 0.5])
+    best = tmp_path / "r" / CHECKPOINTS / "epoch0002-step0000002-a1" / "model.pt"
+    best.write_bytes(b"x" + best.read_bytes()[1:])
+    p = run_cli("export", uri, "--out", str(tmp_path / "e"), "--json")
+    assert p.returncode == 0, p.stderr
+    config = json.loads(p.stdout)
+    assert config["epoch"] == 3 and config["skipped"][0]["id"] == "epoch0002-step0000002-a1"
+    assert "failed verification" in p.stderr and "exported the next best" in p.stderr
+
+
+def test_a_storage_error_is_not_blamed_on_the_output_dir(tmp_path):
+    uri = str(tmp_path / "r")
+    make_run(Storage(uri), [0.9, 0.2, 0.5])
+    best = tmp_path / "r" / CHECKPOINTS / "epoch0002-step0000002-a1" / "model.pt"
+    best.unlink()
+    best.mkdir()  # reading it fails with an OSError of the run's side, not of --out
+    for args in (
+        ["export", uri, "--out", str(tmp_path / "e")],
+        ["best", uri, "--download", str(tmp_path / "d")],
+    ):
+        p = run_cli(*args)
+        assert p.returncode == 4 and f"{uri}: reading the run failed" in p.stderr, (args, p.stderr)
 
 
 def test_load_best_builds_the_model_only_when_asked(tmp_path):

@@ -52,3 +52,12 @@ def stdout_to_stderr(active: bool) -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def local_error(e: OSError, path: str, flag: str, run_uri: str) -> NoReturn:
+    """An OSError while copying a run into a local path: the local side's fault (exit 2, blame
+    the flag) only when it names that path; otherwise reading the run failed (exit 4)."""
+    where = os.path.abspath(str(getattr(e, "filename", "") or ""))
+    if getattr(e, "filename", None) and where.startswith(os.path.abspath(path)):
+        die(f"{flag} {path}: {e.strerror or e}", EXIT_INPUT)
+    die(f"{run_uri}: reading the run failed: {type(e).__name__}: {e}", EXIT_STORAGE)

@@ -12,6 +12,7 @@ from orchestrator.cli.exits import (
     EXIT_STORAGE,
     OPT_HELP,
     die,
+    local_error,
     parse_options,
     stdout_to_stderr,
 )
@@ -57,7 +58,11 @@ def export(
     except ImportError as e:
         die(f"{fmt} export needs {e.name}: pip install 'ray-orchestrator[onnx]'", EXIT_INPUT)
     except OSError as e:
-        die(f"--out {out}: {e.strerror or e}", EXIT_INPUT)
+        local_error(e, out, "--out", run_uri)
+    for s in config["skipped"]:
+        typer.echo(
+            f"warning: {s['id']} failed verification ({s['reason']}); exported the next best", err=True
+        )
     if as_json:
         typer.echo(json.dumps(config, indent=2))
         return

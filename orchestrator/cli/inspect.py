@@ -13,8 +13,16 @@ from typing import Any
 import typer
 
 from orchestrator.api import MODEL_FILE, NoCheckpoint, Run, RunNotFound
-from orchestrator.cli.exits import EXIT_FAILED, EXIT_INPUT, EXIT_STORAGE, OPT_HELP, die, parse_options
-from orchestrator.core.manifest import ManifestError
+from orchestrator.cli.exits import (
+    EXIT_FAILED,
+    EXIT_INPUT,
+    EXIT_STORAGE,
+    OPT_HELP,
+    die,
+    local_error,
+    parse_options,
+)
+from orchestrator.core.manifest import EVENT_KINDS, ManifestError
 from orchestrator.core.storage import Storage, StorageError
 
 
@@ -90,7 +98,7 @@ def best(
     except StorageError as e:
         die(str(e), EXIT_STORAGE)
     except OSError as e:
-        die(f"--download {download}: {e.strerror or e}", EXIT_INPUT)
+        local_error(e, download or "", "--download", run_uri)
     c = found.checkpoint
     out: dict[str, Any] = {**c.as_dict(), "monitor": run.monitor, "mode": run.mode}
     out.update(value=c.metrics.get(run.monitor), verified=True, skipped=found.skipped)
@@ -111,13 +119,6 @@ def best(
             f"downloaded (verified) to {out['downloaded_to']}: {', '.join(out['downloaded'])}; load with "
             "torch.load('model.pt', weights_only=True)"
         )
-
-
-EVENT_KINDS = (
-    "attempt_started", "chaos_kill", "commit", "coordinator_started", "delete", "delete_failed",
-    "driver_started", "early_stop", "lease_taken_over", "restart", "run_failed", "run_finished",
-    "stopped", "storage_retry", "verification_failed",
-)  # fmt: skip
 
 
 def events(
@@ -174,7 +175,7 @@ def metrics(
     attempt = None
     for r in rows:
         if attempt is not None and r.get("attempt") != attempt:
-            typer.echo(f"{'':>5} --- restart: attempt {r.get('attempt')} resumed here ---")
+            typer.echo(f"{'':>5} --- attempt {r.get('attempt')} resumed here (a restart or a resume) ---")
         attempt = r.get("attempt")
         vals = "  ".join(
             f"{r[k]:>10.5g}" if isinstance(r.get(k), float) else f"{r.get(k, '-')!s:>10}" for k in metric_keys
@@ -207,8 +208,13 @@ def runs(
     for name in names:
         try:
             run = Run(top.child_uri(name), top.options)
-        except (RunNotFound, ManifestError, StorageError, OSError):
-            continue  # not a run (or not readable as one)
+        except RunNotFound:
+            continue  # not a run
+        except (ManifestError, StorageError, OSError) as e:  # a run, but not readable: say so
+            why = str(e).splitlines()[0]
+            out.append({"name": name, "run_uri": top.child_uri(name), "status": "unreadable", "epochs": 0,
+                        "monitor": "", "best": None, "updated": 0.0, "error": why})  # fmt: skip
+            continue
         m, ranked = run.manifest, run.ranked()
         last = max((c.epoch for c in run.checkpoints()), default=0)
         out.append({"name": name, "run_uri": run.uri, "status": m.status, "epochs": last,
@@ -224,8 +230,10 @@ def runs(
     typer.echo(f"{'name':<32} {'status':<9} {'epochs':>6} {'best':>22}  updated")
     for r in out:
         b = "-" if r["best"] is None else f"{r['monitor']} {r['best']:.5g}"
-        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["updated"]))
-        typer.echo(f"{r['name']:<32} {r['status']:<9} {r['epochs']:>6} {b:>22}  {ts}")
+        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["updated"])) if r["updated"] else "-"
+        typer.echo(
+            f"{r['name']:<32} {r['status']:<9} {r['epochs']:>6} {b:>22}  {ts}{'  ' + r.get('error', '')}"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -27,6 +27,12 @@ METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 SPEC = "spec.yaml"
 FORMAT = 1
+# Every kind of event a run's events.jsonl holds (`orchestrator events --kind`).
+EVENT_KINDS = (
+    "attempt_started", "chaos_kill", "commit", "coordinator_started", "delete", "delete_failed",
+    "driver_started", "early_stop", "lease_taken_over", "restart", "run_failed", "run_finished",
+    "stopped", "storage_retry", "tracker_off", "verification_failed",
+)  # fmt: skip
 
 
 class ManifestError(RuntimeError):
