@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -234,13 +234,30 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+_NUMBER = re.compile(r"[-+]?(\.\d+|\d+(\.\d*)?)([eE][-+]?\d+)?")
+
+
+def read_value(raw: str, what: str) -> Any:
+    """A command-line value read as YAML, with numbers read as YAML 1.2 does: PyYAML (YAML
+    1.1) reads 1e-3 as the string "1e-3" (no dot), which a task then compares with a float."""
+    if not raw:
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{what}: not a valid YAML value: {str(e).splitlines()[0]}") from None
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        return float(value)
+    return value
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` overrides; values are parsed as YAML (so 3, true, [1,2] work)."""
+    """Apply `key.sub=value` overrides; values are parsed as YAML (so 3, 1e-3, true, [1,2] work)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise SpecError(f"--set {item!r}: expected key.sub=value")
-        _set_path(data, key.strip(), yaml.safe_load(raw) if raw else "")
+        _set_path(data, key.strip(), read_value(raw, f"--set {item}"))
     return data
 
 
@@ -265,32 +282,76 @@ def check_resume_overrides(overrides: Sequence[str]) -> None:
             )
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def _fields_at(loc: Sequence[Any]) -> list[str]:
+    """The field names the spec allows where loc's last part was found (for "did you mean")."""
+    model: Any = JobSpec
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = next(
+            (
+                a
+                for a in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                if hasattr(a, "model_fields")
+            ),
+            None,
+        )
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _format_errors(source: str, err: ValidationError, overrides: Sequence[str] = ()) -> str:
+    import difflib
+
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+            close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(e["loc"]), n=1)
+            msg = "unknown field" + (f" (did you mean {close[0]!r}?)" if close else "")
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-        got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
-        lines.append(f"{source}: {loc + ': ' if loc else ''}{msg}{got}")
+        got = (
+            "" if e["type"] in ("missing", "value_error", "extra_forbidden") else f" (got {e.get('input')!r})"
+        )
+        # A field set on the command line is blamed on --set, not on the file.
+        blame = next(
+            (
+                f"--set {o}"
+                for o in overrides
+                if loc == o.partition("=")[0].strip() or loc.startswith(o.partition("=")[0].strip() + ".")
+            ),
+            source,
+        )
+        lines.append(f"{blame}: {loc + ': ' if loc else ''}{msg}{got}")
     return "\n".join(lines)
 
 
-def parse_spec(data: Any, source: str = "<spec>", check_task: bool = True) -> JobSpec:
+def parse_spec(
+    data: Any, source: str = "<spec>", check_task: bool = True, overrides: Sequence[str] = ()
+) -> JobSpec:
+    if data is None:
+        raise SpecError(f"{source}: the spec is empty; it needs at least `name:` (see configs/digits.yaml)")
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(_format_errors(source, e)) from None
+        raise SpecError(_format_errors(source, e, overrides)) from None
     if check_task:
         try:
-            resolve_task(spec.task.name)
+            build = resolve_task(spec.task.name)
         except SpecError as e:
             raise SpecError(f"{source}: task.name: {e}") from None
+        check = getattr(sys.modules.get(build.__module__), "check_options", None)
+        if check is not None:  # a task may check its options here, before Ray starts
+            try:
+                check(dict(spec.task.options))
+            except (TypeError, ValueError) as e:
+                raise SpecError(f"{source}: task.options: {e}") from None
     return spec
 
 
@@ -299,13 +360,12 @@ def load_spec(
 ) -> JobSpec:
     source = str(path)
     try:
-        text = Path(path).read_text()
+        with open(path) as f:  # a stream with a name: YAML errors then say which file and line
+            data = yaml.safe_load(f)
     except OSError as e:
         raise SpecError(f"{source}: cannot read: {e.strerror or e}") from None
-    try:
-        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(f"{source}: not valid YAML: {e}") from None
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
-    return parse_spec(data, source, check_task)
+    return parse_spec(data, source, check_task, overrides)

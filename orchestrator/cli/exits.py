@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import typer
-import yaml
 
 EXIT_FAILED = 1  # the run (or the operation) failed
 EXIT_INPUT = 2  # bad input: spec, arguments, unknown job
@@ -32,7 +31,12 @@ def parse_options(items: list[str] | None, flag: str = "--storage-option") -> di
         k, sep, v = item.partition("=")
         if not sep or not k:
             die(f"{flag} {item!r}: expected key=value", EXIT_INPUT)
-        out[k] = yaml.safe_load(v) if v else ""
+        from orchestrator.spec import SpecError, read_value
+
+        try:
+            out[k] = read_value(v, f"{flag} {item}")
+        except SpecError as e:
+            die(str(e), EXIT_INPUT)
     return out
 
 

@@ -58,6 +58,17 @@ def options_with_defaults(options: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **options}
 
 
+def check_options(options: dict[str, Any]) -> None:
+    """Unknown options and wrong types, found before Ray starts (the spec check calls it)."""
+    o = options_with_defaults(options)
+    for k, default in DEFAULTS.items():
+        v = o[k]
+        want = (int, float) if isinstance(default, float) else int
+        if isinstance(v, bool) or not isinstance(v, want):
+            kind = "a number" if isinstance(default, float) else "an integer"
+            raise ValueError(f"{k}: expected {kind} (got {v!r})")
+
+
 def datasets(seed: int, val_fraction: float) -> tuple[TensorDataset, TensorDataset]:
     from sklearn.datasets import load_digits
 
