@@ -79,6 +79,7 @@ class Run:
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
         self.uri = uri.rstrip("/")
         self.storage = Storage(self.uri, storage_options or {})
+        self._spec: dict[str, Any] | None = None
         self.manifest = self._read()
         self.monitor, self.mode = self._ranking()
 
@@ -103,8 +104,7 @@ class Run:
         import yaml
 
         try:
-            spec = yaml.safe_load(self.storage.read_bytes(SPEC)) or {}
-            ck = spec.get("checkpoint") or {}
+            ck = self.stored_spec().get("checkpoint") or {}
             return str(ck.get("monitor", "val_loss")), str(ck.get("mode", "min"))
         except (FileNotFoundError, yaml.YAMLError, AttributeError) as e:
             raise ManifestError(
@@ -115,6 +115,67 @@ class Run:
     @property
     def status(self) -> str:
         return self.manifest.status
+
+    def stored_spec(self) -> dict[str, Any]:
+        """The spec the run was started with (spec.yaml, secrets redacted), as plain data: read,
+        never validated, so the task is not imported."""
+        if self._spec is None:
+            import yaml
+
+            self._spec = yaml.safe_load(self.storage.read_bytes(SPEC)) or {}
+        return self._spec
+
+    def checkpoint(self, which: str | int = 1) -> Checkpoint:
+        """A committed checkpoint: a rank by the monitor (1 = best), "best", "latest" or an id.
+        Not verified (weights() verifies)."""
+        if isinstance(which, int) or which == "best":
+            return self.best(which if isinstance(which, int) else 1, verify=False)
+        cks = self.checkpoints()
+        if not cks:
+            raise NoCheckpoint(f"{self.uri}: no committed checkpoint")
+        if which == "latest":
+            return max(cks, key=lambda c: c.record.seq)
+        for c in cks:
+            if c.id == which:
+                return c
+        raise NoCheckpoint(
+            f"{self.uri}: no committed checkpoint {which!r}; it has {', '.join(c.id for c in cks)}"
+        )
+
+    def weights(self, which: str | int = 1) -> tuple[Checkpoint, dict[str, Any], list[dict[str, str]]]:
+        """(checkpoint, its verified state_dict, better-ranked ones skipped as damaged) for which
+        (see checkpoint()). A ranked pick passes over damaged checkpoints; a named one
+        (latest, an id) raises VerificationError. model.pt is streamed through its sha256 into
+        a temp file and loaded with weights_only=True."""
+        import tempfile
+
+        import torch
+
+        with tempfile.TemporaryDirectory(prefix="orchestrator-weights-") as tmp:
+            if isinstance(which, int) or which == "best":
+                found = self.verified_best(
+                    which if isinstance(which, int) else 1, into=tmp, only={MODEL_FILE}
+                )
+                ck, path, skipped = found.checkpoint, found.paths[0], found.skipped
+            else:
+                ck, skipped = self.checkpoint(which), []
+                path = copy_verified(self.storage, ck.record, tmp, only={MODEL_FILE})[0]
+            return ck, torch.load(path, map_location="cpu", weights_only=True), skipped
+
+    def build_task(self) -> Any:
+        """The run's task, built afresh from the stored spec on the CPU (imports the user's task
+        and runs its builder, datasets included)."""
+        import torch
+
+        from orchestrator.core.tasks import resolve_task
+        from workers.task import TaskContext
+
+        spec = self.stored_spec()
+        task = spec.get("task") or {}
+        return resolve_task(task.get("name", "digits"))(
+            dict(task.get("options") or {}),
+            TaskContext(rank=0, world_size=1, seed=int(spec.get("seed", 0)), device=torch.device("cpu")),
+        )
 
     def checkpoints(self) -> list[Checkpoint]:
         """Every committed checkpoint, oldest first, with why it is kept and its rank."""
@@ -218,15 +279,10 @@ def load_best(
     - model given: its load_state_dict(weights), then model.eval(), returned;
     - build=True: the run's task is imported and built (user code runs: only when asked)
       and its model returned with the weights, in eval mode."""
-    import tempfile
-
-    import torch
-
-    with tempfile.TemporaryDirectory(prefix="orchestrator-best-") as tmp:
-        found = open_run(uri, storage_options).verified_best(rank, into=tmp, only={MODEL_FILE})
-        state = torch.load(found.paths[0], map_location="cpu", weights_only=True)
+    run = open_run(uri, storage_options)
+    _, state, _ = run.weights(rank)
     if model is None and build:
-        model = build_model(uri, storage_options)
+        model = run.build_task().model
     if model is None:
         return state
     model.load_state_dict(state)
@@ -235,17 +291,4 @@ def load_best(
 
 def build_model(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
     """The run's task model, freshly built from the stored spec (imports the user's task)."""
-    import torch
-    import yaml
-
-    from orchestrator.core.tasks import resolve_task
-    from workers.task import TaskContext
-
-    storage = Storage(uri.rstrip("/"), storage_options or {})
-    spec = yaml.safe_load(storage.read_bytes(SPEC))
-    task = spec.get("task") or {}
-    built = resolve_task(task.get("name", "digits"))(
-        dict(task.get("options") or {}),
-        TaskContext(rank=0, world_size=1, seed=int(spec.get("seed", 0)), device=torch.device("cpu")),
-    )
-    return built.model
+    return open_run(uri, storage_options).build_task().model

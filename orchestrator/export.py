@@ -15,31 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
-import yaml
-
-from orchestrator.api import MODEL_FILE, Checkpoint, NoCheckpoint, Run, build_model
-from orchestrator.core.manifest import SPEC
-from orchestrator.core.verify import copy_verified
+from orchestrator.api import MODEL_FILE, Run
+from workers.task import first_val_batch
 
 FORMATS = {"safetensors": "model.safetensors", "torchscript": "model.ts", "onnx": "model.onnx"}
-
-
-def pick(run: Run, which: str) -> Checkpoint:
-    """best, latest, or a checkpoint id."""
-    if which == "best":
-        return run.best(verify=False)
-    cks = run.checkpoints()
-    if not cks:
-        raise NoCheckpoint(f"{run.uri}: no committed checkpoint")
-    if which == "latest":
-        return max(cks, key=lambda c: c.record.seq)
-    for c in cks:
-        if c.id == which:
-            return c
-    raise NoCheckpoint(f"{run.uri}: no committed checkpoint {which!r}; it has {', '.join(c.id for c in cks)}")
 
 
 def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, Any]:
@@ -48,18 +29,9 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
+    ck, state, skipped = run.weights(which)
+    task = run.stored_spec().get("task") or {}
     os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="orchestrator-export-") as tmp:
-        skipped: list[dict[str, str]] = []
-        if which == "best":
-            found = run.verified_best(into=tmp, only={MODEL_FILE})
-            ck, path, skipped = found.checkpoint, found.paths[0], found.skipped
-        else:
-            ck = pick(run, which)
-            path = copy_verified(run.storage, ck.record, tmp, only={MODEL_FILE})[0]
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    spec = yaml.safe_load(run.storage.read_bytes(SPEC)) or {}
-    task = spec.get("task") or {}
     target = os.path.join(out_dir, FORMATS[fmt])
     extra: dict[str, Any] = {}
     if fmt == "safetensors":
@@ -67,10 +39,12 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
 
         save_file({k: v.contiguous() for k, v in state.items()}, target, metadata={"checkpoint": ck.id})
     else:
-        model = build_model(run.uri, run.storage.options)
+        built = run.build_task()  # once: its model to trace, and a validation batch to trace it on
+        model = built.model
         model.load_state_dict(state)
         model.eval()
-        sample = _sample_batch(run)
+        batch = first_val_batch(built, torch.device("cpu"))
+        sample = batch[0] if isinstance(batch, (tuple, list)) else batch
         extra["input_shape"] = ["batch", *sample.shape[1:]]
         with torch.no_grad():
             if fmt == "torchscript":
@@ -99,20 +73,3 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=1, allow_nan=True)
     return config
-
-
-def _sample_batch(run: Run) -> Any:
-    """The inputs of one validation batch of the run's task, to trace the model with."""
-    import torch
-
-    from orchestrator.core.tasks import resolve_task
-    from workers.task import TaskContext, collate
-
-    spec = yaml.safe_load(run.storage.read_bytes(SPEC)) or {}
-    task_spec = spec.get("task") or {}
-    task = resolve_task(task_spec.get("name", "digits"))(
-        dict(task_spec.get("options") or {}),
-        TaskContext(rank=0, world_size=1, seed=int(spec.get("seed", 0)), device=torch.device("cpu")),
-    )
-    batch = collate(task.val_data, list(range(min(task.batch_size, len(task.val_data)))), torch.device("cpu"))
-    return batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -9,7 +9,7 @@ import torch
 
 from workers.data import shard
 from workers.distributed import all_reduce_sum
-from workers.task import Task, collate
+from workers.task import Task, collate, first_val_batch
 
 
 def evaluate(
@@ -40,8 +40,7 @@ def metric_names(task: Task, model: torch.nn.Module, device: torch.device) -> se
     rng = capture_rng()
     model.eval()
     with torch.no_grad():
-        batch = collate(task.val_data, list(range(min(task.batch_size, len(task.val_data)))), device)
-        names = set(task.eval_step(model, batch)) - {"count"}
+        names = set(task.eval_step(model, first_val_batch(task, device))) - {"count"}
     restore_rng(rng)
     return names | {"train_loss"}
 

@@ -84,3 +84,8 @@ def collate(data: Dataset, indices: Sequence[int], device: torch.device) -> Batc
     if isinstance(items, (list, tuple)):
         return type(items)(t.to(device) if torch.is_tensor(t) else t for t in items)
     return items.to(device) if torch.is_tensor(items) else items
+
+
+def first_val_batch(task: Task, device: torch.device) -> Batch:
+    """The first validation batch: what the loop checks metric names on, what export traces with."""
+    return collate(task.val_data, list(range(min(task.batch_size, len(task.val_data)))), device)

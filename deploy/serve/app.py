@@ -19,7 +19,6 @@ import copy
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
-from orchestrator.api import MODEL_FILE, NoCheckpoint, build_model, open_run
+from orchestrator.api import NoCheckpoint, open_run
 
 log = logging.getLogger("ray.serve")
 
@@ -78,7 +77,7 @@ class BestCheckpoint:
     ) -> None:
         self.run = open_run(run_uri, storage_options)
         self.input_shape = tuple(input_shape)
-        self.template = build_model(run_uri, storage_options)  # the task's code runs once, here
+        self.template = self.run.build_task().model  # the task's code runs once, here
         self.skipped: list[dict[str, str]] = []  # better checkpoints that failed verification
         self.current = self._load()
         self.checked_generation = self.current.generation
@@ -90,15 +89,11 @@ class BestCheckpoint:
 
     def _load(self) -> Loaded:
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="serve-best-") as tmp:
-            # Streamed and hashed against the record; a damaged best is passed over for the next.
-            verified = self.run.verified_best(into=tmp, only={MODEL_FILE})
-            state = torch.load(verified.paths[0], map_location="cpu", weights_only=True)
+        # Streamed and hashed against the record; a damaged best is passed over for the next.
+        c, state, self.skipped = self.run.weights()
         model = copy.deepcopy(self.template)
         model.load_state_dict(state)
-        c = verified.checkpoint
-        self.skipped = verified.skipped
-        for s in verified.skipped:
+        for s in self.skipped:
             log.warning("checkpoint %s failed verification, not served: %s", s["id"], s["reason"])
         return Loaded(
             model=model.eval(),
