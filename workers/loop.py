@@ -25,7 +25,8 @@ from workers.config import WorkerConfig
 from workers.data import rank_batches
 from workers.distributed import is_distributed
 from workers.metrics import EarlyStopping, RunningLoss, evaluate, metric_names
-from workers.resume import restore, seed_all
+from workers.resume import restore
+from workers.rng import seed_all
 from workers.state import Position, Saver, unwrap
 from workers.task import Task, TaskContext, collate
 from workers.writer import CheckpointWriter

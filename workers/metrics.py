@@ -35,7 +35,7 @@ def metric_names(task: Task, model: torch.nn.Module, device: torch.device) -> se
     """The metrics an epoch will report, from one validation batch, before any training:
     a monitor that names none of them is a spec error, found in seconds, not after an epoch.
     The RNG streams are put back, so the check changes nothing that exact resume sees."""
-    from workers.resume import capture_rng, restore_rng
+    from workers.rng import capture_rng, restore_rng
 
     rng = capture_rng()
     model.eval()

@@ -10,11 +10,9 @@ another world size (elastic runs).
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from orchestrator.core.lease import LeaseLost
@@ -23,43 +21,8 @@ from orchestrator.core.storage import Storage
 from orchestrator.core.verify import VerificationError, read_verified
 from workers.calls import call
 from workers.distributed import broadcast
+from workers.rng import restore_rng, seed_all
 from workers.task import Task
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def capture_rng() -> dict[str, Any]:
-    # numpy's state holds an ndarray, which weights_only loading refuses: store a tensor.
-    np_state: Any = np.random.get_state()
-    out: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def plan_restore(
@@ -120,8 +83,12 @@ def restore(
     record = CheckpointRecord.model_validate(plan["restore"])
     if blobs is None:  # rank 0 has it verified already; the others read and check their own
         blobs = read_verified(storage, record)
-    model.load_state_dict(load_tensor_file(blobs[MODEL_FILE], device))
-    state = load_tensor_file(blobs[STATE_FILE], device)
+    # Both files load to host memory: load_state_dict copies weights onto the model's
+    # device and the optimizer casts its moments to their parameters' devices, while RNG
+    # states and Adam's step counters must stay CPU tensors (a cuda map_location broke a
+    # GPU resume in torch.set_rng_state; bench/gpu_check.py shows it).
+    model.load_state_dict(load_tensor_file(blobs[MODEL_FILE]))
+    state = load_tensor_file(blobs[STATE_FILE])
     at = Position(**state["progress"])
     if rank == 0:
         print(

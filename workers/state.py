@@ -16,7 +16,7 @@ import torch
 
 from workers.distributed import gather
 from workers.metrics import EarlyStopping, RunningLoss
-from workers.resume import capture_rng
+from workers.rng import capture_rng
 from workers.task import Task
 from workers.writer import CheckpointWriter
 

@@ -23,28 +23,7 @@ import torch
 
 from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry
 from orchestrator.core.storage import Storage, sha256_hex
-
-
-class HostBuffers:
-    """Host-memory copies of a state tree, reusing the same tensors across saves."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[tuple[Any, ...], torch.Tensor] = {}
-
-    def copy(self, obj: Any, path: tuple[Any, ...] = ()) -> Any:
-        if torch.is_tensor(obj):
-            buf = self._bufs.get(path)
-            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-                pin = obj.is_cuda
-                buf = torch.empty(obj.shape, dtype=obj.dtype, device="cpu", pin_memory=pin)
-                self._bufs[path] = buf
-            buf.copy_(obj.detach())
-            return buf
-        if isinstance(obj, dict):
-            return {k: self.copy(v, (*path, k)) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(self.copy(v, (*path, i)) for i, v in enumerate(obj))
-        return obj  # ints, floats, strings, None: immutable
+from workers.host_buffers import HostBuffers
 
 
 @dataclass
@@ -115,6 +94,7 @@ class CheckpointWriter:
                 self._free.set()
 
     def _write(self, job: SaveJob) -> None:
+        self._buffers.wait()  # a GPU's copies into the pinned buffers have landed
         blobs: dict[str, bytes] = {}
         for name, tree in job.payload.items():
             buf = io.BytesIO()
