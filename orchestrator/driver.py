@@ -66,6 +66,9 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
         use_token_auth()  # a `ray start --head` cluster usually wants ~/.ray/auth_token
         ray.init(address=address, namespace=NAMESPACE, **quiet)
         return False
+    from orchestrator import reaper
+
+    reaper.start(os.getpid())  # stops this Ray if the driver dies without stopping it
     ray.init(
         namespace=NAMESPACE,
         num_cpus=max(os.cpu_count() or 1, num_cpus_hint),
