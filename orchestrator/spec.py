@@ -6,6 +6,7 @@ fails in milliseconds on the user's machine instead of minutes into a run.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -26,7 +27,59 @@ class SpecError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or inf in any number of the spec: a TTL or a backoff of inf hangs, NaN compares false.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with a value its constructors cannot build (`!!int x`, an integer
+    of more than 4300 digits) reported as a YAML error at that value's line, not a ValueError."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value: {e}", node.start_mark
+            ) from None
+
+
+def _yaml(stream: Any) -> Any:
+    """Read YAML safely; RecursionError (nesting thousands deep) becomes a YAML error too."""
+    try:
+        return yaml.load(stream, Loader=_Loader)  # noqa: S506  # _Loader is a SafeLoader
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
+_MAX_DEPTH = 32
+
+
+def _plain(value: Any, where: str, depth: int = 0) -> None:
+    """Task options must be plain data that survives the stored spec.yaml unchanged (resume
+    reads it back): strings, finite numbers, booleans, null, lists and string-keyed maps."""
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{where}: nested too deeply (more than {_MAX_DEPTH} levels)")
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: not a finite number (got {value})")
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _plain(v, f"{where}.{i}", depth + 1)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: key {k!r} is not a string")
+            _plain(v, f"{where}.{k}", depth + 1)
+        return
+    kind = {"date": "a date", "datetime": "a date and time", "bytes": "binary data", "set": "a set"}.get(
+        type(value).__name__, f"a {type(value).__name__}"
+    )
+    raise ValueError(f"{where}: {kind} ({value!r}) is not a plain value; quote it to pass it as a string")
 
 
 class RetrySpec(_Model):
@@ -36,7 +89,9 @@ class RetrySpec(_Model):
 
 
 class StorageSpec(_Model):
-    root: str = Field("runs", description="Where runs live: a local dir, s3://bucket/prefix, ...")
+    root: str = Field(
+        "runs", validate_default=True, description="Where runs live: a local dir, s3://bucket/prefix, ..."
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec storage options, e.g. endpoint_url / region_name for S3-compatible stores.",
@@ -57,6 +112,13 @@ class StorageSpec(_Model):
 class TaskSpec(_Model):
     name: str = Field("digits", description="Built-in task, package.module:function or file.py:function.")
     options: dict[str, Any] = Field(default_factory=dict, description="Passed to the task builder.")
+
+    @field_validator("options")
+    @classmethod
+    def _options_are_plain(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k, value in v.items():
+            _plain(value, k)
+        return v
 
     @field_validator("name")
     @classmethod
@@ -168,7 +230,7 @@ class JobSpec(_Model):
     failure: FailureSpec = Field(default_factory=FailureSpec)
     early_stopping: EarlyStoppingSpec | None = None
     epochs: int = Field(10, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="Model init and data order (every RNG takes it).")
     chaos: ChaosSpec = Field(default_factory=ChaosSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
@@ -243,9 +305,10 @@ def read_value(raw: str, what: str) -> Any:
     if not raw:
         return ""
     try:
-        value = yaml.safe_load(raw)
+        value = _yaml(raw)
     except yaml.YAMLError as e:
-        raise SpecError(f"{what}: not a valid YAML value: {str(e).splitlines()[0]}") from None
+        lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.lstrip().startswith("in ")]
+        raise SpecError(f"{what}: not a valid YAML value: {' '.join(lines)[:300]}") from None
     if isinstance(value, str) and _NUMBER.fullmatch(value):
         return float(value)
     return value
@@ -360,10 +423,14 @@ def load_spec(
 ) -> JobSpec:
     source = str(path)
     try:
-        with open(path) as f:  # a stream with a name: YAML errors then say which file and line
-            data = yaml.safe_load(f)
+        # A stream with a name: YAML errors then say which file and line.
+        with open(path, encoding="utf-8") as f:
+            data = _yaml(f)
     except OSError as e:
         raise SpecError(f"{source}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        bad = f"byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise SpecError(f"{source}: not UTF-8 text ({bad}); save the file as UTF-8") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{source}: not valid YAML: {e}") from None
     if isinstance(data, dict) and overrides:

@@ -15,7 +15,7 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.core.retention import Ckpt
 from orchestrator.core.storage import Storage
@@ -108,6 +108,14 @@ class Manifest(BaseModel):
     status: Literal["running", "finished", "failed"] = "running"
     updated_at: float = Field(default_factory=time.time)
 
+    @field_validator("retention")
+    @classmethod
+    def _ranks_by_something(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Readers rank by these two; a manifest without them would be read as a KeyError.
+        if v and not (isinstance(v.get("monitor"), str) and v.get("mode") in ("min", "max")):
+            raise ValueError("needs 'monitor' (a metric name) and 'mode' ('min' or 'max')")
+        return v
+
     def get(self, cid: str) -> CheckpointRecord | None:
         return next((c for c in self.checkpoints if c.id == cid), None)
 
@@ -127,12 +135,17 @@ def read_manifest_versioned(storage: Storage) -> tuple[Manifest | None, str | No
     return (parse_manifest(storage, v.data), v.version) if v else (None, None)
 
 
-def parse_manifest(storage: Storage, raw: bytes) -> Manifest:
-    where = storage.child_uri(MANIFEST)
+def parse_manifest(storage: Storage, raw: bytes, name: str = MANIFEST) -> Manifest:
+    where = storage.child_uri(name)
     try:
-        fmt = json.loads(raw).get("format", FORMAT)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ManifestError(f"{where}: not a valid manifest: {e}") from None
+        doc = json.loads(raw)
+    except RecursionError:
+        raise ManifestError(f"{where}: not a valid manifest: JSON nested too deeply") from None
+    except ValueError as e:  # not JSON, not UTF-8, an integer past Python's 4300 digits
+        raise ManifestError(f"{where}: not a valid manifest: not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{where}: not a valid manifest: a JSON {type(doc).__name__}, not an object")
+    fmt = doc.get("format", FORMAT)
     if isinstance(fmt, int) and fmt > FORMAT:
         raise ManifestError(
             f"{where}: manifest format {fmt} is newer than this version of the tool reads "
@@ -140,7 +153,7 @@ def parse_manifest(storage: Storage, raw: bytes) -> Manifest:
         )
     try:
         return Manifest.model_validate_json(raw)
-    except ValidationError as e:
+    except (ValueError, RecursionError) as e:  # pydantic's ValidationError is a ValueError
         raise ManifestError(f"{where}: not a valid manifest: {e}") from None
 
 
@@ -166,7 +179,7 @@ def read_record(storage: Storage, cid: str) -> CheckpointRecord:
     raw = storage.read_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}")
     try:
         return CheckpointRecord.model_validate_json(raw)
-    except ValidationError as e:
+    except (ValueError, RecursionError) as e:  # pydantic's ValidationError is a ValueError
         raise ManifestError(f"{storage.child_uri(CHECKPOINTS)}/{cid}/{RECORD}: {e}") from None
 
 
@@ -174,13 +187,15 @@ def read_jsonl(storage: Storage, rel: str) -> list[dict[str, Any]]:
     if not storage.exists(rel):
         return []
     out = []
-    for line in storage.read_bytes(rel).decode().splitlines():
+    for line in storage.read_bytes(rel).decode("utf-8", errors="replace").splitlines():
         line = line.strip()
         if line:
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
                 continue  # a torn last line from a local crash: skip it, keep the rest
+            if isinstance(row, dict):
+                out.append(row)
     return out
 
 

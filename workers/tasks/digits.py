@@ -6,6 +6,7 @@ is fixed by the run's seed.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -24,6 +25,20 @@ DEFAULTS: dict[str, Any] = {
     "val_fraction": 0.2,
     "lr_step_epochs": 4,
     "lr_gamma": 0.5,
+}
+
+# What each option may be (lower bound, upper bound, in words): the workers would fail on the
+# rest, each restart alike.
+RANGES: dict[str, tuple[Any, Any, str]] = {
+    "batch_size": (lambda v: v >= 1, lambda v: v <= 1 << 20, "from 1 to 1048576"),
+    "lr": (lambda v: v > 0, lambda v: True, "a finite number > 0"),
+    "momentum": (lambda v: v >= 0, lambda v: True, "a finite number >= 0"),
+    "channels": (lambda v: v >= 1, lambda v: v <= 4096, "from 1 to 4096"),
+    "hidden": (lambda v: v >= 1, lambda v: v <= 1 << 16, "from 1 to 65536"),
+    "dropout": (lambda v: v >= 0, lambda v: v < 1, ">= 0 and < 1"),
+    "val_fraction": (lambda v: v > 0, lambda v: v < 1, "> 0 and < 1"),
+    "lr_step_epochs": (lambda v: v >= 1, lambda v: True, ">= 1"),
+    "lr_gamma": (lambda v: v > 0, lambda v: True, "a finite number > 0"),
 }
 
 
@@ -59,7 +74,8 @@ def options_with_defaults(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_options(options: dict[str, Any]) -> None:
-    """Unknown options and wrong types, found before Ray starts (the spec check calls it)."""
+    """Unknown options, wrong types and values out of range, found before Ray starts (the spec
+    check calls it)."""
     o = options_with_defaults(options)
     for k, default in DEFAULTS.items():
         v = o[k]
@@ -67,6 +83,16 @@ def check_options(options: dict[str, Any]) -> None:
         if isinstance(v, bool) or not isinstance(v, want):
             kind = "a number" if isinstance(default, float) else "an integer"
             raise ValueError(f"{k}: expected {kind} (got {v!r})")
+        low, high, says = RANGES[k]
+        if not (_finite(v) and low(v) and high(v)):
+            raise ValueError(f"{k}: must be {says} (got {v!r})")
+
+
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int past a float's range
+        return False
 
 
 def datasets(seed: int, val_fraction: float) -> tuple[TensorDataset, TensorDataset]:
