@@ -64,6 +64,7 @@ class RunLedger:
         self.owner = owner
         self.fenced: str | None = None  # why this ledger may no longer write
         self.live: dict[str, Any] | None = None  # rank 0's latest position in the epoch (display only)
+        self.stop_requested: str | None = None  # the driver's Ctrl-C/SIGTERM, read by rank 0's ticks
         self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
         self._events_stored = len(self.events)  # events up to here are in storage
         self.metrics: list[dict[str, Any]] = read_jsonl(storage, METRICS)
@@ -209,9 +210,16 @@ class RunLedger:
         self.event("restart", rid, restarts=m.restarts + 1, reason=reason[:2000])
         self._save(self._remember(m.model_copy(update={"restarts": m.restarts + 1}), rid, True))
 
+    def request_stop(self, reason: str) -> None:
+        """The driver was interrupted: the workers save, wait for the commit and stop."""
+        if self.stop_requested is None:
+            self.stop_requested = reason
+            self.event("stop_requested", reason=reason)
+
     def stop(self, reason: str, kind: str, rid: str | None = None) -> None:
         """The workers stopped the run on purpose: it ends as failed, with reason. kind "input"
-        (a spec error found on the workers) or "nan" (checkpoint.stop_on_nan)."""
+        (a spec error found on the workers), "nan" (checkpoint.stop_on_nan) or "interrupt"
+        (the driver's request_stop, after a checkpoint was committed)."""
         self.event("stopped", rid, reason=reason, why=kind)
         self._save(self.manifest.model_copy(update={"stopped": {"reason": reason, "kind": kind}}))
 
@@ -406,8 +414,14 @@ def coordinator_actor_class() -> Any:
         def report_metrics(self, row: dict[str, Any], rid: str | None = None) -> None:
             self.ledger.report_metrics(row, rid)
 
-        def tick(self, position: dict[str, Any], rid: str | None = None) -> None:
-            self.ledger.live = position  # in memory only: what the live display shows
+        def tick(self, position: dict[str, Any], rid: str | None = None) -> bool:
+            """Rank 0's position (in memory only, for the live display); the answer says
+            whether the driver asked the workers to stop."""
+            self.ledger.live = position
+            return self.ledger.stop_requested is not None
+
+        def request_stop(self, reason: str) -> None:
+            self.ledger.request_stop(reason)
 
         def claim_chaos(self, key: str, pid: int | None = None, rid: str | None = None) -> bool:
             return self.ledger.claim_chaos(key, pid, rid)

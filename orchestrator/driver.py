@@ -7,9 +7,13 @@ the manifest. The driver only wires them together and watches.
 
 from __future__ import annotations
 
+import _thread
 import os
 import re
+import signal
+import sys
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +25,7 @@ from orchestrator.core.lease import Lease, LeaseLost
 from orchestrator.core.manifest import SPEC, read_manifest
 from orchestrator.core.storage import Storage, redact, redact_options, secrets_in
 from orchestrator.progress import ProgressView
-from orchestrator.ray_compat import restart_recorder, use_token_auth
+from orchestrator.ray_compat import keep_driver_sigint, preemption_listener, restart_recorder, use_token_auth
 from orchestrator.spec import JobSpec, SpecError, parse_spec
 from workers.config import Kill, WorkerConfig
 
@@ -35,6 +39,65 @@ class RunFailed(RuntimeError):
     def __init__(self, message: str, summary: Summary | None = None) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class RunInterrupted(RunFailed):
+    """Ctrl-C or SIGTERM on the driver; `exit_code` is 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int, summary: Summary | None = None) -> None:
+        super().__init__(message, summary)
+        self.exit_code = 128 + signum
+
+
+STOP_GRACE_S = 120.0  # after a first Ctrl-C/SIGTERM, how long the workers get to save and stop
+
+
+class Interrupts:
+    """Ctrl-C and SIGTERM on the driver while it trains.
+
+    The first asks the workers (through the coordinator) to save where they are, wait for
+    the commit and stop; the run then ends resumable. A second one, or STOP_GRACE_S without
+    the workers stopping, stops the driver at once (KeyboardInterrupt): the checkpoint in
+    flight, if any, is never committed and is collected as an orphan by the next start.
+    Either way the lease is released, and `orchestrator resume` continues the run."""
+
+    def __init__(self, coord: Any, quiet: bool) -> None:
+        self.coord, self.quiet = coord, quiet
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"{name} again")
+        self.signum = signum
+        self.coord.request_stop.remote(f"{name} on the driver")
+        print(
+            f"[run] {name}: the workers save a checkpoint and stop (up to {STOP_GRACE_S:.0f}s); "
+            f"{name if signum == signal.SIGINT else 'a signal'} again stops at once",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._timer = threading.Timer(STOP_GRACE_S, _thread.interrupt_main)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "interrupt"
 
 
 @dataclass
@@ -283,17 +346,27 @@ def run(
                 name=spec.name,
                 storage_path=os.path.join(tempfile.gettempdir(), "orchestrator-ray-train"),
                 failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-                callbacks=[restart_recorder(coord)],
+                callbacks=[restart_recorder(coord)]
+                + ([preemption_listener()] if spec.failure.checkpoint_on_preempt else []),
             ),
         )
+        keep_driver_sigint(trainer)
         error: str | None = None
         poll = lambda since: ray.get(coord.progress.remote(since), timeout=30)  # noqa: E731
         ck = spec.checkpoint
-        with ProgressView(poll, spec.epochs, ck.monitor, ck.mode, quiet):
+        interrupts = Interrupts(coord, quiet)
+        with interrupts, ProgressView(poll, spec.epochs, ck.monitor, ck.mode, quiet):
             try:
                 result = trainer.fit()
                 if getattr(result, "error", None) is not None:
                     error = str(result.error)
+            except KeyboardInterrupt:  # a second Ctrl-C, or the workers did not stop in time
+                raise RunInterrupted(
+                    f"{spec.run_uri}: stopped at once on {interrupts.name}; a checkpoint in flight was "
+                    f"not committed. Every committed checkpoint is intact; `orchestrator resume "
+                    f"{spec.run_uri}` continues from the latest",
+                    interrupts.signum or signal.SIGINT,
+                ) from None
             except Exception as e:  # Ray Train gave up (max_failures) or the run was invalid
                 error = f"{type(e).__name__}: {e}"
         try:
@@ -337,6 +410,12 @@ def run(
             kept=kept,
             error=reason,
         )
+        if stopped and stopped["kind"] == "interrupt":
+            raise RunInterrupted(
+                f"{stopped['reason']} ({interrupts.name}); `orchestrator resume {spec.run_uri}` continues it",
+                interrupts.signum or signal.SIGINT,
+                summary,
+            )
         if error:
             hint = f"; when the cause is fixed, `orchestrator resume {spec.run_uri}` continues it"
             raise RunFailed((reason or "training failed") + hint, summary)

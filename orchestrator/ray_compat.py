@@ -60,3 +60,36 @@ def restart_recorder(coordinator: Any) -> Any:
                 self.coordinator.note_restart.remote(f"{type(err).__name__}: {err}", uuid.uuid4().hex)
 
     return RestartRecorder(coordinator)
+
+
+def preemption_listener() -> Any:
+    """A Ray Train worker callback that makes each worker process treat SIGTERM as a
+    preemption notice (workers/stopping.py) instead of exiting at once.
+
+    Private: Python installs signal handlers only on a process's main thread, and Ray Train
+    runs the training function on another thread; `WorkerCallback.after_init_train_context`
+    runs on the worker actor's main thread, and it is reachable only through
+    `ray.train.v2._internal`."""
+    from ray.train.v2._internal.execution.callback import WorkerCallback
+
+    class PreemptionListener(WorkerCallback):  # type: ignore[misc]
+        def after_init_train_context(self) -> None:
+            from workers.stopping import install_preemption_handler
+
+            if not install_preemption_handler():
+                print("[preempt] not on the main thread: SIGTERM ends this worker at once", flush=True)
+
+    return PreemptionListener()
+
+
+def keep_driver_sigint(trainer: Any) -> None:
+    """Stop Ray Train's `fit()` from replacing the driver's Ctrl-C handler.
+
+    Ray Train 2.60's fit() installs a SIGINT handler that aborts the worker group at once,
+    so the checkpoint in flight is lost and nothing says how to go on; the driver's own
+    handler (orchestrator.driver.Interrupts) asks the workers to save and stop first.
+    Private: no public option turns Ray's handler off; `_register_sigint_handler` is the
+    trainer method that installs it."""
+    if not hasattr(trainer, "_register_sigint_handler"):
+        raise RuntimeError("no _register_sigint_handler in this Ray Train; update orchestrator/ray_compat.py")
+    trainer._register_sigint_handler = lambda controller: None

@@ -191,6 +191,12 @@ class FailureSpec(_Model):
         description="A driver whose lease is not renewed for this long (by the storage's clock) "
         "may be taken over by another; it renews every ttl/6.",
     )
+    checkpoint_on_preempt: bool = Field(
+        False,
+        description="A worker that gets SIGTERM (a preemptible node's notice before it is killed) "
+        "makes every rank save and commit a checkpoint at the next sync point (every 10 steps), "
+        "then the group restarts from it: no step is trained twice.",
+    )
 
 
 class TrackingSpec(_Model):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import jsonl, manifest, start_cli, wait_until
+from conftest import jsonl, manifest, run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -45,3 +45,51 @@ def test_the_embedded_ray_goes_away_with_a_sigkilled_driver(tmp_path, kill_group
     assert not left
     # and the run is one `resume` continues (the lease of a dead driver is taken over)
     assert manifest(tmp_path / "reap")["status"] == "running"
+
+
+def _events(run_dir: Path, kind: str) -> list[dict]:
+    return [e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == kind]
+
+
+def test_sigterm_on_the_driver_commits_a_checkpoint_stops_and_resume_continues(tmp_path, kill_group):
+    run_dir = tmp_path / "term"
+    log = tmp_path / "run.log"
+    p = start_cli(*_run_args(tmp_path, "term", "epochs=8"), log=log)
+    kill_group(p)
+    wait_until(lambda: jsonl(run_dir / "metrics.jsonl"), 180, "the first epoch")
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(timeout=150) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    out = log.read_text()
+    assert "*** SIGTERM received" not in out  # not Ray's fatal-signal dump
+    assert "interrupted" in out and f"orchestrator resume {run_dir}" in out, out[-2000:]
+    m = manifest(run_dir)
+    assert m["stopped"]["kind"] == "interrupt"
+    asked = _events(run_dir, "stop_requested")
+    assert len(asked) == 1
+    after = [e for e in _events(run_dir, "commit") if e["ts"] >= asked[0]["ts"]]
+    assert after, "no checkpoint committed after the stop request"
+    assert m["checkpoints"][-1]["id"] == after[-1]["id"]
+    assert not (run_dir / "lease.json").exists()  # released: resume needs no wait
+
+    r = run_cli("resume", str(run_dir), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert manifest(run_dir)["status"] == "finished"
+    epochs = [row["epoch"] for row in jsonl(run_dir / "metrics.jsonl")]
+    assert sorted(epochs) == list(range(1, 9)), epochs  # every epoch once
+    assert _events(run_dir, "attempt_started")[-1].get("restore") == after[-1]["id"]
+
+
+def test_a_second_ctrl_c_stops_the_driver_at_once(tmp_path, kill_group):
+    run_dir = tmp_path / "int"
+    log = tmp_path / "run.log"
+    p = start_cli(*_run_args(tmp_path, "int", "epochs=40"), log=log)
+    kill_group(p)
+    wait_until(lambda: jsonl(run_dir / "metrics.jsonl"), 180, "the first epoch")
+    os.kill(p.pid, signal.SIGINT)
+    wait_until(lambda: "again stops at once" in log.read_text(), 30, "the first Ctrl-C's message")
+    os.kill(p.pid, signal.SIGINT)
+    assert p.wait(timeout=60) == 128 + signal.SIGINT, log.read_text()[-3000:]
+    out = log.read_text()
+    assert "stopped at once on SIGINT" in out and "orchestrator resume" in out, out[-2000:]
+    assert manifest(run_dir)["status"] == "running"  # not finished: resume continues it
+    assert not (run_dir / "lease.json").exists()

@@ -10,6 +10,8 @@ import pytest
 PRIVATE = [
     ("ray._raylet", "Config"),
     ("ray.train.v2._internal.execution.callback", "ControllerCallback"),
+    ("ray.train.v2._internal.execution.callback", "WorkerCallback"),
+    ("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer"),
     ("ray.train.v2._internal.execution.controller.state", "TrainControllerStateType"),
 ]
 
@@ -36,3 +38,30 @@ def test_restart_recorder_builds():
 
     rec = restart_recorder(coordinator=None)
     assert type(rec).__name__ == "RestartRecorder"
+
+
+def test_preemption_listener_builds_and_hooks_the_worker():
+    from ray.train.v2._internal.execution.callback import WorkerCallback
+
+    from orchestrator.ray_compat import preemption_listener
+
+    assert hasattr(WorkerCallback, "after_init_train_context"), "hook renamed"
+    assert type(preemption_listener()).__name__ == "PreemptionListener"
+
+
+def test_ray_trains_sigint_handler_can_be_kept_off():
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from orchestrator.ray_compat import keep_driver_sigint
+
+    assert hasattr(DataParallelTrainer, "_register_sigint_handler"), "Ray Train's SIGINT hook renamed"
+
+    class Trainer:
+        def _register_sigint_handler(self, controller):
+            raise AssertionError("Ray's handler was installed")
+
+    t = Trainer()
+    keep_driver_sigint(t)
+    t._register_sigint_handler(None)  # now a no-op
+    with pytest.raises(RuntimeError, match="ray_compat"):
+        keep_driver_sigint(object())

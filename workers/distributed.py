@@ -36,3 +36,10 @@ def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]
     if is_distributed():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

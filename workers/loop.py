@@ -23,11 +23,12 @@ from workers.calls import StepTicker, call, send
 from workers.chaos import Chaos
 from workers.config import WorkerConfig
 from workers.data import rank_batches
-from workers.distributed import is_distributed
+from workers.distributed import broadcast, is_distributed
 from workers.metrics import EarlyStopping, RunningLoss, evaluate, metric_names
 from workers.resume import restore
 from workers.rng import seed_all
 from workers.state import Position, Saver, unwrap
+from workers.stopping import PREEMPT, Preempted, StopCheck
 from workers.task import Task, TaskContext, collate
 from workers.writer import CheckpointWriter
 
@@ -60,7 +61,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     writer = CheckpointWriter(storage, commit, cfg.async_save, chaos.after_upload) if rank == 0 else None
     saver = Saver(task, ddp, writer, resumed.attempt, world, cfg.seed)
     epoch_loss = RunningLoss(device, resumed.epoch_acc)
-    ticker = StepTicker(lambda at: send(coord.tick, at)) if rank == 0 else (lambda *a: None)
+    ticker = StepTicker((lambda at: send(coord.tick, at)) if rank == 0 else None)
+    stop_check = StopCheck(ticker.stop_asked, device)
     global_step, stopped_early = resumed.global_step, False
     if cfg.monitor not in (names := metric_names(task, unwrap(ddp), device)):
         why = f"checkpoint.monitor {cfg.monitor!r} is not a metric of task {cfg.task!r}"
@@ -78,6 +80,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             epoch_loss.add(loss)
             global_step += 1
             ticker(epoch, step + 1, len(batches), global_step)
+            if halt := stop_check(global_step):
+                at = Position(epoch, step + 1, global_step, False)
+                return stop_now(halt, at, saver, writer, epoch_loss, metrics, stopper, coord, rank)
             if cfg.every_n_steps and global_step % cfg.every_n_steps == 0 and step + 1 < len(batches):
                 saver.save(Position(epoch, step + 1, global_step, False), epoch_loss, metrics, stopper)
         if task.scheduler is not None:
@@ -97,8 +102,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 {"epoch": epoch, "global_step": global_step, "attempt": resumed.attempt, **metrics},
             )
         ray.train.report({"epoch": epoch, "global_step": global_step, **metrics})
+        at = Position(epoch, len(batches), global_step, True)
         if epoch % cfg.every_n_epochs == 0 or epoch == cfg.epochs or stopped_early:
-            saver.save(Position(epoch, len(batches), global_step, True), epoch_loss, metrics, stopper)
+            saver.save(at, epoch_loss, metrics, stopper)
+        elif halt := stop_check(global_step, end_of_epoch=True):
+            return stop_now(halt, at, saver, writer, epoch_loss, metrics, stopper, coord, rank)
         if stopped_early:
             if rank == 0:
                 call(coord.event, "early_stop", {"epoch": epoch, "best": stopper and stopper.best})
@@ -117,6 +125,30 @@ def stop_run(coord: Any, rank: int, reason: str, kind: str) -> dict[str, Any]:
     if rank == 0:
         call(coord.stop, reason, kind)
     return {"stopped": reason}
+
+
+def stop_now(
+    why: int,
+    at: Position,
+    saver: Saver,
+    writer: CheckpointWriter | None,
+    epoch_loss: RunningLoss,
+    metrics: dict[str, float],
+    stopper: EarlyStopping | None,
+    coord: Any,
+    rank: int,
+) -> dict[str, Any]:
+    """Stop where every rank agreed to (see workers/stopping.py): save here, wait until the
+    checkpoint is committed, then end the run (the driver asked) or raise Preempted (a
+    preemption notice: Ray Train restarts the group from this checkpoint)."""
+    saver.save(at, epoch_loss, metrics, stopper)
+    if writer is not None:
+        writer.close()
+    broadcast(None)  # no rank leaves before rank 0's commit is done
+    where = f"epoch {at.epoch} step {at.step_in_epoch} (global step {at.global_step})"
+    if why == PREEMPT:
+        raise Preempted(f"a preemption notice (SIGTERM) reached a worker; checkpoint at {where} committed")
+    return stop_run(coord, rank, f"interrupted; checkpoint at {where} committed", "interrupt")
 
 
 def train_step(task: Task, model: torch.nn.Module, batch: Any) -> torch.Tensor:

@@ -44,7 +44,7 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
 
 
 def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: bool, verbose: bool) -> None:
-    from orchestrator.driver import RunFailed, run
+    from orchestrator.driver import RunFailed, RunInterrupted, run
 
     try:
         with stdout_to_stderr(as_json):  # Ray prints to fd 1; --json keeps stdout for the JSON
@@ -53,6 +53,10 @@ def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: b
         die(str(e), EXIT_LEASE)
     except SpecError as e:
         die(str(e), EXIT_INPUT)
+    except RunInterrupted as e:
+        if e.summary is not None:
+            _print_summary(e.summary.as_dict(), as_json)
+        die(f"run {spec.name} interrupted: {e}", e.exit_code)
     except RunFailed as e:
         if e.summary is not None:
             _print_summary(e.summary.as_dict(), as_json)
