@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -93,3 +94,25 @@ def test_a_second_ctrl_c_stops_the_driver_at_once(tmp_path, kill_group):
     assert "stopped at once on SIGINT" in out and "orchestrator resume" in out, out[-2000:]
     assert manifest(run_dir)["status"] == "running"  # not finished: resume continues it
     assert not (run_dir / "lease.json").exists()
+
+
+def test_a_preempted_worker_commits_a_checkpoint_before_the_group_restarts(tmp_path, kill_group):
+    run_dir = tmp_path / "pre"
+    log = tmp_path / "run.log"
+    p = start_cli(*_run_args(tmp_path, "pre", "epochs=6", "failure.checkpoint_on_preempt=true"), log=log)
+    kill_group(p)
+    wait_until(lambda: jsonl(run_dir / "metrics.jsonl"), 180, "the first epoch")
+    workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "RayTrainWorker" in c.name()]
+    assert len(workers) == 2, [c.name() for c in psutil.Process(p.pid).children(recursive=True)]
+    sent = time.time()
+    workers[1].send_signal(signal.SIGTERM)
+    assert p.wait(timeout=300) == 0, log.read_text()[-3000:]
+
+    restarts = _events(run_dir, "restart")
+    assert len(restarts) == 1 and "Preempted" in restarts[0]["reason"], restarts
+    saved = [e for e in _events(run_dir, "commit") if sent <= e["ts"] <= restarts[0]["ts"]]
+    assert saved, "no checkpoint committed between the notice and the restart"
+    # the new attempt starts from that checkpoint: nothing trained before the notice is redone
+    assert _events(run_dir, "attempt_started")[-1]["restore"] == saved[-1]["id"]
+    epochs = [row["epoch"] for row in jsonl(run_dir / "metrics.jsonl")]
+    assert sorted(epochs) == list(range(1, 7)), epochs
