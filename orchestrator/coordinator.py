@@ -65,6 +65,8 @@ class RunLedger:
         self.fenced: str | None = None  # why this ledger may no longer write
         self.live: dict[str, Any] | None = None  # rank 0's latest position in the epoch (display only)
         self.stop_requested: str | None = None  # the driver's Ctrl-C/SIGTERM, read by rank 0's ticks
+        self.failures: dict[str, set[int]] = {}  # a user-code error's signature -> attempts it ended
+        self.gave_up: str | None = None  # set when one signature ended two attempts
         self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
         self._events_stored = len(self.events)  # events up to here are in storage
         self.metrics: list[dict[str, Any]] = read_jsonl(storage, METRICS)
@@ -209,6 +211,19 @@ class RunLedger:
         m = self.manifest
         self.event("restart", rid, restarts=m.restarts + 1, reason=reason[:2000])
         self._save(self._remember(m.model_copy(update={"restarts": m.restarts + 1}), rid, True))
+
+    def record_failure(self, sig: str, trace: str, rid: str | None = None) -> None:
+        """A rank's exception from user code (workers/failures.py). The same signature (type,
+        message, line, epoch and step) ending two attempts is deterministic: the next attempt
+        stops the run with this traceback instead of Ray Train spending every restart."""
+        attempt = self.manifest.restarts  # Ray Train counts a restart before each new group
+        self.event("worker_error", rid, signature=sig[:2000], restarts=attempt)
+        attempts = self.failures.setdefault(sig, set())
+        attempts.add(attempt)  # a set: a retried call (same rid) counts once
+        if len(attempts) >= 2 and self.gave_up is None:
+            self.gave_up = (f"the same error ended {len(attempts)} attempts at the same place, so a "
+                            f"restart cannot fix it; the worker's traceback:\n{trace.rstrip()}")  # fmt: skip
+            self.event("deterministic_failure", signature=sig[:2000])
 
     def request_stop(self, reason: str) -> None:
         """The driver was interrupted: the workers save, wait for the commit and stop."""
@@ -422,6 +437,12 @@ def coordinator_actor_class() -> Any:
 
         def request_stop(self, reason: str) -> None:
             self.ledger.request_stop(reason)
+
+        def record_failure(self, sig: str, trace: str, rid: str | None = None) -> None:
+            self.ledger.record_failure(sig, trace, rid)
+
+        def gave_up(self, rid: str | None = None) -> str | None:
+            return self.ledger.gave_up
 
         def claim_chaos(self, key: str, pid: int | None = None, rid: str | None = None) -> bool:
             return self.ledger.claim_chaos(key, pid, rid)

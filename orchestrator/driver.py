@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator import preflight
 from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
 from orchestrator.core.lease import Lease, LeaseLost
 from orchestrator.core.manifest import SPEC, read_manifest
@@ -125,9 +126,12 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
     quiet: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": True, "logging_level": "WARNING"}
     address = address or os.environ.get("RAY_ADDRESS") or _running_cluster()
     if address and address != "local":
-        _check_reachable(address)
+        preflight.check_address(address)  # something answers there, and takes our token
         use_token_auth()  # a `ray start --head` cluster usually wants ~/.ray/auth_token
-        ray.init(address=address, namespace=NAMESPACE, **quiet)
+        try:
+            ray.init(address=address, namespace=NAMESPACE, **quiet)
+        except ConnectionError as e:  # not storage's (the CLI's OSError): Ray's
+            raise preflight.RayUnreachable(f"the Ray cluster at {address}: {e}") from None
         return False
     from orchestrator import reaper
 
@@ -139,25 +143,6 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
         **quiet,
     )
     return True
-
-
-def _check_reachable(address: str) -> None:
-    """Fail in seconds, not minutes, when nothing answers at a host:port cluster address
-    (Ray itself keeps retrying the GCS for a long time)."""
-    import socket
-
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
-        return  # ray://, auto, or a form Ray resolves itself
-    try:
-        with socket.create_connection((host, int(port)), timeout=5.0):
-            return
-    except OSError as e:
-        raise RunFailed(
-            f"no Ray cluster answers at {address} ({e.strerror or e}); start one with "
-            "`ray start --head`, or leave out --address to run "
-            "on an embedded Ray"
-        ) from None
 
 
 def _running_cluster() -> str | None:
@@ -281,6 +266,7 @@ def run(
 
     from workers.loop import train_loop_per_worker
 
+    preflight.before_ray(spec, address)  # the address and the storage, before any lease or Ray
     secrets = secrets_in(spec.storage.options)
     storage = spec.open_run_storage()
     existing = read_manifest(storage)
@@ -304,6 +290,7 @@ def run(
         store_spec(storage, spec)
         cpus = spec.scaling.max_workers * int(spec.scaling.resources_per_worker.get("CPU", 1))
         started_ray = connect(address, num_cpus_hint=cpus, verbose=verbose)
+        preflight.workers_fit(spec, started_ray)  # before Ray Train waits for workers that never come
         cfg = RetentionConfig(
             monitor=spec.checkpoint.monitor,
             mode=spec.checkpoint.mode,
@@ -384,9 +371,12 @@ def run(
         if stopped and stopped["kind"] == "input":
             ray.get(coord.finish.remote("failed"), timeout=COORD_TIMEOUT_S)
             raise SpecError(stopped["reason"])
+        if stopped and stopped["kind"] == "user_error":
+            error = stopped["reason"]  # with the worker's whole traceback, not just its last line
         error = error or (stopped and stopped["reason"])
         status = "failed" if error else "finished"
-        reason = redact(root_cause(error), secrets) if error else None
+        whole = stopped and stopped["kind"] == "user_error"
+        reason = redact(error if whole else root_cause(error), secrets) if error else None
         try:
             kept = ray.get(coord.finish.remote(status), timeout=COORD_TIMEOUT_S)
             prog = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S)

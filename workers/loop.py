@@ -12,18 +12,20 @@ workers/resume.py, what a checkpoint holds in workers/state.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
 
 import torch
 
-from orchestrator.core.tasks import resolve_task
+from orchestrator.core.tasks import TaskError, resolve_task, user_frames
 from workers.calls import StepTicker, call, send
 from workers.chaos import Chaos
 from workers.config import WorkerConfig
 from workers.data import rank_batches
-from workers.distributed import broadcast, is_distributed
+from workers.distributed import broadcast, gather, is_distributed
+from workers.failures import is_infrastructure, signature, user_traceback
 from workers.metrics import EarlyStopping, RunningLoss, evaluate, metric_names
 from workers.resume import restore
 from workers.rng import seed_all
@@ -34,6 +36,21 @@ from workers.writer import CheckpointWriter
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's entry point on every rank. An exception from the user's code is reported
+    to the coordinator before Ray Train sees it (workers/failures.py: the same one twice
+    stops the run instead of spending every restart)."""
+    coord = config["coordinator"]
+    where = ["setup"]  # the position in training, for the failure's signature
+    try:
+        return _train(config, where)
+    except Exception as e:
+        if not is_infrastructure(e):
+            with contextlib.suppress(Exception):  # the original error matters more
+                call(coord.record_failure, signature(e, where[0]), user_traceback(e), timeout=30)
+        raise
+
+
+def _train(config: dict[str, Any], where: list[str]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
@@ -41,11 +58,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     coord = config["coordinator"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if gave_up := call(coord.gave_up):  # the last attempts failed the same way: stop, do not retry
+        return stop_run(coord, rank, gave_up, "user_error")
     torch.set_num_threads(int(config.get("threads_per_worker", 1)))
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     storage = cfg.open_storage(on_retry=_retry_reporter(coord, rank))
     seed_all(cfg.seed + rank)
-    task: Task = resolve_task(cfg.task)(
+    build, cannot = _import_task(cfg.task, rank)
+    if problems := [p for p in gather(cannot) if p]:  # every rank learns it, before any other collective
+        return stop_run(coord, rank, problems[0], "input")
+    task: Task = build(
         dict(cfg.task_options), TaskContext(rank=rank, world_size=world, seed=cfg.seed, device=device)
     )
     model = task.model.to(device)
@@ -75,6 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             epoch_loss = RunningLoss(device)
         ddp.train()
         for step in range(first, len(batches)):
+            where[0] = f"epoch {epoch} step {step}"
             chaos.before_step(epoch, step)
             loss = train_step(task, ddp, collate(task.train_data, batches[step], device))
             epoch_loss.add(loss)
@@ -88,6 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if task.scheduler is not None:
             task.scheduler.step()
 
+        where[0] = f"epoch {epoch} evaluation"
         metrics = evaluate(task, unwrap(ddp), device, world, rank)
         metrics["train_loss"] = epoch_loss.mean_over_ranks()
         if cfg.stop_on_nan and not all(math.isfinite(v) for v in metrics.values()):
@@ -117,6 +141,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     writer.close()
     return {"global_step": global_step, "stopped_early": stopped_early, "saves": writer.saves,
             "ckpt_blocked_s": writer.blocked_s, "pid": os.getpid()}  # fmt: skip
+
+
+def _import_task(name: str, rank: int) -> tuple[Any, str | None]:
+    """The task's builder, or why this rank cannot import it. The spec check imported it where
+    the run was started, so a failure here is this node's (a package missing there): no restart
+    can fix it, and the user needs their own error and frames, not ours."""
+    try:
+        return resolve_task(name), None
+    except TaskError as e:
+        import ray.util
+
+        node = ray.util.get_node_ip_address()
+        return None, (
+            f"task.name: {name!r} cannot be imported on rank {rank} (node {node}), though it imported "
+            f"where the run was started; install what it needs on every node (the nodes' image, or "
+            f"a runtime_env). The task's own error:\n{user_frames(e)}"
+        )
 
 
 def stop_run(coord: Any, rank: int, reason: str, kind: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from orchestrator.cli.exits import (
+    EXIT_API,
     EXIT_FAILED,
     EXIT_INPUT,
     EXIT_LEASE,
@@ -39,12 +40,13 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
             f"[run] best checkpoint: {best['uri']}  "
             f"({best['monitor']} {best['value']:.6g}, epoch {best['epoch']})"
         )
-    if summary.get("error"):
-        typer.echo(f"[run] reason: {summary['error']}", err=True)
+    if summary.get("error"):  # its first line: a traceback follows once, in the error itself
+        typer.echo(f"[run] reason: {summary['error'].splitlines()[0]}", err=True)
 
 
 def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: bool, verbose: bool) -> None:
     from orchestrator.driver import RunFailed, RunInterrupted, run
+    from orchestrator.preflight import RayUnreachable
 
     try:
         with stdout_to_stderr(as_json):  # Ray prints to fd 1; --json keeps stdout for the JSON
@@ -53,6 +55,8 @@ def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: b
         die(str(e), EXIT_LEASE)
     except SpecError as e:
         die(str(e), EXIT_INPUT)
+    except RayUnreachable as e:
+        die(str(e), EXIT_API)
     except RunInterrupted as e:
         if e.summary is not None:
             _print_summary(e.summary.as_dict(), as_json)
