@@ -6,6 +6,7 @@ fails in milliseconds on the user's machine instead of minutes into a run.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -106,7 +107,29 @@ class StorageSpec(_Model):
         # Ray workers and actors run in other directories: a relative path must not follow them.
         if "://" in v:
             return v.rstrip("/")
-        return os.path.abspath(os.path.expanduser(v))
+        path = os.path.expanduser(v)
+        if not os.path.isabs(path) and (job_dir := ray_job_working_dir()):
+            raise ValueError(
+                f"{v!r} is relative, and this driver runs inside a Ray job, in Ray's temporary copy "
+                f"of its working dir ({job_dir}), which Ray deletes after the job: the checkpoints "
+                "and the best model would go with it. Give a path that outlives the job, e.g. "
+                "--set storage.root=/shared/runs (one every node sees) or s3://bucket/runs"
+            )
+        return os.path.abspath(path)
+
+
+def ray_job_working_dir() -> str | None:
+    """The working dir of the Ray job this process is the entrypoint of (`ray job submit
+    --working-dir ...`): Ray's temporary copy, which it deletes afterwards. None outside a
+    job, or in a job without a working dir."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor
+    if not raw:
+        return None
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return os.getcwd() if runtime_env.get("working_dir") else None
 
 
 class TaskSpec(_Model):
@@ -243,8 +266,12 @@ class JobSpec(_Model):
     @field_validator("name")
     @classmethod
     def _name_is_a_path_segment(cls, v: str) -> str:
-        if not RUN_NAME.match(v):
-            raise ValueError("must be letters, digits, '.', '_' or '-' (it becomes a directory name)")
+        if not RUN_NAME.fullmatch(v):  # fullmatch: `$` alone lets a trailing newline through
+            raise ValueError(
+                f"{v!r} is not a run name: it becomes a directory (an object key prefix) in storage, "
+                f"so it must match {RUN_NAME.pattern}: letters, digits, '.', '_' and '-', starting "
+                "with a letter or digit, at most 128 characters"
+            )
         return v
 
     @model_validator(mode="after")

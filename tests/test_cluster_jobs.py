@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from cluster_support import (
     node_states,
     stop,
 )
-from conftest import expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
+from conftest import ROOT, expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
 
 from orchestrator.cli import jobs
 
@@ -161,6 +163,24 @@ def test_submit_runs_on_the_cluster(ray_cluster, tmp_path):
         assert job_id in [r["job_id"] for r in listed]
     finally:
         _stop_job(c, job_id)
+
+
+@pytest.mark.e2e
+def test_plain_ray_job_submit_with_a_relative_root_is_refused_clearly(ray_cluster, tmp_path):
+    # What a Ray user tries first. With storage.root "runs" the checkpoints would land in
+    # Ray's temporary copy of the working dir, which Ray deletes after the job.
+    c = ray_cluster
+    wd = tmp_path / "wd"
+    (wd / "configs").mkdir(parents=True)
+    (wd / "configs" / "digits.yaml").write_text((ROOT / "configs" / "digits.yaml").read_text())
+    ray = str(Path(sys.executable).parent / "ray")
+    p = subprocess.run([ray, "job", "submit", "--address", c.dashboard, "--working-dir", str(wd), "--",
+                        sys.executable, "-m", "orchestrator", "run", "configs/digits.yaml"],
+                       env=c.env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert "storage.root" in out and "'runs' is relative" in out and "deletes after the job" in out, out[-3000:]
+    assert not list(wd.rglob("manifest.json"))
 
 
 @pytest.mark.e2e
