@@ -38,6 +38,74 @@ def use_token_auth() -> None:
             Config.initialize("")
 
 
+def gcs_token_check(address: str, timeout_s: float = 5.0) -> str | None:
+    """Ask the GCS at host:port, once, whether it accepts this process's credentials: "no
+    token" or "token refused" when it answers UNAUTHENTICATED, else None (it accepts them, or
+    the question could not be put; ray.init then reports what it finds).
+
+    Private: `ray.init` meets an UNAUTHENTICATED GCS by retrying for about 20 s and then says
+    only that it failed to connect; no public call asks first. This sends Ray's own auth
+    metadata (what its gRPC clients send) with one GetClusterId call."""
+    import grpc
+    from ray._private.authentication.grpc_authentication_client_interceptor import (
+        _get_authentication_metadata_tuple,
+    )
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    try:
+        metadata = _get_authentication_metadata_tuple()
+    except Exception:  # RAY_AUTH_MODE=token and no token anywhere: ask without one
+        metadata = ()
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            request = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]  # generated
+            stub.GetClusterId(request, metadata=metadata, timeout=timeout_s)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            return "token refused" if metadata else "no token"
+    return None
+
+
+def cluster_can_grow() -> bool | None:
+    """Whether an autoscaler may add nodes to the cluster this process is connected to: False for
+    a cluster of fixed size (nodes started by hand with `ray start`, ray.cluster_utils), True
+    when an autoscaler with node types of its own runs, None when it cannot be told.
+
+    Private: no public Ray call says whether a cluster can grow. Ray's monitor on the head (the
+    v1 autoscaler) publishes its status under the GCS key `__autoscaling_status`; without an
+    autoscaling config it runs a read-only provider whose node types are the live nodes
+    themselves, named `node_<node id>`. A v2 autoscaler (KubeRay) reports its state to the GCS
+    instead (a non-zero autoscaler version in `get_cluster_status`)."""
+    import json
+
+    import ray
+
+    status = None
+    with contextlib.suppress(Exception):
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get("__autoscaling_status")
+        status = json.loads(raw) if raw else None
+    grows = can_grow_from_status(status)
+    if grows is None:
+        with contextlib.suppress(Exception):
+            from ray.autoscaler.v2.sdk import get_cluster_status
+
+            version = get_cluster_status(ray.get_runtime_context().gcs_address).stats.autoscaler_version
+            if version not in (None, "", "0"):
+                return True
+    return grows
+
+
+def can_grow_from_status(status: Any) -> bool | None:
+    """The v1 monitor's published status -> can the cluster grow (see cluster_can_grow)."""
+    mapping = ((status or {}).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    if not mapping:
+        return None
+    return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items())
+
+
 def restart_recorder(coordinator: Any) -> Any:
     """A Ray Train controller callback that tells the coordinator each time Ray Train
     decides to restart the worker group, with the failure it restarts from.

@@ -58,7 +58,7 @@ def test_default_demo_config_is_valid():
             {"chaos": {"kills": [{"rank": 1, "epoch": 1, "point": "after_upload"}]}},
             "after_upload kills rank 0",
         ),
-        ({"name": "a/b"}, "name: must be letters"),
+        ({"name": "a/b"}, "name: 'a/b' is not a run name"),
     ],
 )
 def test_bad_spec_names_file_field_and_problem(tmp_path, patch, message):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,3 +54,21 @@ def resolve_task(name: str) -> Callable[..., Any]:
     if not callable(fn):
         raise TaskError(f"task {name!r}: {module_name} has no function {func_name!r}")
     return fn
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_OURS = tuple(os.path.join(_ROOT, pkg) + os.sep for pkg in ("orchestrator", "workers"))
+
+
+def user_frames(error: TaskError) -> str:
+    """The frames of the user's own code in a failed import (not importlib's, not ours), as a
+    traceback prints them, ending with the error line: what the user needs to see."""
+    cause = error.__cause__
+    if cause is None:
+        return str(error)
+    frames = [
+        f
+        for f in traceback.extract_tb(cause.__traceback__)
+        if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(_OURS)
+    ]
+    return "".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(cause)).strip()
