@@ -56,7 +56,8 @@ def test_manifest_roundtrip_and_generation(tmp_path, uri):
     assert (m1.generation, m2.generation) == (1, 2)
     assert read_manifest(s) == m2
     if uri == "LOCAL":
-        assert [p.name for p in (tmp_path / "run").iterdir()] == ["manifest.json"]  # no temp left
+        names = sorted(p.name for p in (tmp_path / "run").iterdir())
+        assert names == ["manifest.backup.json", "manifest.json"]  # no temp left
 
 
 def torn_reads_while_rewriting(

@@ -5,6 +5,7 @@
     orchestrator checkpoints RUN_URI [--json]            what is kept, and why
     orchestrator best RUN_URI [--json] [--download DIR]  the best checkpoint, for serving
     orchestrator events RUN_URI [--json]                 commits, deletions, restarts, retries
+    orchestrator repair RUN_URI [--dry-run]              restore an unreadable manifest.json from its backup
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (spec, arguments), 3 run owned
 by another live driver, 4 storage unreachable or unreadable, 5 Ray's Jobs API unreachable.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import export, inspect, jobs, see, train
+from orchestrator.cli import export, inspect, jobs, repair, see, train
 
 app = typer.Typer(
     help="Fault-tolerant distributed PyTorch training on Ray, with top-k checkpoints "
@@ -50,6 +51,7 @@ inspect.register(app)
 export.register(app)
 see.register(app)
 jobs.register(app)
+repair.register(app)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 Layout of a run:
     RUN_URI/manifest.json               what is committed (only the coordinator writes it)
+    RUN_URI/manifest.backup.json        a copy of the last manifest written, for `orchestrator repair`
     RUN_URI/checkpoints/<id>/...        checkpoint files, then checkpoint.json last
     RUN_URI/metrics.jsonl               one line per reported epoch
     RUN_URI/events.jsonl                commits, deletions, restarts, retries, ...
@@ -21,6 +22,7 @@ from orchestrator.core.retention import Ckpt
 from orchestrator.core.storage import Storage
 
 MANIFEST = "manifest.json"
+BACKUP = "manifest.backup.json"
 CHECKPOINTS = "checkpoints"
 RECORD = "checkpoint.json"
 METRICS = "metrics.jsonl"
@@ -30,13 +32,18 @@ FORMAT = 1
 # Every kind of event a run's events.jsonl holds (`orchestrator events --kind`).
 EVENT_KINDS = (
     "attempt_started", "chaos_kill", "commit", "coordinator_started", "delete", "delete_failed",
-    "driver_started", "early_stop", "lease_taken_over", "restart", "run_failed", "run_finished",
-    "stopped", "storage_retry", "tracker_off", "verification_failed",
+    "driver_started", "early_stop", "lease_taken_over", "repaired", "restart", "run_failed",
+    "run_finished", "stopped", "storage_retry", "tracker_off", "verification_failed",
 )  # fmt: skip
 
 
 class ManifestError(RuntimeError):
     """The manifest (or a record) in storage cannot be read as one."""
+
+
+class ManifestUnreadable(ManifestError):
+    """manifest.json is there but is not a manifest (not JSON, wrong fields): damaged, or
+    edited by hand. `orchestrator repair` restores it from manifest.backup.json."""
 
 
 class FileEntry(BaseModel):
@@ -126,13 +133,26 @@ class Manifest(BaseModel):
 def read_manifest(storage: Storage) -> Manifest | None:
     if not storage.exists(MANIFEST):
         return None
-    return parse_manifest(storage, storage.read_bytes(MANIFEST))
+    return _with_hint(storage, storage.read_bytes(MANIFEST))
 
 
 def read_manifest_versioned(storage: Storage) -> tuple[Manifest | None, str | None]:
     """The manifest and the version a compare-and-swap must name to replace it."""
     v = storage.read_versioned(MANIFEST)
-    return (parse_manifest(storage, v.data), v.version) if v else (None, None)
+    return (_with_hint(storage, v.data), v.version) if v else (None, None)
+
+
+def _with_hint(storage: Storage, raw: bytes) -> Manifest:
+    """parse_manifest; an unreadable manifest's error says how to recover. Never a silent
+    fallback to the backup: docs/operations.md#a-damaged-manifest says why."""
+    try:
+        return parse_manifest(storage, raw)
+    except ManifestUnreadable as e:
+        raise ManifestUnreadable(
+            f"{e}\nThe run is not lost: `orchestrator repair {storage.uri}` restores the last manifest "
+            f"the coordinator wrote ({BACKUP}) and verifies its checkpoints (--dry-run shows what it "
+            "would do)."
+        ) from None
 
 
 def parse_manifest(storage: Storage, raw: bytes, name: str = MANIFEST) -> Manifest:
@@ -140,11 +160,13 @@ def parse_manifest(storage: Storage, raw: bytes, name: str = MANIFEST) -> Manife
     try:
         doc = json.loads(raw)
     except RecursionError:
-        raise ManifestError(f"{where}: not a valid manifest: JSON nested too deeply") from None
+        raise ManifestUnreadable(f"{where}: not a valid manifest: JSON nested too deeply") from None
     except ValueError as e:  # not JSON, not UTF-8, an integer past Python's 4300 digits
-        raise ManifestError(f"{where}: not a valid manifest: not JSON: {e}") from None
+        raise ManifestUnreadable(f"{where}: not a valid manifest: not JSON: {e}") from None
     if not isinstance(doc, dict):
-        raise ManifestError(f"{where}: not a valid manifest: a JSON {type(doc).__name__}, not an object")
+        raise ManifestUnreadable(
+            f"{where}: not a valid manifest: a JSON {type(doc).__name__}, not an object"
+        )
     fmt = doc.get("format", FORMAT)
     if isinstance(fmt, int) and fmt > FORMAT:
         raise ManifestError(
@@ -154,13 +176,15 @@ def parse_manifest(storage: Storage, raw: bytes, name: str = MANIFEST) -> Manife
     try:
         return Manifest.model_validate_json(raw)
     except (ValueError, RecursionError) as e:  # pydantic's ValidationError is a ValueError
-        raise ManifestError(f"{where}: not a valid manifest: {e}") from None
+        raise ManifestUnreadable(f"{where}: not a valid manifest: {e}") from None
 
 
 def write_manifest(storage: Storage, manifest: Manifest) -> Manifest:
     """Bump the generation and replace the manifest atomically; return what was written."""
     new = _next(manifest)
-    storage.write_bytes(MANIFEST, new.model_dump_json(indent=1).encode())
+    data = new.model_dump_json(indent=1).encode()
+    storage.write_bytes(MANIFEST, data)
+    _backup(storage, data)
     return new
 
 
@@ -168,7 +192,22 @@ def write_manifest_if(storage: Storage, manifest: Manifest, expect: str | None) 
     """write_manifest, but only over version `expect` (None: only where there is none);
     raises storage.Conflict when another writer replaced it. Returns what was written."""
     new = _next(manifest)
-    return new, storage.write_if(MANIFEST, new.model_dump_json(indent=1).encode(), expect)
+    data = new.model_dump_json(indent=1).encode()
+    version = storage.write_if(MANIFEST, data, expect)
+    _backup(storage, data)
+    return new, version
+
+
+def _backup(storage: Storage, data: bytes) -> None:
+    """Copy a manifest that is now durable to manifest.backup.json. Written after the manifest
+    (never before: a backup must not hold a generation that did not land), so it is the last
+    generation the coordinator wrote, or the one before it when a crash or a storage error
+    came between the two writes; `orchestrator repair` handles both. Best effort: the commit
+    is durable already, and the next manifest write brings the copy up to date."""
+    try:
+        storage.write_bytes(BACKUP, data)
+    except Exception:  # noqa: BLE001  # storage trouble: the next write tries again
+        pass
 
 
 def _next(manifest: Manifest) -> Manifest:
