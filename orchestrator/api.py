@@ -146,10 +146,11 @@ class Run:
         """(checkpoint, its verified state_dict, better-ranked ones skipped as damaged) for which
         (see checkpoint()). A ranked pick passes over damaged checkpoints; a named one
         (latest, an id) raises VerificationError. model.pt is streamed through its sha256 into
-        a temp file and loaded with weights_only=True."""
+        a temp file and loaded with weights_only=True: one that holds more than tensors raises
+        CheckpointRefused (a VerificationError), and nothing in it runs."""
         import tempfile
 
-        import torch
+        from workers.state import load_tensor_file
 
         with tempfile.TemporaryDirectory(prefix="orchestrator-weights-") as tmp:
             if isinstance(which, int) or which == "best":
@@ -160,7 +161,8 @@ class Run:
             else:
                 ck, skipped = self.checkpoint(which), []
                 path = copy_verified(self.storage, ck.record, tmp, only={MODEL_FILE})[0]
-            return ck, torch.load(path, map_location="cpu", weights_only=True), skipped
+            # Weights-only: a file that names code is refused (CheckpointRefused), never run.
+            return ck, load_tensor_file(path, "cpu", f"{ck.uri}/{MODEL_FILE}"), skipped
 
     def build_task(self) -> Any:
         """The run's task, built afresh from the stored spec on the CPU (imports the user's task

@@ -9,6 +9,7 @@ loss, the position in the data and the early-stopping state.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,8 +46,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def load_tensor_file(data: bytes, device: str | torch.device = "cpu") -> Any:
-    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+def load_tensor_file(
+    data: bytes | str, device: str | torch.device = "cpu", name: str = "checkpoint file"
+) -> Any:
+    """A checkpoint file's tensors (bytes, or a local path), loaded weights-only: a pickle that
+    names code (a `__reduce__` payload) is refused before anything in it runs, and the
+    refusal is a CheckpointRefused naming the file, not torch's advice to load it unsafely."""
+    import pickle
+
+    from orchestrator.core.verify import CheckpointRefused
+
+    try:
+        return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location=device,
+                          weights_only=True)  # fmt: skip
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(Trying to load unsupported GLOBAL \S+|Unsupported [^\n]+)", str(e))
+        raise CheckpointRefused(
+            f"{name}: refused to load: it is not plain tensors ({found.group(1) if found else e}). "
+            "Checkpoints are loaded weights-only, so nothing in the file ran. This project never "
+            "writes such a file: someone else wrote it; do not load it with weights_only=False"
+        ) from None
 
 
 class Saver:

@@ -14,6 +14,12 @@ class VerificationError(RuntimeError):
     """A checkpoint's files do not match its record (missing, truncated, corrupted)."""
 
 
+class CheckpointRefused(VerificationError):
+    """A checkpoint file that matches its record but is not plain tensors (a pickle that names
+    code, such as a `__reduce__` payload): weights-only loading refused it, and nothing in it
+    ran. This project never writes such a file; the run's storage was written by someone else."""
+
+
 def read_verified(storage: Storage, record: CheckpointRecord) -> dict[str, bytes]:
     """Every file of the checkpoint, checked against the sizes and sha256 in its record."""
     out: dict[str, bytes] = {}
