@@ -11,7 +11,7 @@ another world size (elastic runs).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from workers.calls import call
 from workers.distributed import broadcast
 from workers.rng import restore_rng, seed_all
 from workers.task import Task
+
+if TYPE_CHECKING:
+    from workers.session import Session
 
 
 def plan_restore(
@@ -55,7 +58,6 @@ class Resumed:
     """Where this rank continues, and the state the loop still needs."""
 
     attempt: int
-    taken_over: str | None = None  # set when another driver owns the run: do not train
     start_epoch: int = 1
     start_step: int = 0
     global_step: int = 0
@@ -63,26 +65,15 @@ class Resumed:
     train_state: dict[str, Any] = field(default_factory=dict)
 
 
-def restore(
-    coord: Any,
-    storage: Storage,
-    task: Task,
-    model: torch.nn.Module,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world: int,
-) -> Resumed:
-    """Put this rank back where the latest good checkpoint left it (or at the start)."""
+def restore(session: Session, task: Task, model: torch.nn.Module) -> Resumed:
+    """Put this rank of a Task back where the latest good checkpoint left it (or at the start)."""
     from workers.state import MODEL_FILE, STATE_FILE, Position, load_tensor_file
 
-    plan, blobs = plan_restore(coord, storage, rank, world)
-    out = Resumed(attempt=plan["attempt"], taken_over=plan.get("taken_over"))
-    if plan["restore"] is None:
+    blobs = session.restored_files()
+    out = Resumed(attempt=session.attempt)
+    if blobs is None:
         return out
-    record = CheckpointRecord.model_validate(plan["restore"])
-    if blobs is None:  # rank 0 has it verified already; the others read and check their own
-        blobs = read_verified(storage, record)
+    rank, world, seed = session.rank, session.world, session.cfg.seed
     # Both files load to host memory: load_state_dict copies weights onto the model's
     # device and the optimizer casts its moments to their parameters' devices, while RNG
     # states and Adam's step counters must stay CPU tensors (a cuda map_location broke a
@@ -90,12 +81,6 @@ def restore(
     model.load_state_dict(load_tensor_file(blobs[MODEL_FILE]))
     state = load_tensor_file(blobs[STATE_FILE])
     at = Position(**state["progress"])
-    if rank == 0:
-        print(
-            f"[restore] attempt {out.attempt}: resumed from {record.id} "
-            f"(epoch {record.epoch}, step {record.global_step})",
-            flush=True,
-        )
     task.optimizer.load_state_dict(state["optimizer"])
     if task.scheduler is not None and state.get("scheduler") is not None:
         task.scheduler.load_state_dict(state["scheduler"])

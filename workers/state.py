@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,7 +19,9 @@ from workers.distributed import gather
 from workers.metrics import EarlyStopping, RunningLoss
 from workers.rng import capture_rng
 from workers.task import Task
-from workers.writer import CheckpointWriter
+
+if TYPE_CHECKING:
+    from workers.session import Session
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -69,20 +71,11 @@ def load_tensor_file(
 
 
 class Saver:
-    """One save: a collective (every rank hands rank 0 its RNG streams and running loss at
-    the same step), then rank 0 passes the state to its background writer."""
+    """One save of a Task: a collective (every rank hands rank 0 its RNG streams and running
+    loss at the same step), then rank 0 hands the files to the session's writer."""
 
-    def __init__(
-        self,
-        task: Task,
-        model: torch.nn.Module,
-        writer: CheckpointWriter | None,
-        attempt: int,
-        world: int,
-        seed: int,
-    ) -> None:
-        self.task, self.model, self.writer = task, model, writer
-        self.attempt, self.world, self.seed = attempt, world, seed
+    def __init__(self, task: Task, model: torch.nn.Module, session: Session) -> None:
+        self.task, self.model, self.session = task, model, session
 
     def save(
         self,
@@ -92,22 +85,10 @@ class Saver:
         stopper: EarlyStopping | None,
     ) -> None:
         ranks = gather({"rng": capture_rng(), "epoch_acc": epoch_loss.state()})
-        if self.writer is None:
+        if self.session.writer is None:
             return
         task = self.task
-        meta = {
-            # Unique per attempt: a redone epoch never reuses the name of one marked bad.
-            "id": f"epoch{at.epoch:04d}-step{at.global_step:07d}-a{self.attempt}",
-            "epoch": at.epoch,
-            "step_in_epoch": at.step_in_epoch,
-            "global_step": at.global_step,
-            "end_of_epoch": at.end_of_epoch,
-            "metrics": metrics,
-            "metrics_fresh": at.end_of_epoch,
-            "world_size": self.world,
-            "attempt": self.attempt,
-        }
-        state = {
+        files = {
             MODEL_FILE: unwrap(self.model).state_dict(),
             STATE_FILE: {
                 "optimizer": task.optimizer.state_dict(),
@@ -115,9 +96,9 @@ class Saver:
                 "grad_scaler": task.grad_scaler.state_dict() if task.grad_scaler is not None else None,
                 "ranks": ranks,
                 "progress": at.as_dict(),
-                "data_seed": self.seed,
+                "data_seed": self.session.cfg.seed,
                 "early_stopping": stopper.state() if stopper else None,
                 "last_metrics": metrics,
             },
         }
-        self.writer.save(meta, state)
+        self.session.save_files(at.epoch, at.step_in_epoch, at.global_step, at.end_of_epoch, metrics, files)

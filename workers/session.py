@@ -1,0 +1,231 @@
+"""The session: what every rank of a run holds, and the API of a hand-written train function.
+
+A train function takes one argument, the session, and is named in the spec like a task
+(`task.name: package.module:function` or `path/to/file.py:function`):
+
+    def train(session):
+        ctx = session.context                       # rank, world_size, device, seed, options
+        model = ...; opt = ...
+        state = session.restore()                   # the latest committed, verified checkpoint
+        if state is not None:                       # (loaded to host memory), or None
+            model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
+        for epoch in range(start, ctx.epochs + 1):
+            ...train, evaluate (reduce metrics across ranks yourself)...
+            session.report({"val_loss": v}, epoch=epoch,
+                           state={"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                  "epoch": epoch})
+
+Every rank calls `report` at the same points (like `ray.train.report`); rank 0's metrics
+and state are what count. A state is written in the background through the same commit
+protocol as the built-in loop (docs/architecture.md): the coordinator keeps the top-k by
+the monitor plus the latest, verifies on restore and falls back past a damaged one,
+collects orphans, and Ray Train restarts a failed group, whose ranks then `restore()` the
+latest commit. `state["model"]`, when present, is stored as the checkpoint's model.pt (what
+`orchestrator best --download`, export and the Serve app load); the rest as train_state.pt.
+
+The built-in Task loop (workers/loop.py) is a layer on this: it uses the same session to
+plan its restore, to save (`save_files`), to report metrics and to agree on stopping.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from orchestrator.core.manifest import CheckpointRecord
+from orchestrator.core.storage import Storage
+from orchestrator.core.verify import read_verified
+from workers.calls import StepTicker, call, send
+from workers.chaos import Chaos
+from workers.config import WorkerConfig
+from workers.distributed import broadcast, gather
+from workers.resume import plan_restore
+from workers.rng import seed_all
+from workers.state import MODEL_FILE, STATE_FILE, load_tensor_file
+from workers.stopping import NONE, PREEMPT, Preempted, StopCheck
+from workers.writer import CheckpointWriter
+
+
+class StopRun(Exception):
+    """Raised inside a train function to end the run on purpose (kind: nan, input, interrupt);
+    the orchestrator catches it, so Ray Train does not count it as a failure."""
+
+    def __init__(self, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.reason, self.kind = reason, kind
+
+
+class TakenOver(Exception):
+    """Another driver owns the run now: this attempt ends quietly; the driver says why."""
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    seed: int  # the spec's seed; every rank is seeded with seed + rank before the function runs
+    epochs: int  # the spec's epochs: the last epoch to train (1-based)
+    attempt: int  # 1 for the first group, +1 for each restart (and each resume)
+    options: dict[str, Any] = field(default_factory=dict)  # the spec's task.options
+
+
+class Session:
+    def __init__(self, cfg: WorkerConfig, coord: Any, rank: int, world: int, local_rank: int,
+                 device: torch.device) -> None:  # fmt: skip
+        self.cfg, self.coord = cfg, coord
+        self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
+        self.storage: Storage = cfg.open_storage(on_retry=_retry_reporter(coord, rank))
+        seed_all(cfg.seed + rank)
+        self.attempt = 0
+        self.chaos = Chaos(cfg.kills, rank, lambda key: call(coord.claim_chaos, key, os.getpid()))
+        commit = lambda r: call(coord.commit, r.model_dump())  # noqa: E731
+        self.writer = (CheckpointWriter(self.storage, commit, cfg.async_save, self.chaos.after_upload)
+                       if rank == 0 else None)  # fmt: skip
+        self.ticker = StepTicker((lambda at: send(coord.tick, at)) if rank == 0 else None)
+        self.stop_check = StopCheck(self.ticker.stop_asked, device)
+        self._planned: tuple[CheckpointRecord | None, dict[str, bytes] | None] | None = None
+        self._last_id: str | None = None
+        self._monitor_checked = False
+
+    # -- for train functions ------------------------------------------------------------
+    @property
+    def context(self) -> Context:
+        self._plan()  # the attempt number comes with the restore plan
+        return Context(self.rank, self.world, self.local_rank, self.device, self.cfg.seed,
+                       self.cfg.epochs, self.attempt, dict(self.cfg.task_options))  # fmt: skip
+
+    def restore(self) -> dict[str, Any] | None:
+        """What the latest committed, verified checkpoint holds (on host memory), or None
+        at the start of a run: state.pt's tree, with model.pt's weights under "model"."""
+        blobs = self.restored_files()
+        if blobs is None:
+            return None
+        state = dict(load_tensor_file(blobs[STATE_FILE])) if STATE_FILE in blobs else {}
+        if MODEL_FILE in blobs:
+            state["model"] = load_tensor_file(blobs[MODEL_FILE])
+        if "rank_states" in state:  # each rank's own part; none after a change of world size
+            ranks = state.pop("rank_states")
+            state["rank_state"] = ranks[self.rank] if len(ranks) == self.world else None
+        return state
+
+    def step(self, epoch: int, step: int, steps: int = 0, global_step: int = 0) -> None:
+        """Optional, before each step: the live progress line, and the spec's fault injection
+        (`chaos.kills` at this epoch and step). Cheap, and no collective."""
+        self.chaos.before_step(epoch, step)
+        self.ticker(epoch, step, steps, global_step)
+
+    def report(self, metrics: dict[str, float], *, epoch: int, state: dict[str, Any] | None = None,
+               rank_state: Any = None, step: int | None = None,
+               end_of_epoch: bool = True) -> None:  # fmt: skip
+        """Report rank 0's metrics for an epoch (or, with end_of_epoch=False, within it) and,
+        with `state`, checkpoint it in the background. Every rank calls it at the same points.
+        `step` is the global step (default: the epoch), which names the checkpoint.
+        `rank_state` is each rank's own part (a data loader's position, say): gathered into
+        the checkpoint, and `restore()` hands each rank its own back as state["rank_state"]."""
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not self._monitor_checked:
+            self._monitor_checked = True
+            if self.cfg.monitor not in metrics:
+                raise StopRun(f"checkpoint.monitor {self.cfg.monitor!r} is not among the reported metrics "
+                              f"{sorted(metrics)}", "input")  # fmt: skip
+        global_step = epoch if step is None else step
+        self.report_metrics({"epoch": epoch, "global_step": global_step, **metrics})
+        if state is not None:
+            files = {MODEL_FILE: state["model"]} if "model" in state else {}
+            rest = {k: v for k, v in state.items() if k != "model"}
+            if rank_state is not None:
+                rest["rank_states"] = gather(rank_state)
+            if rest:
+                files[STATE_FILE] = rest
+            in_epoch = 0 if end_of_epoch else global_step
+            self.save_files(epoch, in_epoch, global_step, end_of_epoch, metrics, files)
+        if self.cfg.stop_on_nan and not all(math.isfinite(v) for v in metrics.values()):
+            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+            raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
+        if state is not None and (why := self.stop_check(global_step, end_of_epoch=True)) != NONE:
+            self.finish_stop(why, f"epoch {epoch} (global step {global_step})")
+
+    # -- shared with the Task loop ------------------------------------------------------
+    def _plan(self) -> tuple[CheckpointRecord | None, dict[str, bytes] | None]:
+        if self._planned is None:
+            plan, blobs = plan_restore(self.coord, self.storage, self.rank, self.world)
+            if plan.get("taken_over"):
+                raise TakenOver(plan["taken_over"])
+            self.attempt = plan["attempt"]
+            record = CheckpointRecord.model_validate(plan["restore"]) if plan["restore"] else None
+            self._planned = (record, blobs)
+        return self._planned
+
+    def restored_record(self) -> CheckpointRecord | None:
+        return self._plan()[0]
+
+    def restored_files(self) -> dict[str, bytes] | None:
+        """The verified bytes of the checkpoint this attempt resumes from (rank 0 verified it
+        while planning; the other ranks read and verify their own copy)."""
+        record, blobs = self._plan()
+        if record is None:
+            return None
+        if blobs is None:
+            blobs = read_verified(self.storage, record)
+        if self.rank == 0:
+            print(f"[restore] attempt {self.attempt}: resumed from {record.id} "
+                  f"(epoch {record.epoch}, step {record.global_step})", flush=True)  # fmt: skip
+        self._planned = (record, None)  # the bytes are not kept alive past the restore
+        return blobs
+
+    def save_files(self, epoch: int, step_in_epoch: int, global_step: int, end_of_epoch: bool,
+                   metrics: dict[str, float], files: dict[str, Any]) -> None:  # fmt: skip
+        """Rank 0 hands `files` (name -> state tree) to the background writer: the one way a
+        checkpoint is written and committed. Other ranks return at once."""
+        if self.writer is None:
+            return
+        # Unique per attempt: a redone epoch never reuses the name of one marked bad.
+        cid = f"epoch{epoch:04d}-step{global_step:07d}-a{self.attempt}"
+        if cid == self._last_id:
+            raise ValueError(f"a second checkpoint at epoch {epoch}, step {global_step} in one attempt; "
+                             "pass a growing step= to report()")  # fmt: skip
+        self._last_id = cid
+        meta = {"id": cid, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                "end_of_epoch": end_of_epoch, "metrics": metrics, "metrics_fresh": end_of_epoch,
+                "world_size": self.world, "attempt": self.attempt}  # fmt: skip
+        self.writer.save(meta, files)
+
+    def report_metrics(self, row: dict[str, Any]) -> None:
+        import ray.train
+
+        if self.rank == 0:
+            call(self.coord.report_metrics, {**row, "attempt": self.attempt})
+        ray.train.report(row)
+
+    def finish_stop(self, why: int, where: str) -> None:
+        """Every rank agreed to stop (workers/stopping.py) right after a save: wait until it is
+        committed, then end the run (the driver asked) or raise Preempted."""
+        self.close()
+        broadcast(None)  # no rank leaves before rank 0's commit is done
+        if why == PREEMPT:
+            raise Preempted(f"a preemption notice (SIGTERM) reached a worker; checkpoint at {where} "
+                            "committed")
+        raise StopRun(f"interrupted; checkpoint at {where} committed", "interrupt")
+
+    def close(self) -> dict[str, Any]:
+        """Wait for every checkpoint handed to the writer to be committed."""
+        if self.writer is None:
+            return {}
+        self.writer.close()
+        return {"saves": self.writer.saves, "ckpt_blocked_s": self.writer.blocked_s, "pid": os.getpid()}
+
+
+def _retry_reporter(coord: Any, rank: int) -> Any:
+    """Storage retries on this rank become events in the run's log."""
+
+    def report(what: str, exc: BaseException, attempt: int, delay: float) -> None:
+        send(coord.event, "storage_retry", {"op": what, "attempt": attempt, "delay_s": round(delay, 3),
+                                            "error": type(exc).__name__, "rank": rank})  # fmt: skip
+
+    return report
