@@ -11,7 +11,9 @@ nodes. Raising the quota (`resume --storage-option quota_bytes=...`) is space co
 from __future__ import annotations
 
 import errno
+import io
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +35,19 @@ class FullFS(AbstractFileSystem):
     def used(self) -> int:
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.disk) for f in files)
 
+    def room(self, path: str) -> int:
+        """Bytes that can still be written as path (what it holds now is freed by the write)."""
+        return self.quota - self.used() + (os.path.getsize(path) if os.path.isfile(path) else 0)
+
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
-        path = self._strip_protocol(path)
-        old = os.path.getsize(path) if os.path.isfile(path) else 0
-        if self.used() - old + len(value) > self.quota:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        self.local.pipe_file(path, value)
+        with self._open(path, "wb") as f:
+            f.write(value)
 
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        if "r" not in mode:
-            raise NotImplementedError("FullFS writes only whole files (pipe_file)")
-        return self.local._open(self._strip_protocol(path), mode, **kwargs)
+        path = self._strip_protocol(path)
+        if "r" in mode:
+            return self.local._open(path, mode, **kwargs)
+        return _QuotaFile(path, self.room(path))
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         return bytes(self.local.cat_file(self._strip_protocol(path), start, end))
@@ -59,6 +63,44 @@ class FullFS(AbstractFileSystem):
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         self.local.makedirs(self._strip_protocol(path), exist_ok=exist_ok)
+
+
+class _QuotaFile(io.RawIOBase):
+    """A file written beside its path and renamed over it on close, as an object store shows
+    an object whole or not at all; past `room` bytes a write raises ENOSPC and drops it all."""
+
+    def __init__(self, path: str, room: int) -> None:
+        super().__init__()
+        self.path, self.room = path, room
+        self.part = f"{path}.part-{uuid.uuid4().hex[:8]}"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.f = open(self.part, "wb")  # closed by close() or discard()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = len(memoryview(data).cast("B"))
+        if n > self.room:
+            self.discard()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+        self.room -= n
+        return self.f.write(data)
+
+    def discard(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+            os.unlink(self.part)
+        super().close()
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+            os.replace(self.part, self.path)
+        super().close()
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        self.discard() if exc_type is not None else self.close()
 
 
 def plugin_dir(where: Path) -> Path:
