@@ -54,11 +54,16 @@ def _yaml(stream: Any) -> Any:
 
 
 _MAX_DEPTH = 32
+_MAX_VALUES = 100_000  # YAML aliases can multiply a few lines into billions of values
 
 
-def _plain(value: Any, where: str, depth: int = 0) -> None:
+def _plain(value: Any, where: str, depth: int = 0, seen: list[int] | None = None) -> None:
     """Task options must be plain data that survives the stored spec.yaml unchanged (resume
     reads it back): strings, finite numbers, booleans, null, lists and string-keyed maps."""
+    seen = seen if seen is not None else [0]
+    seen[0] += 1
+    if seen[0] > _MAX_VALUES:
+        raise ValueError(f"{where}: more than {_MAX_VALUES} values (YAML aliases that multiply?)")
     if depth > _MAX_DEPTH:
         raise ValueError(f"{where}: nested too deeply (more than {_MAX_DEPTH} levels)")
     if value is None or isinstance(value, (str, bool, int)):
@@ -69,13 +74,13 @@ def _plain(value: Any, where: str, depth: int = 0) -> None:
         return
     if isinstance(value, list):
         for i, v in enumerate(value):
-            _plain(v, f"{where}.{i}", depth + 1)
+            _plain(v, f"{where}.{i}", depth + 1, seen)
         return
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ValueError(f"{where}: key {k!r} is not a string")
-            _plain(v, f"{where}.{k}", depth + 1)
+            _plain(v, f"{where}.{k}", depth + 1, seen)
         return
     kind = {"date": "a date", "datetime": "a date and time", "bytes": "binary data", "set": "a set"}.get(
         type(value).__name__, f"a {type(value).__name__}"
@@ -139,8 +144,9 @@ class TaskSpec(_Model):
     @field_validator("options")
     @classmethod
     def _options_are_plain(cls, v: dict[str, Any]) -> dict[str, Any]:
+        seen = [0]
         for k, value in v.items():
-            _plain(value, k)
+            _plain(value, k, 0, seen)
         return v
 
     @field_validator("name")
@@ -199,11 +205,26 @@ class CheckpointSpec(_Model):
     async_save: bool = Field(
         True, description="Serialize and upload in the background; the step pays only a host copy."
     )
+    local_cache: bool | str = Field(
+        True,
+        description="Node-local tier: each node keeps the last committed checkpoint it wrote or "
+        "read on its own disk, and a restore uses it when its sha256 matches the committed record "
+        "(else shared storage). true: <system temp dir>/orchestrator-cache-<uid> on each node; an "
+        "absolute path; false: off.",
+    )
     stop_on_nan: bool = Field(
         False,
         description="Stop the run (failed, every commit intact) at the first epoch whose metrics "
         "hold NaN or inf; that epoch is not checkpointed.",
     )
+
+    @field_validator("local_cache")
+    @classmethod
+    def _cache_is_an_absolute_path(cls, v: bool | str) -> bool | str:
+        # The path is used on every node, in the worker's own working dir: it must not be relative.
+        if isinstance(v, str) and not os.path.isabs(os.path.expanduser(v)):
+            raise ValueError(f"{v!r}: give an absolute path on the nodes' local disk, true or false")
+        return os.path.expanduser(v) if isinstance(v, str) else v
 
 
 class FailureSpec(_Model):
@@ -362,7 +383,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 RESUME_SAFE = ("epochs", "failure.", "scaling.", "early_stopping", "chaos.", "checkpoint.top_k",
                "checkpoint.keep_latest", "checkpoint.keep_every_n_epochs", "checkpoint.every_n_epochs",
                "checkpoint.every_n_steps", "checkpoint.async_save", "checkpoint.stop_on_nan",
-               "storage.options", "storage.retry")  # fmt: skip
+               "checkpoint.local_cache", "storage.options", "storage.retry")  # fmt: skip
 
 
 def check_resume_overrides(overrides: Sequence[str]) -> None:

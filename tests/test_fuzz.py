@@ -380,6 +380,12 @@ def test_found_manifests_are_manifest_errors(raw, says):
         read_manifest(storage)
 
 
+# "Billion laughs": each level ten aliases of the one before, 10**8 values from 9 lines.
+LAUGHS = "name: x\ntask:\n  options:\n    l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 8)
+)
+
+
 @pytest.mark.parametrize(
     "text, sets, says",
     [
@@ -393,6 +399,7 @@ def test_found_manifests_are_manifest_errors(raw, says):
         ("name: x\nseed: -1\n", [], "seed: Input should be greater than or equal to 0"),
         ("name: x\ntask: {options: {when: 2020-01-01}}\n", [], "task.options: when: a date"),
         ("name: x\ntask: {options: {x: .nan}}\n", [], "task.options: x: not a finite number (got nan)"),
+        (LAUGHS, [], "more than 100000 values (YAML aliases that multiply?)"),
     ],
 )
 def test_found_specs_are_spec_errors(tmp_path, text, sets, says):
