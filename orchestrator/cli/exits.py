@@ -14,7 +14,7 @@ EXIT_FAILED = 1  # the run (or the operation) failed
 EXIT_INPUT = 2  # bad input: spec, arguments, unknown job
 EXIT_LEASE = 3  # the run is owned by another live driver
 EXIT_STORAGE = 4  # storage unreachable or unreadable
-EXIT_API = 5  # Ray's Jobs API unreachable or refused the request
+EXIT_API = 5  # Ray unreachable or refused us: the Jobs API, or the cluster at --address
 
 OPT_HELP = "fsspec storage option for RUN_URI: --storage-option endpoint_url=http://... (repeatable)."
 
