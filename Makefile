@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test unit lint bench clean
+.PHONY: setup demo test unit lint bench campaign clean
 setup: $(VENV)/.installed
 
 # torch first, pinned: the CPU build; an unpinned torch pulls a multi-GB CUDA build.
@@ -30,6 +30,12 @@ lint: setup
 
 bench: setup
 	$(PY) bench/checkpoint_overhead.py
+
+# The seeded fault campaign docs/reliability.md reports (about 40 minutes on 2 cores).
+CAMPAIGN_RUNS ?= 30
+CAMPAIGN_SEED ?= 12
+campaign: setup
+	$(PY) -m bench.campaign --runs $(CAMPAIGN_RUNS) --seed $(CAMPAIGN_SEED) --json bench/results/campaign.json
 
 clean:
 	rm -rf $(VENV) runs

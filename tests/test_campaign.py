@@ -1,0 +1,232 @@
+"""The fault campaign (bench/campaign.py): its plans, its checks (each must catch the defect it
+is for, on a run built by the real coordinator ledger), and a small seeded campaign end to end:
+three runs on a real multi-node Ray cluster and moto S3 behind the fault proxy, covering every
+fault kind (docs/reliability.md reports a larger one)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, cli_env
+
+from orchestrator.coordinator import RetentionConfig, RunLedger
+from orchestrator.core.manifest import CHECKPOINTS, EVENTS, METRICS, RECORD, CheckpointRecord, FileEntry
+from orchestrator.core.storage import Storage, sha256_hex
+
+sys.path.insert(0, str(ROOT))
+from bench import campaign  # noqa: E402
+
+STEPS, EPOCHS = 10, 4
+CFG = {"top_k": 1, "keep_latest": 1, "keep_every_n_epochs": 2}
+LOSSES = [0.9, 0.5, 0.7, 0.6]  # epoch 2 is the best
+
+
+# -- plans -----------------------------------------------------------------------------------------
+
+
+def test_plans_are_seeded_and_every_three_runs_cover_every_kind():
+    plans = campaign.make_plans(7, 9, 5, 23, ["epochs", "midepoch"])
+    again = campaign.make_plans(7, 9, 5, 23, ["epochs", "midepoch"])
+    assert [[f.describe() for f in p.faults] for p in plans] == [
+        [f.describe() for f in p.faults] for p in again
+    ]
+    assert plans != campaign.make_plans(8, 9, 5, 23, ["epochs", "midepoch"])
+    for block in (plans[0:3], plans[3:6], plans[6:9]):
+        assert {f.kind for p in block for f in p.faults} == set(campaign.KINDS)
+    for p in plans:
+        external = [f.epoch for f in p.faults if f.kind not in campaign.CHAOS_KINDS]
+        assert len(set(external)) == len(external) and all(1 <= e <= 3 for e in external)
+        for k in p.chaos():
+            assert k["rank"] in (0, 1) and 1 <= k["epoch"] <= 5 and 0 <= k.get("step", 0) < 23
+    assert [p.variant for p in plans[:4]] == ["epochs", "midepoch", "epochs", "midepoch"]
+
+
+# -- checks ----------------------------------------------------------------------------------------
+
+
+def _upload(storage: Storage, epoch: int, loss: float, weight: float) -> CheckpointRecord:
+    """A checkpoint as rank 0's writer leaves it: the files, then checkpoint.json last."""
+    cid = f"epoch{epoch:04d}-step{epoch * STEPS:07d}-a1"
+    files = []
+    for name, tree in {
+        "model.pt": {"w": torch.full((3,), weight)},
+        "train_state.pt": {"step": epoch},
+    }.items():
+        buf = io.BytesIO()
+        torch.save(tree, buf)
+        storage.write_bytes(f"{CHECKPOINTS}/{cid}/{name}", buf.getvalue())
+        files.append(FileEntry(path=name, size=len(buf.getvalue()), sha256=sha256_hex(buf.getvalue())))
+    rec = CheckpointRecord(id=cid, epoch=epoch, step_in_epoch=STEPS, global_step=epoch * STEPS,
+                           end_of_epoch=True, metrics={"val_loss": loss}, files=files, world_size=2,
+                           attempt=1)  # fmt: skip
+    storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", json.dumps(rec.model_dump()).encode())
+    return rec
+
+
+def _run(tmp_path, name: str) -> Storage:
+    """A finished 4-epoch run, committed and retained by the coordinator's own ledger."""
+    storage = Storage(str(tmp_path / name))
+    led = RunLedger(storage, name, RetentionConfig("val_loss", "min", top_k=1, keep_latest=1,
+                                                   keep_every_n_epochs=2))  # fmt: skip
+    led.start_attempt(2)
+    for epoch, loss in enumerate(LOSSES, 1):
+        led.report_metrics({"epoch": epoch, "global_step": epoch * STEPS, "attempt": 1, "val_loss": loss})
+        led.commit(_upload(storage, epoch, loss, weight=epoch / 3))
+    led.finish("finished")
+    return storage
+
+
+def _check(storage: Storage, ref: campaign.Reference | None = None) -> campaign.Checked:
+    return campaign.check_run(storage, CFG, EPOCHS, STEPS, ref)[0]
+
+
+@pytest.fixture
+def ref(tmp_path) -> campaign.Reference:
+    checked, reference = campaign.check_run(_run(tmp_path, "ref"), CFG, EPOCHS, STEPS, None)
+    assert checked.all() == [] and checked.finished
+    assert sorted(reference.kept) == [(2, 20), (4, 40)] and reference.best_epoch == 2
+    return reference
+
+
+def test_a_run_equal_to_its_reference_passes(tmp_path, ref):
+    assert _check(_run(tmp_path, "same"), ref).all() == []
+
+
+def test_an_orphan_object_is_caught(tmp_path, ref):
+    st = _run(tmp_path, "orphan")
+    st.write_bytes(f"{CHECKPOINTS}/epoch0003-step0000030-a2/model.pt", b"uploaded, never committed")
+    st.write_bytes("lease.json", b"{}")
+    got = _check(st, ref)
+    assert got.orphans == [f"{CHECKPOINTS}/epoch0003-step0000030-a2/model.pt", "lease.json"], got.all()
+
+
+def test_a_commit_gone_without_retention_is_caught(tmp_path, ref):
+    st = _run(tmp_path, "lost")
+    m = json.loads(st.read_bytes("manifest.json"))
+    m["checkpoints"] = [c for c in m["checkpoints"] if c["epoch"] != 2]  # the best, dropped
+    m["kept"].pop("epoch0002-step0000020-a1")
+    st.write_bytes("manifest.json", json.dumps(m).encode())
+    st.delete(f"{CHECKPOINTS}/epoch0002-step0000020-a1")
+    got = _check(st, ref)
+    assert got.lost == ["epoch0002-step0000020-a1 committed, gone, and no delete of it can be accounted for"]
+    assert any("the rules keep" in p for p in got.problems)
+
+
+def test_a_delete_while_retention_still_kept_it_is_caught(tmp_path, ref):
+    st = _run(tmp_path, "early")
+    events = st.read_bytes(EVENTS).decode().splitlines()
+    at = next(i for i, e in enumerate(events) if '"commit"' in e and "epoch0003" in e)
+    early = {"ts": 0, "kind": "delete", "id": "epoch0002-step0000020-a1", "why": "retention"}
+    st.write_bytes(EVENTS, "\n".join([*events[: at + 1], json.dumps(early), *events[at + 1 :]]).encode())
+    got = _check(st, ref)
+    assert any("while the retention rules still kept it" in x for x in got.lost), got.all()
+
+
+def test_a_checkpoint_that_does_not_verify_is_caught(tmp_path, ref):
+    st = _run(tmp_path, "damaged")
+    path = tmp_path / "damaged" / CHECKPOINTS / "epoch0004-step0000040-a1" / "model.pt"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert any("does not verify" in x for x in _check(st, ref).lost)
+
+
+def test_different_weights_and_metrics_are_caught(tmp_path, ref):
+    st = _run(tmp_path, "bits")
+    rec = CheckpointRecord.model_validate_json(
+        st.read_bytes(f"{CHECKPOINTS}/epoch0004-step0000040-a1/{RECORD}")
+    )
+    buf = io.BytesIO()
+    w = torch.full((3,), 4 / 3).nextafter(torch.tensor(2.0))  # one ulp off, and it verifies
+    torch.save({"w": w}, buf)
+    st.write_bytes(f"{rec.dir}/model.pt", buf.getvalue())
+    m = json.loads(st.read_bytes("manifest.json"))
+    for c in m["checkpoints"]:
+        if c["id"] == rec.id:
+            c["files"][0].update(size=len(buf.getvalue()), sha256=sha256_hex(buf.getvalue()))
+    st.write_bytes("manifest.json", json.dumps(m).encode())
+    rows = st.read_bytes(METRICS).decode().splitlines()
+    st.write_bytes(METRICS, "\n".join([*rows, rows[-1]]).encode())  # epoch 4 twice
+    got = _check(st, ref)
+    assert got.mismatches[-1] == "e4/step40 differs at .model.pt.w", got.all()
+    assert any("metrics epochs [1, 2, 3, 4, 4]" in p for p in got.problems)
+
+
+def test_an_interrupted_retention_delete_collected_as_an_orphan_is_no_loss(tmp_path, ref):
+    """The coordinator killed after the manifest dropped a checkpoint, before deleting it: the
+    next orphan collection deletes it. Nothing was lost, and the note says what happened."""
+    st = _run(tmp_path, "interrupted")
+    events = [json.loads(x) for x in st.read_bytes(EVENTS).decode().splitlines()]
+    for e in events:
+        if e["kind"] == "delete" and e["id"] == "epoch0003-step0000030-a1":
+            e["why"] = "orphan: never committed"
+    st.write_bytes(EVENTS, "".join(json.dumps(e) + "\n" for e in events).encode())
+    got = _check(st, ref)
+    assert got.all() == [] and got.notes == [
+        "epoch0003-step0000030-a1: committed, dropped by retention, its delete logged as 'orphan: never committed'"
+    ]
+
+
+def test_a_delete_without_its_event_is_accounted_for_only_by_a_coordinator_that_died(tmp_path, ref):
+    """The coordinator deleted what retention dropped and was killed before logging it: fine
+    when a new coordinator started after it and the rules no longer kept the checkpoint."""
+    st = _run(tmp_path, "unlogged")
+    events = [json.loads(x) for x in st.read_bytes(EVENTS).decode().splitlines()]
+    at = next(
+        i for i, e in enumerate(events) if e["kind"] == "delete" and e["id"] == "epoch0003-step0000030-a1"
+    )
+    without = events[:at] + events[at + 1 :]
+    st.write_bytes(EVENTS, "".join(json.dumps(e) + "\n" for e in without).encode())
+    assert _check(st, ref).lost == [
+        "epoch0003-step0000030-a1 committed, gone, and no delete of it can be accounted for"
+    ]
+    restarted = {"ts": 0, "kind": "coordinator_started", "pid": 1}
+    st.write_bytes(
+        EVENTS, "".join(json.dumps(e) + "\n" for e in [*without[:at], restarted, *without[at:]]).encode()
+    )
+    got = _check(st, ref)
+    assert got.all() == [] and got.notes == [
+        "epoch0003-step0000030-a1: committed, dropped by retention, deleted by "
+        "a coordinator that died before it logged the delete"
+    ]
+    # A commit whose event died with its coordinator counts from the commit before it: the
+    # delete of epoch 1 that it caused is no early delete.
+    no_commit = [e for e in events if not (e["kind"] == "commit" and e["id"].startswith("epoch0002"))]
+    st.write_bytes(EVENTS, "".join(json.dumps(e) + "\n" for e in no_commit).encode())
+    assert _check(st, ref).all() == []
+    # A coordinator restart before the rules dropped it does not account for it.
+    early = next(
+        i for i, e in enumerate(without) if e["kind"] == "commit" and e["id"].startswith("epoch0003")
+    )
+    st.write_bytes(EVENTS, "".join(json.dumps(e) + "\n" for e in [*without[: early + 1], restarted,
+                                                                  *without[early + 1 :]]).encode())  # fmt: skip
+    assert _check(st, ref).lost == [
+        "epoch0003-step0000030-a1 committed, gone, and no delete of it can be accounted for"
+    ]
+
+
+# -- the small campaign ----------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_small_seeded_campaign(tmp_path):
+    """Seed 5: three runs, two fault kinds each, all six kinds (see make_plans)."""
+    out = tmp_path / "campaign.json"
+    p = subprocess.run([sys.executable, "-m", "bench.campaign", "--runs", "3", "--seed", "5", "--specs", "midepoch",
+                        "--json", str(out), "--workdir", str(tmp_path / "work")],
+                       cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    result = json.loads(out.read_text())
+    t = result["totals"]
+    assert (t["runs"], t["finished"], t["failed_runs"]) == (3, 3, 0), result
+    assert (t["lost_commits"], t["orphans"], t["bitwise_mismatches"]) == (0, 0, 0), result
+    assert t["faults"] == dict.fromkeys(campaign.KINDS, 1), t["faults"]
+    assert t["restarts"] >= 3 and t["resumes_after_driver_kill"] == 1, t
+    for run in result["runs"]:
+        assert run["ok"] and all(f["fired"] for f in run["faults"]), run
+    assert "| runs | finished |" in p.stdout and "[campaign" in p.stdout
