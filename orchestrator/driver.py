@@ -181,6 +181,7 @@ def worker_config(spec: JobSpec) -> WorkerConfig:
         every_n_epochs=ck.every_n_epochs,
         every_n_steps=ck.every_n_steps,
         async_save=ck.async_save,
+        local_cache=ck.local_cache,
         stop_on_nan=ck.stop_on_nan,
         early_stopping=(es.patience, es.min_delta) if es else None,
         kills=tuple(Kill(k.rank, k.epoch, k.step, k.point) for k in spec.chaos.kills),

@@ -24,8 +24,10 @@ def damage(storage: Storage, rel: str, how: str) -> None:
 
 
 def check_damage_is_caught(root: str, storage: Storage, how: str, file: str, env: dict[str, str]) -> None:
+    # No node-local tier: a valid local copy would be restored instead, and the damage in shared
+    # storage, which this test is about, would not be read (tests/test_node_cache.py covers the tier).
     base = ["--set", f"storage.root={root}", "--set", "name=integrity", "--set", "chaos.kills=[]",
-            "--address", "local", "--json"]  # fmt: skip
+            "--set", "checkpoint.local_cache=false", "--address", "local", "--json"]  # fmt: skip
     p = run_cli("run", "configs/digits.yaml", "--set", "epochs=3", *base, env=env)
     assert p.returncode == 0, p.stderr[-4000:]
     m = read_manifest(storage)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from orchestrator.core.node_cache import NodeCache, cache_root
 from orchestrator.core.storage import RetryPolicy, Storage
 
 
@@ -17,7 +18,8 @@ class Kill:
     rank: int  # world rank whose process is killed
     epoch: int  # 1-based epoch in which to kill
     step: int = 0  # before this step of the epoch
-    point: Literal["step", "after_upload"] = "step"  # or: rank 0 after an upload, before the commit
+    point: Literal["step", "after_upload", "mid_save"] = "step"  # or: rank 0 after an upload, before
+    # the commit; or: a rank in a sharded save, its shards written, before the checkpoint is recorded
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,13 @@ class WorkerConfig:
     every_n_epochs: int = 1  # end-of-epoch save cadence
     every_n_steps: int | None = None  # mid-epoch save cadence (global steps)
     async_save: bool = True  # serialize and upload in the background
+    local_cache: bool | str = True  # node-local tier: the system temp dir's, a directory, or off
     stop_on_nan: bool = False  # stop at the first non-finite metric
     early_stopping: tuple[int, float] | None = None  # (patience, min_delta)
     kills: tuple[Kill, ...] = field(default_factory=tuple)  # fault injection
 
     def open_storage(self, on_retry: Callable[..., None] | None = None) -> Storage:
-        return Storage(self.run_uri, self.storage_options, self.retry, on_retry)
+        storage = Storage(self.run_uri, self.storage_options, self.retry, on_retry)
+        if (root := cache_root(self.local_cache)) is not None:
+            storage.node_cache = NodeCache(root, self.run_uri)
+        return storage

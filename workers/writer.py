@@ -6,23 +6,31 @@ checkpoint.json last, and asks the coordinator to commit. One save is in flight
 at a time: the next save waits only until the previous one has been serialized
 (its buffers are free again), not for its upload. A failure in the background is
 raised on the training thread at the next save() or at close(), never swallowed.
+
+The host buffers are the one copy of the state the background path holds: each file is
+serialized (torch.save) straight into a file on disk, its sha256 computed as it is
+written, never into memory whole.
+  - With a node-local tier (storage.node_cache, the default): into this node's staging
+    area, then uploaded from there (S3: concurrent multipart parts); the buffers are free
+    once it is on local disk, and after the commit the files are this node's copy.
+  - Without one: straight into shared storage (a temp file renamed into place; on S3 a
+    streamed multipart upload); the buffers are free once it is uploaded.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry
-from orchestrator.core.storage import Storage, sha256_hex
+from orchestrator.core.storage import Storage
 from workers.host_buffers import HostBuffers
 
 
@@ -30,6 +38,7 @@ from workers.host_buffers import HostBuffers
 class SaveJob:
     meta: dict[str, Any]  # CheckpointRecord fields other than files
     payload: dict[str, Any]  # file name -> state tree (in host buffers)
+    written: list[FileEntry] = field(default_factory=list)  # in storage already (every rank's shards)
 
 
 class CheckpointWriter:
@@ -52,20 +61,24 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self._queue: queue.Queue[SaveJob | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        if storage.node_cache is not None:
+            storage.node_cache.discard()  # what an earlier writer on this node staged was never committed
         if async_save:
             self._thread = threading.Thread(target=self._run, name="ckpt-writer", daemon=True)
             self._thread.start()
 
-    def save(self, meta: dict[str, Any], state: dict[str, Any]) -> None:
+    def save(self, meta: dict[str, Any], state: dict[str, Any], written: list[FileEntry] | None = None) -> None:
+        """`written`: files of this checkpoint that are in storage already (a sharded save's,
+        from every rank); the record lists them with the files written here."""
         t0 = time.perf_counter()
         self._raise_if_failed()
         if not self.async_save:
-            self._write(SaveJob(meta, state))
+            self._write(SaveJob(meta, state, list(written or ())))
         else:
             self._free.wait()  # the previous save has been serialized out of the buffers
             self._raise_if_failed()
             self._free.clear()
-            self._queue.put(SaveJob(meta, self._buffers.copy(state)))
+            self._queue.put(SaveJob(meta, self._buffers.copy(state), list(written or ())))
         self.saves += 1
         self.blocked_s += time.perf_counter() - t0
 
@@ -95,21 +108,68 @@ class CheckpointWriter:
 
     def _write(self, job: SaveJob) -> None:
         self._buffers.wait()  # a GPU's copies into the pinned buffers have landed
-        blobs: dict[str, bytes] = {}
-        for name, tree in job.payload.items():
-            buf = io.BytesIO()
-            torch.save(tree, buf)
-            blobs[name] = buf.getvalue()
+        cid = job.meta["id"]
+        near = self.storage.node_cache
+        files = self._stage(near, cid, job.payload) if near is not None else None
+        staged = files is not None
+        if files is None:  # no node-local tier: straight into shared storage
+            files = [self._stream(cid, name, tree) for name, tree in job.payload.items()]
         self._free.set()  # buffers may be overwritten by the next save from here on
 
-        cid = job.meta["id"]
-        files = []
-        for name, data in blobs.items():
-            self.storage.write_bytes(f"{CHECKPOINTS}/{cid}/{name}", data)
-            files.append(FileEntry(path=name, size=len(data), sha256=sha256_hex(data)))
-        record = CheckpointRecord(files=files, **job.meta)
-        body = json.dumps(record.model_dump(), indent=1).encode()
-        self.storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", body)  # last: the data is complete
-        if self.after_upload is not None:
-            self.after_upload(record)
-        self.commit(record)
+        try:
+            if staged:
+                for f in files:
+                    self.storage.put_file(near.staged(cid, f.path), f"{CHECKPOINTS}/{cid}/{f.path}")
+            record = CheckpointRecord(files=[*job.written, *files], **job.meta)
+            body = json.dumps(record.model_dump(), indent=1).encode()
+            self.storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", body)  # last: the data is complete
+            if self.after_upload is not None:
+                self.after_upload(record)
+            self.commit(record)
+        except BaseException:
+            if staged:
+                near.discard(cid)
+            raise
+        if staged:
+            try:
+                near.promote(cid)  # committed: this node's copy from now on
+            except OSError as e:  # the commit stands; the next restore here reads shared storage
+                print(f"[checkpoint] could not keep {cid} in {near.dir}: {e}", flush=True)
+
+    def _stream(self, cid: str, name: str, tree: Any) -> FileEntry:
+        rel = f"{CHECKPOINTS}/{cid}/{name}"
+        return _entry(name, self.storage.write_stream(rel, _saver(tree), size_hint=_nbytes(tree)))
+
+    def _stage(self, near: Any, cid: str, payload: dict[str, Any]) -> list[FileEntry] | None:
+        """Serialize every file into this node's staging area; None if the local disk failed
+        (full, read-only): then the files go straight to shared storage instead."""
+        try:
+            return [
+                _entry(name, near.stage(cid, name, _saver(tree), _nbytes(tree)))
+                for name, tree in payload.items()
+            ]
+        except OSError as e:
+            print(f"[checkpoint] node-local staging in {near.dir} failed ({e}); writing {cid} "
+                  f"straight to {self.storage.uri}", flush=True)  # fmt: skip
+            near.discard(cid)
+            return None
+
+
+def _saver(tree: Any) -> Callable[[Any], None]:
+    return lambda f: torch.save(tree, f)
+
+
+def _entry(name: str, written: tuple[int, str]) -> FileEntry:
+    size, sha256 = written
+    return FileEntry(path=name, size=size, sha256=sha256)
+
+
+def _nbytes(tree: Any) -> int:
+    """Bytes of the tensors in a state tree (a size hint for the upload's part size)."""
+    if torch.is_tensor(tree):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_nbytes(v) for v in tree)
+    return 0

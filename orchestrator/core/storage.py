@@ -12,18 +12,32 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 import tenacity
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractBufferedFile
 
 T = TypeVar("T")
+
+# A streamed write hands the store at most this much at a time: an s3fs file copies each
+# write into its buffer whole before it uploads a part, so one 1 GB tensor written in one
+# call would otherwise be a 1 GB copy in memory.
+STREAM_CHUNK = 8 << 20
+# Uploads to S3 go in parts of at least this size (S3's minimum is 5 MiB), and an uploaded
+# file has this many parts in flight (each held in memory while it uploads: 32 MiB in all).
+# s3fs's own defaults (50 MiB x 10) would hold 500 MiB. `storage.options.max_concurrency`
+# (s3fs's own option) overrides the concurrency.
+UPLOAD_PART = 8 << 20
+UPLOAD_CONCURRENCY = 4
+_MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 
 # Option keys whose values are secrets; matched case-insensitively anywhere in the key.
 # aws_access_key_id, key, secret, token, session_token, aws_secret_access_key, password, ...
@@ -198,6 +212,84 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def part_size(size_hint: int) -> int:
+    """The multipart part size for an object of about size_hint bytes: UPLOAD_PART, or more
+    where S3's 10,000 parts would not hold it."""
+    return max(UPLOAD_PART, -(-size_hint // (_MAX_PARTS - 1)))
+
+
+class HashingWriter:
+    """A write-only file object that passes what is written on to `out`, counting it and
+    hashing it (sha256) on the way, so a file's checksum needs no second pass over its bytes.
+    Writes are handed on in slices of at most `chunk` bytes (memoryviews: no copy).
+
+    Hand-written because hashlib has no file wrapper and fsspec's callbacks see sizes, not
+    bytes."""
+
+    def __init__(self, out: IO[bytes], chunk: int = STREAM_CHUNK) -> None:
+        self.out, self.chunk = out, chunk
+        self.size = 0
+        self.error: BaseException | None = None  # the first write error (see _hashed)
+        self._digest = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            for start in range(0, len(view), self.chunk):
+                part = view[start : start + self.chunk]
+                self._digest.update(part)
+                self.out.write(part)
+        except BaseException as e:
+            self.error = self.error or e
+            raise
+        self.size += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def _hashed(f: IO[bytes], produce: Callable[[HashingWriter], object]) -> tuple[int, str]:
+    w = HashingWriter(f)
+    try:
+        produce(w)
+    except Exception:
+        # torch.save reports a failed write as RuntimeError("unexpected pos ..."), losing the
+        # OSError (a full disk, a connection reset) that decides whether to retry: raise that.
+        if w.error is not None:
+            raise w.error from None
+        raise
+    return w.size, w.hexdigest()
+
+
+def _local_atomic(target: str, fill: Callable[[IO[bytes]], T], durable: bool) -> T:
+    """Write target on a local filesystem through a temp file beside it, renamed over it:
+    a reader sees the old file or the whole new one. When durable, the file and the rename
+    are fsynced."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            out = fill(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+        if durable:  # the rename itself is durable only once the directory is
+            dir_fd = os.open(os.path.dirname(target), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return out
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 class Storage:
     """A run's directory on any fsspec filesystem."""
 
@@ -222,6 +314,9 @@ class Storage:
         if hasattr(self.fs, "retries"):
             self.fs.retries = 1  # s3fs would retry throttling 5x on its own, unseen and unbounded by us
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        # This node's copy of the last committed checkpoint (orchestrator/core/node_cache.py),
+        # which read_verified tries first; set on the workers' storage only.
+        self.node_cache: Any = None
 
     def __reduce__(self) -> Any:  # ship to Ray actors without the live filesystem
         return (Storage, (self.uri, self.options, self.retry))
@@ -331,23 +426,63 @@ class Storage:
         if not self.is_local:
             self.fs.pipe_file(target, data)
             return
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            # The rename itself is durable only once the directory is.
-            dir_fd = os.open(os.path.dirname(target), os.O_RDONLY)
+        _local_atomic(target, lambda f: f.write(data), durable=True)
+
+    def write_stream(
+        self,
+        rel: str,
+        produce: Callable[[HashingWriter], object],
+        durable: bool = True,
+        size_hint: int = 0,
+    ) -> tuple[int, str]:
+        """Write as rel whatever produce(f) writes into f, atomically, and return its (size,
+        sha256), hashed while it was written: the bytes are never held whole in memory nor read
+        back. A retry calls produce again from the start, so it must be able to repeat itself.
+
+        Locally: a temp file beside rel, renamed over it (fsynced first when durable; a cache
+        need not be). On object stores: a streamed upload; on S3 a multipart upload of
+        part_size(size_hint) parts, one at a time, aborted if produce fails, so nothing
+        appears at rel."""
+        target = self.path(rel)
+
+        def stream() -> tuple[int, str]:
+            if self.is_local:
+                return _local_atomic(target, lambda f: _hashed(f, produce), durable)
+            kw = {"block_size": part_size(size_hint)} if self.is_s3 else {}
+            f = self.fs.open(target, "wb", **kw)
             try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+                out = _hashed(f, produce)
+            except BaseException:
+                if discard := getattr(f, "discard", None):
+                    discard()  # s3fs: abort the multipart upload
+                if isinstance(f, AbstractBufferedFile):
+                    f.closed = True  # its finalizer would otherwise close it: commit the part written
+                raise
+            f.close()
+            return out
+
+        return self._call(f"write {rel}", stream)
+
+    def put_file(self, local: str, rel: str) -> None:
+        """Upload the local file `local` as rel, atomically. Locally: copied beside rel and
+        renamed over it, fsynced. S3: s3fs's concurrent multipart upload (UPLOAD_CONCURRENCY
+        parts of part_size() in flight), which s3fs aborts if a part fails."""
+        target = self.path(rel)
+
+        def put() -> None:
+            if self.is_local:
+                with open(local, "rb") as src:
+                    _local_atomic(target, lambda f: shutil.copyfileobj(src, f, 1 << 20), durable=True)
+            elif self.is_s3:
+                concurrency = self.options.get("max_concurrency", UPLOAD_CONCURRENCY)
+                chunk = part_size(os.path.getsize(local))
+                self.fs.put_file(local, target, chunksize=chunk, max_concurrency=concurrency)
+            else:
+                self.fs.put_file(local, target)
+            if not self.is_local:
+                self.fs.invalidate_cache(target)
+
+        self._call(f"write {rel}", put)
 
     def append(self, rel: str, data: bytes) -> None:
         """Add data at the end of rel. Local: an O_APPEND write, fsynced. Object stores have no

@@ -7,7 +7,7 @@ the data plane's business, so this module needs neither torch nor Ray.
 from __future__ import annotations
 
 from orchestrator.core.manifest import CHECKPOINTS, CheckpointRecord
-from orchestrator.core.storage import Storage, sha256_hex
+from orchestrator.core.storage import Storage, StorageError, sha256_hex
 
 
 class VerificationError(RuntimeError):
@@ -21,7 +21,29 @@ class CheckpointRefused(VerificationError):
 
 
 def read_verified(storage: Storage, record: CheckpointRecord) -> dict[str, bytes]:
-    """Every file of the checkpoint, checked against the sizes and sha256 in its record."""
+    """Every file of the checkpoint, checked against the sizes and sha256 in its record.
+
+    With a node-local tier (storage.node_cache, set on the workers), this node's copy is read
+    first and used only if every file matches the record; otherwise shared storage is read,
+    verified, and kept as this node's copy for the next restore."""
+    near = getattr(storage, "node_cache", None)
+    if near is not None and near.has(record.id):
+        try:
+            blobs = _read_verified(near.storage, record)
+            print(f"[restore] {record.id}: node-local copy matches its record ({near.dir})", flush=True)
+            return blobs
+        except (VerificationError, OSError, StorageError) as e:
+            print(f"[restore] {record.id}: node-local copy not used ({e}); reading {storage.uri}", flush=True)
+    blobs = _read_verified(storage, record)
+    if near is not None:
+        try:
+            near.keep(record, blobs)
+        except (OSError, StorageError) as e:  # a full local disk costs the next restore a download
+            print(f"[restore] could not keep a node-local copy in {near.dir}: {e}", flush=True)
+    return blobs
+
+
+def _read_verified(storage: Storage, record: CheckpointRecord) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for f in record.files:
         rel = f"{CHECKPOINTS}/{record.id}/{f.path}"
