@@ -210,6 +210,39 @@ def test_a_delete_without_its_event_is_accounted_for_only_by_a_coordinator_that_
     ]
 
 
+# -- what the campaign found ------------------------------------------------------------------------
+
+
+def test_a_storage_retry_leaves_the_training_rng_streams_alone(tmp_path):
+    """Seed 12, run 3: rank 0's background writer retried its uploads through an S3 outage, and
+    the retry's jitter came from Python's global `random`, the stream a training loop seeds and
+    each checkpoint captures: every later checkpoint held another Python RNG state than the
+    fault-free run's (the digits task draws nothing from it; a task that does would diverge)."""
+    from orchestrator.core.storage import RetryPolicy
+
+    retries = []
+    st = Storage(str(tmp_path / "run"), retry=RetryPolicy(attempts=4, initial_s=0.001, max_s=0.002),
+                 on_retry=lambda *a: retries.append(a))  # fmt: skip
+    st.write_bytes("x", b"data")
+    failures = [ConnectionResetError(104, "Connection reset by peer"), TimeoutError("timed out")]
+    real = st.fs.cat_file
+
+    def flaky(path, *args, **kwargs):
+        if failures:
+            raise failures.pop(0)
+        return real(path, *args, **kwargs)
+
+    st.fs.cat_file = flaky
+    torch_state = torch.get_rng_state()
+    import random
+
+    random.seed(1234)
+    before = random.getstate()
+    assert st.read_bytes("x") == b"data"
+    assert len(retries) == 2 and random.getstate() == before
+    assert torch.equal(torch.get_rng_state(), torch_state)
+
+
 # -- the small campaign ----------------------------------------------------------------------------
 
 

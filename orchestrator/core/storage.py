@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 import re
 import shutil
 import threading
@@ -197,6 +198,19 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+class _PrivateJitter(tenacity.wait_random_exponential):
+    """tenacity's full-jitter backoff, drawn from a generator of its own. tenacity draws from
+    the global `random`, the stream a training loop seeds and every checkpoint captures: a
+    storage retry on a rank changed that rank's Python RNG state, so a run with an S3 hiccup
+    no longer equalled one without (found by bench/campaign.py)."""
+
+    _rng = random.Random()
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        high = tenacity.wait_exponential.__call__(self, retry_state)
+        return self._rng.uniform(self.min, high)
+
+
 def _single_retry_owner(uri: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Turn botocore's own retries off for S3 (unless the user set them): this layer retries,
     with one budget, and logs every retry. Layered retries multiply (botocore 5 x s3fs 5 x ours)."""
@@ -343,7 +357,7 @@ class Storage:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.retry.attempts),
             # Jittered: ranks that failed together do not retry in lockstep.
-            wait=tenacity.wait_random_exponential(multiplier=self.retry.initial_s, max=self.retry.max_s),
+            wait=_PrivateJitter(multiplier=self.retry.initial_s, max=self.retry.max_s),
             retry=tenacity.retry_if_exception(is_transient),
             before_sleep=before_sleep,
             reraise=True,
