@@ -36,7 +36,7 @@ from orchestrator.driver import load_stored_spec, store_spec
 from orchestrator.spec import JobSpec, SpecError, load_spec
 
 FUZZ = settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
