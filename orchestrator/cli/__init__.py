@@ -8,7 +8,8 @@
     orchestrator repair RUN_URI [--dry-run]              restore an unreadable manifest.json from its backup
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (spec, arguments), 3 run owned
-by another live driver, 4 storage unreachable or unreadable, 5 Ray's Jobs API unreachable.
+by another live driver, 4 storage unreachable or unreadable, 5 the Ray cluster or its Jobs
+API unreachable or refused us, 130/143 `run`/`resume` interrupted by Ctrl-C/SIGTERM (resumable).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ app = typer.Typer(
     "that are never lost or half-read.\n\n"
     "Exit codes: 0 success, 1 the run failed, 2 bad input (spec, arguments), 3 the run is "
     "owned (or was taken over) by another driver, 4 storage unreachable or unreadable, "
-    "5 Ray's Jobs API unreachable.",
+    "5 the Ray cluster or its Jobs API unreachable or refused us, 130/143 run or resume "
+    "interrupted by Ctrl-C/SIGTERM "
+    "(the run stays resumable).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
