@@ -91,7 +91,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 BUCKET = "campaign"
 MAX_LIVES = 4  # drivers per run: the first, and resumes after a driver kill or a clear failure
 LIFE_TIMEOUT_S = 600.0
-POLL_S = 0.5  # how often a run's events are read for fault triggers (an epoch takes seconds)
+POLL_S = 0.3  # how often a run's events are read for fault triggers (an epoch takes seconds)
 RUN_ACTORS = ("Coordinator", "TrainController", "RayTrainWorker")  # a run's processes, by Ray's titles
 
 
@@ -137,8 +137,8 @@ class Plan:
 def make_plans(seed: int, runs: int, epochs: int, steps: int, variants: list[str]) -> list[Plan]:
     """Each run gets two fault kinds, drawn so that every block of three runs covers all six,
     and now and then a third; epochs, steps, ranks, modes and durations are drawn too."""
-    if epochs < 3:
-        raise ValueError("a campaign needs at least 3 epochs (external faults fire before the last two)")
+    if epochs < 4:
+        raise ValueError("a campaign needs at least 4 epochs (external faults fire before the last three)")
     rng = random.Random(seed)
     plans: list[Plan] = []
     deck: list[str] = []
@@ -152,7 +152,9 @@ def make_plans(seed: int, runs: int, epochs: int, steps: int, variants: list[str
         if rng.random() < 0.3:
             kinds.append(rng.choice(KINDS))
         external = [k for k in kinds if k not in CHAOS_KINDS]
-        slots = rng.sample(range(1, epochs - 1), min(len(external), epochs - 2))
+        # Fired once epoch k is committed, k early enough that training still runs while the
+        # campaign sees the commit and fires (a raylet kill needs a rank alive on a worker node).
+        slots = rng.sample(range(1, epochs - 2), min(len(external), epochs - 3))
         faults: list[Fault] = []
         for kind in kinds:
             if kind == "worker_kill":
@@ -613,7 +615,12 @@ class Campaign:
                     stderr=e,
                     start_new_session=True,
                 )
-            killed = self._watch(proc, st, pending)
+            try:
+                killed = self._watch(proc, st, pending)
+            finally:  # interrupted (Ctrl-C, a harness error): the driver goes too
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
             if proc.returncode == 0:
                 res.summary = json.loads(out.read_text())
                 return
@@ -814,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.campaign", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=30, help="faulted runs (default 30)")
     ap.add_argument("--seed", type=int, default=12, help="seeds every schedule (default 12)")
-    ap.add_argument("--epochs", type=int, default=5, help="epochs per run (default 5)")
+    ap.add_argument("--epochs", type=int, default=8, help="epochs per run (default 8)")
     ap.add_argument(
         "--specs", default=",".join(VARIANTS), help=f"spec variants, in turn (default {','.join(VARIANTS)})"
     )

@@ -30,19 +30,19 @@ LOSSES = [0.9, 0.5, 0.7, 0.6]  # epoch 2 is the best
 
 
 def test_plans_are_seeded_and_every_three_runs_cover_every_kind():
-    plans = campaign.make_plans(7, 9, 5, 23, ["epochs", "midepoch"])
-    again = campaign.make_plans(7, 9, 5, 23, ["epochs", "midepoch"])
+    plans = campaign.make_plans(7, 9, 8, 23, ["epochs", "midepoch"])
+    again = campaign.make_plans(7, 9, 8, 23, ["epochs", "midepoch"])
     assert [[f.describe() for f in p.faults] for p in plans] == [
         [f.describe() for f in p.faults] for p in again
     ]
-    assert plans != campaign.make_plans(8, 9, 5, 23, ["epochs", "midepoch"])
+    assert plans != campaign.make_plans(8, 9, 8, 23, ["epochs", "midepoch"])
     for block in (plans[0:3], plans[3:6], plans[6:9]):
         assert {f.kind for p in block for f in p.faults} == set(campaign.KINDS)
     for p in plans:
         external = [f.epoch for f in p.faults if f.kind not in campaign.CHAOS_KINDS]
-        assert len(set(external)) == len(external) and all(1 <= e <= 3 for e in external)
+        assert len(set(external)) == len(external) and all(1 <= e <= 5 for e in external)
         for k in p.chaos():
-            assert k["rank"] in (0, 1) and 1 <= k["epoch"] <= 5 and 0 <= k.get("step", 0) < 23
+            assert k["rank"] in (0, 1) and 1 <= k["epoch"] <= 8 and 0 <= k.get("step", 0) < 23
     assert [p.variant for p in plans[:4]] == ["epochs", "midepoch", "epochs", "midepoch"]
 
 
