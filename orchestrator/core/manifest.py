@@ -50,6 +50,7 @@ class FileEntry(BaseModel):
     path: str  # relative to the checkpoint's directory
     size: int
     sha256: str
+    rank: int | None = None  # the rank that wrote it, in a sharded checkpoint (workers/sharded.py)
 
 
 # NaN and inf metrics are written as the JSON constants NaN / Infinity, which Python's json
@@ -72,6 +73,7 @@ class CheckpointRecord(BaseModel):
     files: list[FileEntry]
     world_size: int
     attempt: int
+    sharded: bool = False  # every rank wrote its own shards (DCP); files lists every rank's
     created_at: float = Field(default_factory=time.time)
     seq: int = 0  # commit order, assigned by the coordinator
 
