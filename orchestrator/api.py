@@ -14,6 +14,7 @@ guess. The CLI's read commands (`checkpoints`, `best`, `metrics`, `events`) are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,14 @@ from orchestrator.core.storage import Storage
 from orchestrator.core.verify import VerificationError, copy_verified
 
 MODEL_FILE = "model.pt"  # the weights alone (workers/state.py writes it)
+
+
+def weight_files(record: CheckpointRecord) -> set[str]:
+    """The files that hold a checkpoint's weights: model.pt, or a sharded one's shards and
+    their index (workers/sharded.py; everything but train_state.pt)."""
+    if record.sharded:
+        return {f.path for f in record.files if f.path != "train_state.pt"}
+    return {MODEL_FILE}
 
 
 class RunNotFound(ManifestError):
@@ -147,7 +156,8 @@ class Run:
         (see checkpoint()). A ranked pick passes over damaged checkpoints; a named one
         (latest, an id) raises VerificationError. model.pt is streamed through its sha256 into
         a temp file and loaded with weights_only=True: one that holds more than tensors raises
-        CheckpointRefused (a VerificationError), and nothing in it runs."""
+        CheckpointRefused (a VerificationError), and nothing in it runs. A sharded checkpoint's
+        files (every rank's shards) are copied the same way and consolidated into one."""
         import tempfile
 
         from workers.state import load_tensor_file
@@ -155,14 +165,18 @@ class Run:
         with tempfile.TemporaryDirectory(prefix="orchestrator-weights-") as tmp:
             if isinstance(which, int) or which == "best":
                 found = self.verified_best(
-                    which if isinstance(which, int) else 1, into=tmp, only={MODEL_FILE}
+                    which if isinstance(which, int) else 1, into=tmp, only=weight_files
                 )
-                ck, path, skipped = found.checkpoint, found.paths[0], found.skipped
+                ck, paths, skipped = found.checkpoint, found.paths, found.skipped
             else:
                 ck, skipped = self.checkpoint(which), []
-                path = copy_verified(self.storage, ck.record, tmp, only={MODEL_FILE})[0]
+                paths = copy_verified(self.storage, ck.record, tmp, only=weight_files(ck.record))
+            if ck.record.sharded:
+                from workers.sharded import consolidate
+
+                return ck, consolidate(tmp), skipped
             # Weights-only: a file that names code is refused (CheckpointRefused), never run.
-            return ck, load_tensor_file(path, "cpu", f"{ck.uri}/{MODEL_FILE}"), skipped
+            return ck, load_tensor_file(paths[0], "cpu", f"{ck.uri}/{MODEL_FILE}"), skipped
 
     def build_task(self) -> Any:
         """The run's task, built afresh from the stored spec on the CPU (imports the user's task
@@ -216,7 +230,10 @@ class Run:
             return ranked[rank - 1]
         return self.verified_best(rank).checkpoint
 
-    def verified_best(self, rank: int = 1, into: str | None = None, only: set[str] | None = None) -> Verified:
+    def verified_best(
+        self, rank: int = 1, into: str | None = None,
+        only: set[str] | Callable[[CheckpointRecord], set[str]] | None = None,
+    ) -> Verified:  # fmt: skip
         """The rank-th best checkpoint whose files verify (streamed and hashed, never whole in
         memory), copied into the directory `into` when given (`only` these files). A damaged
         one is skipped and listed; one that retention deleted while it was read (a live run)
@@ -231,7 +248,8 @@ class Run:
                 )
             for c in candidates[rank - 1 :]:
                 try:
-                    return Verified(c, copy_verified(self.storage, c.record, into, only), skipped)
+                    files = only(c.record) if callable(only) else only
+                    return Verified(c, copy_verified(self.storage, c.record, into, files), skipped)
                 except VerificationError as e:
                     fresh = read_manifest(self.storage)
                     if fresh is not None and fresh.get(c.id) is None:

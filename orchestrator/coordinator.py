@@ -266,6 +266,9 @@ class RunLedger:
                 f"checkpoint {record.id}: attempt {record.attempt} is not the current attempt "
                 f"{m.attempts}; refusing a late commit"
             )
+        if record.sharded and (missing := set(range(record.world_size)) - {f.rank for f in record.files}):
+            raise CommitError(f"checkpoint {record.id}: sharded, but it lists no files of rank(s) "
+                              f"{sorted(missing)}; it commits only with every rank's part")  # fmt: skip
         stored = read_record(self.storage, record.id)  # written last, so its presence proves the upload
         if [f.model_dump() for f in stored.files] != [f.model_dump() for f in record.files]:
             raise CommitError(f"checkpoint {record.id}: {RECORD} in storage differs from the commit")

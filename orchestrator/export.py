@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any
 
-from orchestrator.api import MODEL_FILE, Run
+from orchestrator.api import Run, weight_files
 from workers.task import first_val_batch
 
 FORMATS = {"safetensors": "model.safetensors", "torchscript": "model.ts", "onnx": "model.onnx"}
@@ -66,7 +66,7 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
         "mode": run.mode,
         "metrics": ck.metrics,
         "run_uri": run.uri,
-        "source_sha256": {f.path: f.sha256 for f in ck.record.files if f.path == MODEL_FILE},
+        "source_sha256": {f.path: f.sha256 for f in ck.record.files if f.path in weight_files(ck.record)},
         "skipped": skipped,  # better-ranked checkpoints passed over: their files failed verification
         **extra,
     }

@@ -260,10 +260,11 @@ class ChaosKill(_Model):
     rank: int = Field(..., ge=0, description="World rank whose process is SIGKILLed.")
     epoch: int = Field(..., ge=1, description="Epoch (1-based) in which to kill.")
     step: int = Field(0, ge=0, description="Kill before this step within the epoch (0: at its start).")
-    point: Literal["step", "after_upload"] = Field(
+    point: Literal["step", "after_upload", "mid_save"] = Field(
         "step",
         description="step: before a training step; after_upload: rank 0 after its checkpoint "
-        "files are uploaded and before the commit.",
+        "files are uploaded and before the commit; mid_save: this rank during a sharded save "
+        "(session.report(sharded=...)), its shards written, before the checkpoint is recorded.",
     )
 
 

@@ -31,6 +31,12 @@ class Chaos:
             if k.point == "after_upload" and k.epoch == record.epoch:
                 self._fire(key, f"after uploading {record.id}, before its commit")
 
+    def mid_save(self, epoch: int, cid: str) -> None:
+        for key, k in self.mine:
+            if k.point == "mid_save" and k.epoch == epoch:
+                self._fire(key, f"in the middle of sharded save {cid}: this rank's shards written, the "
+                           "checkpoint not yet recorded")  # fmt: skip
+
     def _fire(self, key: str, where: str) -> None:
         if self.claim(key):
             print(f"[chaos] SIGKILL rank {self.rank} (pid {os.getpid()}) at {where}", flush=True)

@@ -18,7 +18,8 @@ class Kill:
     rank: int  # world rank whose process is killed
     epoch: int  # 1-based epoch in which to kill
     step: int = 0  # before this step of the epoch
-    point: Literal["step", "after_upload"] = "step"  # or: rank 0 after an upload, before the commit
+    point: Literal["step", "after_upload", "mid_save"] = "step"  # or: rank 0 after an upload, before
+    # the commit; or: a rank in a sharded save, its shards written, before the checkpoint is recorded
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def plan_restore(
         except LeaseLost as e:  # another driver took the run over: this attempt must not start
             return broadcast({"attempt": 0, "restore": None, "taken_over": str(e)}), None
         rec = plan["restore"]
-        while rec is not None:
+        while rec is not None and not rec.get("sharded"):  # sharded: every rank verifies what it reads
             try:
                 blobs = read_verified(storage, CheckpointRecord.model_validate(rec))
                 break

@@ -100,10 +100,20 @@ class Session:
         return Context(self.rank, self.world, self.local_rank, self.device, self.cfg.seed,
                        self.cfg.epochs, self.attempt, dict(self.cfg.task_options))  # fmt: skip
 
-    def restore(self) -> dict[str, Any] | None:
+    def restore(self, sharded: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """What the latest committed, verified checkpoint holds (on host memory), or None
-        at the start of a run: state.pt's tree, with model.pt's weights under "model"."""
-        blobs = self.restored_files()
+        at the start of a run: state.pt's tree, with model.pt's weights under "model".
+        With `sharded` ({"model": module, "optimizer": optimizer}, as report() was given it),
+        every rank loads its shards into them in place, resharded for this world size
+        (workers/sharded.py), and gets the rest of the state back."""
+        if sharded is not None:
+            from workers.sharded import restore_shards
+
+            record, data = restore_shards(self, sharded)
+            self._planned = (record, None)
+            blobs = {STATE_FILE: data} if data is not None else None
+        else:
+            blobs = self.restored_files()
         if blobs is None:
             return None
         state = dict(load_tensor_file(blobs[STATE_FILE])) if STATE_FILE in blobs else {}
@@ -121,13 +131,15 @@ class Session:
         self.ticker(epoch, step, steps, global_step)
 
     def report(self, metrics: dict[str, float], *, epoch: int, state: dict[str, Any] | None = None,
-               rank_state: Any = None, step: int | None = None,
-               end_of_epoch: bool = True) -> None:  # fmt: skip
+               rank_state: Any = None, step: int | None = None, end_of_epoch: bool = True,
+               sharded: dict[str, Any] | None = None) -> None:  # fmt: skip
         """Report rank 0's metrics for an epoch (or, with end_of_epoch=False, within it) and,
         with `state`, checkpoint it in the background. Every rank calls it at the same points.
         `step` is the global step (default: the epoch), which names the checkpoint.
         `rank_state` is each rank's own part (a data loader's position, say): gathered into
-        the checkpoint, and `restore()` hands each rank its own back as state["rank_state"]."""
+        the checkpoint, and `restore()` hands each rank its own back as state["rank_state"].
+        `sharded` ({"model": module, "optimizer": optimizer}): every rank writes its own shards
+        of them (FSDP2; workers/sharded.py) into the same checkpoint as `state`."""
         metrics = {k: float(v) for k, v in metrics.items()}
         if not self._monitor_checked:
             self._monitor_checked = True
@@ -136,19 +148,21 @@ class Session:
                               f"{sorted(metrics)}", "input")  # fmt: skip
         global_step = epoch if step is None else step
         self.report_metrics({"epoch": epoch, "global_step": global_step, **metrics})
-        if state is not None:
+        saving = state is not None or sharded is not None
+        if saving:
+            state = state or {}
             files = {MODEL_FILE: state["model"]} if "model" in state else {}
             rest = {k: v for k, v in state.items() if k != "model"}
             if rank_state is not None:
                 rest["rank_states"] = gather(rank_state)
-            if rest:
+            if rest or sharded is not None:
                 files[STATE_FILE] = rest
             in_epoch = 0 if end_of_epoch else global_step
-            self.save_files(epoch, in_epoch, global_step, end_of_epoch, metrics, files)
+            self.save_files(epoch, in_epoch, global_step, end_of_epoch, metrics, files, sharded)
         if self.cfg.stop_on_nan and not all(math.isfinite(v) for v in metrics.values()):
             bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
             raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
-        if state is not None and (why := self.stop_check(global_step, end_of_epoch=True)) != NONE:
+        if saving and (why := self.stop_check(global_step, end_of_epoch=True)) != NONE:
             self.finish_stop(why, f"epoch {epoch} (global step {global_step})")
 
     # -- shared with the Task loop ------------------------------------------------------
@@ -171,6 +185,9 @@ class Session:
         record, blobs = self._plan()
         if record is None:
             return None
+        if record.sharded:
+            raise ValueError(f"checkpoint {record.id} is sharded (every rank wrote its own shards): restore "
+                             "it with session.restore(sharded={'model': ..., 'optimizer': ...})")  # fmt: skip
         if blobs is None:
             blobs = read_verified(self.storage, record)
         if self.rank == 0:
@@ -180,21 +197,29 @@ class Session:
         return blobs
 
     def save_files(self, epoch: int, step_in_epoch: int, global_step: int, end_of_epoch: bool,
-                   metrics: dict[str, float], files: dict[str, Any]) -> None:  # fmt: skip
+                   metrics: dict[str, float], files: dict[str, Any],
+                   sharded: dict[str, Any] | None = None) -> None:  # fmt: skip
         """Rank 0 hands `files` (name -> state tree) to the background writer: the one way a
-        checkpoint is written and committed. Other ranks return at once."""
-        if self.writer is None:
-            return
+        checkpoint is written and committed. Other ranks return at once, or, with `sharded`,
+        once every rank has written its shards (their list goes into rank 0's record)."""
         # Unique per attempt: a redone epoch never reuses the name of one marked bad.
         cid = f"epoch{epoch:04d}-step{global_step:07d}-a{self.attempt}"
         if cid == self._last_id:
             raise ValueError(f"a second checkpoint at epoch {epoch}, step {global_step} in one attempt; "
                              "pass a growing step= to report()")  # fmt: skip
         self._last_id = cid
+        written = None
+        if sharded is not None:
+            from workers.sharded import save_shards
+
+            written = save_shards(self, cid, epoch, sharded)
+        if self.writer is None:
+            return
         meta = {"id": cid, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                 "end_of_epoch": end_of_epoch, "metrics": metrics, "metrics_fresh": end_of_epoch,
-                "world_size": self.world, "attempt": self.attempt}  # fmt: skip
-        self.writer.save(meta, files)
+                "world_size": self.world, "attempt": self.attempt,
+                "sharded": sharded is not None}  # fmt: skip
+        self.writer.save(meta, files, written)
 
     def report_metrics(self, row: dict[str, Any]) -> None:
         import ray.train

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from workers.host_buffers import HostBuffers
 class SaveJob:
     meta: dict[str, Any]  # CheckpointRecord fields other than files
     payload: dict[str, Any]  # file name -> state tree (in host buffers)
+    written: list[FileEntry] = field(default_factory=list)  # in storage already (every rank's shards)
 
 
 class CheckpointWriter:
@@ -66,16 +67,20 @@ class CheckpointWriter:
             self._thread = threading.Thread(target=self._run, name="ckpt-writer", daemon=True)
             self._thread.start()
 
-    def save(self, meta: dict[str, Any], state: dict[str, Any]) -> None:
+    def save(
+        self, meta: dict[str, Any], state: dict[str, Any], written: list[FileEntry] | None = None
+    ) -> None:
+        """`written`: files of this checkpoint that are in storage already (a sharded save's,
+        from every rank); the record lists them with the files written here."""
         t0 = time.perf_counter()
         self._raise_if_failed()
         if not self.async_save:
-            self._write(SaveJob(meta, state))
+            self._write(SaveJob(meta, state, list(written or ())))
         else:
             self._free.wait()  # the previous save has been serialized out of the buffers
             self._raise_if_failed()
             self._free.clear()
-            self._queue.put(SaveJob(meta, self._buffers.copy(state)))
+            self._queue.put(SaveJob(meta, self._buffers.copy(state), list(written or ())))
         self.saves += 1
         self.blocked_s += time.perf_counter() - t0
 
@@ -117,7 +122,7 @@ class CheckpointWriter:
             if staged:
                 for f in files:
                     self.storage.put_file(near.staged(cid, f.path), f"{CHECKPOINTS}/{cid}/{f.path}")
-            record = CheckpointRecord(files=files, **job.meta)
+            record = CheckpointRecord(files=[*job.written, *files], **job.meta)
             body = json.dumps(record.model_dump(), indent=1).encode()
             self.storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", body)  # last: the data is complete
             if self.after_upload is not None:

@@ -1,0 +1,333 @@
+"""Sharded checkpoints: every rank writes its own shards with torch.distributed.checkpoint (DCP).
+
+A train function whose model is sharded (FSDP2's `fully_shard`) hands the session the model
+and optimizer instead of a full state:
+
+    state = session.restore(sharded={"model": model, "optimizer": opt})   # loads in place
+    session.report(metrics, epoch=epoch, state={"epoch": epoch},
+                   sharded={"model": model, "optimizer": opt})
+
+A save (every rank, on the training thread):
+    every rank: DCP writes this rank's shards straight into checkpoints/<id>/ (`__<rank>_0.distcp`;
+        rank 0 also DCP's `.metadata`), each file hashed (sha256) as it is written, never read back
+    -> the `chaos.kills` point `mid_save` fires here
+    -> the ranks' file lists are gathered to rank 0, whose background writer adds train_state.pt
+       (`state`), writes checkpoint.json listing every rank's files last, and commits
+So the coordinator sees a record only once every rank's part is in storage, and checks that it
+names files from every rank. A directory some rank started that was never committed is an
+orphan like any other: never named by the manifest, so never restored, and collected.
+
+A restore (every rank): rank 0 names the checkpoint (plan_restore, as ever); DCP's own load
+planner decides which files each rank reads (it reshards for another world size). Before any
+data is read, each rank copies the files it will read from shared storage into a local
+temporary directory, hashing them on the way (one read of shared storage), and DCP loads from
+that verified copy; the coordinator rank hashes (without copying) any file no rank reads. A
+file that does not match the record fails the load on every rank before anything is loaded:
+the checkpoint is marked bad and the next newest is tried. DCP's `.metadata` and its small
+pickled values are read weights-only (a pickle that names code is refused, never run).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemBase
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+from orchestrator.core.manifest import CHECKPOINTS, CheckpointRecord, FileEntry
+from orchestrator.core.storage import HashingWriter, Storage
+from orchestrator.core.verify import CheckpointRefused, VerificationError, copy_verified
+from workers.distributed import broadcast, gather
+from workers.state import STATE_FILE, load_tensor_file
+
+if TYPE_CHECKING:
+    from workers.session import Session
+
+METADATA = ".metadata"  # DCP's index of the shards, written by rank 0
+MODEL = "model."  # the model's keys in a sharded checkpoint (the optimizer's: "optimizer.")
+
+
+# -- what a train function hands over ------------------------------------------------------
+def state_dict_of(targets: dict[str, Any]) -> dict[str, Any]:
+    """DCP's state dict of {"model": module, "optimizer": optimizer or a list (optional)}:
+    each rank's own shards (DTensors under FSDP2), through DCP's get_state_dict."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if "model" not in targets or set(targets) - {"model", "optimizer"}:
+        raise ValueError(f"sharded= takes {{'model': module, 'optimizer': optimizer}} (the optimizer "
+                         f"optional), not {sorted(targets)}; other state goes in state=")  # fmt: skip
+    if targets.get("optimizer") is None:
+        return {"model": get_model_state_dict(targets["model"])}
+    model_sd, optim_sd = get_state_dict(targets["model"], targets["optimizer"])
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def apply_state_dict(targets: dict[str, Any], sd: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    if "optimizer" in sd:
+        set_state_dict(targets["model"], targets["optimizer"], model_state_dict=sd["model"],
+                       optim_state_dict=sd["optimizer"])  # fmt: skip
+    else:
+        set_model_state_dict(targets["model"], sd["model"])
+
+
+# -- save ------------------------------------------------------------------------------------
+def save_shards(session: Session, cid: str, epoch: int, targets: dict[str, Any]) -> list[FileEntry]:
+    """Every rank writes its shards of checkpoint cid; returns every rank's files (size and
+    sha256), in rank order, on every rank. A collective: every rank calls it."""
+    part = write_shards(session.storage, cid, state_dict_of(targets), session.rank)
+    session.chaos.mid_save(epoch, cid)
+    return [entry for rank_part in gather(part) for entry in rank_part]
+
+
+def write_shards(storage: Storage, cid: str, sd: dict[str, Any], rank: int) -> list[FileEntry]:
+    """dcp.save of sd into checkpoints/<cid>/ on the run's storage; this rank's files."""
+    fs = _HashedFS(storage.fs)
+    writer = FileSystemWriter(cid, sync_files=storage.is_local)
+    writer.fs, writer.path = fs, storage.path(f"{CHECKPOINTS}/{cid}")  # type: ignore[assignment]
+    try:
+        dcp.save(sd, storage_writer=writer)
+    except CheckpointException as e:  # a BaseException: make it an error the loop reports
+        raise RuntimeError(f"sharded save of {cid} failed: {e}") from None
+    return [FileEntry(path=name, size=size, sha256=digest, rank=rank)
+            for name, (size, digest) in sorted(fs.written.items())]  # fmt: skip
+
+
+class _HashedStream(HashingWriter):
+    """What DCP writes a file through: hashed and counted on the way to storage."""
+
+    def tell(self) -> int:  # DCP records each item's offset; the file starts empty
+        return self.size
+
+    def fileno(self) -> int:  # DCP fsyncs local files
+        return int(self.out.fileno())
+
+    def close(self) -> None:
+        self.out.close()
+
+
+class _HashedFS(FileSystemBase):
+    """DCP's filesystem interface on the run's fsspec filesystem (local, s3://, ...), with
+    every file written recorded as name -> (size, sha256)."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+        self.written: dict[str, tuple[int, str]] = {}
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
+        path = os.fspath(path)
+        with self.fs.open(path, mode) as raw:
+            if "w" not in mode:
+                yield raw
+                return
+            out = _HashedStream(raw)
+            yield out  # type: ignore[misc]
+        self.written[os.path.basename(path)] = (out.size, out.hexdigest())
+
+    def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
+        return f"{os.fspath(path).rstrip('/')}/{suffix}"
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        self.fs.mv(os.fspath(path), os.fspath(new_path))  # DCP writes .metadata.tmp, then renames it
+        self.written[os.path.basename(new_path)] = self.written.pop(os.path.basename(path))
+
+    def init_path(self, path: str | os.PathLike) -> str:
+        return os.fspath(path)
+
+    def mkdir(self, path: str | os.PathLike) -> None:
+        self.fs.makedirs(os.fspath(path), exist_ok=True)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return True
+
+    def exists(self, path: str | os.PathLike) -> bool:
+        return bool(self.fs.exists(os.fspath(path)))
+
+    def rm_file(self, path: str | os.PathLike) -> None:
+        self.fs.rm(os.fspath(path))
+
+
+# -- restore -----------------------------------------------------------------------------------
+def restore_shards(session: Session, targets: dict[str, Any]) -> tuple[CheckpointRecord | None, bytes | None]:
+    """Load the latest good sharded checkpoint into targets in place (every rank); returns its
+    record and the verified bytes of its train_state.pt, or (None, None)."""
+    record = session.restored_record()
+    if record is None:
+        return None, None
+    sd = state_dict_of(targets)
+    found, state = load_verified(session.storage, record, sd, session.rank,
+                                 lambda bad, why: _next_restore(session, bad, why))  # fmt: skip
+    if found is not None:
+        apply_state_dict(targets, sd)
+        if session.rank == 0:
+            print(f"[restore] attempt {session.attempt}: resumed from {found.id} (epoch {found.epoch}, "
+                  f"step {found.global_step}; sharded, saved by {found.world_size} ranks, loaded by "
+                  f"{session.world})", flush=True)  # fmt: skip
+    return found, state
+
+
+def _next_restore(session: Session, bad: str, why: str) -> dict[str, Any] | None:
+    from workers.calls import call
+
+    return call(session.coord.next_restore, bad, why)  # type: ignore[no-any-return]
+
+
+def load_verified(
+    storage: Storage,
+    record: CheckpointRecord | None,
+    sd: dict[str, Any],
+    rank: int,
+    next_restore: Callable[[str, str], dict[str, Any] | None],
+) -> tuple[CheckpointRecord | None, bytes | None]:
+    """dcp.load of record into sd (every rank), every file verified before any is loaded. A
+    checkpoint that fails verification on any rank is reported (next_restore, on rank 0: the
+    coordinator marks it bad and names the next newest) and the next one tried."""
+    while record is not None:
+        if not record.sharded:
+            raise ValueError(f"checkpoint {record.id} is not sharded (rank 0 wrote it whole): restore it "
+                             "with session.restore() and load_state_dict")  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix=f"orchestrator-{record.id}-r{rank}-") as local:
+            reader = _VerifyingReader(storage, record, local)
+            try:
+                dcp.load(sd, storage_reader=reader, planner=_WeightsOnlyPlanner())
+            except CheckpointException as e:  # on every rank alike: DCP gathers its failures
+                failed = [why for why in gather(reader.error) if why]
+                if not failed:
+                    raise RuntimeError(f"loading sharded checkpoint {record.id} failed: {e}") from None
+            else:
+                with open(os.path.join(local, STATE_FILE), "rb") as f:
+                    return record, f.read()
+        if rank == 0:
+            print(f"[restore] checkpoint {record.id} failed verification: {failed[0]}", flush=True)
+        nxt = broadcast(next_restore(record.id, failed[0]) if rank == 0 else None)
+        record = CheckpointRecord.model_validate(nxt) if nxt else None
+    return None, None
+
+
+class _LocalReader(FileSystemReader):
+    """DCP's reader over a local directory of verified files; .metadata read weights-only."""
+
+    def read_metadata(self, *args: Any) -> Metadata:  # no **kwargs: no rank-local metadata
+        with open(os.path.join(self.path, METADATA), "rb") as f:
+            md = load_metadata(f.read(), os.path.join(self.path, METADATA))
+        meta = md.storage_meta or StorageMeta()
+        meta.load_id = self.load_id
+        md.storage_meta = meta
+        return md
+
+
+class _VerifyingReader(_LocalReader):
+    """Copies what this rank reads from the run's storage into `local`, checked against the
+    record, after DCP has planned the reads and before it reads anything (StorageReader's
+    prepare_local_plan); the coordinator hashes what no rank reads (prepare_global_plan)."""
+
+    def __init__(self, storage: Storage, record: CheckpointRecord, local: str) -> None:
+        super().__init__(local)
+        self.storage, self.record, self.local = storage, record, local
+        self.listed = {f.path for f in record.files}
+        self.error: str | None = None  # why this rank found the checkpoint bad
+
+    def _verify(self, names: set[str], into: str | None) -> None:
+        try:
+            if unlisted := sorted(names - self.listed):
+                raise VerificationError(f"{self.record.dir}/{unlisted[0]}: read by the checkpoint but not "
+                                        "in its record")  # fmt: skip
+            copy_verified(self.storage, self.record, into, only=names)
+        except VerificationError as e:
+            self.error = str(e)
+            raise
+
+    def read_metadata(self, *args: Any) -> Metadata:
+        self._verify({METADATA, STATE_FILE}, self.local)
+        try:
+            return super().read_metadata()
+        except CheckpointRefused as e:
+            self.error = str(e)
+            raise
+
+    def _files(self, plans: list[Any]) -> set[str]:
+        return {self.storage_data[item.storage_index].relative_path for p in plans for item in p.items}
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        self._verify(self._files([plan]), self.local)
+        return plan
+
+    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+        self._verify(self.listed - self._files(plans) - {METADATA, STATE_FILE}, None)
+        return plans
+
+
+class _WeightsOnlyPlanner(DefaultLoadPlanner):
+    """DCP stores small non-tensor values (an optimizer's lr, betas) as pickles and loads them
+    with weights_only=False; these are checked weights-only first, so one that names code is
+    refused before it runs."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        load_tensor_file(value.getvalue(), name=f"sharded value {read_item.dest_index.fqn}")
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        kinds = (torch.dtype, torch.layout, torch.memory_format)
+        if name in _METADATA_GLOBALS.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), kinds)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global {module}.{name}")
+
+
+def load_metadata(data: bytes, name: str) -> Metadata:
+    """DCP's .metadata (a pickle), allowing only the types DCP's metadata is made of."""
+    try:
+        md = _MetadataUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointRefused(
+            f"{name}: refused to load: it is not DCP metadata ({e}); nothing in it ran. "
+            "This project never writes such a file: someone else wrote it"
+        ) from None
+    if not isinstance(md, Metadata):
+        raise CheckpointRefused(f"{name}: refused to load: a {type(md).__name__}, not DCP metadata")
+    return md
+
+
+# -- export --------------------------------------------------------------------------------------
+def weight_files(record: CheckpointRecord) -> set[str]:
+    """The files of a sharded checkpoint that hold the model's weights (its shards and index)."""
+    return {f.path for f in record.files if f.path != STATE_FILE}
+
+
+def consolidate(local: str) -> dict[str, torch.Tensor]:
+    """The model's full state_dict from a verified local copy of a sharded checkpoint, in one
+    process without a process group (DCP reassembles every rank's shards)."""
+    md = _LocalReader(local).read_metadata()
+    sd = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in md.state_dict_metadata.items()
+          if key.startswith(MODEL) and isinstance(m, TensorStorageMetadata)}  # fmt: skip
+    dcp.load(sd, storage_reader=_LocalReader(local), planner=_WeightsOnlyPlanner(), no_dist=True)
+    return {key[len(MODEL) :]: t for key, t in sd.items()}
