@@ -140,6 +140,8 @@ class Session:
         the checkpoint, and `restore()` hands each rank its own back as state["rank_state"].
         `sharded` ({"model": module, "optimizer": optimizer}): every rank writes its own shards
         of them (FSDP2; workers/sharded.py) into the same checkpoint as `state`."""
+        if taken := sorted(set(metrics) & {"epoch", "global_step", "attempt"}):
+            raise ValueError(f"report(): metric names {taken} are the session's own (pass epoch= and step=)")
         metrics = {k: float(v) for k, v in metrics.items()}
         if not self._monitor_checked:
             self._monitor_checked = True
@@ -148,7 +150,9 @@ class Session:
                               f"{sorted(metrics)}", "input")  # fmt: skip
         global_step = epoch if step is None else step
         self.report_metrics({"epoch": epoch, "global_step": global_step, **metrics})
-        saving = state is not None or sharded is not None
+        # Rank 0's choice, on every rank: a rank that passed no state still takes part in the
+        # collectives of a save (rank_state's gather, the stop agreement) instead of hanging.
+        saving = bool(broadcast(state is not None or sharded is not None))
         if saving:
             state = state or {}
             files = {MODEL_FILE: state["model"]} if "model" in state else {}
@@ -175,6 +179,12 @@ class Session:
             record = CheckpointRecord.model_validate(plan["restore"]) if plan["restore"] else None
             self._planned = (record, blobs)
         return self._planned
+
+    @property
+    def restored_from(self) -> str | None:
+        """The id of the committed checkpoint this attempt resumed from (None: the start)."""
+        record = self._plan()[0]
+        return record.id if record else None
 
     def restored_record(self) -> CheckpointRecord | None:
         return self._plan()[0]

@@ -32,8 +32,9 @@ FORMAT = 1
 # Every kind of event a run's events.jsonl holds (`orchestrator events --kind`).
 EVENT_KINDS = (
     "attempt_started", "chaos_kill", "commit", "coordinator_started", "delete", "delete_failed",
-    "driver_started", "early_stop", "lease_taken_over", "repaired", "restart", "run_failed",
-    "run_finished", "stopped", "storage_retry", "tracker_off", "verification_failed",
+    "deterministic_failure", "driver_started", "early_stop", "lease_taken_over", "repaired",
+    "restart", "run_failed", "run_finished", "stop_requested", "stopped", "storage_retry",
+    "tracker_off", "verification_failed", "worker_error",
 )  # fmt: skip
 
 

@@ -64,7 +64,7 @@ class SessionCheckpointIO(CheckpointIO):
         state = self.session.restore()
         if state is None:
             return None
-        path = PREFIX + self.session.restored_record().id
+        path = PREFIX + str(self.session.restored_from)
         self._restored = (path, state)
         return path
 
