@@ -778,7 +778,13 @@ def summarize(results: list[RunResult], wall_s: float) -> dict[str, Any]:
         "orphans": sum(r["orphans"] for r in rows),
         "bitwise_mismatches": sum(r["bitwise_mismatches"] for r in rows),
         "failed_runs": sum(not r["ok"] for r in rows),
-        "retention_deletes_logged_as_orphans": sum(len(r["notes"]) for r in rows),
+        # Findings that break no promise (docs/reliability.md): a committed checkpoint that
+        # retention dropped, deleted by orphan collection after its coordinator died, or
+        # deleted by a coordinator that died before logging it.
+        "retention_deletes_logged_as_orphans": sum(
+            "logged as 'orphan" in n for r in rows for n in r["notes"]
+        ),
+        "deletes_without_an_event": sum("before it logged" in n for r in rows for n in r["notes"]),
         "wall_s": round(wall_s, 1),
     }
 

@@ -243,6 +243,34 @@ def test_a_storage_retry_leaves_the_training_rng_streams_alone(tmp_path):
     assert torch.equal(torch.get_rng_state(), torch_state)
 
 
+@pytest.mark.parametrize("mode", ["503", "reset"])
+def test_an_s3_retry_leaves_the_training_rng_streams_alone(moto, bucket, mode):
+    """Seed 12, run 6 (after the fix above): botocore still retried each S3 request once
+    (`max_attempts` counts retries, and 1 was set to mean none), its delay drawn from the global
+    `random`: the same Python RNG difference in every checkpoint after an S3 hiccup."""
+    import random
+    import threading
+
+    from s3_support import CREDS, FaultProxy
+
+    proxy = FaultProxy(moto.port)
+    proxy.server.handle_error = lambda *a: None  # the resets it makes
+    retries = []
+    try:
+        st = Storage(f"s3://{bucket}/run", {"endpoint_url": proxy.endpoint, "key": CREDS["AWS_ACCESS_KEY_ID"],
+                     "secret": CREDS["AWS_SECRET_ACCESS_KEY"]}, on_retry=lambda *a: retries.append(a))  # fmt: skip
+        st.write_bytes("x", b"before")
+        proxy.mode = mode
+        threading.Timer(0.5, lambda: setattr(proxy, "mode", "ok")).start()
+        random.seed(1234)
+        before = random.getstate()
+        st.write_bytes("x", b"during")
+        assert st.read_bytes("x") == b"during" and retries and proxy.faults
+        assert random.getstate() == before
+    finally:
+        proxy.close()
+
+
 # -- the small campaign ----------------------------------------------------------------------------
 
 

@@ -213,11 +213,13 @@ class _PrivateJitter(tenacity.wait_random_exponential):
 
 def _single_retry_owner(uri: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Turn botocore's own retries off for S3 (unless the user set them): this layer retries,
-    with one budget, and logs every retry. Layered retries multiply (botocore 5 x s3fs 5 x ours)."""
+    with one budget, and logs every retry. Layered retries multiply (botocore 5 x s3fs 5 x ours).
+    One attempt in all: botocore's `max_attempts` counts retries, so 1 was one more request, with
+    a delay drawn from the global `random` a checkpoint captures (found by bench/campaign.py)."""
     opts = dict(options)
     if uri.startswith(("s3://", "s3a://")):
         config = dict(opts.get("config_kwargs") or {})
-        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
         opts["config_kwargs"] = config
     return opts
 
