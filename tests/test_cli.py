@@ -112,7 +112,8 @@ def test_rough_edges_give_clear_errors(run_dir, tmp_path):
     assert re.fullmatch(r"orchestrator \d+\.\d+\.\d+\n", p.stdout)
     help_text = " ".join(run_cli("--help", check=True).stdout.split())
     assert "Exit codes: 0 success, 1 the run failed, 2 bad input" in help_text
-    assert "5 Ray's Jobs API unreachable" in help_text
+    assert "5 the Ray cluster or its Jobs API unreachable" in help_text
+    assert "130/143 run or resume interrupted by Ctrl-C/SIGTERM" in help_text
 
 
 def test_best_download_is_weights_only_unless_asked(tmp_path):
