@@ -18,8 +18,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/orchestrator run configs/digits.yaml --set name=digits-$$(date +%Y%m%d-%H%M%S)
 
+# Two test processes (pytest-xdist), a file each at a time: most of an end-to-end test is
+# waiting on process start-up and Ray's restarts, not computing, so two overlap well on 2 cores.
+TEST_PROCS ?= 2
 test: setup
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra -n $(TEST_PROCS) --dist loadfile --durations=30
 
 unit: setup
 	$(BIN)/pytest -q -m "not e2e"
