@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +22,15 @@ def _run_args(tmp_path: Path, name: str, *sets: str) -> list[str]:
             "--set", "chaos.kills=[]", *(a for s in sets for a in ("--set", s))]  # fmt: skip
 
 
+def _training(tmp_path: Path, name: str, kill_group, *sets: str) -> tuple[subprocess.Popen, Path, Path]:  # noqa: ANN001
+    """`orchestrator run` in the background, once its first epoch is reported."""
+    run_dir, log = tmp_path / name, tmp_path / f"{name}.log"
+    p = start_cli(*_run_args(tmp_path, name, *sets), log=log)
+    kill_group(p)
+    wait_until(lambda: jsonl(run_dir / "metrics.jsonl"), 180, "the first epoch")
+    return p, run_dir, log
+
+
 def _alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -29,10 +39,7 @@ def _alive(p: psutil.Process) -> bool:
 
 
 def test_the_embedded_ray_goes_away_with_a_sigkilled_driver(tmp_path, kill_group):
-    log = tmp_path / "run.log"
-    p = start_cli(*_run_args(tmp_path, "reap", "epochs=40"), log=log)
-    kill_group(p)
-    wait_until(lambda: jsonl(tmp_path / "reap" / "metrics.jsonl"), 180, "the first epoch")
+    p, run_dir, _ = _training(tmp_path, "reap", kill_group, "epochs=40")
     ray_procs = [c for c in psutil.Process(p.pid).children(recursive=True) if "reaper" not in " ".join(c.cmdline())]
     assert any(c.name() == "raylet" for c in ray_procs), [c.name() for c in ray_procs]
     os.kill(p.pid, signal.SIGKILL)
@@ -45,7 +52,7 @@ def test_the_embedded_ray_goes_away_with_a_sigkilled_driver(tmp_path, kill_group
             c.kill()
     assert not left
     # and the run is one `resume` continues (the lease of a dead driver is taken over)
-    assert manifest(tmp_path / "reap")["status"] == "running"
+    assert manifest(run_dir)["status"] == "running"
 
 
 def _events(run_dir: Path, kind: str) -> list[dict]:
@@ -53,11 +60,7 @@ def _events(run_dir: Path, kind: str) -> list[dict]:
 
 
 def test_sigterm_on_the_driver_commits_a_checkpoint_stops_and_resume_continues(tmp_path, kill_group):
-    run_dir = tmp_path / "term"
-    log = tmp_path / "run.log"
-    p = start_cli(*_run_args(tmp_path, "term", "epochs=8"), log=log)
-    kill_group(p)
-    wait_until(lambda: jsonl(run_dir / "metrics.jsonl"), 180, "the first epoch")
+    p, run_dir, log = _training(tmp_path, "term", kill_group, "epochs=8")
     os.kill(p.pid, signal.SIGTERM)
     assert p.wait(timeout=150) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     out = log.read_text()
@@ -81,11 +84,7 @@ def test_sigterm_on_the_driver_commits_a_checkpoint_stops_and_resume_continues(t
 
 
 def test_a_second_ctrl_c_stops_the_driver_at_once(tmp_path, kill_group):
-    run_dir = tmp_path / "int"
-    log = tmp_path / "run.log"
-    p = start_cli(*_run_args(tmp_path, "int", "epochs=40"), log=log)
-    kill_group(p)
-    wait_until(lambda: jsonl(run_dir / "metrics.jsonl"), 180, "the first epoch")
+    p, run_dir, log = _training(tmp_path, "int", kill_group, "epochs=40")
     os.kill(p.pid, signal.SIGINT)
     wait_until(lambda: "again stops at once" in log.read_text(), 30, "the first Ctrl-C's message")
     os.kill(p.pid, signal.SIGINT)
@@ -97,11 +96,7 @@ def test_a_second_ctrl_c_stops_the_driver_at_once(tmp_path, kill_group):
 
 
 def test_a_preempted_worker_commits_a_checkpoint_before_the_group_restarts(tmp_path, kill_group):
-    run_dir = tmp_path / "pre"
-    log = tmp_path / "run.log"
-    p = start_cli(*_run_args(tmp_path, "pre", "epochs=6", "failure.checkpoint_on_preempt=true"), log=log)
-    kill_group(p)
-    wait_until(lambda: jsonl(run_dir / "metrics.jsonl"), 180, "the first epoch")
+    p, run_dir, log = _training(tmp_path, "pre", kill_group, "epochs=6", "failure.checkpoint_on_preempt=true")
     workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "RayTrainWorker" in c.name()]
     assert len(workers) == 2, [c.name() for c in psutil.Process(p.pid).children(recursive=True)]
     sent = time.time()
