@@ -622,7 +622,7 @@ class Campaign:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
             if proc.returncode == 0:
-                res.summary = json.loads(out.read_text())
+                self._read_summary(res, out)
                 return
             # Reading the run's stored spec needs the endpoint first, as docs/storage.md says.
             args = ["resume", uri, "--storage-option", f"endpoint_url={self.proxy.endpoint}"]
@@ -640,6 +640,23 @@ class Campaign:
             )
             return
         res.checked.problems.append(f"not finished after {MAX_LIVES} drivers")
+
+    @staticmethod
+    def _read_summary(res: RunResult, out: Path) -> None:
+        """The driver's --json summary: its stdout should hold that one JSON document."""
+        text = out.read_text(errors="replace").strip()
+        try:
+            res.summary, end = json.JSONDecoder().raw_decode(text)
+        except json.JSONDecodeError as e:
+            res.checked.problems.append(
+                f"driver {res.lives}: stdout is not its --json summary ({e}): {text[:300]}"
+            )
+            return
+        if extra := text[end:].strip():
+            first = extra.splitlines()[0][:300]
+            res.checked.notes.append(
+                f"driver {res.lives}: stdout holds more than its --json summary: {first}"
+            )
 
     def _watch(self, proc: subprocess.Popen[bytes], st: Storage, pending: list[Fault]) -> bool:
         """Wait for the driver to exit, firing pending faults as their epochs are committed.
@@ -785,6 +802,7 @@ def summarize(results: list[RunResult], wall_s: float) -> dict[str, Any]:
             "logged as 'orphan" in n for r in rows for n in r["notes"]
         ),
         "deletes_without_an_event": sum("before it logged" in n for r in rows for n in r["notes"]),
+        "stdout_beyond_the_json_summary": sum("more than its --json" in n for r in rows for n in r["notes"]),
         "wall_s": round(wall_s, 1),
     }
 
@@ -853,7 +871,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"[campaign] run {plan.index}/{args.runs} ({plan.variant}): "
                 + ", ".join(f.describe() for f in plan.faults)
             )
-            res = c.run(plan)
+            try:
+                res = c.run(plan)
+            except Exception as e:  # the campaign's own trouble: this run fails, the next one runs
+                res = RunResult(plan)
+                res.checked.problems.append(f"campaign error: {type(e).__name__}: {e}")
             results.append(res)
             row = res.row()
             verdict = "ok" if row["ok"] else "FAIL: " + "; ".join(row["problems"])

@@ -210,6 +210,20 @@ def test_a_delete_without_its_event_is_accounted_for_only_by_a_coordinator_that_
     ]
 
 
+def test_a_driver_summary_with_more_on_stdout_is_noted_and_garbage_is_a_failure(tmp_path):
+    out = tmp_path / "driver.out"
+    res = campaign.RunResult(campaign.Plan(1, "epochs", []), lives=1)
+    out.write_text('{"status": "finished", "best": {"epoch": 6}}\n(raylet) Task Coordinator.commit failed\n')
+    campaign.Campaign._read_summary(res, out)
+    assert res.summary["best"]["epoch"] == 6 and res.checked.problems == []
+    assert res.checked.notes == [
+        "driver 1: stdout holds more than its --json summary: (raylet) Task Coordinator.commit failed"
+    ]
+    out.write_text("Traceback (most recent call last):\n")
+    campaign.Campaign._read_summary(res, out)
+    assert res.checked.problems and "stdout is not its --json summary" in res.checked.problems[0]
+
+
 # -- what the campaign found ------------------------------------------------------------------------
 
 
