@@ -212,11 +212,14 @@ class RunLedger:
         self.event("restart", rid, restarts=m.restarts + 1, reason=reason[:2000])
         self._save(self._remember(m.model_copy(update={"restarts": m.restarts + 1}), rid, True))
 
-    def record_failure(self, sig: str, trace: str, rid: str | None = None) -> None:
+    def record_failure(
+        self, sig: str, trace: str, attempt: int | None = None, rid: str | None = None
+    ) -> None:
         """A rank's exception from user code (workers/failures.py). The same signature (type,
         message, line, epoch and step) ending two attempts is deterministic: the next attempt
         stops the run with this traceback instead of Ray Train spending every restart."""
-        attempt = self.manifest.restarts  # Ray Train counts a restart before each new group
+        if attempt is None:  # failed before its restore plan: Ray Train's restart count tells groups apart
+            attempt = -1 - self.manifest.restarts
         self.event("worker_error", rid, signature=sig[:2000], restarts=attempt)
         attempts = self.failures.setdefault(sig, set())
         attempts.add(attempt)  # a set: a retried call (same rid) counts once
@@ -441,8 +444,13 @@ def coordinator_actor_class() -> Any:
         def request_stop(self, reason: str) -> None:
             self.ledger.request_stop(reason)
 
-        def record_failure(self, sig: str, trace: str, rid: str | None = None) -> None:
-            self.ledger.record_failure(sig, trace, rid)
+        def stop_asked(self, rid: str | None = None) -> bool:
+            return self.ledger.stop_requested is not None
+
+        def record_failure(
+        self, sig: str, trace: str, attempt: int | None = None, rid: str | None = None
+    ) -> None:
+            self.ledger.record_failure(sig, trace, attempt, rid)
 
         def gave_up(self, rid: str | None = None) -> str | None:
             return self.ledger.gave_up

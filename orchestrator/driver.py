@@ -50,20 +50,18 @@ class RunInterrupted(RunFailed):
         self.exit_code = 128 + signum
 
 
-STOP_GRACE_S = 120.0  # after a first Ctrl-C/SIGTERM, how long the workers get to save and stop
-
-
 class Interrupts:
     """Ctrl-C and SIGTERM on the driver while it trains.
 
     The first asks the workers (through the coordinator) to save where they are, wait for
-    the commit and stop; the run then ends resumable. A second one, or STOP_GRACE_S without
-    the workers stopping, stops the driver at once (KeyboardInterrupt): the checkpoint in
-    flight, if any, is never committed and is collected as an orphan by the next start.
+    the commit and stop; the run then ends resumable. A second one, or `grace_s`
+    (failure.stop_grace_s) without the workers stopping, stops the driver at once
+    (KeyboardInterrupt): the checkpoint in flight, if any, is never committed and is
+    collected as an orphan by the next start.
     Either way the lease is released, and `orchestrator resume` continues the run."""
 
-    def __init__(self, coord: Any, quiet: bool) -> None:
-        self.coord, self.quiet = coord, quiet
+    def __init__(self, coord: Any, grace_s: float) -> None:
+        self.coord, self.grace_s = coord, grace_s
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
         self._timer: threading.Timer | None = None
@@ -87,12 +85,12 @@ class Interrupts:
         self.signum = signum
         self.coord.request_stop.remote(f"{name} on the driver")
         print(
-            f"[run] {name}: the workers save a checkpoint and stop (up to {STOP_GRACE_S:.0f}s); "
+            f"[run] {name}: the workers save a checkpoint and stop (up to {self.grace_s:.0f}s); "
             f"{name if signum == signal.SIGINT else 'a signal'} again stops at once",
             file=sys.stderr,
             flush=True,
         )
-        self._timer = threading.Timer(STOP_GRACE_S, _thread.interrupt_main)
+        self._timer = threading.Timer(self.grace_s, _thread.interrupt_main)
         self._timer.daemon = True
         self._timer.start()
 
@@ -342,7 +340,7 @@ def run(
         error: str | None = None
         poll = lambda since: ray.get(coord.progress.remote(since), timeout=30)  # noqa: E731
         ck = spec.checkpoint
-        interrupts = Interrupts(coord, quiet)
+        interrupts = Interrupts(coord, spec.failure.stop_grace_s)
         with interrupts, ProgressView(poll, spec.epochs, ck.monitor, ck.mode, quiet):
             try:
                 result = trainer.fit()

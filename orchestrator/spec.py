@@ -235,6 +235,13 @@ class FailureSpec(_Model):
         description="A driver whose lease is not renewed for this long (by the storage's clock) "
         "may be taken over by another; it renews every ttl/6.",
     )
+    stop_grace_s: float = Field(
+        120.0,
+        ge=1.0,
+        le=86400.0,
+        description="After a first Ctrl-C/SIGTERM on the driver, how long the workers get to reach "
+        "their next save, commit it and stop before the driver stops at once.",
+    )
     checkpoint_on_preempt: bool = Field(
         False,
         description="A worker that gets SIGTERM (a preemptible node's notice before it is killed) "

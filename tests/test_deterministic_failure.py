@@ -43,15 +43,16 @@ def test_signature_tells_places_apart():
 
 
 def test_the_same_error_in_two_attempts_gives_up_and_one_attempt_does_not(tmp_path):
-    ledger = RunLedger(Storage(str(tmp_path)), "r", RetentionConfig(monitor="val_loss", mode="min", top_k=1, keep_latest=1))
+    ledger = RunLedger(Storage(str(tmp_path)), "r", RetentionConfig(monitor="val_loss", mode="min", top_k=1,
+                                                                    keep_latest=1))  # fmt: skip
     sig = signature(_raised(ValueError("bad")), "epoch 1 step 3")
-    ledger.record_failure(sig, "Traceback: rank 0", "a")
-    ledger.record_failure(sig, "Traceback: rank 1", "b")  # another rank, same attempt
+    ledger.record_failure(sig, "Traceback: rank 0", 1, "a")
+    ledger.note_restart("ValueError: bad", "r1")  # Ray Train decides before a slow rank's report lands
+    ledger.record_failure(sig, "Traceback: rank 1", 1, "b")  # another rank, the same attempt
     assert ledger.gave_up is None
-    ledger.note_restart("ValueError: bad", "r1")
-    ledger.record_failure(signature(_raised(ValueError("bad")), "epoch 1 step 4"), "tb", "c")  # elsewhere
+    ledger.record_failure(signature(_raised(ValueError("bad")), "epoch 1 step 4"), "tb", 2, "c")  # elsewhere
     assert ledger.gave_up is None
-    ledger.record_failure(sig, "Traceback: the user's own\nValueError: bad", "d")
+    ledger.record_failure(sig, "Traceback: the user's own\nValueError: bad", 3, "d")
     assert ledger.gave_up and "ValueError: bad" in ledger.gave_up and "the user's own" in ledger.gave_up
 
 
@@ -67,3 +68,13 @@ def test_a_deterministic_user_error_stops_after_its_second_time(tmp_path):
     events = jsonl(tmp_path / "regression" / "events.jsonl")
     assert sum(e["kind"] == "restart" for e in events) == 2  # not 6
     assert [e["kind"] for e in events].count("deterministic_failure") == 1
+
+
+def test_a_wrapped_infrastructure_failure_is_infrastructure():
+    try:
+        try:
+            raise CoordinatorTimeout("the run's coordinator did not answer commit within 300s")
+        except CoordinatorTimeout as err:
+            raise RuntimeError(f"checkpoint writer failed: {err}") from err  # as the writer does
+    except RuntimeError as e:
+        assert is_infrastructure(e)

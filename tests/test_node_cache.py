@@ -323,3 +323,15 @@ def test_a_writer_killed_mid_upload_loses_nothing_committed(tmp_path):
     check_nothing_committed_was_lost(storage, [meta(1)["id"], meta(2)["id"]], meta(3)["id"])
     CheckpointWriter(storage, lambda r: None).close()  # ...until the next writer starts there
     assert not os.path.exists(staged)
+
+
+def test_a_save_after_close_is_an_error_not_a_silent_drop(tmp_path):
+    storage = open_run(tmp_path, tier=False)
+    led = RunLedger(storage, "run", CFG)
+    led.start_attempt(1)
+    writer = CheckpointWriter(storage, led.commit)
+    writer.save(meta(1), state(1))
+    writer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.save(meta(2), state(2))
+    assert [c.id for c in led.manifest.checkpoints] == [meta(1)["id"]]

@@ -29,6 +29,19 @@ _PEER_GONE = re.compile(r"gloo|nccl|connection (?:reset|closed|refused)|closed b
 
 
 def is_infrastructure(exc: BaseException) -> bool:
+    """Whether exc, or any exception it was raised from (the writer wraps a background
+    failure in a RuntimeError), is one a restart can fix."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if _is_infra(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _is_infra(exc: BaseException) -> bool:
     if isinstance(exc, _INFRA):
         return True
     try:

@@ -27,7 +27,7 @@ from orchestrator.core.tasks import TaskError, resolve_task, user_frames
 from workers.calls import call
 from workers.config import WorkerConfig
 from workers.data import rank_batches
-from workers.distributed import gather, is_distributed
+from workers.distributed import broadcast, gather, is_distributed
 from workers.failures import is_infrastructure, signature, user_traceback
 from workers.metrics import EarlyStopping, RunningLoss, evaluate, metric_names
 from workers.resume import restore
@@ -50,7 +50,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     where = ["setup"]  # the position in training, for a failure's signature
     session: Session | None = None
     try:
-        if gave_up := call(coord.gave_up):  # the last attempts failed the same way: do not retry
+        # The last attempts failed the same way: do not retry. Rank 0 asks, every rank hears.
+        if gave_up := broadcast(call(coord.gave_up) if rank == 0 else None):
             return stop_run(coord, rank, gave_up, "user_error")
         torch.set_num_threads(int(config.get("threads_per_worker", 1)))
         device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
@@ -58,6 +59,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if problems := [p for p in gather(cannot) if p]:  # every rank learns it, before any other collective
             return stop_run(coord, rank, problems[0], "input")
         session = Session(cfg, coord, rank, world, ctx.get_local_rank(), device)
+        session.restored_record()  # the restore plan: this attempt's number, for a failure's record
         if is_train_function(fn):
             where[0] = "the train function"
             fn(session)
@@ -72,7 +74,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:
         if not is_infrastructure(e):
             with contextlib.suppress(Exception):  # the original error matters more
-                call(coord.record_failure, signature(e, where[0]), user_traceback(e), timeout=30)
+                attempt = session.attempt if session is not None and session.attempt else None
+                call(coord.record_failure, signature(e, where[0]), user_traceback(e), attempt, timeout=30)
         raise
 
 

@@ -88,7 +88,8 @@ class Session:
         self.writer = (CheckpointWriter(self.storage, commit, cfg.async_save, self.chaos.after_upload)
                        if rank == 0 else None)  # fmt: skip
         self.ticker = StepTicker((lambda at: send(coord.tick, at)) if rank == 0 else None)
-        self.stop_check = StopCheck(self.ticker.stop_asked, device)
+        self._asked = False  # the driver's stop request, as rank 0 last asked the coordinator
+        self.stop_check = StopCheck(lambda: self._asked or self.ticker.stop_asked(), device)
         self._planned: tuple[CheckpointRecord | None, dict[str, bytes] | None] | None = None
         self._last_id: str | None = None
         self._monitor_checked = False
@@ -143,11 +144,16 @@ class Session:
         if taken := sorted(set(metrics) & {"epoch", "global_step", "attempt"}):
             raise ValueError(f"report(): metric names {taken} are the session's own (pass epoch= and step=)")
         metrics = {k: float(v) for k, v in metrics.items()}
+        # Rank 0's metrics count: every decision to stop is rank 0's, broadcast, so no rank
+        # leaves while the others wait in a collective.
         if not self._monitor_checked:
             self._monitor_checked = True
-            if self.cfg.monitor not in metrics:
+            if missing := broadcast(None if self.cfg.monitor in metrics else sorted(metrics)):
                 raise StopRun(f"checkpoint.monitor {self.cfg.monitor!r} is not among the reported metrics "
-                              f"{sorted(metrics)}", "input")  # fmt: skip
+                              f"{missing}", "input")  # fmt: skip
+        if self.cfg.stop_on_nan and (bad := broadcast(sorted(k for k, v in metrics.items()
+                                                           if not math.isfinite(v)))):  # fmt: skip
+            raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
         global_step = epoch if step is None else step
         self.report_metrics({"epoch": epoch, "global_step": global_step, **metrics})
         # Rank 0's choice, on every rank: a rank that passed no state still takes part in the
@@ -157,15 +163,15 @@ class Session:
             state = state or {}
             files = {MODEL_FILE: state["model"]} if "model" in state else {}
             rest = {k: v for k, v in state.items() if k != "model"}
-            if rank_state is not None:
+            if broadcast(rank_state is not None):  # rank 0's choice: the gather is a collective
                 rest["rank_states"] = gather(rank_state)
             if rest or sharded is not None:
                 files[STATE_FILE] = rest
             in_epoch = 0 if end_of_epoch else global_step
             self.save_files(epoch, in_epoch, global_step, end_of_epoch, metrics, files, sharded)
-        if self.cfg.stop_on_nan and not all(math.isfinite(v) for v in metrics.values()):
-            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-            raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
+        if saving and self.rank == 0 and not self._asked:
+            # A train function may not call step(), whose ticks carry the driver's request.
+            self._asked = bool(call(self.coord.stop_asked))
         if saving and (why := self.stop_check(global_step, end_of_epoch=True)) != NONE:
             self.finish_stop(why, f"epoch {epoch} (global step {global_step})")
 

@@ -15,6 +15,7 @@ Ranks must stop at the same step (a save is a collective), so they agree every
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -43,8 +44,9 @@ def install_preemption_handler() -> bool:
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        if PREEMPTED.is_set() and callable(previous):
-            previous(signum, frame)  # a second notice: Ray's own handler (exit)
+        if PREEMPTED.is_set():  # a second notice: what SIGTERM did before (Ray's exit, or the default)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
             return
         PREEMPTED.set()
         print("[preempt] SIGTERM: checkpoint at the next sync point, then stop", flush=True)

@@ -77,6 +77,8 @@ class CheckpointWriter:
         if not self.async_save:
             self._write(SaveJob(meta, state, list(written or ())))
         else:
+            if self._thread is None:  # queued now, it would never be written: say so
+                raise RuntimeError("checkpoint writer is closed: a save after the run's last one")
             self._free.wait()  # the previous save has been serialized out of the buffers
             self._raise_if_failed()
             self._free.clear()

@@ -228,7 +228,11 @@ def submit(
         die(str(e), EXIT_INPUT)
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)
-    runtime_env: dict[str, Any] = {"env_vars": {SPEC_ENV: yaml.safe_dump(data, sort_keys=False)}}
+    # `orchestrator stop` (Ray's job stop) sends the driver SIGTERM, then SIGKILL after
+    # RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s): give the driver its stop grace to save.
+    stop_wait = str(int(spec.failure.stop_grace_s) + 30)
+    runtime_env: dict[str, Any] = {"env_vars": {SPEC_ENV: yaml.safe_dump(data, sort_keys=False),
+                                                "RAY_JOB_STOP_WAIT_TIME_S": stop_wait}}  # fmt: skip
     if wd:
         runtime_env["working_dir"] = wd
     entry = [

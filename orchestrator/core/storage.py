@@ -468,13 +468,13 @@ class Storage:
             f = self.fs.open(target, "wb", **kw)
             try:
                 out = _hashed(f, produce)
+                f.close()  # completes the upload: a failure here aborts it too
             except BaseException:
                 if discard := getattr(f, "discard", None):
                     discard()  # s3fs: abort the multipart upload
                 if isinstance(f, AbstractBufferedFile):
                     f.closed = True  # its finalizer would otherwise close it: commit the part written
                 raise
-            f.close()
             return out
 
         return self._call(f"write {rel}", stream)
