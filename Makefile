@@ -34,7 +34,7 @@ lint: setup
 bench: setup
 	$(PY) bench/checkpoint_overhead.py
 
-# The seeded fault campaign docs/reliability.md reports (about 40 minutes on 2 cores).
+# The seeded fault campaign docs/reliability.md reports (about 50 minutes on a shared 2-core machine).
 CAMPAIGN_RUNS ?= 30
 CAMPAIGN_SEED ?= 12
 campaign: setup
