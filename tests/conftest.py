@@ -132,9 +132,14 @@ def s3_env(moto, monkeypatch):
 
 _SERVICE_NAMES = ("raylet", "gcs_server", "moto_server")
 # Every process this suite starts inherits this mark (cli_env copies os.environ), so the
-# check below sees only this suite's servers, not another suite's running beside it.
+# check below sees only this test process's servers: not another suite's running beside it,
+# and, under pytest-xdist, not another worker's (the controller sets the mark first and every
+# worker inherits it; a worker that finished early once killed the other's moto server).
+# A worker's subprocesses (the campaign) inherit the worker's mark and count as its own.
 _MARK = "ORCHESTRATOR_TEST_SESSION"
-os.environ.setdefault(_MARK, f"{os.getpid()}-{time.time():.0f}")
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+if not os.environ.get(_MARK, "").endswith(f"/{_WORKER}"):
+    os.environ[_MARK] = f"{os.getpid()}-{time.time():.0f}/{_WORKER}"
 
 
 def _service_pids() -> set[tuple[int, float]]:
