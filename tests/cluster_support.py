@@ -91,13 +91,19 @@ class LocalCluster:
         self.nodes: dict[str, Any] = {}
         self.address = self.dashboard = ""
 
-    def add_node(self, num_cpus: int = 1) -> str:
-        """The head first (with the dashboard), then worker nodes; returns the node's name."""
-        name, args = f"worker-{len(self.nodes)}", {}
+    def add_node(self, num_cpus: int = 1, agent_port: int = 0) -> str:
+        """The head first (with the dashboard), then worker nodes; returns the node's name.
+
+        Each node's dashboard agent (the head's runs submitted jobs) binds agent_port, by default
+        0: a port the kernel picks as it binds. A port picked here and bound later can be taken
+        in between by another cluster's process; the agent then stays up without its HTTP server
+        and the Jobs API answers "No available agent" for good (seen in CI). Ray's default,
+        52365, would be shared by every node on this machine."""
+        name, args = f"worker-{len(self.nodes)}", {"dashboard_agent_listen_port": agent_port}
         if not self.nodes:
-            gcs, dash, agent = free_ports(3)
+            gcs, dash = free_ports(2)
             name, args = "head", dict(gcs_server_port=gcs, include_dashboard=True, dashboard_host="127.0.0.1",
-                                      dashboard_port=dash, dashboard_agent_listen_port=agent,
+                                      dashboard_port=dash, dashboard_agent_listen_port=agent_port,
                                       temp_dir=f"{self.temp_dir}/ray")  # fmt: skip
         # Ray starts a node's processes with this process's environment.
         with mock.patch.dict(os.environ, {**self._node_env, MARK: f"{self.id}:{name}"}, clear=True):
@@ -158,12 +164,14 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster(workers: int, head_num_cpus: int = 1, **extra_env: str) -> Iterator[LocalCluster]:
+def local_cluster(
+    workers: int, head_num_cpus: int = 1, head_agent_port: int = 0, **extra_env: str
+) -> Iterator[LocalCluster]:
     """A head of head_num_cpus CPUs and `workers` worker nodes of 1 CPU; extra_env goes to the
     nodes and to `env`. Shut down at the end, asserting that none of its processes survives."""
     c = LocalCluster(extra_env)
     try:
-        c.add_node(head_num_cpus)
+        c.add_node(head_num_cpus, agent_port=head_agent_port)
         for _ in range(workers):
             c.add_node()
         yield c

@@ -143,6 +143,24 @@ def test_default_address(monkeypatch):
 
 
 @pytest.mark.e2e
+def test_submit_to_a_head_whose_job_agent_cannot_serve(tmp_path):
+    """The head's dashboard agent finds its port taken: it stays up without its HTTP server and
+    Ray answers every submit "No available agent". submit waits a while, then names the agent,
+    its log and the likely cause (exit 5), instead of Ray's bare 500."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        with local_cluster(workers=0, head_agent_port=held.getsockname()[1]) as c:
+            p = run_cli("submit", "configs/digits.yaml", "--address", c.dashboard, "--set",
+                        f"storage.root={tmp_path}", env=c.env, timeout=180)  # fmt: skip
+    assert p.returncode == jobs.EXIT_API, p.stdout + p.stderr
+    assert "job agent is not up yet" in p.stderr, p.stderr
+    assert "dashboard agent" in p.stderr and "dashboard_agent.log" in p.stderr and "port conflict" in p.stderr
+
+
+@pytest.mark.e2e
 def test_submit_runs_on_the_cluster(ray_cluster, tmp_path):
     c = ray_cluster
     name = f"jobs-{os.getpid()}-{int(time.time())}"

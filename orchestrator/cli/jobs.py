@@ -47,6 +47,10 @@ SPEC_ENV = "ORCHESTRATOR_SPEC_YAML"
 META_URI, META_RUN, META_RETRIES = "orchestrator_run_uri", "orchestrator_run", "orchestrator_max_retries"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 NOT_RETRIED = {EXIT_INPUT, EXIT_LEASE}
+# The Jobs API answers "No available agent to submit job" while the head's dashboard agent (the
+# process that starts job drivers) has not registered yet, seconds after `ray start --head`.
+AGENT_WAIT_S = 30.0
+NO_AGENT = "No available agent"
 
 ADDRESS_HELP = (
     "Ray Jobs API (dashboard) URL; default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS when "
@@ -87,6 +91,36 @@ def _api(call: Any, *args: Any, what: str) -> Any:
         die(f"{what}: {msg}", EXIT_INPUT if "does not exist" in msg or "404" in msg else EXIT_API)
     except Exception as e:
         die(f"{what}: {type(e).__name__}: {e}", EXIT_API)
+
+
+def _submit_when_agent_up(c: Any, **job: Any) -> str:
+    """c.submit_job(**job), retried for AGENT_WAIT_S while the head's job agent is not up."""
+    import tenacity
+
+    def waiting(state: tenacity.RetryCallState) -> None:
+        if state.attempt_number == 1:
+            typer.echo(f"[submit] the head's job agent is not up yet; retrying for up to {AGENT_WAIT_S:.0f}s", err=True)
+
+    try:
+        return str(
+            tenacity.Retrying(
+                stop=tenacity.stop_after_delay(AGENT_WAIT_S),
+                wait=tenacity.wait_fixed(2),
+                retry=tenacity.retry_if_exception(lambda e: NO_AGENT in str(e)),
+                before_sleep=waiting,
+                reraise=True,
+            )(c.submit_job, **job)
+        )
+    except RuntimeError as e:
+        if NO_AGENT not in str(e):
+            raise
+        raise RuntimeError(
+            f"the Ray head's dashboard agent, which starts submitted jobs, did not come up within "
+            f"{AGENT_WAIT_S:.0f}s (Ray: {NO_AGENT}). See dashboard_agent.log in the head's Ray log "
+            f"directory (/tmp/ray/session_latest/logs by default): a port conflict on "
+            f"--dashboard-agent-listen-port (default 52365) leaves the agent running without its "
+            f"HTTP server; restart the head with a free port."
+        ) from e
 
 
 def _job_row(info: Any) -> dict[str, Any]:
@@ -249,7 +283,8 @@ def submit(
     sid = submission_id or f"orchestrator-{spec.name}-{uuid.uuid4().hex[:8]}"
     c = client(address)
     job_id = _api(
-        lambda: c.submit_job(
+        lambda: _submit_when_agent_up(
+            c,
             entrypoint=shlex.join(entry),
             runtime_env=runtime_env,
             submission_id=sid,
