@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -267,6 +268,45 @@ def test_an_upload_that_fails_midway_loses_nothing_committed(tmp_path, tier):
     assert storage.exists(f"{CHECKPOINTS}/{meta(3)['id']}/model.pt")  # the torn half is there
     assert not storage.exists(f"{CHECKPOINTS}/{meta(3)['id']}/{RECORD}")  # never recorded
     check_nothing_committed_was_lost(storage, [meta(1)["id"], meta(2)["id"]], meta(3)["id"])
+
+
+class FailsAfterTheNextSaveIsQueued(TornUpload):
+    """The upload of fail_id fails only once the training thread has queued the next save
+    (its buffers were free again as soon as fail_id was staged on local disk)."""
+
+    writer: CheckpointWriter | None = None
+
+    def _torn(self, rel: str) -> bool:
+        if super()._torn(rel):
+            end = time.time() + 30
+            while self.writer is not None and self.writer._queue.empty() and time.time() < end:
+                time.sleep(0.01)
+            return True
+        return False
+
+
+def test_no_save_after_a_failed_one_is_committed(tmp_path):
+    """Seen in the fault campaign under CI: an S3 outage failed the upload of one save while the
+    next was queued; the next was committed, the attempt then failed at the save after it and
+    restarted from the later one, so the failed position was never committed at all. Commits
+    follow training order with no hole: after a failure the queued saves are dropped, and the
+    attempt restarts from the last commit before the failed one."""
+    storage = open_run(tmp_path, cls=FailsAfterTheNextSaveIsQueued)
+    storage.fail_id = meta(2)["id"]
+    led = RunLedger(storage, "run", CFG)
+    led.start_attempt(1)
+    writer = storage.writer = CheckpointWriter(storage, led.commit)
+    for i in (1, 2, 3):
+        writer.save(meta(i), state(i))
+    with pytest.raises(RuntimeError, match="checkpoint writer failed: .*No space left"):
+        writer.close()
+    m = read_manifest(storage)
+    assert [c.id for c in m.checkpoints] == [meta(1)["id"]]
+    plan = RunLedger(shared(storage), "run", CFG).start_attempt(2)
+    assert plan["restore"]["id"] == meta(1)["id"]
+    for i in (2, 3):  # neither left behind: collected as orphans, never in the tier as committed
+        assert not shared(storage).exists(f"{CHECKPOINTS}/{meta(i)['id']}")
+        assert not storage.node_cache.has(meta(i)["id"])
 
 
 CHILD = """

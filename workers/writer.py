@@ -5,7 +5,11 @@ the next) and returns; a background thread serializes, uploads the files, writes
 checkpoint.json last, and asks the coordinator to commit. One save is in flight
 at a time: the next save waits only until the previous one has been serialized
 (its buffers are free again), not for its upload. A failure in the background is
-raised on the training thread at the next save() or at close(), never swallowed.
+raised on the training thread at the next save() or at close(), never swallowed, and
+nothing saved after the failed checkpoint is committed: commits follow training order with
+no hole, so the restarted attempt resumes from the last commit before the failure and
+saves the failed position again (a later save queued during the failed upload was once
+committed, and the failed position then never was).
 
 The host buffers are the one copy of the state the background path holds: each file is
 serialized (torch.save) straight into a file on disk, its sha256 computed as it is
@@ -58,7 +62,8 @@ class CheckpointWriter:
         self._buffers = HostBuffers()
         self._free = threading.Event()
         self._free.set()
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # a background failure not yet raised
+        self._failed: BaseException | None = None  # the first background failure, kept
         self._queue: queue.Queue[SaveJob | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         if storage.node_cache is not None:
@@ -73,14 +78,18 @@ class CheckpointWriter:
         """`written`: files of this checkpoint that are in storage already (a sharded save's,
         from every rank); the record lists them with the files written here."""
         t0 = time.perf_counter()
-        self._raise_if_failed()
+        self._refuse_after_failure()
         if not self.async_save:
-            self._write(SaveJob(meta, state, list(written or ())))
+            try:
+                self._write(SaveJob(meta, state, list(written or ())))
+            except BaseException as e:
+                self._failed = e
+                raise
         else:
             if self._thread is None:  # queued now, it would never be written: say so
                 raise RuntimeError("checkpoint writer is closed: a save after the run's last one")
             self._free.wait()  # the previous save has been serialized out of the buffers
-            self._raise_if_failed()
+            self._refuse_after_failure()
             self._free.clear()
             self._queue.put(SaveJob(meta, self._buffers.copy(state), list(written or ())))
         self.saves += 1
@@ -99,15 +108,26 @@ class CheckpointWriter:
             err, self._error = self._error, None
             raise RuntimeError(f"checkpoint writer failed: {err}") from err
 
+    def _refuse_after_failure(self) -> None:
+        """A save after the failure was raised (user code caught it) would be dropped: say so."""
+        self._raise_if_failed()
+        if self._failed is not None:
+            raise RuntimeError(f"checkpoint writer failed earlier, saves are refused: {self._failed}")
+
     def _run(self) -> None:
+        failed = False
         while True:
             job = self._queue.get()
             if job is None:
                 return
+            if failed:  # dropped: nothing after a failed save is committed
+                self._free.set()
+                continue
             try:
                 self._write(job)
             except BaseException as e:  # handed to the training thread, which raises it
-                self._error = e
+                failed = True
+                self._error = self._failed = e
                 self._free.set()
 
     def _write(self, job: SaveJob) -> None:
