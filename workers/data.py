@@ -1,15 +1,24 @@
 """Data order: a pure function of (seed, epoch, world size), so resume is exact.
 
-Each epoch is one permutation of the dataset, padded to a multiple of the world
-size the way torch's DistributedSampler pads, and dealt round-robin to ranks.
+An indexable dataset: each epoch is one permutation of it, padded to a multiple of the
+world size the way torch's DistributedSampler pads, and dealt round-robin to ranks.
 Resuming mid-epoch skips the first `step` batches by index: nothing is loaded.
+
+A DataLoader the task built: its sampler's set_epoch(epoch) fixes the order. Resuming
+mid-epoch, a loader with load_state_dict (torchdata's StatefulDataLoader) is put back
+where the checkpoint's copy of its state_dict() left it, worker processes included; any
+other loader is read from the epoch's start and its first `step` batches dropped.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
+
+from workers.task import Batch, Task, collate, is_loader, to_device
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
@@ -35,3 +44,41 @@ def rank_batches(
 def shard(n: int, world_size: int, rank: int) -> list[int]:
     """Evaluation shard: every index exactly once across ranks, no padding."""
     return list(range(rank, n, world_size))
+
+
+def steps_in_epoch(task: Task, seed: int, epoch: int, world_size: int, rank: int) -> int:
+    if is_loader(task.train_data):
+        return len(task.train_data)
+    return len(rank_batches(len(task.train_data), task.batch_size, seed, epoch, world_size, rank))
+
+
+def train_batches(
+    task: Task,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    rank: int,
+    device: torch.device,
+    first: int = 0,
+    loader_state: Any = None,
+) -> Iterator[tuple[int, Batch]]:
+    """(step, batch) for this rank's steps first, first + 1, ... of epoch."""
+    data = task.train_data
+    if not is_loader(data):
+        batches = rank_batches(len(data), task.batch_size, seed, epoch, world_size, rank)
+        for step in range(first, len(batches)):
+            yield step, collate(data, batches[step], device)
+        return
+    if hasattr(data.sampler, "set_epoch"):
+        data.sampler.set_epoch(epoch)
+    skip = first
+    if first and loader_state is not None and hasattr(data, "load_state_dict"):
+        data.load_state_dict(loader_state)  # the next batch it yields is step `first`
+        skip = 0
+    elif first and rank == 0:
+        print(f"[data] resuming epoch {epoch} at step {first}: {type(data).__name__} has no saved "
+              f"position, so its first {first} batches are read and dropped (torchdata's "
+              "StatefulDataLoader resumes without reading them)", flush=True)  # fmt: skip
+    for i, batch in enumerate(data):
+        if i >= skip:
+            yield first + i - skip, to_device(batch, device)

@@ -26,14 +26,14 @@ import torch
 from orchestrator.core.tasks import TaskError, resolve_task, user_frames
 from workers.calls import call
 from workers.config import WorkerConfig
-from workers.data import rank_batches
+from workers.data import steps_in_epoch, train_batches
 from workers.distributed import broadcast, gather, is_distributed
 from workers.failures import is_infrastructure, signature, user_traceback
 from workers.metrics import EarlyStopping, RunningLoss, evaluate, metric_names
 from workers.resume import restore
 from workers.session import Session, StopRun, TakenOver
 from workers.state import Position, Saver, unwrap
-from workers.task import Task, TaskContext, collate
+from workers.task import Task, TaskContext, check_loader
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +96,11 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
     task: Task = build(
         dict(cfg.task_options), TaskContext(rank=rank, world_size=world, seed=cfg.seed, device=device)
     )
+    for name in ("train_data", "val_data"):
+        try:
+            check_loader(getattr(task, name), name, world)
+        except ValueError as e:  # the same on every rank and every restart: an input error
+            raise StopRun(str(e), "input") from None
     model = task.model.to(device)
     resumed = restore(session, task, model)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if is_distributed() else model
@@ -110,23 +115,25 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
         raise StopRun(f"{why}; it reports {sorted(names)}", "input")
 
     for epoch in range(resumed.start_epoch, cfg.epochs + 1):
-        batches = rank_batches(len(task.train_data), task.batch_size, cfg.seed, epoch, world, rank)
+        steps = steps_in_epoch(task, cfg.seed, epoch, world, rank)
         first = resumed.start_step if epoch == resumed.start_epoch else 0
         if first == 0:
             epoch_loss = RunningLoss(device)
         ddp.train()
-        for step in range(first, len(batches)):
+        where[0] = f"epoch {epoch} step {first}"
+        loader_state = resumed.loader_state if epoch == resumed.start_epoch else None
+        for step, batch in train_batches(task, cfg.seed, epoch, world, rank, device, first, loader_state):
             where[0] = f"epoch {epoch} step {step}"
             session.chaos.before_step(epoch, step)
-            loss = train_step(task, ddp, collate(task.train_data, batches[step], device))
+            loss = train_step(task, ddp, batch)
             epoch_loss.add(loss)
             global_step += 1
-            session.ticker(epoch, step + 1, len(batches), global_step)
+            session.ticker(epoch, step + 1, steps, global_step)
             at = Position(epoch, step + 1, global_step, False)
             if halt := session.stop_check(global_step):
                 saver.save(at, epoch_loss, metrics, stopper)
                 session.finish_stop(halt, f"epoch {epoch} step {step + 1} (global step {global_step})")
-            if cfg.every_n_steps and global_step % cfg.every_n_steps == 0 and step + 1 < len(batches):
+            if cfg.every_n_steps and global_step % cfg.every_n_steps == 0 and step + 1 < steps:
                 saver.save(at, epoch_loss, metrics, stopper)
         if task.scheduler is not None:
             task.scheduler.step()
@@ -140,7 +147,7 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
             raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
         stopped_early = stopper.update(metrics[cfg.monitor]) if stopper else False
         session.report_metrics({"epoch": epoch, "global_step": global_step, **metrics})
-        at = Position(epoch, len(batches), global_step, True)
+        at = Position(epoch, steps, global_step, True)
         if epoch % cfg.every_n_epochs == 0 or epoch == cfg.epochs or stopped_early:
             saver.save(at, epoch_loss, metrics, stopper)
         elif halt := session.stop_check(global_step, end_of_epoch=True):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from workers.data import shard
 from workers.distributed import all_reduce_sum
-from workers.task import Task, collate, first_val_batch
+from workers.task import Task, collate, first_val_batch, is_loader, to_device
 
 
 def evaluate(
@@ -17,13 +18,16 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics on the held-out split: each rank sums its shard, sums are reduced, then averaged."""
     model.eval()
-    idx = shard(len(task.val_data), world, rank)
+    if is_loader(task.val_data):  # its sampler shards it (a DistributedSampler pads the last batch)
+        batches: Iterable[Any] = (to_device(b, device) for b in task.val_data)
+    else:
+        idx = shard(len(task.val_data), world, rank)
+        batches = (collate(task.val_data, idx[i : i + task.batch_size], device)
+                   for i in range(0, len(idx), task.batch_size))  # fmt: skip
     sums: dict[str, float] = {}
     with torch.no_grad():
-        for i in range(0, len(idx), task.batch_size):
-            for k, v in task.eval_step(
-                model, collate(task.val_data, idx[i : i + task.batch_size], device)
-            ).items():
+        for batch in batches:
+            for k, v in task.eval_step(model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     keys = sorted(sums)
     totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device), strict=True))

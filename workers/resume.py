@@ -62,6 +62,7 @@ class Resumed:
     start_step: int = 0
     global_step: int = 0
     epoch_acc: dict[str, float] | None = None  # this rank's running loss of the epoch
+    loader_state: Any = None  # this rank's StatefulDataLoader state_dict, mid-epoch
     train_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,6 +93,7 @@ def restore(session: Session, task: Task, model: torch.nn.Module) -> Resumed:
     if len(ranks) == world:
         restore_rng(ranks[rank]["rng"])
         out.epoch_acc = ranks[rank]["epoch_acc"]
+        out.loader_state = ranks[rank].get("loader")
     else:  # elastic resume: per-rank streams cannot map onto a new world size
         seed_all(seed + rank + 7919 * at.global_step)
         if out.start_step:

@@ -250,8 +250,9 @@ class Session:
         self.close()
         broadcast(None)  # no rank leaves before rank 0's commit is done
         if why == PREEMPT:
-            raise Preempted(f"a preemption notice (SIGTERM) reached a worker; checkpoint at {where} "
-                            "committed")
+            raise Preempted(
+                f"a preemption notice (SIGTERM) reached a worker; checkpoint at {where} committed"
+            )
         raise StopRun(f"interrupted; checkpoint at {where} committed", "interrupt")
 
     def close(self) -> dict[str, Any]:

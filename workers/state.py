@@ -3,7 +3,8 @@
 model.pt holds the model's state_dict alone (it loads with weights_only=True and
 without this package); train_state.pt holds everything else that exact resume
 needs: optimizer, scheduler, grad scaler, every rank's RNG streams and running
-loss, the position in the data and the early-stopping state.
+loss (and, mid-epoch, its StatefulDataLoader's state_dict), the position in the
+data and the early-stopping state.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ class Saver:
         metrics: dict[str, float],
         stopper: EarlyStopping | None,
     ) -> None:
-        ranks = gather({"rng": capture_rng(), "epoch_acc": epoch_loss.state()})
+        mine = {"rng": capture_rng(), "epoch_acc": epoch_loss.state()}
+        if at.step_in_epoch and not at.end_of_epoch and hasattr(self.task.train_data, "state_dict"):
+            mine["loader"] = self.task.train_data.state_dict()  # where this rank's loader is
+        ranks = gather(mine)
         if self.session.writer is None:
             return
         task = self.task

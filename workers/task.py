@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from typing_extensions import TypeIs  # torch depends on it; typing has it from 3.13
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,13 @@ def classification_eval(model: nn.Module, batch: Batch) -> dict[str, float]:
 class Task:
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    train_data: Dataset  # data[i] -> sample (a tuple of tensors)
-    val_data: Dataset
-    batch_size: int = 32  # per rank
+    # Either an indexable dataset (data[i] -> a sample; the loop deals the order itself,
+    # batch_size per rank) or a torch DataLoader the task built: its sampler, worker processes
+    # and collate_fn are used as they are. A DataLoader on several ranks needs a
+    # DistributedSampler; torchdata's StatefulDataLoader resumes mid-epoch without rereading.
+    train_data: Dataset | DataLoader
+    val_data: Dataset | DataLoader
+    batch_size: int = 32  # per rank; a DataLoader's own batch_size wins
     train_step: Callable[[nn.Module, Batch], torch.Tensor] = classification_step
     # Returns sums over the batch plus "count"; each metric is reported as sum / count.
     eval_step: Callable[[nn.Module, Batch], dict[str, float]] = classification_eval
@@ -69,10 +75,44 @@ class Task:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"Task.batch_size must be >= 1, got {self.batch_size}")
-        if len(self.train_data) == 0:
-            raise ValueError("Task.train_data is empty")
-        if len(self.val_data) == 0:
-            raise ValueError("Task.val_data is empty")
+        for name in ("train_data", "val_data"):
+            data = getattr(self, name)
+            try:
+                n = len(data)
+            except TypeError:  # an IterableDataset, or a DataLoader over one
+                raise ValueError(
+                    f"Task.{name}: {type(data).__name__} has no length; the loop needs the number "
+                    "of batches per epoch (an indexable dataset, or a DataLoader over one)"
+                ) from None
+            if n == 0:
+                raise ValueError(f"Task.{name} is empty")
+
+
+def is_loader(data: Any) -> TypeIs[DataLoader[Any]]:
+    return isinstance(data, DataLoader)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """A DataLoader's batch (tensors in tuples, lists and dicts) on the device."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def check_loader(data: Any, name: str, world_size: int) -> None:
+    """A DataLoader on several ranks without a DistributedSampler would give every rank every
+    sample: refuse it, naming the fix."""
+    if not is_loader(data) or world_size == 1 or isinstance(data.sampler, DistributedSampler):
+        return
+    raise ValueError(
+        f"Task.{name}: a DataLoader on {world_size} ranks needs a DistributedSampler (got "
+        f"{type(data.sampler).__name__}); every rank would train on every sample. Build it with "
+        "sampler=DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, seed=ctx.seed)"
+    )
 
 
 def collate(data: Dataset, indices: Sequence[int], device: torch.device) -> Batch:
@@ -88,4 +128,6 @@ def collate(data: Dataset, indices: Sequence[int], device: torch.device) -> Batc
 
 def first_val_batch(task: Task, device: torch.device) -> Batch:
     """The first validation batch: what the loop checks metric names on, what export traces with."""
+    if is_loader(task.val_data):
+        return to_device(next(iter(task.val_data)), device)
     return collate(task.val_data, list(range(min(task.batch_size, len(task.val_data)))), device)

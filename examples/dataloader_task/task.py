@@ -1,0 +1,62 @@
+"""A task builder whose data comes through real DataLoaders, on the built-in loop.
+
+    orchestrator run examples/dataloader_task/job.yaml
+
+The loop takes a `torch.utils.data.DataLoader` as `Task.train_data` / `Task.val_data` as it
+is: its sampler, worker processes and collate. Here it is torchdata's `StatefulDataLoader`
+with 2 worker processes per rank, sharded by a `DistributedSampler` (required on several
+ranks). The loop calls the sampler's `set_epoch(epoch)` each epoch and, in every mid-epoch
+checkpoint, keeps each rank's `loader.state_dict()`, so a rank killed mid-epoch resumes at
+the next batch without rereading the epoch: every sample is trained on once per epoch.
+
+Option `sample_log` (optional, a directory): each rank appends the indices of every batch it
+trains on to `rank<R>.log` there, one line per step with its process id. The test reads it
+to show that the resumed epoch saw every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DistributedSampler, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from workers.task import Task, TaskContext
+from workers.tasks.digits import DigitsCNN, datasets
+
+
+def build(options: dict[str, Any], ctx: TaskContext) -> Task:
+    batch_size, workers = int(options.get("batch_size", 32)), int(options.get("num_workers", 2))
+    train, val = datasets(ctx.seed, 0.2)
+    x, y = train.tensors
+    indexed = TensorDataset(x, y, torch.arange(len(y)))  # (image, label, index)
+
+    def loader(data: Any, shuffle: bool) -> StatefulDataLoader:
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            data, ctx.world_size, ctx.rank, shuffle=shuffle, seed=ctx.seed, drop_last=shuffle
+        )
+        return StatefulDataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                  persistent_workers=False)  # fmt: skip
+
+    log = options.get("sample_log")
+    path = os.path.join(log, f"rank{ctx.rank}.log") if log else None
+
+    def step(model: nn.Module, batch: Any) -> torch.Tensor:
+        images, labels, index = batch
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "index": index.tolist()}) + "\n")
+        return nn.functional.cross_entropy(model(images), labels)
+
+    model = DigitsCNN(16, 64, 0.25)
+    return Task(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=float(options.get("lr", 0.05)), momentum=0.9),
+        train_data=loader(indexed, shuffle=True),
+        val_data=loader(val, shuffle=False),
+        train_step=step,
+    )
