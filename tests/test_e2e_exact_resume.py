@@ -42,7 +42,7 @@ def test_killed_twice_equals_never_killed(tmp_path):
     faulty = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=faulty",
                      "--set", f"chaos.kills={kills}", *COMMON)  # fmt: skip
     assert faulty.returncode == 0, faulty.stderr[-4000:]
-    assert json.loads(faulty.stdout)["restarts"] == 2
+    assert json.loads(faulty.stdout)["restarts"] == 2, faulty.stdout[-2000:] + faulty.stderr[-6000:]
 
     events = jsonl(tmp_path / "faulty" / "events.jsonl")
     fired = [e for e in events if e["kind"] == "chaos_kill"]
