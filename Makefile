@@ -31,8 +31,10 @@ lint: setup
 	$(BIN)/ruff check orchestrator workers tests bench
 	$(BIN)/mypy orchestrator workers
 
+# Side by side with bare Ray Train in one sitting (about 25 minutes; `python -m bench --quick`
+# is under 10). Writes bench/results.json and prints the tables docs/benchmarks.md shows.
 bench: setup
-	$(PY) bench/checkpoint_overhead.py
+	$(PY) -m bench
 
 # The seeded fault campaign docs/reliability.md reports (about 50 minutes on a shared 2-core machine).
 CAMPAIGN_RUNS ?= 30

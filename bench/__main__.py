@@ -1,0 +1,300 @@
+"""The benchmark suite: this project side by side with bare Ray Train, in one sitting.
+
+    python -m bench                          # the full suite (about 25 minutes on 2 cores)
+    python -m bench --quick --json out.json  # a reduced one (under 10 minutes on 2 cores)
+    make bench
+
+Each benchmark runs its baselines in the same process or the same sitting, interleaved round
+by round, and every figure is a ratio of medians from this one run (absolute times on a shared
+2-core machine move with its load; ratios from one sitting move much less):
+
+    stall_vs_floor         our training-thread stall per save / a copy into preallocated buffers
+    stall_vs_ray_async     our stall / bare Ray Train's (torch.save + report, ASYNC upload)
+    stall_vs_ray_sync      our stall / bare Ray Train's with SYNC upload
+    step_time_vs_no_ckpt   seconds per step with our saves every N steps / without saves
+    step_time_vs_ray_async the same / with Ray's ASYNC report every N steps
+    recovery_vs_ray        worker SIGKILL to the first step after the restore: ours / Ray's
+    steps_lost_per_failure steps redone after that kill (ours; Ray's is in the details)
+    upload_vs_raw_s3fs     our upload throughput to S3 (moto) / a raw s3fs put_file's
+    restore_local_vs_s3    a restore's time from S3 / from the node-local tier
+    peak_host_mem_vs_state peak host memory a save adds / the state's size
+
+Stall and restore ratios take the largest state size measured. --json writes those ten keys;
+bench/results.json (the full run, or --results) also keeps every sample, the machine and the
+commit. The markdown tables printed at the end are what docs/benchmarks.md shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+MB = 1 << 20
+KEYS = (
+    "stall_vs_floor",
+    "stall_vs_ray_async",
+    "stall_vs_ray_sync",
+    "step_time_vs_no_ckpt",
+    "step_time_vs_ray_async",
+    "recovery_vs_ray",
+    "steps_lost_per_failure",
+    "upload_vs_raw_s3fs",
+    "restore_local_vs_s3",
+    "peak_host_mem_vs_state",
+)
+QUICK = {
+    "sizes_mb": [64, 256],
+    "repeats": 3,
+    "width": 1024,
+    "steps": 40,
+    "every": 10,
+    "rounds": 3,
+    "recovery_runs": 1,
+    "storage_mb": 64,
+    "storage_repeats": 2,
+}
+FULL = {
+    "sizes_mb": [64, 256, 1024],
+    "repeats": 5,
+    "width": 1024,
+    "steps": 60,
+    "every": 10,
+    "rounds": 7,
+    "recovery_runs": 3,
+    "storage_mb": 256,
+    "storage_repeats": 3,
+}
+RECOVERY = {"width": 512, "steps": 80, "every": 10, "kill_at": 35}
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> str:
+    return f"{med(xs) * 1e3:.1f} ms ({min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f})"
+
+
+def storage_bench(mb: int, repeats: int, work: Path) -> dict[str, Any]:
+    """Upload/download through the storage layer vs raw s3fs, restore tier vs S3, peak memory."""
+    import s3fs
+    from bench import storage_tiers as tiers
+    import torch
+
+    from orchestrator.core.storage import Storage
+
+    out: dict[str, Any] = {
+        "mb": mb,
+        "upload_s": {"ours": [], "raw_s3fs": []},
+        "download_s": {"ours": [], "raw_s3fs": []},
+        "restore_s": {"tier": [], "s3": []},
+    }
+    with tiers.moto_s3(work) as s3_uri:
+        blob = work / "blob"
+        blob.write_bytes(os.urandom(mb * MB))
+        ours = Storage(s3_uri)
+        raw = s3fs.S3FileSystem(
+            skip_instance_cache=True, client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+        )
+        bucket = s3_uri.removeprefix("s3://").split("/")[0]
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            ours.put_file(str(blob), f"up/ours-{r}")
+            t1 = time.perf_counter()
+            raw.put_file(str(blob), f"{bucket}/raw/raw-{r}")
+            t2 = time.perf_counter()
+            ours.read_bytes(f"up/ours-{r}")
+            t3 = time.perf_counter()
+            raw.cat_file(f"{bucket}/raw/raw-{r}")
+            t4 = time.perf_counter()
+            out["upload_s"]["ours"].append(t1 - t0)
+            out["upload_s"]["raw_s3fs"].append(t2 - t1)
+            out["download_s"]["ours"].append(t3 - t2)
+            out["download_s"]["raw_s3fs"].append(t4 - t3)
+        up = out["upload_s"]
+        say(f"storage: upload {med(up['ours']):.2f}s ours, {med(up['raw_s3fs']):.2f}s raw s3fs")
+        torch.set_num_threads(1)
+        state = tiers.make_state(mb)
+        s3 = tiers.open_storage(s3_uri + "/restore", str(work / "tier"))
+        record = tiers.save(s3, state)
+        del state
+        for _ in range(repeats):
+            out["restore_s"]["tier"].append(tiers.timed_restore(s3, record))  # the node's verified copy
+            out["restore_s"]["s3"].append(tiers.timed_restore(Storage(s3.uri), record))
+        rs = out["restore_s"]
+        say(f"storage: restore {med(rs['tier']):.2f}s tier, {med(rs['s3']):.2f}s S3")
+    out["memory"] = tiers.memory_in_subprocess("tier", mb, str(work / "mem"), str(work / "mem-tier"))
+    say(f"storage: a save adds {out['memory']['ratio']:.2f}x the state's size at peak")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="the reduced suite (under 10 minutes on 2 cores)")
+    ap.add_argument("--json", dest="json_path", help="write the ten ratios here")
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="write every sample here (default: bench/results.json for the full suite)",
+    )
+    args = ap.parse_args()
+    cfg = QUICK if args.quick else FULL
+    from bench import recovery, side_by_side
+
+    t_start = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        say(f"stall ({cfg['sizes_mb']} MB) and step time, in one Ray Train worker")
+        sbs = side_by_side.run(
+            {k: cfg[k] for k in ("sizes_mb", "repeats", "width", "steps", "every", "rounds")}, str(work)
+        )
+        for mb, s in sbs["stall"].items():
+            say(f"stall {mb} MB: " + ", ".join(f"{k} {spread(v)}" for k, v in s.items()))
+        say("step time: " + ", ".join(f"{k} {spread(v)}" for k, v in sbs["step_time"].items()))
+        rec: dict[str, list[dict[str, float]]] = {"ours": [], "ray": []}
+        for r in range(cfg["recovery_runs"]):
+            for side in ("ours", "ray"):  # interleaved
+                rec[side].append(recovery.measure(side, RECOVERY))
+                say(
+                    f"recovery {side} run {r + 1}: {rec[side][-1]['recovery_s']:.1f}s, "
+                    f"{rec[side][-1]['steps_lost']} steps redone"
+                )
+        store = storage_bench(cfg["storage_mb"], cfg["storage_repeats"], work)
+
+    big = sbs["stall"][str(max(cfg["sizes_mb"]))]
+    steps = sbs["step_time"]
+    ratios = {
+        "stall_vs_floor": med(big["ours"]) / med(big["floor"]),
+        "stall_vs_ray_async": med(big["ours"]) / med(big["ray_async"]),
+        "stall_vs_ray_sync": med(big["ours"]) / med(big["ray_sync"]),
+        "step_time_vs_no_ckpt": med(steps["ours"]) / med(steps["none"]),
+        "step_time_vs_ray_async": med(steps["ours"]) / med(steps["ray_async"]),
+        "recovery_vs_ray": med([x["recovery_s"] for x in rec["ours"]])
+        / med([x["recovery_s"] for x in rec["ray"]]),
+        "steps_lost_per_failure": med([x["steps_lost"] for x in rec["ours"]]),
+        "upload_vs_raw_s3fs": med(store["upload_s"]["raw_s3fs"]) / med(store["upload_s"]["ours"]),
+        "restore_local_vs_s3": med(store["restore_s"]["s3"]) / med(store["restore_s"]["tier"]),
+        "peak_host_mem_vs_state": store["memory"]["ratio"],
+    }
+    ratios = {k: round(ratios[k], 3) for k in KEYS}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    machine = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+        "commit": commit or None,
+        "minutes": round((time.time() - t_start) / 60, 1),
+        "suite": "quick" if args.quick else "full",
+    }
+    with contextlib.suppress(ImportError):
+        import ray
+        import torch
+
+        machine |= {"torch": torch.__version__, "ray": ray.__version__}
+    details = {
+        "ratios": ratios,
+        "machine": machine,
+        "config": cfg,
+        "recovery_config": RECOVERY,
+        "side_by_side": sbs,
+        "recovery": rec,
+        "storage": store,
+    }
+    results = args.results or (None if args.quick else str(ROOT / "bench" / "results.json"))
+    if results:
+        Path(results).write_text(json.dumps(details, indent=1) + "\n")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(ratios, indent=2) + "\n")
+    print(tables(details))
+    print(json.dumps(ratios, indent=2))
+
+
+def tables(d: dict[str, Any]) -> str:
+    """The markdown docs/benchmarks.md shows: medians (min-max) and the ratios."""
+    sbs, rec, store, m = d["side_by_side"], d["recovery"], d["storage"], d["machine"]
+    lines = [
+        f"Run: {m['suite']} suite, commit {m['commit']}, {m['cpus']} CPUs, torch {m.get('torch')}, "
+        f"Ray {m.get('ray')}, {m['minutes']} min, load average {m['load_avg_1m_at_end']} at the end.",
+        "",
+        "| training thread blocked per save | floor (copy) | this project | Ray ASYNC | Ray SYNC |",
+        "|---|---|---|---|---|",
+    ]
+    for mb, s in sbs["stall"].items():
+        lines.append(
+            f"| {mb} MB | {spread(s['floor'])} | {spread(s['ours'])} | {spread(s['ray_async'])} | "
+            f"{spread(s['ray_sync'])} |"
+        )
+    st = sbs["step_time"]
+    lines += [
+        "",
+        f"| step time, a save every {d['config']['every']} steps | no saves | this project | Ray ASYNC |",
+        "|---|---|---|---|",
+        f"| s/step, median (min-max) of {len(st['none'])} rounds | {spread(st['none'])} | "
+        f"{spread(st['ours'])} | {spread(st['ray_async'])} |",
+    ]
+    r = d["recovery_config"]
+    lines += [
+        "",
+        f"| worker SIGKILL at step {r['kill_at']}, a save every {r['every']} steps | this project | "
+        "bare Ray Train |",
+        "|---|---|---|",
+        *(
+            f"| {label} | "
+            + " | ".join(", ".join(f"{x[key]:.1f}" for x in rec[k]) for k in ("ours", "ray"))
+            + " |"
+            for label, key in (
+                ("kill to the first step after the restore, s", "recovery_s"),
+                (
+                    "of which: kill to the restarted train function (detection, group restart)",
+                    "to_restarted_function_s",
+                ),
+                ("of which: restore and the first step", "restore_and_first_step_s"),
+            )
+        ),
+        "| steps redone | "
+        + " | ".join(", ".join(str(x["steps_lost"]) for x in rec[k]) for k in ("ours", "ray"))
+        + " |",
+    ]
+    up, down, rs = store["upload_s"], store["download_s"], store["restore_s"]
+    lines += [
+        "",
+        f"| {store['mb']} MB on moto S3 | this project | raw s3fs |",
+        "|---|---|---|",
+        f"| upload, s | {med(up['ours']):.2f} | {med(up['raw_s3fs']):.2f} |",
+        f"| download, s | {med(down['ours']):.2f} | {med(down['raw_s3fs']):.2f} |",
+        "",
+        f"Restore of a {store['mb']} MB checkpoint: {med(rs['tier']):.2f} s from the node-local tier, "
+        f"{med(rs['s3']):.2f} s from S3. A save adds {store['memory']['ratio']:.2f}x the state's size "
+        "to host memory at its peak.",
+        "",
+        "| ratio | value |",
+        "|---|---|",
+    ]
+    lines += [f"| `{k}` | {v} |" for k, v in d["ratios"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Recovery after a worker SIGKILL, this project vs bare Ray Train, with the same training.
+
+Both sides run the same loop (an MLP, Adam, a checkpoint every `every` steps): bare Ray Train
+through `ray.train.report(checkpoint=...)` and `ray.train.get_checkpoint()`, this project
+through a train function on the session API (`session.report(state=...)`,
+`session.restore()`), run by `orchestrator run`. At step `kill_at` of the first attempt the
+worker writes the time and SIGKILLs itself; the restarted worker writes when its train
+function started (the worker group is back), and the time of its first training step after
+the restore and the step it restored. Recovery = that last time minus the kill's, in two
+phases: kill to the restarted function (failure detection, worker-group teardown and
+restart, process-group set-up) and from there to the first step (restore and one step).
+Steps lost = kill_at minus the restored step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make(width: int, depth: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(width, 10))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-4)
+
+
+def one_step(model: nn.Module, opt: torch.optim.Optimizer, width: int) -> float:
+    x, y = torch.randn(32, width), torch.randint(0, 10, (32,))
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def _mark(opts: dict[str, Any], name: str, **fields: Any) -> None:
+    with open(os.path.join(opts["workdir"], name), "w") as f:
+        json.dump({"t": time.time(), **fields}, f)
+
+
+def _started(opts: dict[str, Any]) -> None:
+    if os.path.exists(os.path.join(opts["workdir"], "killed.json")):
+        _mark(opts, "restarted.json")
+
+
+def _after_step(opts: dict[str, Any], step: int, restored: int | None, first: bool) -> None:
+    """The marks both sides write: the first step after a restore, and the kill."""
+    if restored is not None and first:
+        _mark(opts, "resumed.json", restored=restored)
+    if restored is None and step == opts["kill_at"]:
+        _mark(opts, "killed.json", step=step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- bare Ray Train -----------------------------------------------------------------------
+def ray_train(opts: dict[str, Any]) -> None:
+    import ray.train
+
+    _started(opts)
+    torch.set_num_threads(1)
+    model, opt = make(opts["width"])
+    start, restored = 0, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = restored = int(state["step"])
+    for step in range(start + 1, opts["steps"] + 1):
+        loss = one_step(model, opt, opts["width"])
+        _after_step(opts, step, restored, step == start + 1)
+        if step % opts["every"] == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(
+                    {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step},
+                    os.path.join(d, "state.pt"),
+                )
+                ray.train.report(
+                    {"loss": loss, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(d)
+                )
+
+
+def run_ray(workdir: Path, opts: dict[str, Any]) -> None:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        TorchTrainer(
+            ray_train,
+            train_loop_config={**opts, "workdir": str(workdir)},
+            scaling_config=ScalingConfig(num_workers=1),
+            run_config=RunConfig(
+                name="bench-recovery",
+                storage_path=str(workdir / "ray-storage"),
+                failure_config=FailureConfig(max_failures=2),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        ).fit()
+    finally:
+        ray.shutdown()
+
+
+# -- this project ---------------------------------------------------------------------------
+def ours_train(session: Any) -> None:
+    _started(session.cfg.task_options)  # before session.context, which plans the restore
+    torch.set_num_threads(1)
+    opts = session.context.options
+    model, opt = make(opts["width"])
+    start, restored = 0, None
+    state = session.restore()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = restored = int(state["step"])
+    for step in range(start + 1, opts["steps"] + 1):
+        loss = one_step(model, opt, opts["width"])
+        _after_step(opts, step, restored, step == start + 1)
+        if step % opts["every"] == 0:
+            session.report(
+                {"loss": loss},
+                epoch=1,
+                step=step,
+                end_of_epoch=step == opts["steps"],
+                state={"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step},
+            )
+
+
+def run_ours(workdir: Path, opts: dict[str, Any]) -> None:
+    spec = {
+        "name": "bench-recovery",
+        "storage": {"root": str(workdir / "ours-storage")},
+        "task": {
+            "name": f"{ROOT / 'bench' / 'recovery.py'}:ours_train",
+            "options": {**opts, "workdir": str(workdir)},
+        },
+        "scaling": {"num_workers": 1},
+        "checkpoint": {"monitor": "loss", "mode": "min", "top_k": 1, "keep_latest": 1},
+        "epochs": 1,
+        "failure": {"max_failures": 2},
+    }
+    path = workdir / "spec.json"  # JSON is YAML
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(path), "--address", "local", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"orchestrator run exited {p.returncode}: {p.stderr[-3000:]}")
+
+
+def measure(side: str, opts: dict[str, Any]) -> dict[str, float]:
+    """One run with one kill: recovery seconds and steps lost."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-recovery-{side}-") as tmp:
+        workdir = Path(tmp)
+        (run_ray if side == "ray" else run_ours)(workdir, opts)
+        killed, restarted, resumed = (json.loads((workdir / f"{name}.json").read_text())
+                                      for name in ("killed", "restarted", "resumed"))  # fmt: skip
+    return {
+        "recovery_s": resumed["t"] - killed["t"],
+        "to_restarted_function_s": restarted["t"] - killed["t"],
+        "restore_and_first_step_s": resumed["t"] - restarted["t"],
+        "steps_lost": killed["step"] - resumed["restored"],
+    }
