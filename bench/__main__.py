@@ -95,9 +95,9 @@ def spread(xs: list[float]) -> str:
 def storage_bench(mb: int, repeats: int, work: Path) -> dict[str, Any]:
     """Upload/download through the storage layer vs raw s3fs, restore tier vs S3, peak memory."""
     import s3fs
-    from bench import storage_tiers as tiers
     import torch
 
+    from bench import storage_tiers as tiers
     from orchestrator.core.storage import Storage
 
     out: dict[str, Any] = {

@@ -11,8 +11,9 @@ so a change in the machine's load hits all alike:
     ray_async  the same with `checkpoint_upload_mode=ASYNC`.
   Saves are spaced so that each starts with the previous one's background work done.
 - step time: an MLP trained for `steps` steps with no checkpoints, with ours every `every`
-  steps, and with Ray's ASYNC report every `every` steps; seconds per step, end of the loop
-  to end (a save's background work competes with training for the 2 cores, as in a run).
+  steps, and with Ray's ASYNC report every `every` steps (none at the last step, so no
+  variant leaves a save's work past the timer; a pause between variants); seconds per step
+  (a save's background work competes with training for the 2 cores, as in a run).
 """
 
 from __future__ import annotations
@@ -92,11 +93,14 @@ def stall(mb: int, repeats: int, workdir: str) -> dict[str, list[float]]:
     gap = 0.5 + mb / 100  # seconds: the previous save's background work is done by then
     out: dict[str, list[float]] = {"floor": [], "ours": [], "ray_sync": [], "ray_async": []}
     for r in range(repeats):
-        time.sleep(gap)
-        out["floor"].append(_timed(lambda: buffers.copy(state)))
-        before = writer.blocked_s
-        writer.save(_meta(r + 1), state)
-        out["ours"].append(writer.blocked_s - before)
+        for first in ("floor", "ours") if r % 2 == 0 else ("ours", "floor"):  # alternate the order
+            time.sleep(gap)
+            if first == "floor":
+                out["floor"].append(_timed(lambda: buffers.copy(state)))
+            else:
+                before = writer.blocked_s
+                writer.save(_meta(r + 1), state)
+                out["ours"].append(writer.blocked_s - before)
         for name, mode in (
             ("ray_sync", CheckpointUploadMode.SYNC),
             ("ray_async", CheckpointUploadMode.ASYNC),
@@ -126,7 +130,7 @@ def step_time(width: int, steps: int, every: int, rounds: int, workdir: str) -> 
             t0 = time.perf_counter()
             for step in range(1, steps + 1):
                 one_step(model, opt, width)
-                if step % every:
+                if step % every or step == steps:  # no save's work left over past the timer
                     continue
                 state = {"model.pt": model.state_dict(), "train_state.pt": {"optimizer": opt.state_dict()}}
                 if writer is not None:
@@ -135,7 +139,8 @@ def step_time(width: int, steps: int, every: int, rounds: int, workdir: str) -> 
                     _ray_save(state, CheckpointUploadMode.ASYNC, step)
             out[variant].append((time.perf_counter() - t0) / steps)
             if writer is not None:
-                writer.close()  # the last upload ends outside the timed loop, as at a run's end
+                writer.close()
+            time.sleep(2.0)  # what a variant left in the background (Ray's upload) ends before the next
     return out
 
 

@@ -10,11 +10,11 @@ from collections import defaultdict
 import pytest
 import torch
 from conftest import jsonl, manifest, run_cli
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from workers.data import steps_in_epoch, train_batches
-from workers.task import Task, check_loader
+from workers.task import Task, check_train_loader
 
 CPU = torch.device("cpu")
 
@@ -75,16 +75,29 @@ def test_a_plain_loader_resumes_by_rereading_the_epoch_head(capsys):
     data.reads = 0
     resumed = list(train_batches(task, seed=0, epoch=5, world_size=1, rank=0, device=CPU, first=7))
     assert [s for s, _ in resumed] == [7, 8, 9] and indices(resumed) == indices(whole[7:])
-    assert data.reads == 40 and "its first 7 batches are read and dropped" in capsys.readouterr().out
+    assert data.reads == 40 and "the epoch's first 7 batches are read and dropped" in capsys.readouterr().out
 
 
 def test_a_loader_on_several_ranks_needs_a_distributed_sampler():
-    loader = DataLoader(Counted(8), batch_size=2, shuffle=True)
-    check_loader(loader, "train_data", 1)  # one rank: any sampler
+    loader = DataLoader(Counted(8), batch_size=2)
+    check_train_loader(loader, 1)  # one rank: a sequential sampler is fine
     with pytest.raises(
         ValueError, match=r"Task.train_data: a DataLoader on 2 ranks needs a DistributedSampler"
     ):
-        check_loader(loader, "train_data", 2)
+        check_train_loader(loader, 2)
+    sampler = DistributedSampler(Counted(8), num_replicas=2, rank=0)
+    check_train_loader(DataLoader(Counted(8), batch_sampler=BatchSampler(sampler, 2, drop_last=False)), 2)
+
+
+def test_a_plain_shuffling_loader_is_refused_its_order_is_drawn_anew():
+    data = Counted(40)
+    plain = DataLoader(data, batch_size=4, shuffle=True)
+    # Why: each read of it is another order, so rereading an epoch's head on resume would not
+    # continue the order the killed attempt trained on.
+    assert indices(enumerate(plain)) != indices(enumerate(plain))
+    with pytest.raises(ValueError, match=r"Task.train_data: a DataLoader with shuffle=True"):
+        check_train_loader(plain, 1)
+    check_train_loader(StatefulDataLoader(data, batch_size=4, shuffle=True), 1)  # keeps its sampler's state
 
 
 def test_a_loader_without_a_length_is_refused():
@@ -122,6 +135,11 @@ def test_the_dataloader_example_survives_a_mid_epoch_kill_and_trains_on_every_sa
         assert len(first) + len(again) == 3 * steps
         for i, r in enumerate(first + again):
             trained[i // steps + 1] += r["index"]
+        # The restarted loader read only what it trained on: it picked up at the next batch
+        # instead of reading the epoch's head again (which would train the same samples).
+        reads = [int(i) for owner, i in (line.split() for line in (log / f"reads{rank}.log").read_text().splitlines())
+                 if int(owner) == pids[1]]  # fmt: skip
+        assert sorted(reads) == sorted(i for r in again for i in r["index"]), (len(reads), rank)
     for epoch in (1, 2, 3):  # the killed epoch too: nothing skipped, nothing twice
         assert sorted(trained[epoch]) == list(range(1438)), epoch
     metrics = jsonl(run_dir / "metrics.jsonl")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from workers.task import Batch, Task, collate, is_loader, to_device
+from workers.task import Batch, Task, collate, is_loader, sampler_of, to_device
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
@@ -69,16 +69,19 @@ def train_batches(
         for step in range(first, len(batches)):
             yield step, collate(data, batches[step], device)
         return
-    if hasattr(data.sampler, "set_epoch"):
-        data.sampler.set_epoch(epoch)
+    sampler = sampler_of(data)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
     skip = first
     if first and loader_state is not None and hasattr(data, "load_state_dict"):
         data.load_state_dict(loader_state)  # the next batch it yields is step `first`
         skip = 0
     elif first and rank == 0:
-        print(f"[data] resuming epoch {epoch} at step {first}: {type(data).__name__} has no saved "
-              f"position, so its first {first} batches are read and dropped (torchdata's "
-              "StatefulDataLoader resumes without reading them)", flush=True)  # fmt: skip
+        why = f"{type(data).__name__} keeps no position (torchdata's StatefulDataLoader does)"
+        if hasattr(data, "load_state_dict"):
+            why = "its saved position was for another world size"
+        print(f"[data] resuming epoch {epoch} at step {first}: {why}, so the epoch's first {first} "
+              "batches are read and dropped", flush=True)  # fmt: skip
     for i, batch in enumerate(data):
         if i >= skip:
             yield first + i - skip, to_device(batch, device)

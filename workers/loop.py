@@ -33,7 +33,7 @@ from workers.metrics import EarlyStopping, RunningLoss, evaluate, metric_names
 from workers.resume import restore
 from workers.session import Session, StopRun, TakenOver
 from workers.state import Position, Saver, unwrap
-from workers.task import Task, TaskContext, check_loader
+from workers.task import Task, TaskContext, check_train_loader
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -96,11 +96,10 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
     task: Task = build(
         dict(cfg.task_options), TaskContext(rank=rank, world_size=world, seed=cfg.seed, device=device)
     )
-    for name in ("train_data", "val_data"):
-        try:
-            check_loader(getattr(task, name), name, world)
-        except ValueError as e:  # the same on every rank and every restart: an input error
-            raise StopRun(str(e), "input") from None
+    try:  # a validation loader without a DistributedSampler is only redundant: sums are reduced
+        check_train_loader(task.train_data, world)
+    except ValueError as e:  # the same on every rank and every restart: an input error
+        raise StopRun(str(e), "input") from None
     model = task.model.to(device)
     resumed = restore(session, task, model)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if is_distributed() else model

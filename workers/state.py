@@ -19,7 +19,7 @@ import torch
 from workers.distributed import gather
 from workers.metrics import EarlyStopping, RunningLoss
 from workers.rng import capture_rng
-from workers.task import Task
+from workers.task import Task, is_loader
 
 if TYPE_CHECKING:
     from workers.session import Session
@@ -86,8 +86,9 @@ class Saver:
         stopper: EarlyStopping | None,
     ) -> None:
         mine = {"rng": capture_rng(), "epoch_acc": epoch_loss.state()}
-        if at.step_in_epoch and not at.end_of_epoch and hasattr(self.task.train_data, "state_dict"):
-            mine["loader"] = self.task.train_data.state_dict()  # where this rank's loader is
+        data = self.task.train_data
+        if at.step_in_epoch and not at.end_of_epoch and is_loader(data) and hasattr(data, "state_dict"):
+            mine["loader"] = data.state_dict()  # where this rank's StatefulDataLoader is
         ranks = gather(mine)
         if self.session.writer is None:
             return

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
-from typing_extensions import TypeIs  # torch depends on it; typing has it from 3.13
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+if TYPE_CHECKING:  # annotations only: typing has TypeIs from 3.13
+    from typing_extensions import TypeIs
 
 
 @dataclass(frozen=True)
@@ -103,16 +105,33 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
-def check_loader(data: Any, name: str, world_size: int) -> None:
-    """A DataLoader on several ranks without a DistributedSampler would give every rank every
-    sample: refuse it, naming the fix."""
-    if not is_loader(data) or world_size == 1 or isinstance(data.sampler, DistributedSampler):
+def sampler_of(loader: DataLoader[Any]) -> Any:
+    """The sampler that orders a loader's samples (inside a batch_sampler when one is given)."""
+    return getattr(loader.batch_sampler, "sampler", None) or loader.sampler
+
+
+def check_train_loader(data: Any, world_size: int) -> None:
+    """Refuse, naming the fix, a training DataLoader that would not train on every sample once
+    per epoch: one without a DistributedSampler on several ranks (every rank would train on
+    every sample), and a plain one that shuffles with a RandomSampler (its order is drawn from
+    the global RNG each time it is iterated, so a mid-epoch resume, which rereads the epoch's
+    head, would see another order). torchdata's StatefulDataLoader keeps its sampler's state."""
+    if not is_loader(data):
         return
-    raise ValueError(
-        f"Task.{name}: a DataLoader on {world_size} ranks needs a DistributedSampler (got "
-        f"{type(data.sampler).__name__}); every rank would train on every sample. Build it with "
-        "sampler=DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, seed=ctx.seed)"
-    )
+    sampler = sampler_of(data)
+    if world_size > 1 and not isinstance(sampler, DistributedSampler):
+        raise ValueError(
+            f"Task.train_data: a DataLoader on {world_size} ranks needs a DistributedSampler (got "
+            f"{type(sampler).__name__}); every rank would train on every sample. Build it with "
+            "sampler=DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, seed=ctx.seed)"
+        )
+    if isinstance(sampler, RandomSampler) and not hasattr(data, "load_state_dict"):
+        raise ValueError(
+            "Task.train_data: a DataLoader with shuffle=True (a RandomSampler) draws its order anew "
+            "each time it is read, so a resume in the middle of an epoch would not continue that "
+            "epoch's order. Use torchdata's StatefulDataLoader (same arguments), or "
+            "sampler=DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, seed=ctx.seed)"
+        )
 
 
 def collate(data: Dataset, indices: Sequence[int], device: torch.device) -> Batch:

@@ -10,8 +10,10 @@ checkpoint, keeps each rank's `loader.state_dict()`, so a rank killed mid-epoch 
 the next batch without rereading the epoch: every sample is trained on once per epoch.
 
 Option `sample_log` (optional, a directory): each rank appends the indices of every batch it
-trains on to `rank<R>.log` there, one line per step with its process id. The test reads it
-to show that the resumed epoch saw every sample exactly once.
+trains on to `rank<R>.log` there, one line per step with its process id, and its loader's
+worker processes append every sample they read to `reads<R>.log`, with the id of the
+training process that owns them. The test reads both to show that the resumed epoch saw
+every sample exactly once, and that the restarted loader did not read the epoch's head again.
 """
 
 from __future__ import annotations
@@ -22,18 +24,36 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DistributedSampler, TensorDataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from workers.task import Task, TaskContext
 from workers.tasks.digits import DigitsCNN, datasets
 
 
+class Indexed(Dataset):
+    """(image, label, index); with a read log, each read is appended to it (from the loader's
+    worker processes), with the id of the training process that built the dataset."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, read_log: str | None) -> None:
+        self.x, self.y, self.read_log, self.owner = x, y, read_log, os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if self.read_log:
+            with open(self.read_log, "a") as f:
+                f.write(f"{self.owner} {i}\n")
+        return self.x[i], self.y[i], i
+
+
 def build(options: dict[str, Any], ctx: TaskContext) -> Task:
     batch_size, workers = int(options.get("batch_size", 32)), int(options.get("num_workers", 2))
     train, val = datasets(ctx.seed, 0.2)
+    log = options.get("sample_log")
     x, y = train.tensors
-    indexed = TensorDataset(x, y, torch.arange(len(y)))  # (image, label, index)
+    indexed = Indexed(x, y, os.path.join(log, f"reads{ctx.rank}.log") if log else None)
 
     def loader(data: Any, shuffle: bool) -> StatefulDataLoader:
         sampler: DistributedSampler[Any] = DistributedSampler(
@@ -42,7 +62,6 @@ def build(options: dict[str, Any], ctx: TaskContext) -> Task:
         return StatefulDataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                   persistent_workers=False)  # fmt: skip
 
-    log = options.get("sample_log")
     path = os.path.join(log, f"rank{ctx.rank}.log") if log else None
 
     def step(model: nn.Module, batch: Any) -> torch.Tensor:

@@ -99,7 +99,8 @@ def _submit_when_agent_up(c: Any, **job: Any) -> str:
 
     def waiting(state: tenacity.RetryCallState) -> None:
         if state.attempt_number == 1:
-            typer.echo(f"[submit] the head's job agent is not up yet; retrying for up to {AGENT_WAIT_S:.0f}s", err=True)
+            wait = f"{AGENT_WAIT_S:.0f}s"
+            typer.echo(f"[submit] the head's job agent is not up yet; retrying for up to {wait}", err=True)
 
     try:
         return str(
