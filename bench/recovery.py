@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,18 +68,15 @@ def _after_step(opts: dict[str, Any], step: int, restored: int | None, first: bo
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# -- bare Ray Train -----------------------------------------------------------------------
-def ray_train(opts: dict[str, Any]) -> None:
-    import ray.train
-
-    _started(opts)
+# -- the loop both sides run --------------------------------------------------------------
+def loop(
+    opts: dict[str, Any], state: dict[str, Any] | None, save: Callable[[int, float, dict[str, Any]], None]
+) -> None:
+    """Train from `state` (None: from the start), saving every `every` steps through `save`."""
     torch.set_num_threads(1)
     model, opt = make(opts["width"])
     start, restored = 0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = restored = int(state["step"])
@@ -86,14 +84,25 @@ def ray_train(opts: dict[str, Any]) -> None:
         loss = one_step(model, opt, opts["width"])
         _after_step(opts, step, restored, step == start + 1)
         if step % opts["every"] == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(
-                    {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step},
-                    os.path.join(d, "state.pt"),
-                )
-                ray.train.report(
-                    {"loss": loss, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(d)
-                )
+            save(step, loss, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step})
+
+
+# -- bare Ray Train -----------------------------------------------------------------------
+def ray_train(opts: dict[str, Any]) -> None:
+    import ray.train
+
+    _started(opts)
+    state = None
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+
+    def save(step: int, loss: float, tree: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(tree, os.path.join(d, "state.pt"))
+            ray.train.report({"loss": loss, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    loop(opts, state, save)
 
 
 def run_ray(workdir: Path, opts: dict[str, Any]) -> None:
@@ -121,26 +130,12 @@ def run_ray(workdir: Path, opts: dict[str, Any]) -> None:
 # -- this project ---------------------------------------------------------------------------
 def ours_train(session: Any) -> None:
     _started(session.cfg.task_options)  # before session.context, which plans the restore
-    torch.set_num_threads(1)
     opts = session.context.options
-    model, opt = make(opts["width"])
-    start, restored = 0, None
-    state = session.restore()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = restored = int(state["step"])
-    for step in range(start + 1, opts["steps"] + 1):
-        loss = one_step(model, opt, opts["width"])
-        _after_step(opts, step, restored, step == start + 1)
-        if step % opts["every"] == 0:
-            session.report(
-                {"loss": loss},
-                epoch=1,
-                step=step,
-                end_of_epoch=step == opts["steps"],
-                state={"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step},
-            )
+
+    def save(step: int, loss: float, tree: dict[str, Any]) -> None:
+        session.report({"loss": loss}, epoch=1, step=step, end_of_epoch=step == opts["steps"], state=tree)
+
+    loop(opts, session.restore(), save)
 
 
 def run_ours(workdir: Path, opts: dict[str, Any]) -> None:
