@@ -13,7 +13,7 @@ from conftest import jsonl, manifest, run_cli
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from workers.data import steps_in_epoch, train_batches
+from workers.data import train_batches
 from workers.task import Task, check_train_loader
 
 CPU = torch.device("cpu")
@@ -51,16 +51,18 @@ def test_a_stateful_loader_resumes_at_the_next_batch_without_rereading(workers):
 
     first = loader(Counted(40))
     task = task_over(first)
-    whole = list(train_batches(task, seed=0, epoch=2, world_size=1, rank=0, device=CPU))
-    assert [s for s, _ in whole] == list(range(10)) and steps_in_epoch(task, 0, 2, 1, 0) == 10
-    it = train_batches(task, seed=0, epoch=2, world_size=1, rank=0, device=CPU)
+    steps, batches = train_batches(task, seed=0, epoch=2, world_size=1, rank=0, device=CPU)
+    whole = list(batches)
+    assert [s for s, _ in whole] == list(range(10)) and steps == 10
+    _, it = train_batches(task, seed=0, epoch=2, world_size=1, rank=0, device=CPU)
     head = [next(it) for _ in range(6)]
     state = first.state_dict()  # what a mid-epoch checkpoint keeps, after step 6
     assert indices(head) == indices(whole[:6])
 
     data = Counted(40)
-    resumed = list(train_batches(task_over(loader(data)), seed=0, epoch=2, world_size=1, rank=0,
-                                 device=CPU, first=6, loader_state=state))  # fmt: skip
+    _, rest = train_batches(task_over(loader(data)), seed=0, epoch=2, world_size=1, rank=0, device=CPU,
+                            first=6, loader_state=state)  # fmt: skip
+    resumed = list(rest)
     assert [s for s, _ in resumed] == [6, 7, 8, 9]
     assert indices(resumed) == indices(whole[6:])
     if workers == 0:  # read in this process: only the 4 remaining batches were
@@ -71,9 +73,9 @@ def test_a_plain_loader_resumes_by_rereading_the_epoch_head(capsys):
     data = Counted(40)
     sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3)
     task = task_over(DataLoader(data, batch_size=4, sampler=sampler))
-    whole = list(train_batches(task, seed=0, epoch=5, world_size=1, rank=0, device=CPU))
+    whole = list(train_batches(task, seed=0, epoch=5, world_size=1, rank=0, device=CPU)[1])
     data.reads = 0
-    resumed = list(train_batches(task, seed=0, epoch=5, world_size=1, rank=0, device=CPU, first=7))
+    resumed = list(train_batches(task, seed=0, epoch=5, world_size=1, rank=0, device=CPU, first=7)[1])
     assert [s for s, _ in resumed] == [7, 8, 9] and indices(resumed) == indices(whole[7:])
     assert data.reads == 40 and "the epoch's first 7 batches are read and dropped" in capsys.readouterr().out
 

@@ -46,12 +46,6 @@ def shard(n: int, world_size: int, rank: int) -> list[int]:
     return list(range(rank, n, world_size))
 
 
-def steps_in_epoch(task: Task, seed: int, epoch: int, world_size: int, rank: int) -> int:
-    if is_loader(task.train_data):
-        return len(task.train_data)
-    return len(rank_batches(len(task.train_data), task.batch_size, seed, epoch, world_size, rank))
-
-
 def train_batches(
     task: Task,
     seed: int,
@@ -61,14 +55,18 @@ def train_batches(
     device: torch.device,
     first: int = 0,
     loader_state: Any = None,
-) -> Iterator[tuple[int, Batch]]:
-    """(step, batch) for this rank's steps first, first + 1, ... of epoch."""
+) -> tuple[int, Iterator[tuple[int, Batch]]]:
+    """This rank's number of steps in epoch, and (step, batch) for steps first, first + 1, ..."""
     data = task.train_data
-    if not is_loader(data):
-        batches = rank_batches(len(data), task.batch_size, seed, epoch, world_size, rank)
-        for step in range(first, len(batches)):
-            yield step, collate(data, batches[step], device)
-        return
+    if is_loader(data):
+        return len(data), _loader_batches(data, epoch, rank, device, first, loader_state)
+    batches = rank_batches(len(data), task.batch_size, seed, epoch, world_size, rank)
+    return len(batches), ((step, collate(data, batches[step], device)) for step in range(first, len(batches)))
+
+
+def _loader_batches(
+    data: Any, epoch: int, rank: int, device: torch.device, first: int, loader_state: Any
+) -> Iterator[tuple[int, Batch]]:
     sampler = sampler_of(data)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)

@@ -26,7 +26,7 @@ import torch
 from orchestrator.core.tasks import TaskError, resolve_task, user_frames
 from workers.calls import call
 from workers.config import WorkerConfig
-from workers.data import steps_in_epoch, train_batches
+from workers.data import train_batches
 from workers.distributed import broadcast, gather, is_distributed
 from workers.failures import is_infrastructure, signature, user_traceback
 from workers.metrics import EarlyStopping, RunningLoss, evaluate, metric_names
@@ -114,14 +114,14 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
         raise StopRun(f"{why}; it reports {sorted(names)}", "input")
 
     for epoch in range(resumed.start_epoch, cfg.epochs + 1):
-        steps = steps_in_epoch(task, cfg.seed, epoch, world, rank)
         first = resumed.start_step if epoch == resumed.start_epoch else 0
         if first == 0:
             epoch_loss = RunningLoss(device)
         ddp.train()
         where[0] = f"epoch {epoch} step {first}"
         loader_state = resumed.loader_state if epoch == resumed.start_epoch else None
-        for step, batch in train_batches(task, cfg.seed, epoch, world, rank, device, first, loader_state):
+        steps, batches = train_batches(task, cfg.seed, epoch, world, rank, device, first, loader_state)
+        for step, batch in batches:
             where[0] = f"epoch {epoch} step {step}"
             session.chaos.before_step(epoch, step)
             loss = train_step(task, ddp, batch)

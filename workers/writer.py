@@ -115,18 +115,16 @@ class CheckpointWriter:
             raise RuntimeError(f"checkpoint writer failed earlier, saves are refused: {self._failed}")
 
     def _run(self) -> None:
-        failed = False
         while True:
             job = self._queue.get()
             if job is None:
                 return
-            if failed:  # dropped: nothing after a failed save is committed
+            if self._failed is not None:  # dropped: nothing after a failed save is committed
                 self._free.set()
                 continue
             try:
                 self._write(job)
             except BaseException as e:  # handed to the training thread, which raises it
-                failed = True
                 self._error = self._failed = e
                 self._free.set()
 
