@@ -12,15 +12,20 @@ so a change in the machine's load hits all alike:
   Saves are spaced so that each starts with the previous one's background work done.
 - step time: an MLP trained for `steps` steps with no checkpoints, with ours every `every`
   steps, and with Ray's ASYNC report every `every` steps (none at the last step, so no
-  variant leaves a save's work past the timer; a pause between variants); seconds per step
-  (a save's background work competes with training for the 2 cores, as in a run).
+  variant leaves a save's work past the timer; a pause between variants); seconds per step.
+  Twice: a save every 10 steps (the background work never rests: the worst case) and one
+  save an epoch (`epoch_steps`). The training thread is pinned to one CPU and every other
+  thread to the other (`pin_threads`), so a save's background work competes for the
+  second CPU only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -113,6 +118,26 @@ def stall(mb: int, repeats: int, workdir: str) -> dict[str, list[float]]:
     return out
 
 
+def pin_threads(cpus: set[int] | None = None) -> bool:
+    """The calling (training) thread on CPU 0, every other thread of this process on CPU 1:
+    whatever a save leaves running (our writer thread, Ray's upload threads, Ray's own
+    threads) competes for CPU 1 only, so its cost shows up in the step time the same way in
+    every round instead of wherever the scheduler happened to put it. Called again after
+    each save to catch the threads it started. False on a machine with fewer than 2 CPUs.
+    `cpus`: give every thread these instead (to undo the pinning)."""
+    ordered = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(ordered) < 2 or not os.path.isdir("/proc/self/task"):
+        return False
+    mine, others = ({ordered[0]}, {ordered[1]}) if cpus is None else (cpus, cpus)
+    me = threading.get_native_id()
+    os.sched_setaffinity(0, mine)  # pid 0: the calling thread (Linux)
+    for tid in map(int, os.listdir("/proc/self/task")):
+        if tid != me:
+            with contextlib.suppress(OSError):  # it ended meanwhile
+                os.sched_setaffinity(tid, others)
+    return True
+
+
 def step_time(width: int, steps: int, every: int, rounds: int, workdir: str) -> dict[str, list[float]]:
     from ray.train import CheckpointUploadMode
 
@@ -120,13 +145,15 @@ def step_time(width: int, steps: int, every: int, rounds: int, workdir: str) -> 
     from workers.writer import CheckpointWriter
 
     out: dict[str, list[float]] = {"none": [], "ours": [], "ray_async": []}
+    cpus = os.sched_getaffinity(0)
+    # One writer for every round, as a run has one per attempt: its host buffers are
+    # allocated at its first save and reused after.
+    ours = CheckpointWriter(Storage(os.path.join(workdir, f"steps-{every}")), commit=lambda record: None)
     for r in range(rounds):
         for variant in out:  # interleaved
             model, opt = make(width)
-            writer = None
-            if variant == "ours":
-                storage = Storage(os.path.join(workdir, f"steps-{r}"))
-                writer = CheckpointWriter(storage, commit=lambda record: None)
+            writer = ours if variant == "ours" else None
+            pin_threads()
             t0 = time.perf_counter()
             for step in range(1, steps + 1):
                 one_step(model, opt, width)
@@ -137,10 +164,11 @@ def step_time(width: int, steps: int, every: int, rounds: int, workdir: str) -> 
                     writer.save(_meta(r * steps + step), state)
                 elif variant == "ray_async":
                     _ray_save(state, CheckpointUploadMode.ASYNC, step)
+                pin_threads()
             out[variant].append((time.perf_counter() - t0) / steps)
-            if writer is not None:
-                writer.close()
             time.sleep(2.0)  # what a variant left in the background (Ray's upload) ends before the next
+    ours.close()
+    pin_threads(cpus)
     return out
 
 
@@ -154,6 +182,10 @@ def worker(config: dict[str, Any]) -> None:
             results["stall"][str(mb)] = stall(mb, config["repeats"], workdir)
         results["step_time"] = step_time(
             config["width"], config["steps"], config["every"], config["rounds"], workdir
+        )
+        # One save an epoch: rounds of two epochs, the save at the end of the first.
+        results["step_time_epoch"] = step_time(
+            config["width"], 2 * config["epoch_steps"], config["epoch_steps"], config["epoch_rounds"], workdir
         )
     with open(config["out"], "w") as f:
         json.dump(results, f)

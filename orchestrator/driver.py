@@ -26,7 +26,13 @@ from orchestrator.core.lease import Lease, LeaseLost
 from orchestrator.core.manifest import SPEC, read_manifest
 from orchestrator.core.storage import Storage, redact, redact_options, secrets_in
 from orchestrator.progress import ProgressView
-from orchestrator.ray_compat import keep_driver_sigint, preemption_listener, restart_recorder, use_token_auth
+from orchestrator.ray_compat import (
+    controller_poll_env,
+    keep_driver_sigint,
+    preemption_listener,
+    restart_recorder,
+    use_token_auth,
+)
 from orchestrator.spec import JobSpec, SpecError, parse_spec
 from workers.config import Kill, WorkerConfig
 
@@ -337,6 +343,7 @@ def run(
             ),
         )
         keep_driver_sigint(trainer)
+        os.environ.update(controller_poll_env(spec.failure.health_check_interval_s))
         error: str | None = None
         poll = lambda since: ray.get(coord.progress.remote(since), timeout=30)  # noqa: E731
         ck = spec.checkpoint

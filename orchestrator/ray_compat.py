@@ -150,6 +150,21 @@ def preemption_listener() -> Any:
     return PreemptionListener()
 
 
+def controller_poll_env(interval_s: float) -> dict[str, str]:
+    """The environment that sets how often Ray Train's controller polls its workers: the
+    poll is where a dead worker is first seen, so it bounds failure detection (Ray's default
+    is every 2 s). The controller reads it from the driver's environment when `fit()` starts
+    it. Private: the variable is named only in `ray.train.v2._internal.constants`."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    if HEALTH_CHECK_INTERVAL_S_ENV_VAR not in ENV_VARS_TO_PROPAGATE:
+        raise RuntimeError(
+            f"{HEALTH_CHECK_INTERVAL_S_ENV_VAR} no longer reaches Ray Train's controller; "
+            "update orchestrator/ray_compat.py"
+        )
+    return {HEALTH_CHECK_INTERVAL_S_ENV_VAR: repr(float(interval_s))}
+
+
 def keep_driver_sigint(trainer: Any) -> None:
     """Stop Ray Train's `fit()` from replacing the driver's Ctrl-C handler.
 

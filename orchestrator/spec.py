@@ -242,6 +242,14 @@ class FailureSpec(_Model):
         description="After a first Ctrl-C/SIGTERM on the driver, how long the workers get to reach "
         "their next save, commit it and stop before the driver stops at once.",
     )
+    health_check_interval_s: float = Field(
+        0.25,
+        ge=0.05,
+        le=60.0,
+        description="How often Ray Train's controller polls the workers, so how soon a dead worker "
+        "is noticed and the group restarted (Ray's own default: 2 s). Each poll is one small "
+        "call per worker; raise it for hundreds of workers.",
+    )
     checkpoint_on_preempt: bool = Field(
         False,
         description="A worker that gets SIGTERM (a preemptible node's notice before it is killed) "

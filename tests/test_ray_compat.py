@@ -70,3 +70,18 @@ def test_ray_trains_sigint_handler_can_be_kept_off():
     t._register_sigint_handler(None)  # now a no-op
     with pytest.raises(RuntimeError, match="ray_compat"):
         keep_driver_sigint(object())
+
+
+def test_the_controller_poll_interval_reaches_the_controller():
+    import inspect
+
+    from ray.train.v2._internal.execution.controller.controller import TrainController
+
+    from orchestrator.ray_compat import controller_poll_env
+
+    env = controller_poll_env(0.25)
+    (name, value), = env.items()
+    assert value == "0.25"
+    # The controller reads that variable when it is built (it is where it polls from).
+    assert "HEALTH_CHECK_INTERVAL_S_ENV_VAR" in inspect.getsource(TrainController.__init__)
+    assert name == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"

@@ -59,6 +59,10 @@ def test_default_demo_config_is_valid():
             "after_upload kills rank 0",
         ),
         ({"name": "a/b"}, "name: 'a/b' is not a run name"),
+        (
+            {"failure": {"health_check_interval_s": 0}},
+            "failure.health_check_interval_s: Input should be greater than or equal to 0.05",
+        ),
     ],
 )
 def test_bad_spec_names_file_field_and_problem(tmp_path, patch, message):
