@@ -32,7 +32,7 @@ lint: setup
 	$(BIN)/mypy orchestrator workers
 
 # Side by side with bare Ray Train in one sitting (about 14 minutes; `python -m bench --quick`
-# about 3). Writes bench/results.json and prints the tables docs/benchmarks.md shows.
+# about 4). Writes bench/results.json and prints the tables docs/benchmarks.md shows.
 bench: setup
 	$(PY) -m bench
 
