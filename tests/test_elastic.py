@@ -24,6 +24,10 @@ def test_elastic_run_shrinks_after_node_loss_and_grows_back(tmp_path):
                         "--set", "epochs=30", "--set", f"storage.root={tmp_path}", "--set", "name=elastic",
                         "--set", "chaos.kills=[]", "--set", "scaling.num_workers=[1, 2]",
                         "--set", "scaling.elastic_resize_interval_s=5", "--set", "failure.max_failures=5",
+                        # Ray Train's own poll: a report waits for the poll that takes the one
+                        # before it, so 30 epochs outlast a shrink and a grow (at 0.25 s they
+                        # did not: the run ended at world size 1).
+                        "--set", "failure.health_check_interval_s=2",
                         log=tmp_path / "driver.log", env=env)  # fmt: skip
         try:
             wait_until(lambda: len(committed(run_dir)) >= 2 or drv.poll() is not None, 240, "2 commits")
