@@ -26,6 +26,7 @@ def measure(env: dict[str, str]) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RAY_health_check_")}
     os.environ.update(env)  # the nodes Cluster starts inherit this environment
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
@@ -62,6 +63,7 @@ def measure(env: dict[str, str]) -> dict[str, Any]:
         cluster.shutdown()
         for k in env:
             os.environ.pop(k, None)
+        os.environ.update(saved)
 
 
 def main() -> None:

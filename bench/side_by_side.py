@@ -118,17 +118,19 @@ def stall(mb: int, repeats: int, workdir: str) -> dict[str, list[float]]:
     return out
 
 
-def pin_threads(cpus: set[int] | None = None) -> bool:
-    """The calling (training) thread on CPU 0, every other thread of this process on CPU 1:
-    whatever a save leaves running (our writer thread, Ray's upload threads, Ray's own
-    threads) competes for CPU 1 only, so its cost shows up in the step time the same way in
-    every round instead of wherever the scheduler happened to put it. Called again after
-    each save to catch the threads it started. False on a machine with fewer than 2 CPUs.
-    `cpus`: give every thread these instead (to undo the pinning)."""
-    ordered = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+def pin_threads(cpus: set[int], pin: bool = True) -> bool:
+    """The calling (training) thread on the first of `cpus`, every other thread of this
+    process on the second: whatever a save leaves running (our writer thread, Ray's upload
+    thread, Ray's own threads) competes for the second CPU only, so its cost shows up in the
+    step time the same way in every round instead of wherever the scheduler happened to put
+    it. Called again after each save to catch the threads it started (a new thread inherits
+    its creator's CPU). `pin=False` gives every thread all of `cpus` again. False where there
+    are fewer than 2 CPUs. `cpus` is taken once by the caller: after the first call, this
+    thread's own affinity is one CPU."""
+    ordered = sorted(cpus)
     if len(ordered) < 2 or not os.path.isdir("/proc/self/task"):
         return False
-    mine, others = ({ordered[0]}, {ordered[1]}) if cpus is None else (cpus, cpus)
+    mine, others = ({ordered[0]}, {ordered[1]}) if pin else (cpus, cpus)
     me = threading.get_native_id()
     os.sched_setaffinity(0, mine)  # pid 0: the calling thread (Linux)
     for tid in map(int, os.listdir("/proc/self/task")):
@@ -145,30 +147,33 @@ def step_time(width: int, steps: int, every: int, rounds: int, workdir: str) -> 
     from workers.writer import CheckpointWriter
 
     out: dict[str, list[float]] = {"none": [], "ours": [], "ray_async": []}
-    cpus = os.sched_getaffinity(0)
+    cpus = os.sched_getaffinity(0)  # once: pinning narrows this thread's own affinity
     # One writer for every round, as a run has one per attempt: its host buffers are
     # allocated at its first save and reused after.
     ours = CheckpointWriter(Storage(os.path.join(workdir, f"steps-{every}")), commit=lambda record: None)
-    for r in range(rounds):
-        for variant in out:  # interleaved
-            model, opt = make(width)
-            writer = ours if variant == "ours" else None
-            pin_threads()
-            t0 = time.perf_counter()
-            for step in range(1, steps + 1):
-                one_step(model, opt, width)
-                if step % every or step == steps:  # no save's work left over past the timer
-                    continue
-                state = {"model.pt": model.state_dict(), "train_state.pt": {"optimizer": opt.state_dict()}}
-                if writer is not None:
-                    writer.save(_meta(r * steps + step), state)
-                elif variant == "ray_async":
-                    _ray_save(state, CheckpointUploadMode.ASYNC, step)
-                pin_threads()
-            out[variant].append((time.perf_counter() - t0) / steps)
-            time.sleep(2.0)  # what a variant left in the background (Ray's upload) ends before the next
-    ours.close()
-    pin_threads(cpus)
+    try:
+        for r in range(rounds):
+            for variant in out:  # interleaved
+                model, opt = make(width)
+                writer = ours if variant == "ours" else None
+                pin_threads(cpus)
+                t0 = time.perf_counter()
+                for step in range(1, steps + 1):
+                    one_step(model, opt, width)
+                    if step % every or step == steps:  # no save's work left over past the timer
+                        continue
+                    sd = {"optimizer": opt.state_dict()}
+                    state = {"model.pt": model.state_dict(), "train_state.pt": sd}
+                    if writer is not None:
+                        writer.save(_meta(r * steps + step), state)
+                    elif variant == "ray_async":
+                        _ray_save(state, CheckpointUploadMode.ASYNC, step)
+                    pin_threads(cpus)  # the threads the save started
+                out[variant].append((time.perf_counter() - t0) / steps)
+                time.sleep(2.0)  # what a variant left in the background (Ray's upload) ends before the next
+    finally:
+        ours.close()
+        pin_threads(cpus, pin=False)
     return out
 
 

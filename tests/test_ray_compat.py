@@ -72,16 +72,19 @@ def test_ray_trains_sigint_handler_can_be_kept_off():
         keep_driver_sigint(object())
 
 
-def test_the_controller_poll_interval_reaches_the_controller():
+def test_the_controller_poll_interval_reaches_the_controller(monkeypatch):
     import inspect
 
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
     from ray.train.v2._internal.execution.controller.controller import TrainController
 
     from orchestrator.ray_compat import controller_poll_env
 
     env = controller_poll_env(0.25)
-    (name, value), = env.items()
-    assert value == "0.25"
-    # The controller reads that variable when it is built (it is where it polls from).
+    assert env == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    # What fit() hands the controller actor as its environment, from the driver's.
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.25"
+    # And the controller reads it when it is built, as its poll interval.
     assert "HEALTH_CHECK_INTERVAL_S_ENV_VAR" in inspect.getsource(TrainController.__init__)
-    assert name == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
