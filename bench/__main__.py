@@ -1,6 +1,6 @@
 """The benchmark suite: this project side by side with bare Ray Train, in one sitting.
 
-    python -m bench                          # the full suite (about 14 minutes on 2 cores)
+    python -m bench                          # the full suite (about 15 minutes on 2 cores)
     python -m bench --quick --json out.json  # a reduced one (about 4 minutes on 2 cores)
     make bench
 
