@@ -17,17 +17,24 @@ import os
 import sys
 import time
 from typing import Any
+from unittest import mock
 
 FAST = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
 def measure(env: dict[str, str]) -> dict[str, Any]:
+    # The nodes Cluster starts inherit this environment: only `env`'s health-check settings.
+    with mock.patch.dict(os.environ, env):
+        for k in [k for k in os.environ if k.startswith("RAY_health_check_") and k not in env]:
+            del os.environ[k]
+        return _measure()
+
+
+def _measure() -> dict[str, Any]:
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RAY_health_check_")}
-    os.environ.update(env)  # the nodes Cluster starts inherit this environment
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         node = cluster.add_node(num_cpus=1)
@@ -61,9 +68,6 @@ def measure(env: dict[str, str]) -> dict[str, Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
-        for k in env:
-            os.environ.pop(k, None)
-        os.environ.update(saved)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -114,28 +115,23 @@ def run_ray(workdir: Path, opts: dict[str, Any], poll_s: float | None = None) ->
     from orchestrator.ray_compat import controller_poll_env
 
     env = controller_poll_env(poll_s) if poll_s is not None else {}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # fit() hands it to the controller
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        TorchTrainer(
-            ray_train,
-            train_loop_config={**opts, "workdir": str(workdir)},
-            scaling_config=ScalingConfig(num_workers=1),
-            run_config=RunConfig(
-                name="bench-recovery",
-                storage_path=str(workdir / "ray-storage"),
-                failure_config=FailureConfig(max_failures=2),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
-        ).fit()
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # fit() hands the driver's environment to the controller; patch.dict restores it after.
+    with mock.patch.dict(os.environ, env):
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            TorchTrainer(
+                ray_train,
+                train_loop_config={**opts, "workdir": str(workdir)},
+                scaling_config=ScalingConfig(num_workers=1),
+                run_config=RunConfig(
+                    name="bench-recovery",
+                    storage_path=str(workdir / "ray-storage"),
+                    failure_config=FailureConfig(max_failures=2),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                ),
+            ).fit()
+        finally:
+            ray.shutdown()
 
 
 # -- this project ---------------------------------------------------------------------------

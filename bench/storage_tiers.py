@@ -37,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import psutil
 import torch
@@ -162,16 +163,8 @@ def moto_s3(workdir: Path) -> Any:
     server = MotoServer.start(workdir / "moto.log")
     try:
         server.client().create_bucket(Bucket="bench")
-        old = {k: os.environ.get(k) for k in (*CREDS, "AWS_ENDPOINT_URL")}
-        os.environ.update({**CREDS, "AWS_ENDPOINT_URL": server.endpoint})
-        try:
+        with mock.patch.dict(os.environ, {**CREDS, "AWS_ENDPOINT_URL": server.endpoint}):
             yield "s3://bench/runs/tiers"
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     finally:
         server.stop()
 
