@@ -108,18 +108,22 @@ def test_killing_the_coordinator_mid_run_loses_no_committed_checkpoint(tmp_path,
         log=tmp_path / "run.log",
     )
     kill_group(proc)
+
+    # A second driver on the same run while the first lives is refused, told who owns it.
+    # Asked as soon as the lease exists, with the whole run still ahead: asked after the
+    # kill below it raced the last epochs, and a finished run is refused for that instead.
+    wait_until(lambda: (run_dir / "lease.json").exists() or proc.poll() is not None, 120, "the lease")
+    second = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=coordkill",
+                     "--address", "local", timeout=120)  # fmt: skip
+    assert second.returncode == 3, second.stdout + second.stderr
+    assert f"in use by driver pid {proc.pid}" in second.stderr and "since" in second.stderr
+
     commits = lambda: [e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == "commit"]  # noqa: E731
     wait_until(lambda: len(commits()) >= 3 or proc.poll() is not None, 300, "three commits")
     assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
     first = next(e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == "coordinator_started")
     committed_before = {e["id"] for e in commits()}
     os.kill(first["pid"], signal.SIGKILL)
-
-    # A second driver on the same run while the first lives is refused, told who owns it.
-    second = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=coordkill",
-                     "--address", "local", timeout=120)  # fmt: skip
-    assert second.returncode == 3, second.stdout + second.stderr
-    assert f"in use by driver pid {proc.pid}" in second.stderr and "since" in second.stderr
 
     assert proc.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-5000:]
     events = jsonl(run_dir / "events.jsonl")
