@@ -65,6 +65,9 @@ class RunLedger:
         self.fenced: str | None = None  # why this ledger may no longer write
         self.live: dict[str, Any] | None = None  # rank 0's latest position in the epoch (display only)
         self.stop_requested: str | None = None  # the driver's Ctrl-C/SIGTERM, read by rank 0's ticks
+        # failure.mode replicas: rank 0 left its loop at the run's end, so a replacement replica
+        # that holds no state has no one left to heal from and must not wait (workers/replicas.py)
+        self.training_ended = False
         self.failures: dict[str, set[int]] = {}  # a user-code error's signature -> attempts it ended
         self.gave_up: str | None = None  # set when one signature ended two attempts
         self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
@@ -446,6 +449,12 @@ def coordinator_actor_class() -> Any:
 
         def stop_asked(self, rid: str | None = None) -> bool:
             return self.ledger.stop_requested is not None
+
+        def end_training(self, rid: str | None = None) -> None:
+            self.ledger.training_ended = True
+
+        def training_ended(self, rid: str | None = None) -> bool:
+            return self.ledger.training_ended or self.ledger.manifest.stopped is not None
 
         def record_failure(
         self, sig: str, trace: str, attempt: int | None = None, rid: str | None = None

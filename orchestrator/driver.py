@@ -189,7 +189,24 @@ def worker_config(spec: JobSpec) -> WorkerConfig:
         stop_on_nan=ck.stop_on_nan,
         early_stopping=(es.patience, es.min_delta) if es else None,
         kills=tuple(Kill(k.rank, k.epoch, k.step, k.point) for k in spec.chaos.kills),
+        replicas=spec.failure.mode == "replicas",
     )
+
+
+def torch_config(spec: JobSpec) -> Any:
+    """Ray Train's backend: one process group of every worker, or (failure.mode replicas) one
+    per worker plus torchft's lighthouse, which forms each step's quorum of live replicas."""
+    from ray.train.torch import TorchConfig
+
+    if spec.failure.mode != "replicas":
+        return TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo")
+    from ray.train.v2.torch.torchft_config import TorchftConfig
+
+    # min_replicas 1: the survivors go on alone; a replica is dropped from the quorum once it
+    # misses heartbeats for this long (2 s paused the survivor 2.1 s here; torchft's default
+    # of 5 s, 4.4-5.0 s: bench/torchft_replicas.py).
+    ms = int(spec.failure.replica_heartbeat_timeout_s * 1000)
+    return TorchftConfig(lighthouse_kwargs={"min_replicas": 1, "heartbeat_timeout_ms": ms}, backend="gloo")
 
 
 def start_coordinator(spec: JobSpec, storage: Storage, cfg: RetentionConfig, token: str) -> Any:
@@ -262,7 +279,6 @@ def run(
 ) -> Summary:
     """Train spec to the end. Raises RunFailed (with the summary) when it cannot finish."""
     import ray
-    from ray.train.torch import TorchConfig
 
     # What `ray.train` exports in 2.60 (V2), imported from its public home so type
     # checkers see elastic scaling (`ray.train`'s own stubs still describe V1).
@@ -333,7 +349,7 @@ def run(
                 use_gpu=spec.scaling.use_gpu,
                 resources_per_worker=dict(spec.scaling.resources_per_worker),
             ),
-            torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+            torch_config=torch_config(spec),
             run_config=RunConfig(
                 name=spec.name,
                 storage_path=os.path.join(tempfile.gettempdir(), "orchestrator-ray-train"),

@@ -32,6 +32,21 @@ class RayUnreachable(RuntimeError):
 def before_ray(spec: JobSpec, address: str | None) -> None:
     check_address(address or os.environ.get("RAY_ADDRESS"))
     check_storage(spec)
+    check_replicas(spec)
+
+
+def check_replicas(spec: JobSpec) -> None:
+    """failure.mode replicas runs on torchft, which is not a dependency: say so before Ray."""
+    if spec.failure.mode != "replicas":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("torchft") is None:
+        raise SpecError(
+            "failure.mode: replicas needs torchft, which is not installed here; "
+            "`pip install torchft==0.2.0` (on every node: the image, or a runtime_env), or use "
+            "failure.mode: restart"
+        )
 
 
 # -- the cluster address ---------------------------------------------------------------------

@@ -228,6 +228,20 @@ class CheckpointSpec(_Model):
 
 
 class FailureSpec(_Model):
+    mode: Literal["restart", "replicas"] = Field(
+        "restart",
+        description="restart: a failed worker restarts the whole group from the latest committed "
+        "checkpoint. replicas (alpha, needs `pip install torchft==0.2.0`): every worker is a "
+        "replica group of torchft; a failed one is replaced alone and heals from a live peer "
+        "while the others keep training (docs/operations.md, 'Replica groups').",
+    )
+    replica_heartbeat_timeout_s: float = Field(
+        2.0,
+        ge=0.5,
+        le=600.0,
+        description="failure.mode replicas: how long a replica may miss heartbeats before the "
+        "others go on without it (the survivors' pause after a failure).",
+    )
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts before giving up (-1: no limit).")
     lease_ttl_s: float = Field(
         30.0,
@@ -325,6 +339,25 @@ class JobSpec(_Model):
                     f"chaos.kills.{i}.epoch: {kill.epoch} is past epochs={self.epochs} (drop the fault "
                     "injection with --set 'chaos.kills=[]')"
                 )
+            if self.failure.mode == "replicas" and kill.point != "step":
+                raise ValueError(f"chaos.kills.{i}.point: {kill.point} needs failure.mode restart")
+        return self
+
+    @model_validator(mode="after")
+    def _replicas_fit_the_run(self) -> JobSpec:
+        if self.failure.mode != "replicas":
+            return self
+        why = None
+        if not isinstance(self.scaling.num_workers, int) or self.scaling.num_workers < 2:
+            why = ("scaling.num_workers must be one number >= 2: each worker is a replica group, and "
+                   "a failed one heals from a live peer")  # fmt: skip
+        elif self.scaling.use_gpu:
+            why = "scaling.use_gpu: replica groups talk over gloo on CPU here; GPU is not supported yet"
+        elif self.failure.checkpoint_on_preempt:
+            why = ("failure.checkpoint_on_preempt: not needed and not supported with replicas (a "
+                   "preempted replica is replaced and heals from its peers)")  # fmt: skip
+        if why:
+            raise ValueError(f"failure.mode replicas: {why}")
         return self
 
     @property

@@ -41,6 +41,7 @@ class WorkerConfig:
     stop_on_nan: bool = False  # stop at the first non-finite metric
     early_stopping: tuple[int, float] | None = None  # (patience, min_delta)
     kills: tuple[Kill, ...] = field(default_factory=tuple)  # fault injection
+    replicas: bool = False  # failure.mode replicas: each rank a torchft replica group (workers/replicas.py)
 
     def open_storage(self, on_retry: Callable[..., None] | None = None) -> Storage:
         storage = Storage(self.run_uri, self.storage_options, self.retry, on_retry)

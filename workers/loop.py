@@ -51,7 +51,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     session: Session | None = None
     try:
         # The last attempts failed the same way: do not retry. Rank 0 asks, every rank hears.
-        if gave_up := broadcast(call(coord.gave_up) if rank == 0 else None):
+        if gave_up := broadcast(call(coord.gave_up) if rank == 0 or cfg.replicas else None):
             return stop_run(coord, rank, gave_up, "user_error")
         torch.set_num_threads(int(config.get("threads_per_worker", 1)))
         device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
@@ -60,6 +60,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             return stop_run(coord, rank, problems[0], "input")
         session = Session(cfg, coord, rank, world, ctx.get_local_rank(), device)
         session.restored_record()  # the restore plan: this attempt's number, for a failure's record
+        if cfg.replicas:
+            if is_train_function(fn):
+                raise StopRun(f"failure.mode replicas: task {cfg.task!r} is a train function; replicas "
+                              "run the built-in loop over a Task only (use failure.mode restart)",
+                              "input")  # fmt: skip
+            from workers.replicas import train_task_replicas
+
+            return train_task_replicas(session, fn, where)
         if is_train_function(fn):
             where[0] = "the train function"
             fn(session)

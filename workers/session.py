@@ -178,6 +178,9 @@ class Session:
     # -- shared with the Task loop ------------------------------------------------------
     def _plan(self) -> tuple[CheckpointRecord | None, dict[str, bytes] | None]:
         if self._planned is None:
+            if self.cfg.replicas and self.rank != 0:  # it heals from a peer instead (workers/replicas.py)
+                self._planned = (None, None)
+                return self._planned
             plan, blobs = plan_restore(self.coord, self.storage, self.rank, self.world)
             if plan.get("taken_over"):
                 raise TakenOver(plan["taken_over"])
@@ -242,7 +245,8 @@ class Session:
 
         if self.rank == 0:
             call(self.coord.report_metrics, {**row, "attempt": self.attempt})
-        ray.train.report(row)
+        if not self.cfg.replicas:  # there, report would wait for every replica: a dead one hangs it
+            ray.train.report(row)
 
     def finish_stop(self, why: int, where: str) -> None:
         """Every rank agreed to stop (workers/stopping.py) right after a save: wait until it is

@@ -1,0 +1,96 @@
+"""failure.mode replicas (workers/replicas.py): a killed replica is replaced alone and heals
+from a live peer; a killed rank 0 is replaced, restores the latest commit, then heals from
+the replica that waited for it, so no step is lost; and what reaches storage is whole."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import expected_kept, jsonl, manifest, run_cli
+
+from orchestrator import preflight
+from orchestrator.core.manifest import CheckpointRecord
+from orchestrator.core.storage import Storage
+from orchestrator.core.verify import read_verified
+from orchestrator.spec import JobSpec, SpecError
+
+BASE = {"name": "r", "task": {"name": "digits"}, "failure": {"mode": "replicas"}}
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"scaling": {"num_workers": 1}}, "scaling.num_workers must be one number >= 2"),
+        ({"scaling": {"num_workers": [1, 2]}}, "scaling.num_workers must be one number >= 2"),
+        ({"scaling": {"num_workers": 2, "use_gpu": True}}, "scaling.use_gpu"),
+        ({"failure": {"mode": "replicas", "checkpoint_on_preempt": True}}, "failure.checkpoint_on_preempt"),
+        ({"chaos": {"kills": [{"rank": 0, "epoch": 1, "point": "after_upload"}]}},
+         "chaos.kills.0.point: after_upload needs failure.mode restart"),  # fmt: skip
+        ({"failure": {"mode": "replicas", "replica_heartbeat_timeout_s": 0.1}}, "replica_heartbeat_timeout_s"),
+    ],
+)
+def test_a_spec_replicas_cannot_run_is_refused_naming_the_field(change, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        JobSpec.model_validate({**BASE, **change})
+
+
+def test_the_default_is_a_group_restart_and_replicas_validate():
+    assert JobSpec.model_validate({"name": "r"}).failure.mode == "restart"
+    assert JobSpec.model_validate(BASE).failure.mode == "replicas"
+
+
+def test_without_torchft_the_run_is_refused_before_ray(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchft" else real(name, *a))
+    with pytest.raises(SpecError, match=r"failure.mode: replicas needs torchft.*pip install torchft"):
+        preflight.check_replicas(JobSpec.model_validate(BASE))
+    preflight.check_replicas(JobSpec.model_validate({"name": "r"}))  # restart mode never asks
+
+
+@pytest.mark.e2e
+def test_a_killed_replica_heals_from_a_live_peer_and_a_killed_rank0_loses_no_step(tmp_path):
+    # Batches of 8: 90 steps an epoch, so the first kill's replacement (a few seconds to
+    # start) joins and heals many epochs before rank 0 is killed.
+    epochs, kill0 = 24, {"epoch": 20, "step": 5}
+    out = run_cli(
+        "run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=rep",
+        "--set", "failure.mode=replicas", "--set", f"epochs={epochs}", "--set", "task.options.batch_size=8",
+        "--set", f"chaos.kills=[{{rank: 1, epoch: 2}}, {{rank: 0, epoch: {kill0['epoch']}, step: {kill0['step']}}}]",
+        "--address", "local", "--verbose", timeout=400,
+    )  # fmt: skip
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-5000:]
+    run_dir = tmp_path / "rep"
+    events = jsonl(run_dir / "events.jsonl")
+    assert len([e for e in events if e["kind"] == "chaos_kill"]) == 2
+    assert len([e for e in events if e["kind"] == "restart"]) == 2
+    # Rank 1's replacement started no attempt: rank 0 trained on. Rank 0's did (one more).
+    attempts = [e for e in events if e["kind"] == "attempt_started"]
+    assert [a["attempt"] for a in attempts] == [1, 2], attempts
+    assert re.search(r"rank 1 healed from a live peer: epoch \d+ step \d+", log), log[-5000:]
+
+    # Rank 0's replacement restored the latest commit, then healed to exactly where rank 0
+    # was killed: rank 1 waited for it there, trained on, and no step was lost or redone.
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    per_epoch = {r["epoch"]: r["global_step"] for r in metrics}
+    steps = per_epoch[1]
+    healed = re.search(r"rank 0 healed from a live peer: epoch (\d+) step (\d+) \(global step (\d+)\)", log)
+    assert healed, log[-5000:]
+    assert tuple(map(int, healed.groups())) == (
+        kill0["epoch"], kill0["step"], (kill0["epoch"] - 1) * steps + kill0["step"]
+    )  # fmt: skip
+    assert attempts[1]["restore_epoch"] == kill0["epoch"] - 1
+
+    # Every epoch reported once, by rank 0, in order; what is kept is the top-k plus the
+    # latest, each whole and matching its record.
+    assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
+    assert all(per_epoch[e] == e * steps for e in per_epoch)
+    m = manifest(run_dir)
+    assert {c["epoch"] for c in m["checkpoints"]} == expected_kept(metrics, "val_loss", "min", 3)
+    storage = Storage(str(run_dir))
+    for c in m["checkpoints"]:
+        read_verified(storage, CheckpointRecord.model_validate(c))
+    assert metrics[-1]["val_acc"] > 0.9  # it learned: the healed replicas trained one model
