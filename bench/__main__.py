@@ -20,6 +20,11 @@ by round, and every figure is a ratio of medians from this one run (absolute tim
     restore_local_vs_s3    a restore's time from S3 / from the node-local tier
     peak_host_mem_vs_state peak host memory a save adds / the state's size
 
+Beside the ten (ratios_beside): recovery_vs_ray_poll_0.25 (bare Ray Train given this project's
+poll too), and replicas_rank1_pause_vs_ray / replicas_rank0_pause_vs_ray: with failure.mode
+replicas (two replica groups), how long training stood still after a replica's or rank 0's
+kill, over bare Ray Train's recovery.
+
 Stall and restore ratios take the largest state size measured. --json writes those ten keys;
 bench/results.json (the full run, or --results) also keeps every sample, the machine and the
 commit. The markdown tables printed at the end are what docs/benchmarks.md shows.
@@ -87,6 +92,9 @@ SIDE_BY_SIDE_KEYS = (
     *("epoch_steps", "epoch_rounds"),
 )
 RECOVERY = {"width": 512, "steps": 80, "every": 10, "kill_at": 35}
+
+
+VICTIMS = {"rank1": "rank 1 (a replica) killed", "rank0": "rank 0 (the writer) killed"}
 
 
 def say(msg: str) -> None:
@@ -182,6 +190,7 @@ def main() -> None:
         for key, what in (("step_time", f"every {cfg['every']} steps"), ("step_time_epoch", "once an epoch")):
             say(f"step time, a save {what}: " + ", ".join(f"{k} {spread(v)}" for k, v in sbs[key].items()))
         rec: dict[str, list[dict[str, float]]] = {"ours": [], **{side: [] for side in recovery.RAY_SIDES}}
+        pauses: dict[str, list[dict[str, float]]] = {"rank1": [], "rank0": []}
         for r in range(cfg["recovery_runs"]):
             for side in rec:  # interleaved
                 rec[side].append(recovery.measure(side, RECOVERY))
@@ -189,6 +198,10 @@ def main() -> None:
                     f"recovery {side} run {r + 1}: {rec[side][-1]['recovery_s']:.1f}s, "
                     f"{rec[side][-1]['steps_lost']} steps redone"
                 )
+            for victim in pauses:  # failure.mode replicas: the kill of a replica, then of rank 0
+                pauses[victim].append(recovery.measure_replicas(RECOVERY, int(victim[-1])))
+                paused = pauses[victim][-1]["pause_s"]
+                say(f"replicas, {victim} killed, run {r + 1}: training paused {paused:.1f}s")
         store = storage_bench(cfg["storage_mb"], cfg["storage_repeats"], work)
 
     big = sbs["stall"][str(max(cfg["sizes_mb"]))]
@@ -209,6 +222,10 @@ def main() -> None:
     ratios = {k: round(ratios[k], 3) for k in KEYS}
     # Beside the ten: bare Ray Train given this project's poll too (its default is 2 s).
     beside = {"recovery_vs_ray_poll_0.25": round(recovery_s["ours"] / recovery_s["ray_poll_0.25"], 3)}
+    # failure.mode replicas: how long training stood still after the kill, over Ray's recovery.
+    for victim, runs in pauses.items():
+        pause = med([x["pause_s"] for x in runs])
+        beside[f"replicas_{victim}_pause_vs_ray"] = round(pause / recovery_s["ray"], 3)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
@@ -234,6 +251,7 @@ def main() -> None:
         "recovery_config": RECOVERY,
         "side_by_side": sbs,
         "recovery": rec,
+        "replicas_pause": pauses,
         "storage": store,
     }
     results = args.results or (None if args.quick else str(ROOT / "bench" / "results.json"))
@@ -296,6 +314,14 @@ def tables(d: dict[str, Any]) -> str:
         + " | ".join(", ".join(str(x["steps_lost"]) for x in rec[k]) for k in rec)
         + " |",
     ]
+    if pauses := d.get("replicas_pause"):
+        lines += [
+            "",
+            "| failure.mode replicas (2 replica groups), the same kill | training stood still, s |",
+            "|---|---|",
+            *(f"| {VICTIMS[v]} | " + ", ".join(f"{x['pause_s']:.1f}" for x in runs) + " |"
+              for v, runs in pauses.items()),  # fmt: skip
+        ]
     up, down, rs = store["upload_s"], store["download_s"], store["restore_s"]
     lines += [
         "",

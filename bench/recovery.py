@@ -160,6 +160,68 @@ def run_ours(workdir: Path, opts: dict[str, Any]) -> None:
     }
     path = workdir / "spec.json"  # JSON is YAML
     path.write_text(json.dumps(spec))
+    _orchestrator_run(path)
+
+
+# -- this project, failure.mode replicas ----------------------------------------------------
+def replicas_task(options: dict[str, Any], ctx: Any) -> Any:
+    """The same MLP and Adam as a Task (replicas run the built-in loop), on random data; every
+    train step's start is appended to a file per rank, so the pause after a kill can be read
+    off the merged starts."""
+    from torch.utils.data import TensorDataset
+
+    from workers.task import Task, classification_step
+
+    torch.set_num_threads(1)
+    model, opt = make(options["width"])
+    g = torch.Generator().manual_seed(0)
+    n = 32 * options["steps"] * ctx.world_size
+    x, y = torch.randn(n, options["width"], generator=g), torch.randint(0, 10, (n,), generator=g)
+    data = TensorDataset(x, y)
+    log = open(os.path.join(options["workdir"], f"steps-{ctx.rank}.txt"), "a", buffering=1)
+
+    def train_step(model: nn.Module, batch: Any) -> torch.Tensor:
+        log.write(f"{time.time()}\n")
+        return classification_step(model, batch)
+
+    val = TensorDataset(x[:64], y[:64])
+    return Task(model=model, optimizer=opt, train_data=data, val_data=val, batch_size=32,
+                train_step=train_step)  # fmt: skip
+
+
+def run_replicas(workdir: Path, opts: dict[str, Any], rank: int) -> dict[str, float]:
+    """Two replica groups of one worker each; rank `rank` is SIGKILLed at step kill_at."""
+    spec = {
+        "name": "bench-replicas",
+        "storage": {"root": str(workdir / "ours-storage")},
+        "task": {"name": f"{ROOT / 'bench' / 'recovery.py'}:replicas_task",
+                 "options": {**opts, "workdir": str(workdir)}},  # fmt: skip
+        "scaling": {"num_workers": 2},
+        "checkpoint": {"monitor": "val_loss", "mode": "min", "top_k": 1, "keep_latest": 1,
+                       "every_n_steps": opts["every"]},  # fmt: skip
+        "epochs": 1,
+        "failure": {"max_failures": 2, "mode": "replicas"},
+        "chaos": {"kills": [{"rank": rank, "epoch": 1, "step": opts["kill_at"]}]},
+    }
+    path = workdir / "spec.json"
+    path.write_text(json.dumps(spec))
+    _orchestrator_run(path)
+    events = (workdir / "ours-storage" / "bench-replicas" / "events.jsonl").read_text().splitlines()
+    kill = next(e["ts"] for e in map(json.loads, events) if e["kind"] == "chaos_kill")
+    starts = sorted(float(t) for f in workdir.glob("steps-*.txt") for t in f.read_text().split())
+    # The pause is the longest stretch without a step starting on any rank, from the kill on
+    # (the step the kill broke is not committed and is tried again after it).
+    window = [max((t for t in starts if t <= kill), default=kill), *(t for t in starts if t > kill)]
+    gap, resumed = max(((b - a, b) for a, b in zip(window, window[1:], strict=False)), default=(0.0, kill))
+    return {"pause_s": resumed - kill, "longest_gap_s": gap}
+
+
+def measure_replicas(opts: dict[str, Any], rank: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix=f"bench-replicas-{rank}-") as tmp:
+        return run_replicas(Path(tmp), opts, rank)
+
+
+def _orchestrator_run(path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run(
         [sys.executable, "-m", "orchestrator", "run", str(path), "--address", "local", "--json"],
