@@ -65,8 +65,9 @@ class RunLedger:
         self.fenced: str | None = None  # why this ledger may no longer write
         self.live: dict[str, Any] | None = None  # rank 0's latest position in the epoch (display only)
         self.stop_requested: str | None = None  # the driver's Ctrl-C/SIGTERM, read by rank 0's ticks
-        # failure.mode replicas: rank 0 left its loop at the run's end, so a replacement replica
-        # that holds no state has no one left to heal from and must not wait (workers/replicas.py)
+        # failure.mode replicas: rank 0 left its loop for good (the end, or a stop), so a replica
+        # still waiting for it must not (workers/replicas.py). In memory, like stop_requested:
+        # a stop stored by an earlier driver must not end a resumed run's replicas at start.
         self.training_ended = False
         self.failures: dict[str, set[int]] = {}  # a user-code error's signature -> attempts it ended
         self.gave_up: str | None = None  # set when one signature ended two attempts
@@ -241,7 +242,11 @@ class RunLedger:
         """The workers stopped the run on purpose: it ends as failed, with reason. kind "input"
         (a spec error found on the workers), "nan" (checkpoint.stop_on_nan) or "interrupt"
         (the driver's request_stop, after a checkpoint was committed)."""
+        self.training_ended = True
         self.event("stopped", rid, reason=reason, why=kind)
+        earlier = self.manifest.stopped
+        if kind == "interrupt" and earlier and earlier["kind"] != "interrupt":
+            return  # rank 0 stopping because a replica asked it to: the replica's reason stands
         self._save(self.manifest.model_copy(update={"stopped": {"reason": reason, "kind": kind}}))
 
     def claim_chaos(self, key: str, pid: int | None = None, rid: str | None = None) -> bool:
@@ -454,7 +459,7 @@ def coordinator_actor_class() -> Any:
             self.ledger.training_ended = True
 
         def training_ended(self, rid: str | None = None) -> bool:
-            return self.ledger.training_ended or self.ledger.manifest.stopped is not None
+            return self.ledger.training_ended or self.ledger.fenced is not None
 
         def record_failure(
         self, sig: str, trace: str, attempt: int | None = None, rid: str | None = None

@@ -364,7 +364,8 @@ def run(
         poll = lambda since: ray.get(coord.progress.remote(since), timeout=30)  # noqa: E731
         ck = spec.checkpoint
         interrupts = Interrupts(coord, spec.failure.stop_grace_s)
-        with interrupts, ProgressView(poll, spec.epochs, ck.monitor, ck.mode, quiet):
+        replicas = spec.failure.mode == "replicas"
+        with interrupts, ProgressView(poll, spec.epochs, ck.monitor, ck.mode, quiet, replicas=replicas):
             try:
                 result = trainer.fit()
                 if getattr(result, "error", None) is not None:

@@ -44,7 +44,7 @@ def check_replicas(spec: JobSpec) -> None:
     if importlib.util.find_spec("torchft") is None:
         raise SpecError(
             "failure.mode: replicas needs torchft, which is not installed here; "
-            "`pip install torchft==0.2.0` (on every node: the image, or a runtime_env), or use "
+            "`pip install 'torchft>=0.2,<0.3'` (on every node: the image, or a runtime_env), or use "
             "failure.mode: restart"
         )
 

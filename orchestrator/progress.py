@@ -26,8 +26,10 @@ class ProgressView:
         quiet: bool = False,
         out: TextIO | None = None,
         live: bool | None = None,
+        replicas: bool = False,
     ) -> None:
         self._poll, self.epochs, self.monitor, self.quiet = poll, epochs, monitor, quiet
+        self.replicas = replicas  # failure.mode replicas: Ray Train replaces the failed worker alone
         self.sign = 1 if mode == "min" else -1
         self.out = out or sys.stdout
         self.live = self.out.isatty() if live is None else live
@@ -80,7 +82,8 @@ class ProgressView:
         lines = [self._epoch_line(m) for m in p["new"] if m.get("attempt", current) < current]
         if p["restarts"] > self._restarts:
             self._restarts = p["restarts"]
-            lines.append(f"[run] worker group restarted ({self._restarts} so far)")
+            what = "a failed worker replaced alone" if self.replicas else "worker group restarted"
+            lines.append(f"[run] {what} ({self._restarts} so far)")
         if p["attempts"] > self._attempts:
             if p["attempts"] > 1:
                 where = p.get("resumed_from") or "the start (nothing committed yet)"

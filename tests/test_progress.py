@@ -20,11 +20,11 @@ def payloads():
            "new": [row(2, float("nan"))], "live": {"epoch": 3, "step": 10, "steps": 10, "global_step": 30, "ts": 106.0}}  # fmt: skip
 
 
-def run_view(live: bool) -> str:
+def run_view(live: bool, replicas: bool = False) -> str:
     out = io.StringIO()
     feed = payloads()
     view = ProgressView(
-        lambda since: next(feed), epochs=3, monitor="val_loss", mode="min", out=out, live=live
+        lambda since: next(feed), epochs=3, monitor="val_loss", mode="min", out=out, live=live, replicas=replicas
     )
     view._stop.set()  # drive it by hand, not from its thread
     if live:
@@ -51,6 +51,12 @@ def test_plain_lines_when_not_a_terminal():
     nan_line = next(line for line in lines if line.startswith("[run] epoch 2/3"))
     assert "val_loss nan" in nan_line and "best val_loss 0.5000 (epoch 1)" in nan_line  # NaN is never best
     assert "steps/s" not in text
+
+
+def test_with_replicas_a_restart_is_a_worker_replaced_alone():
+    lines = run_view(live=False, replicas=True).splitlines()
+    assert "[run] a failed worker replaced alone (1 so far)" in lines
+    assert not any("worker group restarted" in line for line in lines)
 
 
 def test_live_line_on_a_terminal_shows_step_rate_eta_and_best():

@@ -52,18 +52,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     try:
         # The last attempts failed the same way: do not retry. Rank 0 asks, every rank hears.
         if gave_up := broadcast(call(coord.gave_up) if rank == 0 or cfg.replicas else None):
-            return stop_run(coord, rank, gave_up, "user_error")
+            return stop_run(coord, rank, gave_up, "user_error", cfg.replicas)
         torch.set_num_threads(int(config.get("threads_per_worker", 1)))
         device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
         fn, cannot = _import_task(cfg.task, rank)
         if problems := [p for p in gather(cannot) if p]:  # every rank learns it, before any other collective
-            return stop_run(coord, rank, problems[0], "input")
+            return stop_run(coord, rank, problems[0], "input", cfg.replicas)
         session = Session(cfg, coord, rank, world, ctx.get_local_rank(), device)
         session.restored_record()  # the restore plan: this attempt's number, for a failure's record
         if cfg.replicas:
             if is_train_function(fn):
-                raise StopRun(f"failure.mode replicas: task {cfg.task!r} is a train function; replicas "
-                              "run the built-in loop over a Task only (use failure.mode restart)",
+                raise StopRun(f"failure.mode replicas: task {cfg.task!r} (task.name) is a train function; "
+                              "replicas run the built-in loop over a Task only (use failure.mode restart)",
                               "input")  # fmt: skip
             from workers.replicas import train_task_replicas
 
@@ -78,7 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     except StopRun as stop:
         if session is not None:
             session.close()  # what was saved before the stop is committed
-        return stop_run(coord, rank, stop.reason, stop.kind)
+        return stop_run(coord, rank, stop.reason, stop.kind, cfg.replicas)
     except Exception as e:
         if not is_infrastructure(e):
             with contextlib.suppress(Exception):  # the original error matters more
@@ -117,9 +117,7 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
     saver = Saver(task, ddp, session)
     epoch_loss = RunningLoss(device, resumed.epoch_acc)
     global_step, stopped_early = resumed.global_step, False
-    if cfg.monitor not in (names := metric_names(task, unwrap(ddp), device)):
-        why = f"checkpoint.monitor {cfg.monitor!r} is not a metric of task {cfg.task!r}"
-        raise StopRun(f"{why}; it reports {sorted(names)}", "input")
+    check_monitor(cfg, task, unwrap(ddp), device)
 
     for epoch in range(resumed.start_epoch, cfg.epochs + 1):
         first = resumed.start_step if epoch == resumed.start_epoch else 0
@@ -142,30 +140,52 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
                 session.finish_stop(halt, f"epoch {epoch} step {step + 1} (global step {global_step})")
             if cfg.every_n_steps and global_step % cfg.every_n_steps == 0 and step + 1 < steps:
                 saver.save(at, epoch_loss, metrics, stopper)
-        if task.scheduler is not None:
-            task.scheduler.step()
 
         where[0] = f"epoch {epoch} evaluation"
-        metrics = evaluate(task, unwrap(ddp), device, world, rank)
-        metrics["train_loss"] = epoch_loss.mean_over_ranks()
-        if cfg.stop_on_nan and not all(math.isfinite(v) for v in metrics.values()):
-            # Every rank sees the same all-reduced metrics, so every rank stops here.
-            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-            raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
+        # Every rank sees the same all-reduced metrics, so every rank decides the same.
+        metrics = epoch_metrics(session, task, unwrap(ddp), epoch, epoch_loss, world, rank)
         stopped_early = stopper.update(metrics[cfg.monitor]) if stopper else False
         session.report_metrics({"epoch": epoch, "global_step": global_step, **metrics})
         at = Position(epoch, steps, global_step, True)
-        if epoch % cfg.every_n_epochs == 0 or epoch == cfg.epochs or stopped_early:
+        if epoch_save_due(cfg, epoch, stopped_early):
             saver.save(at, epoch_loss, metrics, stopper)
         elif halt := session.stop_check(global_step, end_of_epoch=True):
             saver.save(at, epoch_loss, metrics, stopper)
             session.finish_stop(halt, f"the end of epoch {epoch} (global step {global_step})")
         if stopped_early:
-            if rank == 0:
-                call(session.coord.event, "early_stop", {"epoch": epoch, "best": stopper and stopper.best})
+            note_early_stop(session, epoch, stopper)
             break
 
     return {"global_step": global_step, "stopped_early": stopped_early, **session.close()}
+
+
+def check_monitor(cfg: WorkerConfig, task: Task, model: torch.nn.Module, device: torch.device) -> None:
+    if cfg.monitor not in (names := metric_names(task, model, device)):
+        why = f"checkpoint.monitor {cfg.monitor!r} is not a metric of task {cfg.task!r}"
+        raise StopRun(f"{why}; it reports {sorted(names)}", "input")
+
+
+def epoch_metrics(session: Session, task: Task, model: torch.nn.Module, epoch: int, epoch_loss: RunningLoss,
+                  world: int, rank: int) -> dict[str, float]:  # fmt: skip
+    """The end of an epoch: the scheduler's step, the held-out metrics and the training loss;
+    with checkpoint.stop_on_nan, a StopRun at the first metric that is not finite."""
+    if task.scheduler is not None:
+        task.scheduler.step()
+    metrics = evaluate(task, model, session.device, world, rank)
+    metrics["train_loss"] = epoch_loss.mean_over_ranks()
+    if session.cfg.stop_on_nan and not all(math.isfinite(v) for v in metrics.values()):
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
+    return metrics
+
+
+def epoch_save_due(cfg: WorkerConfig, epoch: int, stopped_early: bool) -> bool:
+    return epoch % cfg.every_n_epochs == 0 or epoch == cfg.epochs or stopped_early
+
+
+def note_early_stop(session: Session, epoch: int, stopper: EarlyStopping | None) -> None:
+    if session.rank == 0:
+        call(session.coord.event, "early_stop", {"epoch": epoch, "best": stopper and stopper.best})
 
 
 def _import_task(name: str, rank: int) -> tuple[Any, str | None]:
@@ -185,11 +205,16 @@ def _import_task(name: str, rank: int) -> tuple[Any, str | None]:
         )
 
 
-def stop_run(coord: Any, rank: int, reason: str, kind: str) -> dict[str, Any]:
+def stop_run(coord: Any, rank: int, reason: str, kind: str, replicas: bool = False) -> dict[str, Any]:
     """End the run on purpose, not as a failure Ray Train would retry: every rank reaches this
-    at the same point (the metrics are all-reduced, the check is the same on every rank)."""
+    at the same point (the metrics are all-reduced, the check is the same on every rank).
+    Replica groups do not reach it together: a replica other than rank 0 that finds a reason
+    of its own (not rank 0's interrupt) records it and asks rank 0 to stop, as a driver would."""
     if rank == 0:
         call(coord.stop, reason, kind)
+    elif replicas and kind != "interrupt":
+        call(coord.stop, reason, kind)
+        call(coord.request_stop, f"rank {rank} stopped the run: {kind}")
     return {"stopped": reason}
 
 

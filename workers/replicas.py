@@ -1,24 +1,27 @@
 """failure.mode replicas: each worker is a torchft replica group of one rank (Ray Train's
-TorchftConfig). A failed worker is replaced alone; the others keep training, and the
+TorchftConfig). A failed worker is replaced alone; the others keep their state, and the
 replacement heals from a live peer instead of reading storage.
 
-    every step:  quorum of the live replicas (torchft's lighthouse)  -> a replica that is
-                 behind (a replacement) loads a peer's whole state: model, optimizer,
-                 scheduler, position in the data, running loss, early stopping
-                 -> forward, backward, gradients averaged over the quorum
-                 -> commit the step only if every replica in it got this far (else redo it)
-    every epoch: every replica evaluates the whole held-out split on its own (their weights
-                 are equal), so every one decides the same; rank 0 reports and saves
+    every step:  quorum of the live replicas (torchft's lighthouse); a replica that is behind
+                 (a replacement) loads a peer's whole state: model, optimizer, scheduler,
+                 position in the data, running loss, early stopping, last metrics
+                 -> one small all-reduce of rank 0's word (CONTROL): is rank 0 here, stop,
+                 done, hold, the last epoch it reported
+                 -> forward, backward, gradients averaged over the quorum in one all-reduce
+                 -> torchft's commit (a step whose all-reduce failed is trained again)
+    every epoch: each replica evaluates its own copy (the weights are equal), so a heal hands
+                 the metrics on; rank 0 reports, saves and decides early stopping, and the
+                 others follow its word
 
-What reaches storage goes through the same session, writer and commit protocol as a group
-restart: rank 0 writes, and a new rank 0 starts an attempt (orphans collected) and restores
-the latest commit before healing to its peers' newer state. The step counters agree:
-torchft's step is the global step + 1 on every replica that holds state, and 0 on a new
-replica that holds none, which trains only once it has healed from one that does: so a
-group whose rank 0 is still restoring never trains ahead from a fresh start.
+Rank 0 reports and writes checkpoints, through the same session, writer and commit protocol
+as a group restart. While rank 0 is not in the quorum the others wait, so no epoch is
+trained that nobody records; its replacement starts an attempt (orphans collected), restores
+the latest commit, then heals from them at the step where it died, and reports and saves
+an epoch end it died in the middle of. A replica that holds no state (torchft's step 0)
+trains nothing until it has healed; rank 0 sets its step to the global step + 1.
 
-Not a collective of Ray Train's: nothing here calls ray.train.report, which waits for every
-worker of every replica group and so hangs on a dead one (docs/benchmarks.md).
+Nothing here calls ray.train.report, which waits for every worker of every replica group and
+so hangs on a dead one (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,57 +30,66 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from workers.calls import call
 from workers.data import rank_batches
-from workers.metrics import EarlyStopping, RunningLoss, evaluate, metric_names
+from workers.loop import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
+from workers.metrics import EarlyStopping, RunningLoss
 from workers.resume import restore
 from workers.session import Session, StopRun
 from workers.state import Position, Saver
 from workers.stopping import NONE
-from workers.task import Task, TaskContext, collate, is_loader
+from workers.task import Dataset, Task, TaskContext, collate, is_loader
 
 TIMEOUT = timedelta(seconds=30)  # a collective, a heal's transfer, a commit vote
 QUORUM_TIMEOUT = timedelta(seconds=120)  # a replacement's first quorum waits for its start-up
-WAIT_FOR_STATE_S = 0.1  # a new replica's poll while no replica in the quorum holds state
+WAIT_S = 0.1  # a waiting replica's pause between quorums
+HOLD_S = 60.0  # rank 0 waits this long at its start for every replica, so a fault-free run trains all shards
+
+# Rank 0's word each step, every field a max over the quorum (others send 0).
+PRESENT, STOP, DONE, HOLD, REPORTED = range(5)
 
 
 @dataclass
 class Live:
-    """What a replica hands a healing peer besides model and optimizer."""
+    """What a replica hands a healing peer besides model, optimizer and scheduler."""
 
     epoch: int  # the epoch of the next step
     step: int  # the next step of it
     global_step: int
     epoch_loss: RunningLoss
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # the last epoch's
     stopper: EarlyStopping | None
+    reported: int = 0  # the last epoch rank 0 reported (and handed to its writer)
 
 
 def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[str, Any]:
-    from torchft import Manager, ProcessGroupGloo
-
     cfg, device, rank, world = session.cfg, session.device, session.rank, session.world
+    try:
+        from torchft import Manager, ProcessGroupGloo
+    except ImportError as e:
+        raise StopRun(f"failure.mode replicas: torchft cannot be imported on rank {rank} ({e}); install "
+                      "'torchft>=0.2,<0.3' on every node", "input") from None  # fmt: skip
     task: Task = build(
         dict(cfg.task_options), TaskContext(rank=rank, world_size=world, seed=cfg.seed, device=device)
     )
-    if is_loader(task.train_data) or task.grad_scaler is not None:
-        what = "a DataLoader as train_data" if is_loader(task.train_data) else "a grad scaler"
-        raise StopRun(f"failure.mode replicas: task {cfg.task!r} uses {what}, which replicas do not "
-                      "support yet; use failure.mode restart", "input")  # fmt: skip
+    if unsupported := _unsupported(task):
+        raise StopRun(f"failure.mode replicas: task {cfg.task!r} (task.name) uses {unsupported}, which "
+                      "replicas do not support yet; use failure.mode restart", "input")  # fmt: skip
+    data = cast("Dataset", task.train_data)  # not a DataLoader: refused above
     model = task.model.to(device)
     resumed = restore(session, task, model)  # rank 0 only: the others heal from a peer
     prior = resumed.train_state
     stopper = EarlyStopping.configured(cfg.mode, cfg.early_stopping, prior.get("early_stopping"))
     epoch_loss = RunningLoss(device, resumed.epoch_acc)
     metrics = dict(prior.get("last_metrics", {}))
-    live = Live(resumed.start_epoch, resumed.start_step, resumed.global_step, epoch_loss, metrics, stopper)
-    if cfg.monitor not in (names := metric_names(task, model, device)):
-        why = f"checkpoint.monitor {cfg.monitor!r} is not a metric of task {cfg.task!r}"
-        raise StopRun(f"{why}; it reports {sorted(names)}", "input")
+    live = Live(resumed.start_epoch, resumed.start_step, resumed.global_step, epoch_loss, metrics, stopper,
+                reported=resumed.start_epoch - 1)  # fmt: skip
+    check_monitor(cfg, task, model, device)
+    healed: list[bool] = []
 
     def state_dict() -> dict[str, Any]:
         return {
@@ -86,7 +98,8 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             "scheduler": task.scheduler.state_dict() if task.scheduler is not None else None,
             "live": {"epoch": live.epoch, "step": live.step, "global_step": live.global_step,
                      "epoch_acc": live.epoch_loss.state(), "metrics": live.metrics,
-                     "stopper": live.stopper.state() if live.stopper else None},  # fmt: skip
+                     "stopper": live.stopper.state() if live.stopper else None,
+                     "reported": live.reported},  # fmt: skip
         }
 
     def load_state_dict(sd: dict[str, Any]) -> None:
@@ -98,6 +111,8 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
         live.epoch, live.step, live.global_step = s["epoch"], s["step"], s["global_step"]
         live.epoch_loss, live.metrics = RunningLoss(device, s["epoch_acc"]), dict(s["metrics"])
         live.stopper = EarlyStopping.configured(cfg.mode, cfg.early_stopping, s["stopper"])
+        live.reported = max(live.reported, s["reported"])
+        healed.append(True)
         print(f"[replicas] rank {rank} healed from a live peer: epoch {live.epoch} step {live.step} "
               f"(global step {live.global_step})", flush=True)  # fmt: skip
 
@@ -118,40 +133,48 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
     )
     if rank == 0:  # the state it restored (or a fresh model) is the one the others heal from
         manager.load_state_dict({"step": live.global_step + 1, "batches_committed": 0})
-    session.stop_check.reduce_max = lambda v: _max_over_replicas(manager, v)
-    saver = Saver(task, model, session)
+    saver, waiting = EpochSaver(task, model, session), Waiting(session)
+    done, holding, hold_until = False, rank == 0, time.monotonic() + HOLD_S
     batches: tuple[int, list[list[int]]] | None = None
-    waited = Waiting(session)
     ended = False
     try:
-        while live.epoch <= cfg.epochs:
+        while True:
             task.optimizer.zero_grad(set_to_none=True)
             manager.start_quorum()  # may heal: `live`, model and optimizer are a peer's now
-            # Wait, without training: while this replica holds no state and no replica in the
-            # quorum does, or while rank 0 (the one that reports and saves) is not in it, so no
-            # epoch is trained that nobody reports or checkpoints. Rank 0's replacement then heals
-            # from the replicas that waited for it.
-            if manager.current_step() == 0 or not _rank0_in_quorum(manager, rank):
-                if waited.poll():
-                    break
-                time.sleep(WAIT_FOR_STATE_S)
+            # Rank 0 starting the group's training (a new run, a resume, a whole restart) holds
+            # it until every replica has joined, so a fault-free run trains every shard.
+            alone = manager.num_participants() < world
+            holding = holding and not healed and alone and time.monotonic() < hold_until
+            word = _control(manager, rank, session.stop_check.local(), done, holding, live.reported)
+            if word is None:  # a replica died in this quorum: a new one
                 continue
+            if manager.current_step() == 0 or not word[PRESENT] or word[HOLD]:
+                if waiting.ended():  # rank 0 trained to the end (or stopped) while this one waited
+                    break
+                time.sleep(WAIT_S)
+                continue
+            live.reported = max(live.reported, int(word[REPORTED]))
+            if healed:  # it joined a group already training
+                healed.clear()
+                if rank == 0:
+                    saver.fill_in(live)  # the epoch end the rank 0 it replaces died in
+            if word[STOP] != NONE:  # the driver asked (Ctrl-C): a checkpoint here, then stop
+                saver.save(Position(live.epoch, live.step, live.global_step, False), live)
+                session.finish_stop(int(word[STOP]), f"epoch {live.epoch} step {live.step} "
+                                    f"(global step {live.global_step})")  # fmt: skip
+            if word[DONE] or live.epoch > cfg.epochs:
+                break
             epoch, step = live.epoch, live.step
             if batches is None or batches[0] != epoch:
-                n = len(task.train_data)
-                batches = (epoch, rank_batches(n, task.batch_size, cfg.seed, epoch, world, rank))
+                batches = (epoch, rank_batches(len(data), task.batch_size, cfg.seed, epoch, world, rank))
             steps = len(batches[1])
-            at = Position(epoch, step, live.global_step, False)
-            if (halt := session.stop_check(live.global_step)) != NONE:  # the driver asked (Ctrl-C)
-                saver.save(at, live.epoch_loss, live.metrics, live.stopper)
-                session.finish_stop(halt, f"epoch {epoch} step {step} (global step {live.global_step})")
             where[0] = f"epoch {epoch} step {step}"
             session.chaos.before_step(epoch, step)
             model.train()
-            loss = task.train_step(model, collate(task.train_data, batches[1][step], device))
+            loss = task.train_step(model, collate(data, batches[1][step], device))
             loss.backward()
             _average_gradients(manager, model)
-            if not manager.should_commit():  # a replica failed in this step: redo it with the others
+            if not manager.should_commit():  # a replica failed in this step: train it again
                 continue
             task.optimizer.step()
             live.epoch_loss.add(loss)
@@ -159,63 +182,132 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             session.ticker(epoch, live.step, steps, live.global_step)
             if live.step < steps:
                 if cfg.every_n_steps and live.global_step % cfg.every_n_steps == 0:
-                    saver.save(Position(epoch, live.step, live.global_step, False), live.epoch_loss,
-                               live.metrics, live.stopper)  # fmt: skip
+                    saver.save(Position(epoch, live.step, live.global_step, False), live)
                 continue
-            if end_of_epoch(session, task, model, saver, live, steps):
-                break
+            where[0] = f"epoch {epoch} evaluation"
+            stopped_early = saver.end_epoch(live, steps)
+            done = rank == 0 and stopped_early  # rank 0's word ends every replica at the next step
+        if rank != 0:
+            _serve_until_the_end(manager, waiting, live)
         ended = True
     except StopRun:
         ended = True
         raise
     finally:
-        if ended and rank == 0:  # a replacement still waiting for state must not wait for it
-            call(session.coord.end_training)
-        manager.shutdown(wait=False)
+        try:
+            # The last checkpoint committed first; if that fails, the others stay, and rank 0's
+            # replacement heals from them.
+            if ended and rank == 0:
+                session.close()
+                call(session.coord.end_training)
+        finally:
+            manager.shutdown(wait=False)
     return {"global_step": live.global_step, **session.close()}
+
+
+def _unsupported(task: Task) -> str | None:
+    if is_loader(task.train_data) or is_loader(task.val_data):
+        return "a DataLoader (train_data or val_data)"
+    if task.grad_scaler is not None:
+        return "a grad scaler"
+    return None
+
+
+class EpochSaver:
+    """Rank 0's saves and reports (the others only keep what a heal hands on)."""
+
+    def __init__(self, task: Task, model: torch.nn.Module, session: Session) -> None:
+        self.task, self.session, self.saver = task, session, Saver(task, model, session)
+        self.model = model
+        self.last_saved: int | None = None  # the global step of the last save: never twice
+
+    def save(self, at: Position, live: Live) -> None:
+        if at.global_step != self.last_saved:
+            self.last_saved = at.global_step
+            self.saver.save(at, live.epoch_loss, live.metrics, live.stopper)
+
+    def end_epoch(self, live: Live, steps: int) -> bool:
+        """Evaluate, report and save the epoch just trained; move `live` to the next. True:
+        rank 0 stops early. Every replica evaluates (a heal hands its metrics and early-stopping
+        state on); only rank 0 acts on them."""
+        session, epoch = self.session, live.epoch
+        rank0 = session.rank == 0
+        cfg = session.cfg
+        try:  # world 1: each replica's whole held-out split, no collective
+            live.metrics = epoch_metrics(session, self.task, self.model, epoch, live.epoch_loss, 1, 0)
+        except StopRun:
+            if rank0:
+                raise
+            live.metrics = {}  # rank 0 stops the run; this replica waits for its word
+        stopped_early = bool(live.stopper and live.metrics and live.stopper.update(live.metrics[cfg.monitor]))
+        at = Position(epoch, steps, live.global_step, True)
+        if rank0:
+            self.report(at, live, stopped_early)
+        live.epoch, live.step, live.epoch_loss = epoch + 1, 0, RunningLoss(session.device)
+        return stopped_early
+
+    def report(self, at: Position, live: Live, stopped_early: bool, save: bool = True) -> None:
+        self.session.report_metrics({"epoch": at.epoch, "global_step": at.global_step, **live.metrics})
+        if save and epoch_save_due(self.session.cfg, at.epoch, stopped_early):
+            self.save(at, live)
+        live.reported = at.epoch
+        if stopped_early:
+            note_early_stop(self.session, at.epoch, live.stopper)
+
+    def fill_in(self, live: Live) -> None:
+        """Rank 0 healed at the start of an epoch whose end the old rank 0 never recorded (it
+        died there, after the others had moved on): report it now (a report replaces the
+        epoch's row) and save it unless that is what it restored, from the state the heal
+        handed on, which equals what the old rank 0 held there."""
+        epoch, cfg = live.epoch - 1, self.session.cfg
+        if live.step != 0 or epoch < 1 or live.reported >= epoch or not live.metrics:
+            return
+        print(f"[replicas] rank 0 records the end of epoch {epoch}, which the rank 0 it replaces did not",
+              flush=True)  # fmt: skip
+        steps = len(rank_batches(len(self.task.train_data), self.task.batch_size, cfg.seed, epoch,
+                                 self.session.world, 0))  # fmt: skip
+        restored = self.session.restored_record()
+        saved = restored is not None and restored.epoch == epoch and restored.end_of_epoch
+        self.report(Position(epoch, steps, live.global_step, True), live, False, save=not saved)
 
 
 class Waiting:
     """A replica waiting for state or for rank 0: it asks the coordinator, at most once a
-    second, whether rank 0 already left its loop (the run trained to its end while this
-    replica was being started), and then leaves too."""
+    second, whether rank 0 left its loop for good (the run trained to its end, or stopped)."""
 
     def __init__(self, session: Session) -> None:
         self.session, self.asked = session, 0.0
 
-    def poll(self) -> bool:
+    def ended(self) -> bool:
         if time.monotonic() - self.asked < 1.0:
             return False
         self.asked = time.monotonic()
         if ended := bool(call(self.session.coord.training_ended)):
-            print(f"[replicas] rank {self.session.rank}: rank 0 trained the run to its end; nothing left "
-                  "to do", flush=True)  # fmt: skip
+            print(f"[replicas] rank {self.session.rank}: rank 0 ended the run; nothing left", flush=True)
         return ended
 
 
-def end_of_epoch(session: Session, task: Task, model: Any, saver: Saver, live: Live, steps: int) -> bool:
-    """Evaluate, report and save the epoch just trained; move `live` to the next. True: stop early."""
-    import math
+def _serve_until_the_end(manager: Any, waiting: Waiting, live: Live) -> None:
+    """A replica other than rank 0 at the end: it stays in the quorums, so a rank 0 replaced
+    during its last save or report heals from it, until rank 0 says the run ended."""
+    while not waiting.ended():
+        manager.start_quorum()
+        _control(manager, 1, NONE, False, False, 0)
+        time.sleep(WAIT_S)
 
-    cfg, epoch = session.cfg, live.epoch
-    if task.scheduler is not None:
-        task.scheduler.step()
-    # The whole held-out split on each replica (world 1): no collective, the same answer everywhere.
-    metrics = evaluate(task, model, session.device)
-    metrics["train_loss"] = live.epoch_loss.mean_over_ranks()  # this replica's own
-    if cfg.stop_on_nan and not all(math.isfinite(v) for v in metrics.values()):
-        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-        raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
-    stopped_early = live.stopper.update(metrics[cfg.monitor]) if live.stopper else False
-    live.metrics = metrics
-    session.report_metrics({"epoch": epoch, "global_step": live.global_step, **metrics})
-    if epoch % cfg.every_n_epochs == 0 or epoch == cfg.epochs or stopped_early:
-        saver.save(Position(epoch, steps, live.global_step, True), live.epoch_loss, metrics, live.stopper)
-    live.epoch, live.step, live.epoch_loss = epoch + 1, 0, RunningLoss(session.device)
-    if stopped_early and session.rank == 0:
-        best = live.stopper and live.stopper.best
-        call(session.coord.event, "early_stop", {"epoch": epoch, "best": best})
-    return stopped_early
+
+def _control(manager: Any, rank: int, stop: int, done: bool, hold: bool, reported: int) -> list[float] | None:
+    """Rank 0's word (and every replica's stop request), a max over the quorum; None when the
+    all-reduce failed (a replica died in the quorum), so the step is not trained."""
+    from torch.distributed import ReduceOp
+
+    mine = [0.0] * 5
+    mine[STOP] = float(stop)
+    if rank == 0:
+        mine[PRESENT], mine[DONE], mine[HOLD], mine[REPORTED] = 1.0, float(done), float(hold), float(reported)
+    t = torch.tensor(mine, dtype=torch.float64)
+    manager.allreduce(t, reduce_op=ReduceOp.MAX).wait()
+    return None if manager.errored() else t.tolist()
 
 
 def _average_gradients(manager: Any, model: torch.nn.Module) -> None:
@@ -231,23 +323,3 @@ def _average_gradients(manager: Any, model: torch.nn.Module) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def _rank0_in_quorum(manager: Any, rank: int) -> bool:
-    """Whether rank 0 is in this step's quorum (one 1-element all-reduce). A failed all-reduce
-    (a replica died in the quorum) reads as no: the step is tried again with a new quorum."""
-    from torch.distributed import ReduceOp
-
-    t = torch.tensor([1.0 if rank == 0 else 0.0])
-    manager.allreduce(t, reduce_op=ReduceOp.MAX).wait()
-    return not manager.errored() and t.item() > 0
-
-
-def _max_over_replicas(manager: Any, value: int) -> int:
-    """The stop agreement over the quorum (a float max: torchft's all-reduce). A failed
-    all-reduce reads as no stop; the step is not committed and comes round again."""
-    from torch.distributed import ReduceOp
-
-    t = torch.tensor([float(value)])
-    manager.allreduce(t, reduce_op=ReduceOp.MAX).wait()
-    return NONE if manager.errored() else int(t.item())

@@ -90,11 +90,10 @@ def restore(session: Session, task: Task, model: torch.nn.Module) -> Resumed:
     out.start_epoch, out.start_step = at.resume_point()
     out.global_step, out.train_state = at.global_step, state
     ranks = state["ranks"]
-    if len(ranks) == world or session.cfg.replicas:  # replicas: rank 0 restores, the rest heal from it
-        own = ranks[0] if session.cfg.replicas else ranks[rank]
-        restore_rng(own["rng"])
-        out.epoch_acc = own["epoch_acc"]
-        out.loader_state = own.get("loader")
+    if len(ranks) == world:
+        restore_rng(ranks[rank]["rng"])
+        out.epoch_acc = ranks[rank]["epoch_acc"]
+        out.loader_state = ranks[rank].get("loader")
     else:  # elastic resume: per-rank streams cannot map onto a new world size
         seed_all(seed + rank + 7919 * at.global_step)
         if out.start_step:

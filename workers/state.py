@@ -89,7 +89,9 @@ class Saver:
         data = self.task.train_data
         if at.step_in_epoch and not at.end_of_epoch and is_loader(data) and hasattr(data, "state_dict"):
             mine["loader"] = data.state_dict()  # where this rank's StatefulDataLoader is
-        ranks = gather(mine)
+        # Replica groups hold equal state and train the same steps per rank as a group does:
+        # rank 0's part stands for every rank, so a resume in either mode finds one per rank.
+        ranks = [mine] * self.session.world if self.session.cfg.replicas else gather(mine)
         if self.session.writer is None:
             return
         task = self.task

@@ -61,11 +61,12 @@ class StopCheck:
     def __init__(self, driver_asked: Callable[[], bool], device: torch.device) -> None:
         self.driver_asked = driver_asked  # rank 0 only; other ranks pass lambda: False
         self.device = device
-        # Every rank's answer to one max: the group's all-reduce, or (replica groups) torchft's
-        self.reduce_max: Callable[[int], int] = lambda v: all_reduce_max(v, self.device)
 
     def __call__(self, global_step: int, end_of_epoch: bool = False) -> int:
         if not end_of_epoch and global_step % SYNC_EVERY:
             return NONE
-        mine = PREEMPT if PREEMPTED.is_set() else DRIVER if self.driver_asked() else NONE
-        return self.reduce_max(mine)
+        return all_reduce_max(self.local(), self.device)
+
+    def local(self) -> int:
+        """This rank's own answer, before the agreement."""
+        return PREEMPT if PREEMPTED.is_set() else DRIVER if self.driver_asked() else NONE
