@@ -1,7 +1,7 @@
 """Ray Train's torchft replica groups on this machine: does a SIGKILLed replica get replaced
 while the other keeps training? (docs/benchmarks.md, "Replacing only the failed replica")
 
-    pip install torchft==0.2.0 opentelemetry-exporter-otlp-proto-http   # not a dependency
+    pip install -e '.[replicas]'                           # torchft, an optional dependency
     python bench/torchft_replicas.py                       # no ray.train.report in the loop
     python bench/torchft_replicas.py --report-every 10     # report every 10 steps, as Ray's example
     python bench/torchft_replicas.py --heartbeat-ms 2000   # the lighthouse drops a dead replica sooner

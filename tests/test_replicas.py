@@ -99,13 +99,22 @@ def test_a_killed_replica_heals_from_a_live_peer_and_a_killed_rank0_loses_no_ste
     assert metrics[-1]["val_acc"] > 0.9  # it learned: the healed replicas trained one model
 
 
-@pytest.mark.parametrize(("restored_epoch", "saved"), [(1, True), (2, False)])
-def test_a_rank0_that_heals_past_an_unrecorded_epoch_end_records_it(monkeypatch, restored_epoch, saved):
+@pytest.mark.parametrize(
+    ("reported", "restored_epoch", "reports", "saves"),
+    [
+        (1, 1, True, True),  # died before reporting epoch 2: report and save it
+        (1, 2, True, False),  # its save of epoch 2 was committed (and restored): report only
+        (2, 1, False, True),  # reported, but the save never committed: save it again
+        (2, 2, False, False),  # nothing missing
+    ],
+)
+def test_a_rank0_that_heals_past_an_epoch_end_records_what_is_missing(reported, restored_epoch, reports, saves):
     """Rank 0 died at epoch 2's end, after the others moved on: its replacement heals at
-    (3, 0) and reports epoch 2 from the handed-on metrics; it saves it unless it restored it."""
+    (3, 0) and records, from the handed-on state, what the old rank 0 did not."""
     from types import SimpleNamespace
 
     from workers import replicas
+    from workers.metrics import EarlyStopping
 
     calls = []
     session = SimpleNamespace(
@@ -118,11 +127,34 @@ def test_a_rank0_that_heals_past_an_unrecorded_epoch_end_records_it(monkeypatch,
     saver.task, saver.session, saver.last_saved = task, session, None
     saver.saver = SimpleNamespace(save=lambda at, *a: calls.append(("save", at.epoch, at.step_in_epoch, at.end_of_epoch)))
     live = replicas.Live(epoch=3, step=0, global_step=10, epoch_loss=None, metrics={"val_loss": 0.5},
-                         stopper=None, reported=1)  # fmt: skip
-    saver.fill_in(live)
-    assert calls[0] == ("report", 2, 10)
-    assert (("save", 2, 5, True) in calls) == saved
+                         stopper=EarlyStopping("min", 3, 0.0), reported=reported)  # fmt: skip
+    assert saver.fill_in(live) is False
+    assert (("report", 2, 10) in calls) == reports
+    assert (("save", 2, 5, True) in calls) == saves  # 100 samples, 2 ranks, batches of 10: 5 steps
     assert live.reported == 2
     calls.clear()
     saver.fill_in(live)  # once recorded, never again
     assert calls == []
+
+
+def test_a_rank0_that_heals_after_the_early_stop_ends_the_run(monkeypatch):
+    from types import SimpleNamespace
+
+    from workers import replicas
+    from workers.metrics import EarlyStopping
+
+    calls = []
+    monkeypatch.setattr(replicas, "note_early_stop", lambda s, epoch, st: calls.append(("early_stop", epoch)))
+    session = SimpleNamespace(
+        cfg=SimpleNamespace(seed=0, every_n_epochs=5, epochs=9), world=2, rank=0,
+        report_metrics=lambda row: calls.append(("report", row["epoch"])),
+        restored_record=lambda: None,
+    )  # fmt: skip
+    saver = replicas.EpochSaver.__new__(replicas.EpochSaver)
+    saver.task, saver.session, saver.last_saved = SimpleNamespace(train_data=list(range(100)), batch_size=10), session, None
+    saver.saver = SimpleNamespace(save=lambda at, *a: calls.append(("save", at.epoch)))
+    stopper = EarlyStopping("min", 2, 0.0, {"best": 0.1, "bad_epochs": 2})  # it said stop at epoch 3
+    live = replicas.Live(epoch=4, step=0, global_step=20, epoch_loss=None, metrics={"val_loss": 0.5},
+                         stopper=stopper, reported=2)  # fmt: skip
+    assert saver.fill_in(live) is True  # the early stop, saved though epoch 3 is not a save epoch
+    assert calls == [("report", 3), ("save", 3), ("early_stop", 3)]

@@ -49,7 +49,8 @@ QUORUM_TIMEOUT = timedelta(seconds=120)  # a replacement's first quorum waits fo
 WAIT_S = 0.1  # a waiting replica's pause between quorums
 HOLD_S = 60.0  # rank 0 waits this long at its start for every replica, so a fault-free run trains all shards
 
-# Rank 0's word each step, every field a max over the quorum (others send 0).
+# Rank 0's word each step, every field a max over the quorum (others send 0, but for a stop
+# request and "done", which a replica that ended first sends on).
 PRESENT, STOP, DONE, HOLD, REPORTED = range(5)
 
 
@@ -130,6 +131,7 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
         timeout=TIMEOUT,
         quorum_timeout=QUORUM_TIMEOUT,
         connect_timeout=TIMEOUT,
+        init_sync=False,  # a replica at step 0 heals only from one ahead of it (rank 0 starts at 1)
     )
     if rank == 0:  # the state it restored (or a fresh model) is the one the others heal from
         manager.load_state_dict({"step": live.global_step + 1, "batches_committed": 0})
@@ -141,12 +143,17 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
         while True:
             task.optimizer.zero_grad(set_to_none=True)
             manager.start_quorum()  # may heal: `live`, model and optimizer are a peer's now
+            just_healed = bool(healed)
+            healed.clear()
+            if just_healed and rank == 0:  # the epoch end the rank 0 it replaces died in
+                done = saver.fill_in(live) or done  # before the word below, which carries it
             # Rank 0 starting the group's training (a new run, a resume, a whole restart) holds
             # it until every replica has joined, so a fault-free run trains every shard.
             alone = manager.num_participants() < world
-            holding = holding and not healed and alone and time.monotonic() < hold_until
+            holding = holding and not just_healed and alone and time.monotonic() < hold_until
             word = _control(manager, rank, session.stop_check.local(), done, holding, live.reported)
             if word is None:  # a replica died in this quorum: a new one
+                manager.should_commit()  # records the failure, so the next quorum reconfigures
                 continue
             if manager.current_step() == 0 or not word[PRESENT] or word[HOLD]:
                 if waiting.ended():  # rank 0 trained to the end (or stopped) while this one waited
@@ -154,16 +161,12 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
                 time.sleep(WAIT_S)
                 continue
             live.reported = max(live.reported, int(word[REPORTED]))
-            if healed:  # it joined a group already training
-                healed.clear()
-                if rank == 0:
-                    saver.fill_in(live)  # the epoch end the rank 0 it replaces died in
+            if word[DONE] or live.epoch > cfg.epochs:  # the end beats a stop asked with it
+                break
             if word[STOP] != NONE:  # the driver asked (Ctrl-C): a checkpoint here, then stop
                 saver.save(Position(live.epoch, live.step, live.global_step, False), live)
                 session.finish_stop(int(word[STOP]), f"epoch {live.epoch} step {live.step} "
                                     f"(global step {live.global_step})")  # fmt: skip
-            if word[DONE] or live.epoch > cfg.epochs:
-                break
             epoch, step = live.epoch, live.step
             if batches is None or batches[0] != epoch:
                 batches = (epoch, rank_batches(len(data), task.batch_size, cfg.seed, epoch, world, rank))
@@ -194,14 +197,13 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
         ended = True
         raise
     finally:
-        try:
-            # The last checkpoint committed first; if that fails, the others stay, and rank 0's
-            # replacement heals from them.
-            if ended and rank == 0:
-                session.close()
-                call(session.coord.end_training)
-        finally:
-            manager.shutdown(wait=False)
+        # Out of the quorums first (the others must not wait on it while it commits). The last
+        # checkpoint committed before the others are told the run ended: if that fails, they
+        # stay, and rank 0's replacement heals from them and saves it again (fill_in).
+        manager.shutdown(wait=False)
+        if ended and rank == 0:
+            session.close()
+            call(session.coord.end_training)
     return {"global_step": live.global_step, **session.close()}
 
 
@@ -254,21 +256,30 @@ class EpochSaver:
         if stopped_early:
             note_early_stop(self.session, at.epoch, live.stopper)
 
-    def fill_in(self, live: Live) -> None:
-        """Rank 0 healed at the start of an epoch whose end the old rank 0 never recorded (it
-        died there, after the others had moved on): report it now (a report replaces the
-        epoch's row) and save it unless that is what it restored, from the state the heal
-        handed on, which equals what the old rank 0 held there."""
+    def fill_in(self, live: Live) -> bool:
+        """Rank 0 healed at the start of an epoch: the end of the one before may be what the
+        rank 0 it replaces died in, after the others had moved on. Report it if that one did
+        not (a report replaces the epoch's row), and save it if it was due and is not what
+        this one restored (a save the old rank 0 handed to its writer may never have been
+        committed), from the state the heal handed on. True: it was the early stop."""
         epoch, cfg = live.epoch - 1, self.session.cfg
-        if live.step != 0 or epoch < 1 or live.reported >= epoch or not live.metrics:
-            return
-        print(f"[replicas] rank 0 records the end of epoch {epoch}, which the rank 0 it replaces did not",
-              flush=True)  # fmt: skip
-        steps = len(rank_batches(len(self.task.train_data), self.task.batch_size, cfg.seed, epoch,
-                                 self.session.world, 0))  # fmt: skip
+        if live.step != 0 or epoch < 1 or not live.metrics:
+            return False
+        stopped_early = bool(live.stopper and live.stopper.bad_epochs >= live.stopper.patience)
         restored = self.session.restored_record()
         saved = restored is not None and restored.epoch == epoch and restored.end_of_epoch
-        self.report(Position(epoch, steps, live.global_step, True), live, False, save=not saved)
+        report, save = live.reported < epoch, epoch_save_due(cfg, epoch, stopped_early) and not saved
+        if report or save:
+            print(f"[replicas] rank 0 records the end of epoch {epoch}, which the rank 0 it replaces did "
+                  "not", flush=True)  # fmt: skip
+            steps = len(rank_batches(len(self.task.train_data), self.task.batch_size, cfg.seed, epoch,
+                                     self.session.world, 0))  # fmt: skip
+            at = Position(epoch, steps, live.global_step, True)
+            if report:
+                self.report(at, live, stopped_early, save=save)
+            elif save:
+                self.save(at, live)
+        return stopped_early
 
 
 class Waiting:
@@ -276,35 +287,38 @@ class Waiting:
     second, whether rank 0 left its loop for good (the run trained to its end, or stopped)."""
 
     def __init__(self, session: Session) -> None:
-        self.session, self.asked = session, 0.0
+        self.session, self.asked, self.over = session, 0.0, False
 
     def ended(self) -> bool:
-        if time.monotonic() - self.asked < 1.0:
-            return False
+        if self.over or time.monotonic() - self.asked < 1.0:
+            return self.over
         self.asked = time.monotonic()
         if ended := bool(call(self.session.coord.training_ended)):
             print(f"[replicas] rank {self.session.rank}: rank 0 ended the run; nothing left", flush=True)
+        self.over = ended
         return ended
 
 
 def _serve_until_the_end(manager: Any, waiting: Waiting, live: Live) -> None:
-    """A replica other than rank 0 at the end: it stays in the quorums, so a rank 0 replaced
-    during its last save or report heals from it, until rank 0 says the run ended."""
+    """A replica other than rank 0 at the end (of the epochs, or an early stop): it stays in
+    the quorums, saying "done", so a rank 0 replaced during its last save or report heals
+    from it and ends too, until rank 0 says the run ended."""
     while not waiting.ended():
         manager.start_quorum()
-        _control(manager, 1, NONE, False, False, 0)
+        if _control(manager, 1, NONE, True, False, 0) is None:
+            manager.should_commit()
         time.sleep(WAIT_S)
 
 
 def _control(manager: Any, rank: int, stop: int, done: bool, hold: bool, reported: int) -> list[float] | None:
-    """Rank 0's word (and every replica's stop request), a max over the quorum; None when the
-    all-reduce failed (a replica died in the quorum), so the step is not trained."""
+    """Rank 0's word (and any replica's stop request or "done"), a max over the quorum; None
+    when the all-reduce failed (a replica died in the quorum), so the step is not trained."""
     from torch.distributed import ReduceOp
 
     mine = [0.0] * 5
-    mine[STOP] = float(stop)
+    mine[STOP], mine[DONE] = float(stop), float(done)
     if rank == 0:
-        mine[PRESENT], mine[DONE], mine[HOLD], mine[REPORTED] = 1.0, float(done), float(hold), float(reported)
+        mine[PRESENT], mine[HOLD], mine[REPORTED] = 1.0, float(hold), float(reported)
     t = torch.tensor(mine, dtype=torch.float64)
     manager.allreduce(t, reduce_op=ReduceOp.MAX).wait()
     return None if manager.errored() else t.tolist()
@@ -314,7 +328,11 @@ def _average_gradients(manager: Any, model: torch.nn.Module) -> None:
     """Every gradient averaged over the quorum in one all-reduce (torchft's DDP wrapper asserts
     in its comm hook when an all-reduce fails, in 0.2.0: a replica killed inside the step's
     quorum crashed the survivor here). A failed all-reduce leaves the step uncommitted."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # a parameter this batch did not reach: zeros, so every replica sends one size
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
