@@ -1,7 +1,7 @@
 """The benchmark suite: this project side by side with bare Ray Train, in one sitting.
 
-    python -m bench                          # the full suite (about 15 minutes on 2 cores)
-    python -m bench --quick --json out.json  # a reduced one (about 4 minutes on 2 cores)
+    python -m bench                          # the full suite (about 18 minutes on 2 cores)
+    python -m bench --quick --json out.json  # a reduced one (about 5 minutes on 2 cores)
     make bench
 
 Each benchmark runs its baselines in the same process or the same sitting, interleaved round
