@@ -191,7 +191,7 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             stopped_early = saver.end_epoch(live, steps)
             done = rank == 0 and stopped_early  # rank 0's word ends every replica at the next step
         if rank != 0:
-            _serve_until_the_end(manager, waiting, live)
+            _serve_until_the_end(manager, waiting)
         ended = True
     except StopRun:
         ended = True
@@ -299,7 +299,7 @@ class Waiting:
         return ended
 
 
-def _serve_until_the_end(manager: Any, waiting: Waiting, live: Live) -> None:
+def _serve_until_the_end(manager: Any, waiting: Waiting) -> None:
     """A replica other than rank 0 at the end (of the epochs, or an early stop): it stays in
     the quorums, saying "done", so a rank 0 replaced during its last save or report heals
     from it and ends too, until rank 0 says the run ended."""
