@@ -248,10 +248,16 @@ def tracking_settings(spec: JobSpec) -> dict[str, Any]:
             "params": params}  # fmt: skip
 
 
-def store_spec(storage: Storage, spec: JobSpec) -> None:
+def spec_record(spec: JobSpec) -> dict[str, Any]:
+    """The spec as the run stores it (spec.yaml): plain data, secrets in storage.options redacted.
+    `run --resume-if-exists` compares specs in this form, so a redacted secret is no difference."""
     data = spec.model_dump(mode="json")
     data["storage"]["options"] = redact_options(spec.storage.options)
-    storage.write_bytes(SPEC, yaml.safe_dump(data, sort_keys=False).encode())
+    return data
+
+
+def store_spec(storage: Storage, spec: JobSpec) -> None:
+    storage.write_bytes(SPEC, yaml.safe_dump(spec_record(spec), sort_keys=False).encode())
 
 
 def load_stored_spec(run_uri: str, options: dict[str, Any] | None = None, check_task: bool = True) -> JobSpec:

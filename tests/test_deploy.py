@@ -280,7 +280,8 @@ def test_rayjob_entrypoint_runs_the_cli_on_shared_storage(kube: dict[str, dict[s
     name = config.removeprefix("/app/configs/")
     local = next((p for p in (DEPLOY / "configs" / name, ROOT / "configs" / name) if p.is_file()), None)
     assert local is not None, f"{config} is in neither deploy/configs/ nor configs/"
-    rest = argv[3:]
+    # --resume-if-exists: a retry continues the run (tests/test_kube_retry.py).
+    rest = [a for a in argv[3:] if a != "--resume-if-exists"]
     assert len(rest) % 2 == 0 and all(flag == "--set" for flag in rest[::2]), rest
     overrides = rest[1::2]
     assert any(o.startswith("storage.root=s3://") for o in overrides), overrides

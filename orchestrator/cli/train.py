@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -24,6 +26,13 @@ from orchestrator.core.storage import StorageError, redact, secrets_in
 from orchestrator.spec import SpecError, load_spec
 
 SET_HELP = "Override a spec field: --set checkpoint.top_k=5 (repeatable; values are YAML)."
+RESUME_IF_EXISTS_HELP = (
+    "Continue the run at RUN_URI (storage.root/name) if it exists and its stored spec equals this "
+    "one; start it if there is none; refuse (exit 2, naming the fields) if the specs differ. A "
+    "finished run is reported, exit 0, without starting Ray. For an entrypoint that is run again "
+    "unchanged after its driver dies (a KubeRay RayJob's backoffLimit)."
+)
+_UNSET = object()  # a key one spec has and the other has not
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
@@ -86,13 +95,120 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON."),
     quiet: bool = typer.Option(False, help="No per-epoch progress lines."),
     verbose: bool = typer.Option(False, help="Also stream Ray's and the workers' own logs."),
+    resume_if_exists: bool = typer.Option(False, "--resume-if-exists", help=RESUME_IF_EXISTS_HELP),
 ) -> None:
-    """Train a job spec to the end, surviving worker crashes; print the best checkpoint."""
+    """Train a job spec to the end, surviving worker crashes; print the best checkpoint.
+
+    A run that already exists at RUN_URI is refused (continue it with `resume`), unless
+    --resume-if-exists is given and the spec is the one the run was started with."""
     try:
         spec = load_spec(config, set_ or [])
     except SpecError as e:
         die(str(e), EXIT_INPUT)
-    _train(spec, address, as_json, quiet, resume=False, verbose=verbose)
+    resume = _continue_existing(spec, as_json) if resume_if_exists else False
+    _train(spec, address, as_json, quiet, resume=resume, verbose=verbose)
+
+
+def _continue_existing(spec: Any, as_json: bool) -> bool:
+    """--resume-if-exists: True to continue the run at RUN_URI, False to start it (none there).
+    Exits 0 for a finished run with this spec, 2 when the stored spec differs."""
+    from orchestrator.core.manifest import read_manifest
+    from orchestrator.driver import spec_record
+
+    with _reading(spec):
+        storage = spec.open_run_storage()
+        existing = read_manifest(storage)
+        if existing is None:
+            return False  # no run (a spec.yaml alone: its driver died before the run began)
+        differences = _spec_differences(_stored_record(storage, spec.run_uri), spec_record(spec))
+        if differences:
+            die(_differ_message(spec, existing.status, differences), EXIT_INPUT)
+        if existing.status == "finished":
+            _report_finished(spec, existing, as_json)
+            raise typer.Exit(0)
+    return True
+
+
+@contextlib.contextmanager
+def _reading(spec: Any) -> Iterator[None]:
+    """Errors while reading the run at RUN_URI, as `run` reports them: exit 2 or 4."""
+    try:
+        yield
+    except SpecError as e:
+        die(str(e), EXIT_INPUT)
+    except (StorageError, ManifestError) as e:
+        die(str(e), EXIT_STORAGE)
+    except OSError as e:
+        why = redact(f"{type(e).__name__}: {e}", secrets_in(spec.storage.options))
+        die(f"storage {spec.run_uri}: {why}", EXIT_STORAGE)
+
+
+def _stored_record(storage: Any, run_uri: str) -> dict[str, Any]:
+    """The run's spec.yaml, validated and normalized as the given spec is (the task is not
+    imported: the given spec's was)."""
+    import yaml
+
+    from orchestrator.core.manifest import SPEC
+    from orchestrator.driver import spec_record
+    from orchestrator.spec import parse_spec
+
+    where = f"{run_uri}/{SPEC}"
+    if not storage.exists(SPEC):
+        raise SpecError(f"{run_uri} holds a run but no {SPEC}, so its spec cannot be compared; "
+                        f"`orchestrator resume {run_uri}` cannot continue it either")  # fmt: skip
+    try:
+        data = yaml.safe_load(storage.read_bytes(SPEC))
+    except yaml.YAMLError as e:
+        raise SpecError(f"{where}: not valid YAML: {e}") from None
+    return spec_record(parse_spec(data, source=where, check_task=False))
+
+
+def _spec_differences(stored: Any, given: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted field path, stored value, given value) wherever two specs' data differ."""
+    if isinstance(stored, dict) and isinstance(given, dict):
+        keys = list(stored) + [k for k in given if k not in stored]
+        return [d for k in keys for d in _spec_differences(
+            stored.get(k, _UNSET), given.get(k, _UNSET), f"{path}.{k}" if path else str(k))]  # fmt: skip
+    return [] if stored == given else [(path, stored, given)]
+
+
+def _shown(value: Any) -> str:
+    text = "(not set)" if value is _UNSET else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _differ_message(spec: Any, status: str, differences: list[tuple[str, Any, Any]]) -> str:
+    lines = "\n".join(f"  {path}: {_shown(old)} -> {_shown(new)}" for path, old, new in differences)
+    return (
+        f"{spec.run_uri} holds a {status} run, and this spec differs from the stored spec it was "
+        f"started with (stored -> given):\n{lines}\n--resume-if-exists continues a run only with "
+        f"its own spec. Continue it as it was with `orchestrator resume {spec.run_uri}` (its --set "
+        "may change epochs, failure.*, scaling.* and retention), or start a new run under another "
+        "name (--set name=...)"
+    )
+
+
+def _report_finished(spec: Any, manifest: Any, as_json: bool) -> None:
+    """What `run` prints at the end, for a run that had already ended with this spec."""
+    from orchestrator.api import Run
+    from orchestrator.driver import _best_entry
+
+    run = Run(spec.run_uri, spec.storage.options)  # ranks as `orchestrator best` does
+    ranked = run.ranked()
+    best = {"id": ranked[0].id, "epoch": ranked[0].epoch, "metrics": ranked[0].metrics} if ranked else None
+    summary = {
+        "run_uri": spec.run_uri, "status": "finished", "already_finished": True,
+        "epochs": max((r.get("epoch", 0) for r in run.metrics(as_frame=False)), default=0),
+        "restarts": manifest.restarts, "attempts": manifest.attempts, "kept": manifest.kept, "error": None,
+        "best": _best_entry(spec, best),
+    }  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    typer.echo(f"[run] {spec.run_uri} already finished, with this spec; nothing to do (Ray not started)")
+    _print_summary(summary, as_json)
+    typer.echo(f"[run] more epochs: `orchestrator resume {spec.run_uri} --set epochs=N`; "
+               "a new run: --set name=...")  # fmt: skip
 
 
 def resume(
