@@ -22,6 +22,7 @@ from orchestrator.core.lease import LEASE, LeaseLost
 from orchestrator.core.manifest import (
     CHECKPOINTS,
     EVENTS,
+    MANIFEST,
     METRICS,
     RECORD,
     BadCheckpoint,
@@ -34,6 +35,7 @@ from orchestrator.core.manifest import (
     write_manifest,
     write_manifest_if,
 )
+from orchestrator.core.names import attempt_of
 from orchestrator.core.retention import RetentionConfig
 from orchestrator.core.storage import Conflict, Storage, StorageError
 from orchestrator.tracking import Trackers
@@ -95,7 +97,9 @@ class RunLedger:
                 raise LeaseLost(f"{self.storage.uri}: {self.fenced}")
             claimed = self.manifest.model_copy(update={"owner": owner, "retention": asdict(self.cfg)})
             try:
-                self.manifest, self._version = write_manifest_if(self.storage, claimed, self._version)
+                self.manifest, self._version = write_manifest_if(
+                    self.storage, claimed, self._version, self._backup_failed
+                )
                 return
             except Conflict:
                 manifest, self._version = read_manifest_versioned(self.storage)
@@ -280,13 +284,27 @@ class RunLedger:
         if record.sharded and (missing := set(range(record.world_size)) - {f.rank for f in record.files}):
             raise CommitError(f"checkpoint {record.id}: sharded, but it lists no files of rank(s) "
                               f"{sorted(missing)}; it commits only with every rank's part")  # fmt: skip
-        stored = read_record(self.storage, record.id)  # written last, so its presence proves the upload
+        stored = read_record(self.storage, record.id)  # written last: the writer finished
         if [f.model_dump() for f in stored.files] != [f.model_dump() for f in record.files]:
             raise CommitError(f"checkpoint {record.id}: {RECORD} in storage differs from the commit")
+        self._check_files(record)
         record = record.model_copy(update={"seq": m.next_seq})
         m = m.model_copy(update={"checkpoints": [*m.checkpoints, record], "next_seq": m.next_seq + 1})
         self._apply_retention(m, committed=record)
         return self.manifest.kept
+
+    def _check_files(self, record: CheckpointRecord) -> None:
+        """Every file the record lists is in storage with its recorded size: one listing of the
+        checkpoint's prefix, not a request per file (a 4,096-rank sharded checkpoint costs a few
+        pages). checkpoint.json alone proves only that the writer finished, not that nothing
+        deleted its data since (a stale coordinator's orphan collection, a lifecycle rule)."""
+        sizes = self.storage.list_sizes(record.dir)
+        for f in record.files:
+            if f.path not in sizes:
+                raise CommitError(f"checkpoint {record.id}: {record.dir}/{f.path}: missing; not committed")
+            if sizes[f.path] != f.size:
+                raise CommitError(f"checkpoint {record.id}: {record.dir}/{f.path}: size {sizes[f.path]} != "
+                                  f"recorded {f.size}; not committed")  # fmt: skip
 
     def _apply_retention(
         self, m: Manifest, committed: CheckpointRecord | None = None, pins: bool = True
@@ -311,16 +329,26 @@ class RunLedger:
                 metrics=committed.metrics,
                 kept=list(decision.keep.get(committed.id, ())),
             )
+        if dropped:
+            self._confirm_owner()
         for c in dropped:
             self._delete(c.id, "retention")
 
     def _delete(self, cid: str, why: str) -> None:
         self._check_owner()  # a fenced coordinator deletes nothing
+        if self._later_attempt(cid):
+            return  # a newer owner's, whatever this coordinator believes
         try:
             self.storage.delete(f"{CHECKPOINTS}/{cid}")
             self.event("delete", id=cid, why=why)
         except Exception as e:  # left for orphan collection at the next attempt start
             self.event("delete_failed", id=cid, why=why, error=self.storage.clean(e))
+
+    def _later_attempt(self, cid: str) -> bool:
+        """cid was written by an attempt after this ledger's current one: a newer owner's upload
+        or commit. (A ledger with no attempt yet, in tests of the pure logic, knows no order.)"""
+        written_by, mine = attempt_of(cid), self.manifest.attempts
+        return bool(mine) and written_by is not None and written_by > mine
 
     def mark_bad(self, cid: str, reason: str) -> None:
         m = self.manifest
@@ -335,19 +363,23 @@ class RunLedger:
             }
         )
         self._save(m)
-        self.event("verification_failed", id=cid, reason=reason)
+        self.event("verification_failed", id=cid, reason=reason)  # why, before anything goes
+        self._confirm_owner()
         self._delete(cid, "failed verification")
 
     def collect_orphans(self) -> list[str]:
         """Delete checkpoint directories no manifest names (uploaded, never committed), and
         the temp files of atomic writes that a crash interrupted. Called only right after a
         manifest write succeeded, so the manifest it compares with is the current one."""
-        self._check_owner()
+        self._confirm_owner()  # the manifest compared with is the one in storage, and ours
         for name in self.storage.list_dirs(""):
             if ".tmp-" in name and not name.startswith(LEASE):  # the lease is the driver's
                 self.storage.delete(name)
         known = {c.id for c in self.manifest.checkpoints}
-        orphans = [n for n in self.storage.list_dirs(CHECKPOINTS) if n not in known]
+        listed = self.storage.list_dirs(CHECKPOINTS)
+        orphans = [n for n in listed if n not in known and not self._later_attempt(n)]
+        if orphans:
+            self._confirm_owner()  # again: the listing may have taken long (thousands of keys)
         for name in orphans:
             self._delete(name, "orphan: never committed")
         return orphans
@@ -363,13 +395,34 @@ class RunLedger:
             self._log_tracker_errors()
         return self.manifest.kept
 
+    def _confirm_owner(self) -> None:
+        """Ownership now, not at the last write: the manifest in storage is still the version
+        this ledger wrote. A compare-and-swap proves ownership at its instant only; a
+        coordinator that stalled since (a GC pause, a partition, a frozen process) and lost the
+        run must not act on its stale view. Called before every listing for orphans and
+        before each batch of deletes. Without an owner (tests of the pure logic): no check."""
+        self._check_owner()
+        if self.owner is None:
+            return
+        current = self.storage.read_versioned(MANIFEST)
+        if current is None or current.version != self._version:
+            self.fenced = f"run taken over by {lease.describe(lease.holder(self.storage))}"
+            self.events.append({"ts": round(time.time(), 3), "kind": "fenced", "why": self.fenced})
+            raise LeaseLost(f"{self.storage.uri}: {self.fenced}; nothing was deleted")
+
+    def _backup_failed(self, error: str) -> None:
+        # In memory, like _on_retry: the storage just failed; the next event write carries it.
+        self.events.append({"ts": round(time.time(), 3), "kind": "backup_failed", "error": error[:500]})
+
     def _save(self, m: Manifest) -> None:
         self._check_owner()
         if self.owner is None:
-            self.manifest = write_manifest(self.storage, m)
+            self.manifest = write_manifest(self.storage, m, self._backup_failed)
             return
         try:
-            self.manifest, self._version = write_manifest_if(self.storage, m, self._version)
+            self.manifest, self._version = write_manifest_if(
+                self.storage, m, self._version, self._backup_failed
+            )
         except Conflict:
             current, version = read_manifest_versioned(self.storage)
             if current is not None and current.owner == self.owner:

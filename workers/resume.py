@@ -10,6 +10,7 @@ another world size (elastic runs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,11 +30,13 @@ if TYPE_CHECKING:
 
 
 def plan_restore(
-    coord: Any, storage: Storage, rank: int, world: int
-) -> tuple[dict[str, Any], dict[str, bytes] | None]:
+    coord: Any, storage: Storage, rank: int, world: int,
+    on_local: Callable[[CheckpointRecord], object] | None = None,
+) -> tuple[dict[str, Any], dict[str, bytes] | None]:  # fmt: skip
     """Rank 0 asks the coordinator to start an attempt and verifies the checkpoint it names,
     falling back past bad ones; every rank gets the plan. Rank 0 also returns the verified
-    bytes, so it does not read them twice."""
+    bytes, so it does not read them twice. on_local(record): rank 0's restore was served by
+    the node-local tier, so the shared copy went unread (read_verified)."""
     plan: dict[str, Any] | None = None
     blobs: dict[str, bytes] | None = None
     if rank == 0:
@@ -44,13 +47,25 @@ def plan_restore(
         rec = plan["restore"]
         while rec is not None and not rec.get("sharded"):  # sharded: every rank verifies what it reads
             try:
-                blobs = read_verified(storage, CheckpointRecord.model_validate(rec))
+                blobs = _read_twice(storage, CheckpointRecord.model_validate(rec), on_local)
                 break
             except VerificationError as e:
-                print(f"[restore] checkpoint {rec['id']} failed verification: {e}", flush=True)
-                rec = call(coord.next_restore, rec["id"], str(e))
+                print(f"[restore] checkpoint {rec['id']} failed verification twice: {e}", flush=True)
+                rec = call(coord.next_restore, rec["id"], f"{e} (read twice)")
         plan["restore"] = rec
     return broadcast(plan), blobs
+
+
+def _read_twice(
+    storage: Storage, record: CheckpointRecord, on_local: Callable[[CheckpointRecord], object] | None
+) -> dict[str, bytes]:
+    """read_verified, with a second look before a failure counts: marking a checkpoint bad
+    deletes it from shared storage, so one flaky read must not be enough."""
+    try:
+        return read_verified(storage, record, on_local)
+    except VerificationError as e:
+        print(f"[restore] checkpoint {record.id} failed verification ({e}); reading it again", flush=True)
+        return read_verified(storage, record, on_local)
 
 
 @dataclass

@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from orchestrator.core.heal import start_shared_check
 from orchestrator.core.manifest import CheckpointRecord
+from orchestrator.core.names import checkpoint_id
 from orchestrator.core.storage import Storage
 from orchestrator.core.verify import read_verified
 from workers.calls import StepTicker, call, send
@@ -48,6 +51,10 @@ from workers.rng import seed_all
 from workers.state import MODEL_FILE, STATE_FILE, load_tensor_file
 from workers.stopping import NONE, PREEMPT, Preempted, StopCheck
 from workers.writer import CheckpointWriter
+
+# How long the end of an attempt waits for rank 0's background check of the shared copy it
+# restored from (orchestrator/core/heal.py): a preempted one does not wait at all.
+SHARED_CHECK_WAIT_S = 120.0
 
 
 class StopRun(Exception):
@@ -93,6 +100,7 @@ class Session:
         self._planned: tuple[CheckpointRecord | None, dict[str, bytes] | None] | None = None
         self._last_id: str | None = None
         self._monitor_checked = False
+        self._shared_check: threading.Thread | None = None
 
     # -- for train functions ------------------------------------------------------------
     @property
@@ -181,13 +189,20 @@ class Session:
             if self.cfg.replicas and self.rank != 0:  # it heals from a peer instead (workers/replicas.py)
                 self._planned = (None, None)
                 return self._planned
-            plan, blobs = plan_restore(self.coord, self.storage, self.rank, self.world)
+            plan, blobs = plan_restore(self.coord, self.storage, self.rank, self.world, self._check_shared)
             if plan.get("taken_over"):
                 raise TakenOver(plan["taken_over"])
             self.attempt = plan["attempt"]
             record = CheckpointRecord.model_validate(plan["restore"]) if plan["restore"] else None
             self._planned = (record, blobs)
         return self._planned
+
+    def _check_shared(self, record: CheckpointRecord) -> None:
+        """Rank 0 restored from this node's copy: check (and heal) the shared copy, off the
+        restore's path; what it finds goes into the run's event log."""
+        coord = self.coord
+        report = lambda kind, fields: call(coord.event, kind, fields, timeout=60)  # noqa: E731
+        self._shared_check = start_shared_check(self.storage, record, report)
 
     @property
     def restored_from(self) -> str | None:
@@ -222,7 +237,7 @@ class Session:
         checkpoint is written and committed. Other ranks return at once, or, with `sharded`,
         once every rank has written its shards (their list goes into rank 0's record)."""
         # Unique per attempt: a redone epoch never reuses the name of one marked bad.
-        cid = f"epoch{epoch:04d}-step{global_step:07d}-a{self.attempt}"
+        cid = checkpoint_id(epoch, global_step, self.attempt)
         if cid == self._last_id:
             raise ValueError(f"a second checkpoint at epoch {epoch}, step {global_step} in one attempt; "
                              "pass a growing step= to report()")  # fmt: skip
@@ -251,7 +266,7 @@ class Session:
     def finish_stop(self, why: int, where: str) -> None:
         """Every rank agreed to stop (workers/stopping.py) right after a save: wait until it is
         committed, then end the run (the driver asked) or raise Preempted."""
-        self.close()
+        self.close(check_wait_s=0.0 if why == PREEMPT else SHARED_CHECK_WAIT_S)
         broadcast(None)  # no rank leaves before rank 0's commit is done
         if why == PREEMPT:
             raise Preempted(
@@ -259,12 +274,19 @@ class Session:
             )
         raise StopRun(f"interrupted; checkpoint at {where} committed", "interrupt")
 
-    def close(self) -> dict[str, Any]:
-        """Wait for every checkpoint handed to the writer to be committed."""
-        if self.writer is None:
-            return {}
-        self.writer.close()
-        return {"saves": self.writer.saves, "ckpt_blocked_s": self.writer.blocked_s, "pid": os.getpid()}
+    def close(self, check_wait_s: float = SHARED_CHECK_WAIT_S) -> dict[str, Any]:
+        """Wait for every checkpoint handed to the writer to be committed, and (at most
+        check_wait_s) for the background check of the shared copy this attempt restored from."""
+        out: dict[str, Any] = {}
+        if self.writer is not None:
+            self.writer.close()
+            out = {"saves": self.writer.saves, "ckpt_blocked_s": self.writer.blocked_s, "pid": os.getpid()}
+        if (check := self._shared_check) is not None:
+            check.join(check_wait_s)
+            if check.is_alive():
+                print("[restore] the shared copy's check is still running; not waited for", flush=True)
+            self._shared_check = None
+        return out
 
 
 def _retry_reporter(coord: Any, rank: int) -> Any:

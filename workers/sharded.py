@@ -194,7 +194,9 @@ def load_verified(
 ) -> tuple[CheckpointRecord | None, bytes | None]:
     """dcp.load of record into sd (every rank), every file verified before any is loaded. A
     checkpoint that fails verification on any rank is reported (next_restore, on rank 0: the
-    coordinator marks it bad and names the next newest) and the next one tried."""
+    coordinator marks it bad and names the next newest) and the next one tried, after a second
+    look: a read that failed once (a flaky connection) must not cost a good checkpoint."""
+    second_look: set[str] = set()
     while record is not None:
         if not record.sharded:
             raise ValueError(f"checkpoint {record.id} is not sharded (rank 0 wrote it whole): restore it "
@@ -210,9 +212,15 @@ def load_verified(
             else:
                 with open(os.path.join(local, STATE_FILE), "rb") as f:
                     return record, f.read()
+        if record.id not in second_look:  # every rank gathered the same failures: all retry
+            second_look.add(record.id)
+            if rank == 0:
+                print(f"[restore] checkpoint {record.id} failed verification ({failed[0]}); reading it "
+                      "again before marking it bad", flush=True)  # fmt: skip
+            continue
         if rank == 0:
-            print(f"[restore] checkpoint {record.id} failed verification: {failed[0]}", flush=True)
-        nxt = broadcast(next_restore(record.id, failed[0]) if rank == 0 else None)
+            print(f"[restore] checkpoint {record.id} failed verification twice: {failed[0]}", flush=True)
+        nxt = broadcast(next_restore(record.id, f"{failed[0]} (read twice)") if rank == 0 else None)
         record = CheckpointRecord.model_validate(nxt) if nxt else None
     return None, None
 

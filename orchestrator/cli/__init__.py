@@ -5,6 +5,7 @@
     orchestrator checkpoints RUN_URI [--json]            what is kept, and why
     orchestrator best RUN_URI [--json] [--download DIR]  the best checkpoint, for serving
     orchestrator events RUN_URI [--json]                 commits, deletions, restarts, retries
+    orchestrator verify RUN_URI [--json]                 is every kept checkpoint's shared copy intact?
     orchestrator repair RUN_URI [--dry-run]              restore an unreadable manifest.json from its backup
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (spec, arguments), 3 run owned
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import export, inspect, jobs, repair, see, train
+from orchestrator.cli import export, inspect, jobs, repair, see, train, verify
 
 app = typer.Typer(
     help="Fault-tolerant distributed PyTorch training on Ray, with top-k checkpoints "
@@ -51,6 +52,7 @@ def _root(
 
 train.register(app)
 inspect.register(app)
+verify.register(app)
 export.register(app)
 see.register(app)
 jobs.register(app)

@@ -2,8 +2,11 @@
 
 A second driver on a run whose owner is alive is refused, told who holds it and since
 when. A lease that has not been renewed for its TTL (judged by the storage's clock: the
-object's age, never one host's clock against another's), or whose owner is a process on
-this host that no longer exists, is stale and may be taken over (logged as an event).
+object's age against the store's "now", never one host's clock against another's; on a
+local or shared filesystem "now" is the mtime of a probe file written beside the lease), or
+whose owner is a process this one can see is gone (same host and pid namespace, the pid not
+running or recycled: its start time differs), is stale and may be taken over (logged as an
+event). An owner in another pid namespace under the same host name waits out its TTL.
 
 Every write is conditional (docs/storage.md): creating the lease succeeds only if none
 exists, and each heartbeat or takeover replaces exactly the version last read. So of two
@@ -23,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.core.procs import pid_alive
+from orchestrator.core.procs import pid_alive, pid_namespace, start_time
 from orchestrator.core.storage import Conflict, Storage
 
 LEASE = "lease.json"
@@ -63,6 +66,8 @@ class Lease:
         self.heartbeat_s = heartbeat_s
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        self.pid_ns = pid_namespace()
+        self.pid_start = start_time(self.pid)
         self.token = uuid.uuid4().hex
         self.since = time.time()
         self.events: list[dict[str, Any]] = []
@@ -79,12 +84,21 @@ class Lease:
         ttl = float(held.get("ttl_s", self.ttl_s))
         if age_s > ttl:
             return f"no heartbeat for {age_s:.0f}s (ttl {ttl:.0f}s, by the storage's clock)"
-        if held.get("host") == self.host and not pid_alive(int(held.get("pid", -1))):
+        if self._visibly_gone(held):
             return f"owner pid {held.get('pid')} on this host is gone"
         return None
 
+    def _visibly_gone(self, held: dict[str, Any]) -> bool:
+        """The holder is a process this one can see is gone: same host, same pid namespace, and
+        its pid is not running or now belongs to a process started at another time (recycled).
+        A lease from another namespace (or one that does not say) is judged by its TTL alone."""
+        if held.get("host") != self.host or held.get("pid_ns") is None or held["pid_ns"] != self.pid_ns:
+            return False
+        start = held.get("pid_start")
+        return not pid_alive(int(held.get("pid", -1)), float(start) if start is not None else None)
+
     def acquire(self) -> None:
-        current = self.storage.read_versioned(LEASE)
+        current = self.storage.read_versioned(LEASE, aged=True)
         held = _parse(current.data) if current else None
         if current is not None and held is not None:
             why = self.is_stale(held, current.age_s)
@@ -112,8 +126,9 @@ class Lease:
         self._thread.start()
 
     def _body(self) -> bytes:
-        body = {"host": self.host, "pid": self.pid, "token": self.token, "since": self.since,
-                "heartbeat": time.time(), "ttl_s": self.ttl_s}  # fmt: skip
+        body = {"host": self.host, "pid": self.pid, "pid_ns": self.pid_ns, "pid_start": self.pid_start,
+                "token": self.token, "since": self.since, "heartbeat": time.time(),
+                "ttl_s": self.ttl_s}  # fmt: skip
         return json.dumps(body).encode()
 
     def beat(self) -> None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.core.retention import Ckpt
-from orchestrator.core.storage import Storage
+from orchestrator.core.storage import Conflict, Storage
 
 MANIFEST = "manifest.json"
 BACKUP = "manifest.backup.json"
@@ -31,10 +32,11 @@ SPEC = "spec.yaml"
 FORMAT = 1
 # Every kind of event a run's events.jsonl holds (`orchestrator events --kind`).
 EVENT_KINDS = (
-    "attempt_started", "chaos_kill", "commit", "coordinator_started", "delete", "delete_failed",
-    "deterministic_failure", "driver_started", "early_stop", "lease_taken_over", "repaired",
-    "restart", "run_failed", "run_finished", "stop_requested", "stopped", "storage_retry",
-    "tracker_off", "verification_failed", "worker_error",
+    "attempt_started", "backup_failed", "chaos_kill", "commit", "coordinator_started", "delete",
+    "delete_failed", "deterministic_failure", "driver_started", "early_stop", "fenced",
+    "lease_taken_over", "repaired", "restart", "run_failed", "run_finished", "shared_copy_damaged",
+    "shared_copy_healed", "stop_requested", "stopped", "storage_retry", "tracker_off",
+    "verification_failed", "worker_error",
 )  # fmt: skip
 
 
@@ -182,35 +184,71 @@ def parse_manifest(storage: Storage, raw: bytes, name: str = MANIFEST) -> Manife
         raise ManifestUnreadable(f"{where}: not a valid manifest: {e}") from None
 
 
-def write_manifest(storage: Storage, manifest: Manifest) -> Manifest:
+BackupFailed = Callable[[str], None]  # told why a backup write failed (the ledger: an event)
+
+
+def write_manifest(
+    storage: Storage, manifest: Manifest, on_backup_failed: BackupFailed | None = None
+) -> Manifest:
     """Bump the generation and replace the manifest atomically; return what was written."""
     new = _next(manifest)
     data = new.model_dump_json(indent=1).encode()
     storage.write_bytes(MANIFEST, data)
-    _backup(storage, data)
+    _backup(storage, data, on_backup_failed)
     return new
 
 
-def write_manifest_if(storage: Storage, manifest: Manifest, expect: str | None) -> tuple[Manifest, str]:
+def write_manifest_if(
+    storage: Storage, manifest: Manifest, expect: str | None, on_backup_failed: BackupFailed | None = None
+) -> tuple[Manifest, str]:
     """write_manifest, but only over version `expect` (None: only where there is none);
     raises storage.Conflict when another writer replaced it. Returns what was written."""
     new = _next(manifest)
     data = new.model_dump_json(indent=1).encode()
     version = storage.write_if(MANIFEST, data, expect)
-    _backup(storage, data)
+    _backup(storage, data, on_backup_failed)
     return new, version
 
 
-def _backup(storage: Storage, data: bytes) -> None:
+def _backup(storage: Storage, data: bytes, on_failed: BackupFailed | None) -> None:
     """Copy a manifest that is now durable to manifest.backup.json. Written after the manifest
     (never before: a backup must not hold a generation that did not land), so it is the last
-    generation the coordinator wrote, or the one before it when a crash or a storage error
-    came between the two writes; `orchestrator repair` handles both. Best effort: the commit
-    is durable already, and the next manifest write brings the copy up to date."""
+    generation written, or an older one when a crash or a storage error came between the two
+    writes; `orchestrator repair` handles both. A failed copy does not fail the commit (it is
+    durable already; the next manifest write brings the copy up to date), but it is said."""
+    error = backup_manifest(storage, data)
+    if error is not None and on_failed is not None:
+        on_failed(error)
+
+
+def backup_manifest(storage: Storage, data: bytes) -> str | None:
+    """Write `data` (a manifest just written) as the backup unless the stored backup holds the
+    same or a newer generation, by compare-and-swap: a coordinator that stalled between its
+    manifest write and this one, and lost the run meanwhile, never replaces the new owner's
+    backup with its older generation. Returns why the write failed, or None."""
+    generation = json.loads(data).get("generation", 0)
     try:
-        storage.write_bytes(BACKUP, data)
-    except Exception:  # noqa: BLE001  # storage trouble: the next write tries again
-        pass
+        for _ in range(3):  # a conflict: another writer in between; look again
+            current = storage.read_versioned(BACKUP)
+            if current is not None and _generation(current.data) >= generation:
+                return None  # a newer owner's (or our own retried) backup: leave it
+            try:
+                storage.write_if(BACKUP, data, current.version if current else None)
+                return None
+            except Conflict:
+                continue
+        return f"{BACKUP} kept changing under this writer"
+    except Exception as e:  # noqa: BLE001  # storage trouble: reported, the next write tries again
+        return storage.clean(e)
+
+
+def _generation(raw: bytes) -> int:
+    """A stored backup's generation; -1 for one that cannot be read (any write may replace it)."""
+    try:
+        gen = json.loads(raw).get("generation", -1)
+        return gen if isinstance(gen, int) else -1
+    except (ValueError, AttributeError, RecursionError):
+        return -1
 
 
 def _next(manifest: Manifest) -> Manifest:

@@ -3,6 +3,8 @@ its own disk, and a restore uses that copy only when its bytes match the committ
 
     <root>/<run key>/checkpoints/<id>/<file>   the committed copy (the newest this node has)
     <root>/<run key>/staging/<id>/<file>       rank 0's checkpoint while it uploads
+    <root>/<run key>/held/<id>/<file>          hard links to the copy a restore used, while rank 0
+                                               checks (and heals) its shared copy
 
 <root> is the spec's `checkpoint.local_cache` (default: `<system temp dir>/orchestrator-cache-<uid>`
 on each node); <run key> is the run's name and a hash of its URI. Nothing here is trusted:
@@ -30,6 +32,7 @@ from orchestrator.core.storage import HashingWriter, Storage
 
 DEFAULT_DIR = "orchestrator-cache"
 STAGING = "staging"
+HELD = "held"
 
 
 def cache_root(setting: bool | str) -> str | None:
@@ -88,6 +91,28 @@ class NodeCache:
         for name, data in blobs.items():
             self.storage.write_stream(f"{CHECKPOINTS}/{record.id}/{name}", _writes(data), durable=False)
         self._keep_only(record.id)
+
+    def hold(self, record: CheckpointRecord) -> str:
+        """This node's copy of record as it is now, for healing the shared copy from: its
+        files hard-linked under held/ (no bytes copied), which a later commit replacing the
+        copy does not touch. Returns the directory to read them from, relative to
+        self.storage: held/<id>, or the copy itself where the files cannot be linked (gone,
+        another filesystem). One holder (rank 0): an earlier, killed holder's links go.
+        Whoever reads them verifies them against the record first."""
+        live, held = f"{CHECKPOINTS}/{record.id}", f"{HELD}/{record.id}"
+        self.release()
+        try:
+            for f in record.files:
+                dst = os.path.join(self.dir, held, f.path)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.link(os.path.join(self.dir, live, f.path), dst)
+        except OSError:
+            self.release()
+            return live
+        return held
+
+    def release(self) -> None:
+        shutil.rmtree(os.path.join(self.dir, HELD), ignore_errors=True)
 
     def _keep_only(self, cid: str) -> None:
         # Another rank on this node may be writing or reading a copy of another checkpoint at

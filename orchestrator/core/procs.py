@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import psutil
 
 
@@ -19,3 +21,22 @@ def pid_alive(pid: int | None, create_time: float | None = None) -> bool:
         return False
     except psutil.AccessDenied:
         return True  # someone else's process, but it exists
+
+
+def pid_namespace() -> str | None:
+    """This process's pid namespace ("pid:[4026531836]" on Linux), or None where there is no
+    /proc. Two processes with the same host name may still not see each other's pids (a
+    container with host networking): only within one namespace does a missing pid mean a
+    dead process."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def start_time(pid: int) -> float | None:
+    """When pid started (psutil's create_time), or None when it is gone."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None

@@ -8,11 +8,13 @@ it names is checked against storage before anything is written:
 - every checkpoint it names is verified against its record (sizes, sha256); one that fails
   (deleted by retention after the backup was written, or damaged) is moved to `bad`, never
   restored as committed;
-- a complete checkpoint directory it does not name, whose record verifies and comes from the
-  backup's last attempt or a later one, is adopted: it was committed in the generation the
-  backup missed, or uploaded by that attempt just before a crash, after its last commit (the
-  same history either way; earlier attempts' uploads were collected when the next attempt
-  started). Anything else is left out, and the next attempt collects it as an orphan;
+- a complete checkpoint directory it does not name, whose record verifies, comes from the
+  backup's last attempt or a later one, and lies after the backup's latest commit (by attempt,
+  then global step), is adopted: it was committed in a generation the backup missed, or
+  uploaded just before a crash, after the last commit (the same history either way). One at or
+  before that point was committed and then dropped by retention (a failed delete), or never
+  committed: adopting it would give it the newest seq and move the resume point back, so repair
+  never does. Anything else is left out, and the next attempt collects it as an orphan;
 - the restored manifest replaces the damaged one by compare-and-swap over the damaged bytes,
   under the run's lease (a live driver is refused), and the damaged bytes are kept as
   manifest.damaged.json. Nothing is deleted: the coordinator stays the only deleter.
@@ -43,6 +45,7 @@ from orchestrator.core.manifest import (
     read_record,
     write_manifest_if,
 )
+from orchestrator.core.names import attempt_of
 from orchestrator.core.storage import Conflict, Storage
 from orchestrator.core.verify import VerificationError, copy_verified
 
@@ -149,7 +152,8 @@ def _reconcile(storage: Storage, saved: Manifest, report: Report) -> Manifest:
         keep.append(rec)
     named = {c.id for c in saved.checkpoints} | {b.record.id for b in saved.bad}
     found: list[CheckpointRecord] = []
-    for name in storage.list_dirs(CHECKPOINTS):
+    names = storage.list_dirs(CHECKPOINTS)
+    for name in names:
         if name in named:
             continue
         why = _adoptable(storage, name, saved)
@@ -170,7 +174,10 @@ def _reconcile(storage: Storage, saved: Manifest, report: Report) -> Manifest:
             "bad": bad,
             "kept": kept,
             "next_seq": next_seq,
-            "attempts": max([saved.attempts, *(c.attempt for c in keep)]),
+            # Every attempt seen, adopted or not: the next attempt's number is above all of them,
+            # so its orphan collection may collect what they left (it never deletes a later one).
+            "attempts": max([saved.attempts, *(c.attempt for c in keep),
+                             *filter(None, map(attempt_of, names))]),  # fmt: skip
             "resumed_from": saved.resumed_from if saved.resumed_from in ids else None,
         }
     )
@@ -190,6 +197,14 @@ def _adoptable(storage: Storage, name: str, saved: Manifest) -> CheckpointRecord
         return (
             f"uploaded by attempt {rec.attempt}, before the last attempt ({saved.attempts}) and never "
             "committed; collected as an orphan at the next attempt"
+        )
+    latest = saved.latest()
+    if latest is not None and (rec.attempt, rec.global_step) <= (latest.attempt, latest.global_step):
+        return (
+            f"attempt {rec.attempt}, step {rec.global_step}: at or before the backup's latest commit "
+            f"({latest.id}), so committed and then dropped by retention (its delete failed or never "
+            "ran), or never committed; adopting it would move the resume point back. Collected as "
+            "an orphan at the next attempt"
         )
     try:
         copy_verified(storage, rec, None)

@@ -8,6 +8,7 @@ Path would mangle.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -15,7 +16,6 @@ import random
 import re
 import shutil
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -91,6 +91,11 @@ class Conflict(RuntimeError):
     """A compare-and-swap lost: the object is no longer the version the writer last saw."""
 
 
+class LocalIOError(OSError):
+    """The local side of a download failed (a full disk, a directory a temp cleaner removed):
+    nothing is known about the stored copy, which must not be judged by it."""
+
+
 @dataclass(frozen=True)
 class Versioned:
     """An object's bytes, its version (S3: the ETag; elsewhere: the sha256 of the bytes) and
@@ -98,7 +103,7 @@ class Versioned:
 
     data: bytes
     version: str
-    age_s: float
+    age_s: float  # 0.0 unless asked for (read_versioned(aged=True))
 
 
 # Compare-and-swap on a local filesystem: an exclusive lock on a sidecar file around
@@ -281,6 +286,15 @@ def _hashed(f: IO[bytes], produce: Callable[[HashingWriter], object]) -> tuple[i
     return w.size, w.hexdigest()
 
 
+def _local(path: str | None, what: str, fn: Callable[..., T]) -> T:
+    """fn() for the local side of a transfer (or open(path, what) when what is a mode); its
+    OSError becomes a LocalIOError naming the local path."""
+    try:
+        return fn(path or os.devnull, what) if what in ("wb", "rb") else fn()
+    except OSError as e:
+        raise LocalIOError(e.errno, f"local copy {path}: {what} failed: {e.strerror or e}") from e
+
+
 def _local_atomic(target: str, fill: Callable[[IO[bytes]], T], durable: bool) -> T:
     """Write target on a local filesystem through a temp file beside it, renamed over it:
     a reader sees the old file or the whole new one. When durable, the file and the rename
@@ -390,13 +404,13 @@ class Storage:
 
         def copy() -> tuple[int, str]:
             digest, size = hashlib.sha256(), 0
-            with self.fs.open(self.path(rel), "rb") as src, open(part or os.devnull, "wb") as out:
+            with self.fs.open(self.path(rel), "rb") as src, _local(part, "wb", open) as out:
                 while block := src.read(chunk):
                     digest.update(block)
                     size += len(block)
-                    out.write(block)
+                    _local(part, "write", lambda: out.write(block))
             if part and target:
-                os.replace(part, target)
+                _local(target, "rename", lambda: os.replace(part, target))
             return size, digest.hexdigest()
 
         try:
@@ -412,6 +426,23 @@ class Storage:
             return bool(self.fs.exists(self.path(rel)))
 
         return self._call(f"stat {rel}", check)
+
+    def list_sizes(self, rel: str) -> dict[str, int]:
+        """Every file under rel (at any depth), by its path relative to rel, with its size: one
+        listing (S3: list_objects_v2 pages of 1,000 keys), not a request per file."""
+
+        def find() -> dict[str, int]:
+            base = self.path(rel).rstrip("/")
+            if not self.is_local:
+                self.fs.invalidate_cache()
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return {}
+            return {k.rstrip("/")[len(base) + 1 :]: int(v.get("size") or 0) for k, v in found.items()
+                    if v.get("type") != "directory" and k.rstrip("/") != base}  # fmt: skip
+
+        return self._call(f"list {rel}", find)
 
     def list_dirs(self, rel: str) -> list[str]:
         """Names of the entries directly under rel (empty if rel does not exist)."""
@@ -528,11 +559,12 @@ class Storage:
             self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         )
 
-    def read_versioned(self, rel: str) -> Versioned | None:
-        """rel's bytes with its version and age, or None when it does not exist."""
-        return self._call(f"read {rel}", lambda: self._read_versioned(rel))
+    def read_versioned(self, rel: str, aged: bool = False) -> Versioned | None:
+        """rel's bytes with its version, or None when it does not exist; with aged, its age by
+        the storage's own clock too (the lease's staleness)."""
+        return self._call(f"read {rel}", lambda: self._read_versioned(rel, aged))
 
-    def _read_versioned(self, rel: str) -> Versioned | None:
+    def _read_versioned(self, rel: str, aged: bool = False) -> Versioned | None:
         target = self.path(rel)
         if self.is_s3:
             return self._s3_get(target)
@@ -541,9 +573,24 @@ class Storage:
         except FileNotFoundError:
             return None
         age = 0.0
-        if self.is_local:
-            age = time.time() - os.stat(target).st_mtime  # one host: the filesystem's clock is ours
+        if self.is_local and aged:
+            age = self._local_now(target) - os.stat(target).st_mtime
         return Versioned(data, sha256_hex(data), age)
+
+    @staticmethod
+    def _local_now(beside: str) -> float:
+        """'Now' by the clock that stamps mtimes in this directory: the mtime of a probe file
+        written beside `beside`. On NFS the file server sets mtimes, so the reader's own
+        time.time() would compare two hosts' clocks. The probe's name holds ".tmp-", so one a
+        crash leaves behind is collected with the other temp files."""
+        probe = f"{os.path.dirname(beside)}/clock.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"clock probe")
+            return os.stat(probe).st_mtime
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
 
     def _s3_get(self, target: str) -> Versioned | None:
         from email.utils import parsedate_to_datetime

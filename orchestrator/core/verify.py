@@ -6,8 +6,13 @@ the data plane's business, so this module needs neither torch nor Ray.
 
 from __future__ import annotations
 
-from orchestrator.core.manifest import CHECKPOINTS, CheckpointRecord
-from orchestrator.core.storage import Storage, StorageError, sha256_hex
+import base64
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from orchestrator.core.manifest import CHECKPOINTS, CheckpointRecord, FileEntry
+from orchestrator.core.storage import LocalIOError, Storage, StorageError, sha256_hex
 
 
 class VerificationError(RuntimeError):
@@ -20,20 +25,40 @@ class CheckpointRefused(VerificationError):
     ran. This project never writes such a file; the run's storage was written by someone else."""
 
 
-def read_verified(storage: Storage, record: CheckpointRecord) -> dict[str, bytes]:
+@dataclass(frozen=True)
+class Damage:
+    """One file of a checkpoint as storage holds it that does not match its record."""
+
+    file: str  # its path in the checkpoint's directory
+    why: str  # missing, size x != recorded y, sha256 ... != recorded ...
+
+
+def read_verified(
+    storage: Storage,
+    record: CheckpointRecord,
+    on_local: Callable[[CheckpointRecord], object] | None = None,
+) -> dict[str, bytes]:
     """Every file of the checkpoint, checked against the sizes and sha256 in its record.
 
     With a node-local tier (storage.node_cache, set on the workers), this node's copy is read
     first and used only if every file matches the record; otherwise shared storage is read,
-    verified, and kept as this node's copy for the next restore."""
+    verified, and kept as this node's copy for the next restore. on_local(record) is called
+    when this node's copy served the restore, whose shared copy then went unread (rank 0
+    starts a check of it: orchestrator/core/heal.py); it can neither fail nor stop the restore."""
     near = getattr(storage, "node_cache", None)
     if near is not None and near.has(record.id):
         try:
             blobs = _read_verified(near.storage, record)
             print(f"[restore] {record.id}: node-local copy matches its record ({near.dir})", flush=True)
-            return blobs
         except (VerificationError, OSError, StorageError) as e:
             print(f"[restore] {record.id}: node-local copy not used ({e}); reading {storage.uri}", flush=True)
+        else:
+            if on_local is not None:
+                try:
+                    on_local(record)
+                except Exception as e:  # the restore has its verified bytes: it goes on
+                    print(f"[restore] {record.id}: could not start checking the shared copy: {e}", flush=True)
+            return blobs
     blobs = _read_verified(storage, record)
     if near is not None:
         try:
@@ -66,8 +91,6 @@ def copy_verified(
     """Stream the checkpoint's files (or `only` those) into the local directory dest (or just
     through the hash, dest=None), checked against the record; never held in memory whole.
     A file that does not match is removed and VerificationError raised. Returns the paths."""
-    import os
-
     written: list[str] = []
     for f in record.files:
         if only is not None and f.path not in only:
@@ -78,6 +101,8 @@ def copy_verified(
             os.makedirs(os.path.dirname(target), exist_ok=True)
         try:
             size, digest = storage.download(rel, target)
+        except LocalIOError:
+            raise  # this node's disk, not the stored copy: never a reason to mark it bad
         except FileNotFoundError:
             raise VerificationError(f"{rel}: missing") from None
         if (size, digest) != (f.size, f.sha256):
@@ -92,3 +117,51 @@ def copy_verified(
         if target:
             written.append(target)
     return written
+
+
+def check_stored(storage: Storage, record: CheckpointRecord, only: set[str] | None = None) -> list[Damage]:
+    """What of the checkpoint's files (or `only` those) storage holds differently from the
+    record; empty when every one matches. Nothing is kept in memory: each file's size is
+    looked up first, then its content hash is the store's own sha256 where it keeps one
+    (S3 objects uploaded with a SHA256 checksum), else a streamed read through sha256.
+    Storage errors other than a missing file are raised (nothing can be said then)."""
+    out: list[Damage] = []
+    for f in record.files:
+        if only is None or f.path in only:
+            why = _check_stored_file(storage, f"{CHECKPOINTS}/{record.id}/{f.path}", f)
+            if why is not None:
+                out.append(Damage(f.path, why))
+    return out
+
+
+def _check_stored_file(storage: Storage, rel: str, f: FileEntry) -> str | None:
+    try:
+        size, digest = _stat(storage, rel)
+        if size == f.size and digest is None:
+            size, digest = storage.download(rel, None)
+    except FileNotFoundError:
+        return "missing"
+    if size != f.size:
+        return f"size {size} != recorded {f.size}"
+    if digest != f.sha256:
+        return f"sha256 {(digest or '')[:12]}… != recorded {f.sha256[:12]}…"
+    return None
+
+
+def _stat(storage: Storage, rel: str) -> tuple[int, str | None]:
+    """rel's size, and its sha256 (hex) where the store keeps one for the whole object."""
+    path = storage.path(rel)
+
+    def head() -> tuple[int, str | None]:
+        if not storage.is_s3:
+            if not storage.is_local:
+                storage.fs.invalidate_cache(path)
+            return int(storage.fs.size(path)), None
+        bucket, key, _ = storage.fs.split_path(path)
+        out = storage.fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        stored = out.get("ChecksumSHA256")
+        # A multipart upload's checksum is one of its parts' checksums ("...-N"): not the file's.
+        whole = stored and "-" not in stored and out.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+        return int(out["ContentLength"]), base64.b64decode(stored).hex() if whole else None
+
+    return storage._call(f"stat {rel}", head)  # the storage layer's retries and error handling
