@@ -407,7 +407,6 @@ class RunLedger:
         current = self.storage.read_versioned(MANIFEST)
         if current is None or current.version != self._version:
             self.fenced = f"run taken over by {lease.describe(lease.holder(self.storage))}"
-            self.events.append({"ts": round(time.time(), 3), "kind": "fenced", "why": self.fenced})
             raise LeaseLost(f"{self.storage.uri}: {self.fenced}; nothing was deleted")
 
     def _backup_failed(self, error: str) -> None:
