@@ -105,3 +105,14 @@ def test_empty():
 def test_bad_policy_arguments(k, mode):
     with pytest.raises(ValueError):
         BestK(k, mode)
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [(lambda: LatestN(0), "keep_latest"), (lambda: EveryNEpochs(0), "keep_every_n_epochs"),
+     (lambda: LatestN(-2), "keep_latest"), (lambda: EveryNEpochs(1.5), "keep_every_n_epochs")],
+)  # fmt: skip
+def test_a_policy_refuses_what_would_keep_nothing_or_divide_by_zero(make, field):
+    """The invariants live in the policies, not only in the spec that builds them."""
+    with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
+        make()

@@ -55,6 +55,11 @@ class LatestN:
     n: int
     reason: str = "latest"
 
+    def __post_init__(self) -> None:
+        # 0 would keep nothing new: the latest commit, the one a resume needs, would be dropped.
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"keep_latest must be an integer >= 1, got {self.n!r}")
+
     def keep(self, ckpts: Sequence[Ckpt]) -> list[str]:
         return [c.id for c in sorted(ckpts, key=lambda c: c.seq, reverse=True)[: self.n]]
 
@@ -63,6 +68,10 @@ class LatestN:
 class EveryNEpochs:
     n: int
     reason: str = "milestone"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:  # 0 would divide by zero in keep()
+            raise ValueError(f"keep_every_n_epochs must be an integer >= 1, got {self.n!r}")
 
     def keep(self, ckpts: Sequence[Ckpt]) -> list[str]:
         # One milestone per epoch: the newest end-of-epoch save of it.
