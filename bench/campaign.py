@@ -7,17 +7,71 @@ checked against a fault-free run of the same spec.
 One Ray cluster (a head and two worker nodes on this machine: tests/cluster_support.py) and
 one moto S3 server behind a fault-injecting proxy (tests/s3_support.py) serve every run;
 each run is `orchestrator run SPEC --address CLUSTER`, storage on the S3 server through the
-proxy. A run's faults are drawn (seeded) from:
+proxy. For the first partition a second cluster like the first is started, with a proxy of
+its own in front of the same S3 server (its own network path to S3), and kept. A run's
+faults are drawn (seeded) from:
 
     worker_kill          SIGKILL of one or two ranks at a random step (chaos.kills)
     after_upload         SIGKILL of rank 0 after a checkpoint's upload, before its commit
     raylet_kill          SIGKILL of the raylet of a node that hosts a rank (a new node joins)
     driver_kill          SIGKILL of the driver, then `orchestrator resume`
     coordinator_restart  SIGKILL of the coordinator actor's process (Ray restarts it)
-    s3_outage            the proxy answers 503 SlowDown, resets connections, or both, for seconds
+    s3_outage            the proxies answer 503 SlowDown, reset connections, or both, for seconds
+    partition            the driver and its coordinator frozen (SIGSTOP) past the lease TTL while
+                         a second driver on the second cluster takes the run over, then thawed
 
 The first two are in the run's spec (the workers fire them); the others the campaign fires
-once the run has committed a chosen epoch. Every block of three runs covers all six kinds.
+once the run has committed a chosen epoch. Every block of three runs covers the first six
+kinds (two drawn from a shuffled deck per run, now and then a third), and one run of each
+block, drawn, gets a partition besides: a third of the runs.
+
+A partition is the stale owner: driver A's node stalls (a VM paused, a long GC pause, a
+network partition that holds its packets) while the rest of its cluster runs on, another
+driver takes the run over, and A's node wakes up. The run's spec sets
+`failure.lease_ttl_s` to PARTITION_TTL_S (5 s). Each partition is drawn one of two moments:
+
+    training   after the chosen epoch's commit, whatever A is doing then;
+    orphans    after it, the campaign SIGKILLs one of A's ranks, so that the worker group
+               restarts and A's coordinator collects orphans for the new attempt, and
+               freezes A while the first proxy holds that coordinator's listing of
+               checkpoints/. The listing is answered at the thaw, from what S3 holds then:
+               B's checkpoints, which no manifest A knows names. A stale owner deleting
+               the new owner's checkpoints as orphans: the defect fencing must prevent,
+               hit on purpose rather than by chance.
+
+Then, in order:
+
+    1. SIGSTOP of A's coordinator actor's process (its pid from A's coordinator_started
+       event), then of A's driver's process group (the lease heartbeat thread lives in the
+       driver). Both are on the driver's node (the coordinator is pinned to it): that node
+       frozen. A's Ray Train controller and workers are not frozen: the controller and the
+       ranks run as processes of their own, on other nodes as well, and a stalled driver
+       node leaves them running. They train on up to their next call to the coordinator,
+       which waits (a worker's calls time out after 300 s); rank 0's writer uploads its
+       next checkpoint and its commit call waits behind the freeze. So A's side wakes with
+       uploads and a commit in flight, the harder case for the fencing.
+    2. Wait until lease.json's age, by the storage's clock, is past the TTL (+1 s).
+    3. `orchestrator resume RUN_URI --address SECOND` (driver B) on the second cluster,
+       through the second proxy: it takes the lease over (a lease_taken_over event),
+       starts its coordinator there (on A's cluster it would `ray.kill` A's coordinator by
+       name, which would hide the stale writer this fault is about), claims the manifest
+       and trains. Within TAKEOVER_TIMEOUT_S, well inside the workers' 300 s.
+    4. Once B has committed a checkpoint (a commit event after B's driver_started): the
+       held listing (orphans) is let through, A's coordinator is thawed (SIGCONT), and
+       A's driver THAW_GAP_S (1 s) later. The coordinator works through what it was doing
+       and its queued calls before A's heartbeat can find the lease lost and fence it: the
+       worst order for the fencing, which must not depend on the driver's word.
+    5. A must stop by itself within FENCE_TIMEOUT_S: exit 3 (EXIT_LEASE, "taken over").
+       Once it has, what A's side changed since the freeze (everything through the first
+       proxy, which logs every write) must hold no delete of a checkpoint B wrote (attempt
+       past the manifest's count at the takeover) or B's manifest kept at the thaw, and no
+       write of manifest.json or lease.json that went through; every checkpoint of B's
+       manifest at the thaw must still verify; lease.json must be B's while B runs. A's
+       coordinator rewriting events.jsonl or metrics.jsonl from its stale rows after the
+       thaw is noted (B's next write restores them; stale_journal_rewrites in the JSON).
+       B is the run's next driver (a resume, counted), later faults of the run fire on B's
+       cluster, and the run is checked like every other.
+
 A run that fails on its own must fail with the documented error (naming `orchestrator
 resume RUN_URI`), and is then resumed. Each run is then checked against a fault-free run of
 the same spec (one per spec, made first):
@@ -34,7 +88,10 @@ the same spec (one per spec, made first):
                        data position) equals the fault-free run's at the same position
     metrics            each epoch once, equal to the fault-free run's; `best` is the true best
     fired              every scheduled fault happened (a chaos_kill, a restart, a new
-                       coordinator, refused requests, a resumed driver)
+                       coordinator, refused requests, a resumed driver; a partition: a
+                       lease_taken_over and a resumed driver after it, B's commit before
+                       the thaw, the held listing (orphans), and step 5 above)
+    nothing left       no process of the run on either cluster after its last driver ended
 
 The exit status is 1 when any check failed, 0 otherwise. Docs: docs/reliability.md.
 """
@@ -58,6 +115,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import psutil
 import torch
@@ -66,6 +124,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test suite's cluster and S3 helpers
 
+from orchestrator.core.lease import LEASE, holder  # noqa: E402
 from orchestrator.core.manifest import (  # noqa: E402
     CHECKPOINTS,
     EVENTS,
@@ -79,7 +138,8 @@ from orchestrator.core.manifest import (  # noqa: E402
 from orchestrator.core.storage import Storage  # noqa: E402
 from orchestrator.core.verify import VerificationError, read_verified  # noqa: E402
 
-KINDS = ("worker_kill", "after_upload", "raylet_kill", "driver_kill", "coordinator_restart", "s3_outage")
+DECK = ("worker_kill", "after_upload", "raylet_kill", "driver_kill", "coordinator_restart", "s3_outage")
+KINDS = (*DECK, "partition")
 CHAOS_KINDS = ("worker_kill", "after_upload")  # written into the spec; the workers fire them
 MONITOR, MODE = "val_loss", "min"
 # Spec variants: what retention keeps and when checkpoints are taken. Each has its own
@@ -89,8 +149,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "midepoch": {"top_k": 1, "keep_latest": 2, "keep_every_n_epochs": 3, "every_n_steps": 10},
 }
 BUCKET = "campaign"
-MAX_LIVES = 4  # drivers per run: the first, and resumes after a driver kill or a clear failure
+MAX_LIVES = 5  # drivers per run: the first, and resumes after a driver kill, a partition or a clear failure
 LIFE_TIMEOUT_S = 600.0
+# A partition (see the docstring): the lease TTL of its run's spec; how long B may take to
+# commit (A's workers wait on the frozen coordinator: their calls time out at 300 s); how
+# long A may take to stop once thawed.
+PARTITION_TTL_S = 5.0
+TAKEOVER_TIMEOUT_S = 200.0
+FENCE_TIMEOUT_S = 300.0
+HOLD_TIMEOUT_S = 120.0  # "orphans": from the rank's kill to the coordinator's listing
+THAW_GAP_S = 1.0  # from the coordinator's thaw to the driver's
+TOOK_OVER = "took over after a partition"  # a resume, as RunResult.resumes names it
 POLL_S = 0.3  # how often a run's events are read for fault triggers (an epoch takes seconds)
 RUN_ACTORS = ("Coordinator", "TrainController", "RayTrainWorker")  # a run's processes, by Ray's titles
 
@@ -103,7 +172,7 @@ class Fault:
     kind: str
     epoch: int  # chaos: the epoch it fires in; the others: fire once this epoch is committed
     kills: list[dict[str, Any]] = field(default_factory=list)  # chaos: the spec's kill entries
-    mode: str = ""  # s3_outage: 503 | reset | flaky
+    mode: str = ""  # s3_outage: 503 | reset | flaky; partition: training | orphans
     seconds: float = 0.0  # s3_outage: how long
     fired: bool = False
     at: float = 0.0  # when the campaign fired it (time.time())
@@ -117,7 +186,34 @@ class Fault:
         if self.kind == "after_upload":
             return f"after_upload(e{self.epoch})"
         extra = f", {self.mode} {self.seconds:.1f}s" if self.kind == "s3_outage" else ""
+        extra = f", {self.mode}" if self.kind == "partition" else extra
         return f"{self.kind}(after e{self.epoch}{extra})"
+
+
+@dataclass
+class Driver:
+    """One driver process of a run: its logs, the cluster it runs on, when it started."""
+
+    proc: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+    cluster: Any  # cluster_support.LocalCluster
+    started: float
+
+
+@dataclass
+class Thawed:
+    """A partition's driver A after its thaw, until it stops, and what it is checked against."""
+
+    a: Driver
+    b: Driver  # the driver that took the run over
+    fault: Fault
+    res: RunResult
+    b_first: int  # B's first attempt (the manifest's count when B started, plus one)
+    at_thaw: dict[str, CheckpointRecord]  # the checkpoints of B's manifest at the thaw
+    mark: int  # A's side's writes (Campaign.proxy.writes) from here on were made since the freeze
+    thawed: float  # when A's coordinator was thawed
+    deadline: float  # A must have stopped by then
 
 
 @dataclass
@@ -133,24 +229,38 @@ class Plan:
     def chaos(self) -> list[dict[str, Any]]:
         return [k for f in self.faults for k in f.kills]
 
+    @property
+    def partitioned(self) -> bool:
+        return any(f.kind == "partition" for f in self.faults)
 
-def make_plans(seed: int, runs: int, epochs: int, steps: int, variants: list[str]) -> list[Plan]:
-    """Each run gets two fault kinds, drawn so that every block of three runs covers all six,
-    and now and then a third; epochs, steps, ranks, modes and durations are drawn too."""
+
+def make_plans(
+    seed: int, runs: int, epochs: int, steps: int, variants: list[str], only: tuple[str, ...] = KINDS
+) -> list[Plan]:
+    """Each run gets two fault kinds, drawn so that every block of three runs covers the six
+    of DECK, and now and then a third; one run of each block, drawn, gets a partition too.
+    Epochs, steps, ranks, modes and durations are drawn as well. `only` narrows the kinds
+    (for debugging: the blocks then cover those; with only partition, every run has one)."""
     if epochs < 4:
         raise ValueError("a campaign needs at least 4 epochs (external faults fire before the last three)")
     rng = random.Random(seed)
     plans: list[Plan] = []
     deck: list[str] = []
+    cards = [k for k in DECK if k in only]
+    partitioned = -1  # the run of the current block that gets a partition
     for i in range(1, runs + 1):
+        if (i - 1) % 3 == 0:
+            partitioned = i + rng.randrange(min(3, runs - i + 1))
         kinds = []
-        for _ in range(2):
+        for _ in range(2 if cards else 0):
             if not deck:
-                deck = list(KINDS)
+                deck = list(cards)
                 rng.shuffle(deck)
             kinds.append(deck.pop())
-        if rng.random() < 0.3:
-            kinds.append(rng.choice(KINDS))
+        if cards and rng.random() < 0.3:
+            kinds.append(rng.choice(cards))
+        if "partition" in only and (i == partitioned or not cards):  # only partitions: every run
+            kinds.append("partition")
         external = [k for k in kinds if k not in CHAOS_KINDS]
         # Fired once epoch k is committed, k early enough that training still runs while the
         # campaign sees the commit and fires (a raylet kill needs a rank alive on a worker node).
@@ -180,6 +290,8 @@ def make_plans(seed: int, runs: int, epochs: int, steps: int, variants: list[str
                 f = Fault(kind, slots.pop())
                 if kind == "s3_outage":
                     f.mode, f.seconds = rng.choice(["503", "reset", "flaky"]), round(rng.uniform(2.0, 5.0), 1)
+                if kind == "partition":
+                    f.mode = rng.choice(["training", "orphans"])
                 faults.append(f)
         plans.append(Plan(i, variants[(i - 1) % len(variants)], faults))
     return plans
@@ -206,6 +318,11 @@ class Checked:
     mismatches: list[str] = field(default_factory=list)  # differences from the fault-free run
     problems: list[str] = field(default_factory=list)  # every other failed check
     notes: list[str] = field(default_factory=list)  # findings that break no promise
+
+    def merge(self, earlier: Checked) -> None:
+        """Put what an earlier look at the run found before what this one did."""
+        for name in ("lost", "orphans", "mismatches", "problems", "notes"):
+            setattr(self, name, [*getattr(earlier, name), *getattr(self, name)])
 
     def all(self) -> list[str]:
         return [
@@ -476,6 +593,10 @@ class Campaign:
         self.refs: dict[str, Reference] = {}
         self.steps = 0
         self._stack = contextlib.ExitStack()
+        self.second: Any = None  # the second cluster, started for the first partition
+        self.proxy2: Any = None  # the second cluster's way to the S3 server
+        self.active: Any = None  # the cluster the run's current driver is on
+        self._drivers: list[Driver] = []  # the current run's, to stop if the campaign is interrupted
 
     def __enter__(self) -> Campaign:
         from cluster_support import local_cluster
@@ -488,6 +609,7 @@ class Campaign:
         self.proxy.server.handle_error = lambda *a: None  # type: ignore[method-assign]  # resets by killed clients
         self._stack.callback(self.proxy.close)
         self.cluster = self._stack.enter_context(local_cluster(workers=2, head_num_cpus=1, **CREDS))
+        self.active = self.cluster
         self.direct = {
             "endpoint_url": self.moto.endpoint,
             "key": CREDS["AWS_ACCESS_KEY_ID"],
@@ -500,18 +622,54 @@ class Campaign:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.proxy.mode = "ok"
+        for proxy in self.proxies():
+            proxy.mode = "ok"
+            proxy.release()
         self._stack.close()
+
+    def second_cluster(self) -> Any:
+        """The second Ray cluster (a partition's driver B runs there), like the first, with a
+        proxy of its own in front of the same S3 server (its own network path: what goes
+        through the first proxy after a partition is driver A's side, and only A's); started
+        the first time it is asked for, then kept for the rest of the campaign."""
+        if self.second is None:
+            from cluster_support import local_cluster
+            from s3_support import CREDS, FaultProxy
+
+            t0 = time.time()
+            self.proxy2 = FaultProxy(self.moto.port)
+            self.proxy2.server.handle_error = lambda *a: None  # type: ignore[method-assign]
+            self._stack.callback(self.proxy2.close)
+            self.second = self._stack.enter_context(local_cluster(workers=2, head_num_cpus=1, **CREDS))
+            self.log(
+                f"[campaign] second cluster {self.second.address} ({len(self.second.nodes)} nodes) "
+                f"up in {time.time() - t0:.0f}s, S3 behind proxy {self.proxy2.endpoint}"
+            )
+        return self.second
+
+    def clusters(self) -> list[Any]:
+        return [c for c in (self.cluster, self.second) if c is not None]
+
+    def proxies(self) -> list[Any]:
+        return [p for p in (self.proxy, self.proxy2) if p is not None]
+
+    def resume_args(self, uri: str, cluster: Any) -> list[str]:
+        """`orchestrator resume` of uri from cluster, through that cluster's proxy. (Reading the
+        run's stored spec needs the endpoint first, as docs/storage.md says.)"""
+        proxy = self.proxy if cluster is self.cluster else self.proxy2
+        return ["resume", uri, "--storage-option", f"endpoint_url={proxy.endpoint}"]
 
     def storage(self, name: str) -> Storage:
         return Storage(f"s3://{BUCKET}/runs/{name}", self.direct)
 
-    def spec(self, name: str, variant: str, kills: list[dict[str, Any]]) -> Path:
+    def spec(self, name: str, variant: str, kills: list[dict[str, Any]], partition: bool = False) -> Path:
         data = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
         data.update(name=name, epochs=self.epochs, chaos={"kills": kills})
         data["storage"] = {"root": f"s3://{BUCKET}/runs", "options": {"endpoint_url": self.proxy.endpoint}}
         data["checkpoint"].update(VARIANTS[variant])
         data["failure"] = {"max_failures": 8}
+        if partition:  # a stale lease in seconds, not the default 30
+            data["failure"]["lease_ttl_s"] = PARTITION_TTL_S
         data["tracking"] = {"tensorboard": False}
         path = self.workdir / "specs" / f"{name}.yaml"
         path.parent.mkdir(exist_ok=True)
@@ -548,7 +706,7 @@ class Campaign:
         end = time.time() + timeout
         while True:
             left = []
-            for p in self.cluster.processes():
+            for p in [p for c in self.clusters() for p in c.processes()]:
                 with contextlib.suppress(psutil.Error):
                     title = " ".join(p.cmdline())
                     if any(f"ray::{a}" in title for a in RUN_ACTORS):
@@ -559,12 +717,17 @@ class Campaign:
 
     def run(self, plan: Plan) -> RunResult:
         ref = self.reference(plan.variant)
+        if plan.partitioned:
+            self.second_cluster()  # up before the run starts: a partition fires within seconds
         res = RunResult(plan)
         t0 = time.time()
-        self._drive(res, plan.name, self.spec(plan.name, plan.variant, plan.chaos()), plan.faults)
+        spec = self.spec(plan.name, plan.variant, plan.chaos(), plan.partitioned)
+        self._drive(res, plan.name, spec, plan.faults)
         res.wall_s = time.time() - t0
         st = self.storage(plan.name)
+        during = res.checked  # what driving the run found (a driver's exit, a partition's checks)
         res.checked, _ = check_run(st, VARIANTS[plan.variant], self.epochs, self.steps, ref)
+        res.checked.merge(during)
         shown = (res.summary.get("best") or {}).get("epoch")
         if res.summary and shown != ref.best_epoch:  # what the user is told is the best
             res.checked.mismatches.append(
@@ -586,60 +749,71 @@ class Campaign:
 
     def _drive(self, res: RunResult, name: str, spec: Path, faults: list[Fault] = ()) -> None:  # type: ignore[assignment]
         """Run the spec to the end: fire the external faults as it goes, resume after a
-        driver kill or a failure that names `orchestrator resume`."""
+        driver kill or a failure that names `orchestrator resume`. After a partition the
+        driver that took the run over (on the second cluster) is the run's next life, and
+        later resumes go to its cluster."""
         st = self.storage(name)
         uri = st.uri
         logdir = self.workdir / name
         logdir.mkdir(exist_ok=True)
         res.logs = str(logdir)
+        self.active = self.cluster
+        self._drivers = []
         args = ["run", str(spec)]
         pending = sorted((f for f in faults if f.kind not in CHAOS_KINDS), key=lambda f: f.epoch)
-        while res.lives < MAX_LIVES:
-            res.lives += 1
-            out, err = logdir / f"driver-{res.lives}.out", logdir / f"driver-{res.lives}.err"
-            with open(out, "wb") as o, open(err, "wb") as e:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "orchestrator",
-                        *args,
-                        "--address",
-                        self.cluster.address,
-                        "--json",
-                        "--quiet",
-                    ],
-                    cwd=ROOT,
-                    env=self.cluster.env,
-                    stdout=o,
-                    stderr=e,
-                    start_new_session=True,
+        try:
+            while res.lives < MAX_LIVES:
+                drv = self._start(args, res, logdir, self.active)
+                drv, killed = self._watch(drv, st, pending, res, logdir)
+                if drv.proc.returncode == 0:
+                    self._read_summary(res, drv.out)
+                    return
+                args = self.resume_args(uri, self.active)
+                if killed:
+                    res.resumes.append("driver killed")
+                    continue
+                text = drv.err.read_text(errors="replace")
+                rc = drv.proc.returncode
+                if rc in (1, 4) and f"orchestrator resume {uri}" in text and "Traceback" not in text:
+                    why = text.strip().splitlines()[-1][:300]
+                    res.resumes.append(f"failed clearly (exit {rc}): {why}")
+                    continue
+                res.checked.problems.append(
+                    f"driver {res.lives} exited {rc} without the documented error: {text.strip()[-600:]}"
                 )
-            try:
-                killed = self._watch(proc, st, pending)
-            finally:  # interrupted (Ctrl-C, a harness error): the driver goes too
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            if proc.returncode == 0:
-                self._read_summary(res, out)
                 return
-            # Reading the run's stored spec needs the endpoint first, as docs/storage.md says.
-            args = ["resume", uri, "--storage-option", f"endpoint_url={self.proxy.endpoint}"]
-            if killed:
-                res.resumes.append("driver killed")
-                continue
-            text = err.read_text(errors="replace")
-            if proc.returncode in (1, 4) and f"orchestrator resume {uri}" in text and "Traceback" not in text:
-                why = text.strip().splitlines()[-1][:300]
-                res.resumes.append(f"failed clearly (exit {proc.returncode}): {why}")
-                continue
-            res.checked.problems.append(
-                f"driver {res.lives} exited {proc.returncode} without the documented "
-                f"error: {text.strip()[-600:]}"
+            res.checked.problems.append(f"not finished after {MAX_LIVES} drivers")
+        finally:  # interrupted (Ctrl-C, a harness error): the drivers go too
+            for d in self._drivers:
+                if d.proc.poll() is None:
+                    os.killpg(d.proc.pid, signal.SIGKILL)  # a stopped process too
+                    d.proc.wait()
+
+    def _start(self, args: list[str], res: RunResult, logdir: Path, cluster: Any) -> Driver:
+        """The run's next driver on cluster: `orchestrator ARGS --address CLUSTER --json`."""
+        res.lives += 1
+        out, err = logdir / f"driver-{res.lives}.out", logdir / f"driver-{res.lives}.err"
+        with open(out, "wb") as o, open(err, "wb") as e:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "orchestrator",
+                    *args,
+                    "--address",
+                    cluster.address,
+                    "--json",
+                    "--quiet",
+                ],
+                cwd=ROOT,
+                env=cluster.env,
+                stdout=o,
+                stderr=e,
+                start_new_session=True,
             )
-            return
-        res.checked.problems.append(f"not finished after {MAX_LIVES} drivers")
+        drv = Driver(proc, out, err, cluster, time.time())
+        self._drivers.append(drv)
+        return drv
 
     @staticmethod
     def _read_summary(res: RunResult, out: Path) -> None:
@@ -658,24 +832,38 @@ class Campaign:
                 f"driver {res.lives}: stdout holds more than its --json summary: {first}"
             )
 
-    def _watch(self, proc: subprocess.Popen[bytes], st: Storage, pending: list[Fault]) -> bool:
-        """Wait for the driver to exit, firing pending faults as their epochs are committed.
-        True when this driver was killed by the campaign."""
-        end = time.time() + LIFE_TIMEOUT_S
-        started = time.time()
+    def _watch(
+        self, drv: Driver, st: Storage, pending: list[Fault], res: RunResult, logdir: Path
+    ) -> tuple[Driver, bool]:
+        """Wait for the run's driver to exit, firing pending faults as their epochs are
+        committed. A partition hands the run to driver B, watched from then on, while the
+        thawed driver A must stop by itself (checked as it exits). Returns the last driver,
+        and True when the campaign killed it."""
+        end = drv.started + LIFE_TIMEOUT_S
         killed = False
-        while proc.poll() is None:
+        stale: list[Thawed] = []  # thawed drivers, until they stop
+        while drv.proc.poll() is None or stale:
+            stale = [x for x in stale if not self._stale_ended(st, x)]
+            if drv.proc.poll() is not None:  # waiting for a thawed driver only
+                time.sleep(POLL_S)
+                continue
             if time.time() > end:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                os.killpg(drv.proc.pid, signal.SIGKILL)
+                drv.proc.wait()
                 raise RuntimeError(f"a driver of {st.uri} ran past {LIFE_TIMEOUT_S:.0f}s")
             if pending and self._committed(st, pending[0].epoch):
                 f = pending[0]
-                if self._fire(f, proc, st, started):
+                if f.kind == "partition":
+                    thawed = self._partition(f, drv, st, res, logdir)
+                    if thawed is not None:
+                        pending.pop(0)
+                        stale.append(thawed)
+                        drv, end = thawed.b, thawed.b.started + LIFE_TIMEOUT_S
+                elif self._fire(f, drv, st):
                     pending.pop(0)
                     killed = killed or f.kind == "driver_kill"
             time.sleep(POLL_S)
-        return killed
+        return drv, killed
 
     def _committed(self, st: Storage, epoch: int) -> bool:
         """A commit at or past the end of epoch is logged (at or past: the event of one commit
@@ -685,37 +873,277 @@ class Campaign:
             return any(e["kind"] == "commit" and e["global_step"] >= epoch * self.steps for e in events)
         return False
 
-    def _fire(self, f: Fault, proc: subprocess.Popen[bytes], st: Storage, started: float) -> bool:
+    def _fire(self, f: Fault, drv: Driver, st: Storage) -> bool:
         """Fire f now if it can be (False: not yet, e.g. no rank on a worker node right now)."""
         f.at = time.time()
+        proc = drv.proc
         if f.kind == "driver_kill":
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             f.fired, f.note = True, f"driver pid {proc.pid} SIGKILLed"
-        elif f.kind == "s3_outage":
-            before = self.proxy.faults
-            self.proxy.mode = f.mode
+        elif f.kind == "s3_outage":  # of the S3 server: every cluster's proxy
+            before = sum(p.faults for p in self.proxies())
+            for p in self.proxies():
+                p.mode = f.mode
             time.sleep(f.seconds)
-            self.proxy.mode = "ok"
-            refused = self.proxy.faults - before
+            for p in self.proxies():
+                p.mode = "ok"
+            refused = sum(p.faults for p in self.proxies()) - before
             f.fired, f.note = refused > 0, f"{refused} requests refused"
         elif f.kind == "coordinator_restart":
-            proc_ = self._coordinator(st, started)
+            proc_ = self._coordinator(st, drv.started)
             if proc_ is None:
                 return False
             proc_.kill()
             f.fired, f.note = True, f"coordinator pid {proc_.pid} SIGKILLed"
         elif f.kind == "raylet_kill":
-            victim = self._victim(st, started)
+            victim = self._victim(st, drv)
             if victim is None:
                 return False
-            f.fired, f.note = True, f"node {victim} killed"
+            where = "" if drv.cluster is self.cluster else " of the second cluster"
+            f.fired, f.note = True, f"node {victim}{where} killed"
             try:
-                self.cluster.kill_node(victim)  # SIGKILL its raylet, then the rest of the node
+                drv.cluster.kill_node(victim)  # SIGKILL its raylet, then the rest of the node
             except AssertionError as e:  # some process of the node outlived it
                 f.problem = str(e)
-            self.cluster.add_node()  # the replacement
+            drv.cluster.add_node()  # the replacement
         return True
+
+    def _partition(self, f: Fault, a: Driver, st: Storage, res: RunResult, logdir: Path) -> Thawed | None:
+        """Freeze driver A and its coordinator past the lease TTL, let driver B take the run
+        over on the second cluster and commit, then thaw A (the module's docstring, steps
+        1-4). Returns A and B as they are at the thaw; None: not yet (A's coordinator is not
+        up, or no rank to kill right now)."""
+        coord = self._coordinator(st, a.started)
+        if coord is None or a.proc.poll() is not None:
+            return None
+        second = self.second_cluster()  # started with the run (Campaign.run): no wait here
+        steps: list[str] = []
+        if f.mode == "orphans" and not self._hold_orphan_listing(f, a, st, steps):
+            return None
+        f.at = f.at or time.time()
+        at_thaw: dict[str, CheckpointRecord] = {}
+        mark = len(self.proxy.writes)  # from here on, what A's side changes in storage
+        try:
+            coord.suspend()  # SIGSTOP
+        except psutil.Error:  # it died just now (a worker node's loss, a kill)
+            self.proxy.release()
+            f.problem = f"the coordinator (pid {coord.pid}) died before the freeze"
+            f.note = "; ".join(steps)
+            return None
+        try:
+            os.killpg(a.proc.pid, signal.SIGSTOP)
+            steps.append(f"driver pid {a.proc.pid} and coordinator pid {coord.pid} SIGSTOPped")
+            limit = time.time() + 4 * PARTITION_TTL_S + 60
+            while True:
+                age = -1.0
+                with contextlib.suppress(Exception):  # a storage hiccup: read again
+                    v = st.read_versioned(LEASE)
+                    age = math.inf if v is None else v.age_s
+                if age > PARTITION_TTL_S + 1:
+                    break
+                if time.time() > limit:
+                    f.problem = f"lease.json still {age:.1f}s old {time.time() - f.at:.0f}s into the freeze"
+                    break
+                time.sleep(0.5)
+            steps.append(f"lease {age:.1f}s old at +{time.time() - f.at:.1f}s")
+            b_first = self._attempts(st) + 1  # A's last write landed by now: B's come after
+            b = self._start(self.resume_args(st.uri, second), res, logdir, second)
+            res.resumes.append(TOOK_OVER)
+            self.active = second
+            first = self._first_commit(st, b, time.time() + TAKEOVER_TIMEOUT_S)
+            if first is None:
+                rc = b.proc.poll()
+                state = "running" if rc is None else f"exited {rc}"
+                steps.append(f"driver B ({state}) committed nothing in {time.time() - f.at:.0f}s")
+            else:
+                f.fired = True
+                steps.append(
+                    f"B (driver {res.lives}, second cluster) committed {first} at +{time.time() - f.at:.0f}s"
+                )
+            with contextlib.suppress(Exception):
+                m = read_manifest(st)
+                at_thaw = {c.id: c for c in m.checkpoints} if m else {}
+        finally:
+            # The held listing is answered now, from what storage holds now (B's commits in it);
+            # then the coordinator wakes, and works through it and its queued calls for
+            # THAW_GAP_S before A's driver, whose heartbeat would fence it: the worst order.
+            self.proxy.release()
+            thawed = time.time()
+            with contextlib.suppress(psutil.Error):
+                coord.resume()
+            time.sleep(THAW_GAP_S)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(a.proc.pid, signal.SIGCONT)
+        steps.append(f"thawed at +{time.time() - f.at:.0f}s")
+        f.note = "; ".join(steps)
+        return Thawed(a, b, f, res, b_first, at_thaw, mark, thawed, thawed + FENCE_TIMEOUT_S)
+
+    def _hold_orphan_listing(self, f: Fault, a: Driver, st: Storage, steps: list[str]) -> bool:
+        """A partition's "orphans" moment: SIGKILL one of A's ranks, so that the worker group
+        restarts and the coordinator collects orphans for the new attempt, and hold its
+        listing of checkpoints/ at the proxy (answered at the thaw, with B's commits in it).
+        True once the listing is held, or after HOLD_TIMEOUT_S without it (f.problem says so;
+        the freeze goes on mid-training); False: no rank to kill right now."""
+        ranks = []
+        for p in a.cluster.processes():
+            with contextlib.suppress(psutil.Error):
+                if "RayTrainWorker" in " ".join(p.cmdline()):
+                    ranks.append(p)
+        if not ranks:
+            return False
+        prefix = f"{st.path(CHECKPOINTS).split('/', 1)[1]}/"  # runs/<name>/checkpoints/
+
+        def listing(method: str, path: str) -> bool:
+            q = parse_qs(urlsplit(path).query)
+            return method == "GET" and q.get("list-type") == ["2"] and q.get("prefix") == [prefix]
+
+        self.proxy.hold_next(listing)
+        f.at = time.time()
+        victim = ranks[0]
+        with contextlib.suppress(psutil.Error):
+            victim.kill()
+        steps.append(f"rank process pid {victim.pid} SIGKILLed")
+        end = time.time() + HOLD_TIMEOUT_S
+        while not self.proxy.held and time.time() < end and a.proc.poll() is None:
+            time.sleep(0.05)
+        if self.proxy.held:
+            steps.append(f"the coordinator's listing of checkpoints/ held at +{time.time() - f.at:.1f}s")
+        else:
+            self.proxy.release()
+            f.problem = f"no listing of checkpoints/ in {time.time() - f.at:.0f}s after the rank's kill"
+        return True
+
+    def _first_commit(self, st: Storage, b: Driver, deadline: float) -> str | None:
+        """The id of the first checkpoint driver B committed (a commit event after its
+        driver_started), waited for until deadline or B's exit."""
+        while time.time() < deadline and b.proc.poll() is None:
+            with contextlib.suppress(Exception):  # a torn read: again
+                events = read_jsonl(st, EVENTS)
+                start = next(
+                    i
+                    for i, e in enumerate(events)
+                    if e["kind"] == "driver_started" and e.get("resume") and e["ts"] >= b.started
+                )
+                commits = [e["id"] for e in events[start:] if e["kind"] == "commit"]
+                if commits:
+                    return commits[0]
+            time.sleep(POLL_S)
+        return None
+
+    def _stale_ended(self, st: Storage, t: Thawed) -> bool:
+        """Whether thawed driver A has stopped (step 5 of a partition); when it has (or was
+        killed at its deadline), what it did goes into the fault's note, what it did wrong
+        into its problem."""
+        f, a = t.fault, t.a
+        rc = a.proc.poll()
+        if rc is None and time.time() < t.deadline:
+            return False
+        problems = []
+        if rc is None:
+            os.killpg(a.proc.pid, signal.SIGKILL)
+            a.proc.wait()
+            problems.append(
+                f"driver A (pid {a.proc.pid}) still running {FENCE_TIMEOUT_S:.0f}s after the thaw"
+            )
+        else:
+            text = a.err.read_text(errors="replace").strip()
+            last = text.splitlines()[-1][:300] if text else ""
+            f.note += f"; A exited {rc} at +{time.time() - f.at:.0f}s: {last}"
+            if rc != 3 or "taken over" not in text:
+                problems.append(f"driver A exited {rc}, not 3 (taken over): {text[-600:]}")
+        with contextlib.suppress(Exception):  # the lease: B's while B runs (A must not release it)
+            held = holder(st)
+            m = read_manifest(st)
+            if m is not None and m.status == "running" and (held is None or held.get("token") != m.owner):
+                problems.append(f"after A stopped, lease.json is not the owner's (B's): {held}")
+        for cid in self._damaged(st, t.at_thaw):
+            problems.append(f"{cid}, in the manifest at the thaw, no longer verifies after A stopped")
+        problems += self._a_side_writes(st, t)
+        if problems:
+            f.problem = "; ".join(filter(None, [f.problem, *problems]))
+        return True
+
+    def _a_side_writes(self, st: Storage, t: Thawed) -> list[str]:
+        """What driver A's side (everything behind the first cluster's proxy) changed in the
+        run since the freeze: the problems (a delete of a checkpoint B wrote or kept, a
+        manifest or lease write that went through); the rest goes into the fault's note and
+        the run's notes (A's workers' uploads; a journal A's coordinator rewrote)."""
+        base = st.path("").rstrip("/") + "/"  # campaign/runs/<name>/
+        problems: list[str] = []
+        deleted: dict[str, int] = {}
+        uploads, refused = 0, 0
+        journals: Counter[str] = Counter()
+        for ts, method, path, status in self.proxy.writes[t.mark :]:
+            rel = unquote(path.split("?", 1)[0]).lstrip("/")
+            if not rel.startswith(base):
+                continue
+            rel = rel[len(base) :]
+            if not 200 <= status < 300:
+                refused += 1
+                continue
+            top, _, rest = rel.partition("/")
+            if top == CHECKPOINTS and method == "DELETE":
+                cid = rest.split("/", 1)[0]
+                deleted[cid] = deleted.get(cid, 0) + 1
+            elif top == CHECKPOINTS:
+                uploads += 1
+            elif top in (EVENTS, METRICS) and ts >= t.thawed:
+                journals[top] += 1
+            elif top in ("manifest.json", LEASE) and ts >= t.thawed:  # before: in flight at the freeze
+                problems.append(
+                    f"A's side: {method} {top} went through ({status}) at +{ts - t.fault.at:.0f}s"
+                )
+        committed = set(t.at_thaw)
+        with contextlib.suppress(Exception):  # B's commits so far (B rewrites a clobbered log)
+            committed |= {e["id"] for e in read_jsonl(st, EVENTS) if e["kind"] == "commit"}
+        for cid, n in sorted(deleted.items()):
+            attempt = int(cid.rsplit("-a", 1)[1]) if "-a" in cid else 0
+            if cid in committed and (cid in t.at_thaw or attempt >= t.b_first):
+                # Lost whatever B's retention did with it later: it was committed, and deleted
+                # by a driver that no longer owned the run.
+                whose = "committed by B" if attempt >= t.b_first else "kept by B's manifest at the thaw"
+                t.res.checked.lost.append(
+                    f"{cid} ({whose}) deleted by A's side after the takeover ({n} objects)"
+                )
+            elif attempt >= t.b_first:
+                problems.append(f"A's side deleted {cid}, B's upload ({n} objects)")
+            else:
+                t.fault.note += f"; A's side deleted its own uncommitted {cid}"
+        t.fault.note += f"; A's side since the freeze: {uploads} upload(s), {refused} refused write(s)"
+        for name, n in sorted(journals.items()):
+            t.res.checked.notes.append(
+                f"{t.fault.describe()}: A's coordinator rewrote {name} {n} time(s) after the thaw, "
+                "with its stale rows (B's next write restores them)"
+            )
+        return problems
+
+    @staticmethod
+    def _attempts(st: Storage) -> int:
+        """The manifest's attempt count (a few tries: a storage hiccup is no answer)."""
+        for _ in range(5):
+            with contextlib.suppress(Exception):
+                m = read_manifest(st)
+                return m.attempts if m else 0
+            time.sleep(1.0)
+        raise RuntimeError(f"{st.uri}: the manifest could not be read")
+
+    @staticmethod
+    def _damaged(st: Storage, at_thaw: dict[str, CheckpointRecord]) -> list[str]:
+        """Checkpoints of at_thaw still in the manifest whose files do not verify (read again
+        after a failure: one that B's retention dropped meanwhile is no damage)."""
+        out = []
+        m = read_manifest(st)
+        for rec in m.checkpoints if m else []:
+            if rec.id not in at_thaw:
+                continue
+            try:
+                read_verified(st, rec)
+            except (VerificationError, OSError) as e:
+                now = read_manifest(st)
+                if now is not None and now.get(rec.id) is not None:
+                    out.append(f"{rec.id} ({type(e).__name__}: {str(e)[:200]})")
+        return out
 
     def _coordinator(self, st: Storage, since: float) -> psutil.Process | None:
         """The live coordinator of this driver (from its coordinator_started event)."""
@@ -729,15 +1157,23 @@ class Campaign:
                     return p
         return None
 
-    def _victim(self, st: Storage, since: float) -> str | None:
-        """A worker node hosting a rank, not the driver's node (the coordinator's)."""
-        coord = self._coordinator(st, since)
+    def _victim(self, st: Storage, drv: Driver) -> str | None:
+        """A worker node of the driver's cluster hosting a rank, not the driver's node (the
+        coordinator's), while an attempt of this driver trains: not while the worker group
+        (re)starts, where a lost node ends the start, not the attempt, and no `restart` is
+        logged (seed 12, run 1, after the partition's change of the draws: the second of two
+        raylet kills hit the replacement group as it started)."""
+        coord = self._coordinator(st, drv.started)
         if coord is None:
             return None
-        for name in self.cluster.nodes:
+        events = read_jsonl(st, EVENTS)
+        last = {e["kind"]: i for i, e in enumerate(events) if e["ts"] >= drv.started}
+        if last.get("attempt_started", -1) < last.get("restart", -1) or "attempt_started" not in last:
+            return None
+        for name in drv.cluster.nodes:
             if name == "head":
                 continue
-            procs = self.cluster.processes(name)
+            procs = drv.cluster.processes(name)
             pids = {p.pid for p in procs}
             if coord.pid in pids:
                 continue
@@ -768,6 +1204,11 @@ class Campaign:
             elif f.fired and f.kind == "driver_kill":
                 if not any(e["kind"] == "driver_started" and e["resume"] and e["ts"] >= f.at for e in events):
                     res.checked.problems.append(f"{f.describe()}: no resumed driver after it")
+            elif f.fired and f.kind == "partition":
+                if not any(e["kind"] == "lease_taken_over" and e["ts"] >= f.at for e in events):
+                    res.checked.problems.append(f"{f.describe()}: no lease_taken_over after it")
+                if not any(e["kind"] == "driver_started" and e["resume"] and e["ts"] >= f.at for e in events):
+                    res.checked.problems.append(f"{f.describe()}: no resumed driver after it")
             if not f.fired:
                 res.checked.problems.append(f"{f.describe()} did not fire{': ' + f.note if f.note else ''}")
             if f.problem:
@@ -788,6 +1229,7 @@ def summarize(results: list[RunResult], wall_s: float) -> dict[str, Any]:
         "workers_killed": workers,
         "restarts": sum(r["restarts"] for r in rows),
         "resumes_after_driver_kill": sum(x == "driver killed" for r in rows for x in r["resumes"]),
+        "resumes_after_partition": sum(x == TOOK_OVER for r in rows for x in r["resumes"]),
         "resumes_after_clear_failure": sum(
             x.startswith("failed clearly") for r in rows for x in r["resumes"]
         ),
@@ -803,6 +1245,9 @@ def summarize(results: list[RunResult], wall_s: float) -> dict[str, Any]:
         ),
         "deletes_without_an_event": sum("before it logged" in n for r in rows for n in r["notes"]),
         "stdout_beyond_the_json_summary": sum("more than its --json" in n for r in rows for n in r["notes"]),
+        # A partition's driver A, thawed, rewrote events.jsonl or metrics.jsonl from its stale
+        # rows before it was fenced (B's next write restores them): runs where it did.
+        "stale_journal_rewrites": sum(any("A's coordinator rewrote" in n for n in r["notes"]) for r in rows),
         "wall_s": round(wall_s, 1),
     }
 
@@ -822,7 +1267,7 @@ def table(results: list[RunResult], totals: dict[str, Any]) -> str:
             f"{row['bitwise_mismatches']:>4}  {row['wall_s']:>6.1f}  {verdict}"
         )
     t = totals
-    resumes = t["resumes_after_driver_kill"] + t["resumes_after_clear_failure"]
+    resumes = t["resumes_after_driver_kill"] + t["resumes_after_partition"] + t["resumes_after_clear_failure"]
     lines += [
         "",
         "| runs | finished | restarts | resumes | lost commits | orphans | bitwise mismatches | failed runs "
@@ -851,10 +1296,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", dest="json_path", help="write the table and every run's details here")
     ap.add_argument("--workdir", help="specs and driver logs (default: a temp dir, kept when a run fails)")
+    ap.add_argument(
+        "--only",
+        help="draw only these fault kinds, comma-separated (debugging; not for the reported campaign)",
+    )
     args = ap.parse_args(argv)
     variants = args.specs.split(",")
     if unknown := set(variants) - set(VARIANTS):
         ap.error(f"--specs: unknown {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    only = tuple(args.only.split(",")) if args.only else KINDS
+    if unknown := set(only) - set(KINDS):
+        ap.error(f"--only: unknown {sorted(unknown)}; known: {list(KINDS)}")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="campaign-"))
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -865,7 +1317,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     with Campaign(workdir, args.epochs, log) as c:
         c.reference(variants[0])  # the steps per epoch, for the plans
-        plans = make_plans(args.seed, args.runs, args.epochs, c.steps, variants)
+        plans = make_plans(args.seed, args.runs, args.epochs, c.steps, variants, only)
         for plan in plans:
             log(
                 f"[campaign] run {plan.index}/{args.runs} ({plan.variant}): "
@@ -888,7 +1340,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_path:
         out = {
             "command": f"python -m bench.campaign --runs {args.runs} --seed {args.seed} "
-            f"--epochs {args.epochs} --specs {args.specs}",
+            f"--epochs {args.epochs} --specs {args.specs}" + (f" --only {args.only}" if args.only else ""),
             "seed": args.seed,
             "epochs": args.epochs,
             "specs": {v: VARIANTS[v] for v in variants},

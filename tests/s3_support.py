@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -84,7 +86,15 @@ class FaultProxy:
     """Forwards HTTP to an upstream S3 endpoint; `mode` decides what a request gets:
 
     ok: forwarded; 503: a SlowDown error without forwarding; reset: the connection is
-    closed with no response; flaky: every other request is a 503, the rest forwarded."""
+    closed with no response; flaky: every other request is a 503, the rest forwarded.
+
+    hold_next(match) holds the next request that match(method, path) accepts (one only), as a
+    partition that delays its packets would: nothing is forwarded until release(), then it
+    goes on as any other (so its answer is what the server holds at the release).
+
+    `writes` logs every request but GET and HEAD that reached the server, as (time, method,
+    path, status), a multi-object delete (POST ?delete) as one DELETE per key it names: what
+    the clients behind this proxy changed, whoever they are."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -92,6 +102,11 @@ class FaultProxy:
         self.faults = 0
         self.requests = 0
         self._lock = threading.Lock()
+        self._hold: Callable[[str, str], bool] | None = None
+        self.held: list[str] = []  # "METHOD path" of each request held since hold_next
+        self.writes: list[tuple[float, str, str, int]] = []
+        self._released = threading.Event()
+        self._released.set()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -102,6 +117,13 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy._lock:
+                    hold = proxy._hold is not None and proxy._hold(self.command, self.path)
+                    if hold:
+                        proxy._hold = None  # one request only
+                        proxy.held.append(f"{self.command} {self.path}")
+                if hold:
+                    proxy._released.wait()
                 with proxy._lock:
                     proxy.requests += 1
                     mode = proxy.mode
@@ -127,6 +149,8 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                if self.command not in ("GET", "HEAD"):
+                    proxy._log_write(self.command, self.path, body, resp.status)
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -149,6 +173,31 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def hold_next(self, match: Callable[[str, str], bool]) -> None:
+        """Hold the next request match(method, path) accepts until release()."""
+        with self._lock:
+            self.held = []
+            self._released.clear()
+            self._hold = match
+
+    def _log_write(self, method: str, path: str, body: bytes, status: int) -> None:
+        now = time.time()
+        if method == "POST" and "delete" in path.split("?", 1)[-1].split("&"):
+            bucket = path.split("?", 1)[0].rstrip("/")
+            keys = re.findall(rb"<Key>(.*?)</Key>", body)
+            rows = [(now, "DELETE", f"{bucket}/{k.decode()}", status) for k in keys]
+        else:
+            rows = [(now, method, path, status)]
+        with self._lock:
+            self.writes.extend(rows)
+
+    def release(self) -> None:
+        """Forward the held request (if any) now, and hold nothing more."""
+        with self._lock:
+            self._hold = None
+        self._released.set()
+
     def close(self) -> None:
+        self.release()
         self.server.shutdown()
         self.server.server_close()

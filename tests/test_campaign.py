@@ -1,7 +1,7 @@
 """The fault campaign (bench/campaign.py): its plans, its checks (each must catch the defect it
 is for, on a run built by the real coordinator ledger), and a small seeded campaign end to end:
-three runs on a real multi-node Ray cluster and moto S3 behind the fault proxy, covering every
-fault kind (docs/reliability.md reports a larger one)."""
+three runs on a real multi-node Ray cluster (and a second one, for the partition) and moto S3
+behind the fault proxy, covering every fault kind (docs/reliability.md reports a larger one)."""
 
 from __future__ import annotations
 
@@ -38,12 +38,25 @@ def test_plans_are_seeded_and_every_three_runs_cover_every_kind():
     assert plans != campaign.make_plans(8, 9, 8, 23, ["epochs", "midepoch"])
     for block in (plans[0:3], plans[3:6], plans[6:9]):
         assert {f.kind for p in block for f in p.faults} == set(campaign.KINDS)
+        assert [p.partitioned for p in block].count(True) == 1  # a third of the runs
+        assert all(sum(f.kind == "partition" for f in p.faults) <= 1 for p in block)
     for p in plans:
         external = [f.epoch for f in p.faults if f.kind not in campaign.CHAOS_KINDS]
         assert len(set(external)) == len(external) and all(1 <= e <= 5 for e in external)
         for k in p.chaos():
             assert k["rank"] in (0, 1) and 1 <= k["epoch"] <= 8 and 0 <= k.get("step", 0) < 23
     assert [p.variant for p in plans[:4]] == ["epochs", "midepoch", "epochs", "midepoch"]
+
+
+def test_plans_narrowed_to_some_kinds():
+    """--only: the blocks cover the kinds asked for; with only partition, every run has one."""
+    plans = campaign.make_plans(7, 4, 8, 23, ["epochs"], ("partition",))
+    assert [[f.kind for f in p.faults] for p in plans] == [["partition"]] * 4
+    plans = campaign.make_plans(7, 6, 8, 23, ["epochs"], ("driver_kill", "s3_outage", "partition"))
+    assert {f.kind for p in plans for f in p.faults} == {"driver_kill", "s3_outage", "partition"}
+    assert sum(p.partitioned for p in plans) == 2
+    # A last block of fewer than three runs still gets its partition.
+    assert campaign.make_plans(7, 1, 8, 23, ["epochs"])[0].partitioned
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -224,6 +237,63 @@ def test_a_driver_summary_with_more_on_stdout_is_noted_and_garbage_is_a_failure(
     assert res.checked.problems and "stdout is not its --json summary" in res.checked.problems[0]
 
 
+def test_what_a_partitions_stale_side_changed_is_judged(moto, bucket, tmp_path):
+    """After a partition, the first proxy's log of writes since the freeze is driver A's side:
+    a delete of a checkpoint B committed (or kept) is a lost commit, of one B only uploaded a
+    problem, of A's own upload a note; a manifest or lease write that went through after the
+    thaw is a problem (one in flight at the freeze, or a refused one, is not); a journal that
+    A's coordinator rewrote is a note."""
+    from types import SimpleNamespace
+
+    from s3_support import CREDS
+
+    st = Storage(f"s3://{bucket}/runs/r", {"endpoint_url": moto.endpoint, "key": CREDS["AWS_ACCESS_KEY_ID"],
+                                           "secret": CREDS["AWS_SECRET_ACCESS_KEY"]})  # fmt: skip
+    b_commit = "epoch0005-step0000100-a3"
+    st.write_bytes(EVENTS, json.dumps({"ts": 9.0, "kind": "commit", "id": b_commit}).encode() + b"\n")
+    c = campaign.Campaign(tmp_path, EPOCHS, print)
+    ck = f"/{bucket}/runs/r/{CHECKPOINTS}"
+    c.proxy = SimpleNamespace(writes=[
+        (1.0, "PUT", f"/{bucket}/runs/r/manifest.json", 200),  # before the freeze (the mark)
+        (5.0, "PUT", f"/{bucket}/runs/r/lease.json", 200),  # A's heartbeat in flight at the freeze
+        (6.0, "PUT", f"{ck}/epoch0005-step0000100-a2/model.pt", 200),  # A's writer, frozen side
+        (10.0, "DELETE", f"{ck}/{b_commit}/model.pt", 204),
+        (10.0, "DELETE", f"{ck}/{b_commit}/checkpoint.json", 204),
+        (10.0, "DELETE", f"{ck}/epoch0005-step0000110-a3/model.pt", 204),  # B's, not committed yet
+        (10.0, "DELETE", f"{ck}/epoch0004-step0000092-a1/model.pt", 204),  # A's commit, B's manifest keeps
+        (10.0, "DELETE", f"{ck}/epoch0005-step0000100-a2/model.pt", 204),  # A's own upload
+        (12.0, "PUT", f"/{bucket}/runs/r/manifest.json", 412),  # the compare-and-swap refused
+        (12.0, "PUT", f"/{bucket}/runs/r/{METRICS}", 200),
+        (13.0, "DELETE", f"/{bucket}/runs/r/lease.json", 204),
+        (13.0, "PUT", f"/{bucket}/other/{CHECKPOINTS}/x-a9/model.pt", 200),  # not this run
+    ])  # fmt: skip
+    f = campaign.Fault("partition", 3, mode="training", at=4.0)
+    res = campaign.RunResult(campaign.Plan(1, "epochs", [f]))
+    t = campaign.Thawed(None, None, f, res, 3, {"epoch0004-step0000092-a1": None}, 1, 11.0, 0.0)  # type: ignore[arg-type]
+    problems = c._a_side_writes(st, t)
+    assert res.checked.lost == [
+        "epoch0004-step0000092-a1 (kept by B's manifest at the thaw) deleted by A's side after the takeover (1 objects)",
+        f"{b_commit} (committed by B) deleted by A's side after the takeover (2 objects)",
+    ]
+    assert problems == [
+        "A's side: DELETE lease.json went through (204) at +9s",
+        "A's side deleted epoch0005-step0000110-a3, B's upload (1 objects)",
+    ]
+    assert "its own uncommitted epoch0005-step0000100-a2" in f.note and "1 upload(s), 1 refused" in f.note
+    assert res.checked.notes == [
+        "partition(after e3, training): A's coordinator rewrote metrics.jsonl 1 time(s) after the thaw, with its "
+        "stale rows (B's next write restores them)"
+    ]
+
+
+def test_what_driving_a_run_found_outlives_its_checks():
+    during = campaign.Checked(problems=["driver 2 exited 3 without the documented error"], notes=["n1"])
+    after = campaign.Checked(lost=["x"], notes=["n2"])
+    after.merge(during)
+    assert after.all() == ["lost: x", "driver 2 exited 3 without the documented error"]
+    assert after.notes == ["n1", "n2"]
+
+
 # -- what the campaign found ------------------------------------------------------------------------
 
 
@@ -290,7 +360,8 @@ def test_an_s3_retry_leaves_the_training_rng_streams_alone(moto, bucket, mode):
 
 @pytest.mark.e2e
 def test_a_small_seeded_campaign(tmp_path):
-    """Seed 5: three runs, two fault kinds each, all six kinds (see make_plans)."""
+    """Seed 5: three runs, two or three fault kinds each and a partition in one of them, every
+    kind at least once (see make_plans)."""
     out = tmp_path / "campaign.json"
     p = subprocess.run([sys.executable, "-m", "bench.campaign", "--runs", "3", "--seed", "5", "--specs", "midepoch",
                         "--json", str(out), "--workdir", str(tmp_path / "work")],
@@ -300,8 +371,15 @@ def test_a_small_seeded_campaign(tmp_path):
     t = result["totals"]
     assert (t["runs"], t["finished"], t["failed_runs"]) == (3, 3, 0), result
     assert (t["lost_commits"], t["orphans"], t["bitwise_mismatches"]) == (0, 0, 0), result
-    assert t["faults"] == dict.fromkeys(campaign.KINDS, 1), t["faults"]
-    assert t["restarts"] >= 3 and t["resumes_after_driver_kill"] == 1, t
+    planned = [f["kind"] for run in result["runs"] for f in run["faults"]]
+    assert t["faults"] == {k: planned.count(k) for k in campaign.KINDS}, t["faults"]
+    assert all(t["faults"][k] >= 1 for k in campaign.KINDS), t["faults"]
+    assert t["restarts"] >= 3, t
+    assert t["resumes_after_driver_kill"] == planned.count("driver_kill"), t
+    assert t["resumes_after_partition"] == planned.count("partition") == 1, t
     for run in result["runs"]:
         assert run["ok"] and all(f["fired"] for f in run["faults"]), run
+    # The partition: B took over on the second cluster, A stopped with exit 3.
+    (part,) = [f for run in result["runs"] for f in run["faults"] if f["kind"] == "partition"]
+    assert "SIGSTOPped" in part["note"] and "A exited 3" in part["note"], part
     assert "| runs | finished |" in p.stdout and "[campaign" in p.stdout
