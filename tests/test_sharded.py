@@ -94,6 +94,8 @@ def test_a_sharded_checkpoint_commits_only_with_every_ranks_part(tmp_path):
     with pytest.raises(CommitError, match=r"rank\(s\) \[1\]"):
         led.commit(record)
     whole = record.model_copy(update={"files": [*record.files, entry("__1_0.distcp", 1)]})
+    for f in whole.files:  # the data (a commit checks every file is there, with its size)
+        storage.write_bytes(f"{record.dir}/{f.path}", b"x")
     storage.write_bytes(f"{record.dir}/{RECORD}", whole.model_dump_json().encode())
     led.commit(whole)
     assert led.manifest.latest().id == "c1"
