@@ -15,8 +15,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The demo run is runs/$(DEMO_NAME): runs/digits, where README's commands and
+# deploy/serve/config.yaml look. Run again, it continues an unfinished demo run and reports a
+# finished one (--resume-if-exists); `make demo DEMO_NAME=digits2` trains a fresh one.
+DEMO_NAME ?= digits
+DEMO_RUN := runs/$(DEMO_NAME)
+DEMO_SERVE := $(if $(filter digits,$(DEMO_NAME)),serve run deploy/serve/config.yaml,serve run deploy.serve.app:app run_uri=$(DEMO_RUN))
 demo: setup
-	$(BIN)/orchestrator run configs/digits.yaml --set name=digits-$$(date +%Y%m%d-%H%M%S)
+	@$(BIN)/orchestrator run configs/digits.yaml --set name=$(DEMO_NAME) --resume-if-exists || { rc=$$?; \
+	  echo "[demo] exit $$rc (the error is above). \`make demo\` continues an unfinished demo run;" \
+	    "\`make demo DEMO_NAME=digits2\` trains a fresh one in runs/digits2" >&2; exit $$rc; }
+	@echo "[demo] the run is $(DEMO_RUN). Next (after \`source $(VENV)/bin/activate\`):"
+	@echo "  orchestrator checkpoints $(DEMO_RUN)              # what is kept, and why"
+	@echo "  orchestrator best $(DEMO_RUN) --download out/     # a verified copy of the best checkpoint"
+	@echo "  orchestrator plot $(DEMO_RUN) --out curves.png    # the loss curves, the restart marked"
+	@echo "  $(DEMO_SERVE)   # POST /predict at 127.0.0.1:8000; Ctrl-C stops it"
+	@echo "  make demo DEMO_NAME=digits2                      # the demo again, as a new run (runs/digits2)"
 
 # Two test processes (pytest-xdist), a file each at a time: most of an end-to-end test is
 # waiting on process start-up and Ray's restarts, not computing, so two overlap well on 2 cores.

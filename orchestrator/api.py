@@ -4,6 +4,7 @@
 
     run = open_run("s3://bucket/runs/digits")         # or a local runs/digits
     run.best()                                         # the best checkpoint, verified
+    run.state()                                        # running | orphaned | interrupted | failed | finished
     run.checkpoints(); run.metrics(); run.events()
     model = load_best("runs/digits", model=MyNet())    # weights verified and loaded, model.eval()
 
@@ -31,6 +32,7 @@ from orchestrator.core.manifest import (
 from orchestrator.core.retention import rank_best
 from orchestrator.core.storage import Storage
 from orchestrator.core.verify import VerificationError, copy_verified
+from orchestrator.lifecycle import RunState, run_state
 
 MODEL_FILE = "model.pt"  # the weights alone (workers/state.py writes it)
 
@@ -123,7 +125,16 @@ class Run:
 
     @property
     def status(self) -> str:
+        """The status the manifest stores: running, finished or failed. state() says what it
+        means now (interrupted, or orphaned by a driver that is gone)."""
         return self.manifest.status
+
+    def state(self) -> RunState:
+        """The run's state now: running, orphaned (stored running, its driver gone: lease stale
+        or missing), interrupted (Ctrl-C/SIGTERM, resumable), failed or finished, with why and
+        what to run next. Reads lease.json for a running run; writes nothing (but the storage's
+        clock probe, for a local run). See orchestrator.lifecycle."""
+        return run_state(self.storage, self.manifest)
 
     def stored_spec(self) -> dict[str, Any]:
         """The spec the run was started with (spec.yaml, secrets redacted), as plain data: read,

@@ -14,26 +14,29 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from orchestrator import preflight
+from orchestrator import lifecycle, preflight
 from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
 from orchestrator.core.lease import Lease, LeaseLost
-from orchestrator.core.manifest import SPEC, read_manifest
+from orchestrator.core.manifest import EVENTS, SPEC, read_jsonl, read_manifest
 from orchestrator.core.storage import Storage, redact, redact_options, secrets_in
 from orchestrator.progress import ProgressView
 from orchestrator.ray_compat import (
     controller_poll_env,
+    current_cluster,
     keep_driver_sigint,
     preemption_listener,
     restart_recorder,
     use_token_auth,
 )
 from orchestrator.spec import JobSpec, SpecError, parse_spec
+from orchestrator.tracking import MLFLOW_ENV
 from workers.config import Kill, WorkerConfig
 
 NAMESPACE = "orchestrator"
@@ -141,6 +144,9 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
 
     reaper.start(os.getpid())  # stops this Ray if the driver dies without stopping it
     ray.init(
+        # "local": a new Ray, always. Without it ray.init joins whatever Ray's own discovery
+        # finds (the marker, even a stale one; RAY_ADDRESS) and then refuses num_cpus.
+        address="local",
         namespace=NAMESPACE,
         num_cpus=max(os.cpu_count() or 1, num_cpus_hint),
         include_dashboard=False,
@@ -154,18 +160,27 @@ def _running_cluster() -> str | None:
 
     Ray's own `ray.init(address="auto")` reads the same marker file but, when it names a
     cluster that has since stopped, retries the dead GCS for minutes (seen: over 120 s);
-    one short connect first keeps `orchestrator run` with no cluster instant."""
+    one short connect first keeps `orchestrator run` with no cluster instant. A marker whose
+    cluster does not answer (a head stopped without `ray stop`) is ignored, with a note."""
     import socket
 
-    marker = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    marker, address = current_cluster()
+    if address is None:
+        return None
     try:
-        with open(marker) as f:
-            address = f.read().strip()
         host, _, port = address.rpartition(":")
         with socket.create_connection((host, int(port)), timeout=1.0):
             return address
-    except (OSError, ValueError):
-        return None  # none, or a stale marker of a stopped cluster
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        print(
+            f"[run] note: {marker} names a Ray cluster at {address!r} that does not answer ({why}; "
+            "a head stopped without `ray stop`): ignored it, starting an embedded Ray; "
+            "--address HOST:PORT joins a cluster, --address local always starts a new one",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
 
 
 def worker_config(spec: JobSpec) -> WorkerConfig:
@@ -209,12 +224,12 @@ def torch_config(spec: JobSpec) -> Any:
     return TorchftConfig(lighthouse_kwargs={"min_replicas": 1, "heartbeat_timeout_ms": ms}, backend="gloo")
 
 
-def start_coordinator(spec: JobSpec, storage: Storage, cfg: RetentionConfig, token: str) -> Any:
+def start_coordinator(
+    spec: JobSpec, storage: Storage, cfg: RetentionConfig, token: str, tracking: dict[str, Any] | None = None
+) -> Any:
     """The run's coordinator actor, named after the run. On a shared cluster a driver that
     stalled and lost its lease may still have one there: this driver holds the lease now, so
     that one is stopped (it is fenced anyway) and the name taken over."""
-    import time
-
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -230,7 +245,7 @@ def start_coordinator(spec: JobSpec, storage: Storage, cfg: RetentionConfig, tok
     )
     for _ in range(30):
         try:
-            return actor.remote(storage, spec.name, cfg, token, tracking_settings(spec))
+            return actor.remote(storage, spec.name, cfg, token, tracking or tracking_settings(spec))
         except ValueError:  # the name is taken: the previous owner's coordinator
             try:
                 ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
@@ -244,8 +259,38 @@ def tracking_settings(spec: JobSpec) -> dict[str, Any]:
     t = spec.tracking
     params = {"task": spec.task.name, **{f"task.{k}": v for k, v in spec.task.options.items()},
               "seed": spec.seed, "epochs": spec.epochs, "num_workers": spec.scaling.num_workers}  # fmt: skip
+    env = {k: os.environ[k] for k in MLFLOW_ENV if k in os.environ}  # e.g. MLFLOW_ALLOW_FILE_STORE
     return {"tensorboard": t.tensorboard, "mlflow_uri": t.mlflow_uri, "experiment": t.mlflow_experiment,
-            "params": params}  # fmt: skip
+            "params": params, "run_name": spec.name, "env": env}  # fmt: skip
+
+
+def checked_tracking(spec: JobSpec, resume: bool) -> dict[str, Any]:
+    """The coordinator's tracking settings, once MLflow (if any) is known to work from here. A
+    new run with a URI MLflow cannot use is refused (SpecError, before Ray starts: a run of
+    hours with no tracking is worse); a resume is warned on stderr and goes on without MLflow,
+    so a tracking server that is down never keeps a run from continuing."""
+    settings = tracking_settings(spec)
+    problem = preflight.check_tracking(spec)
+    if problem is None:
+        return settings
+    if not resume:
+        raise SpecError(problem)
+    print(f"[run] warning: {problem}. Going on without MLflow", file=sys.stderr, flush=True)
+    return {**settings, "mlflow_uri": None}
+
+
+def say_trackers_off(storage: Storage, since: float, settings: dict[str, Any]) -> None:
+    """On stderr, every tracker switched off while this driver ran (the `tracker_off` events),
+    so a failed MLflow or TensorBoard is not found only in the event log."""
+    try:
+        events = read_jsonl(storage, EVENTS)
+        off = [e for e in events if e.get("kind") == "tracker_off" and e.get("ts", 0) >= since]
+    except Exception:  # noqa: BLE001  # the run's outcome matters more than this note
+        return
+    for e in off:
+        where = f" at {settings.get('mlflow_uri')}" if e.get("tracker") == "mlflow" else ""
+        print(f"[run] warning: tracker {e.get('tracker')}{where} was switched off: {e.get('error')}; "
+              f"the run's own metrics.jsonl has every epoch", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def spec_record(spec: JobSpec) -> dict[str, Any]:
@@ -294,24 +339,11 @@ def run(
     from workers.loop import train_loop_per_worker
 
     preflight.before_ray(spec, address)  # the address and the storage, before any lease or Ray
+    tracking = checked_tracking(spec, resume)
+    since = time.time()
     secrets = secrets_in(spec.storage.options)
     storage = spec.open_run_storage()
-    existing = read_manifest(storage)
-    if existing is not None and not resume and existing.status == "finished":
-        raise RunFailed(
-            f"{spec.run_uri} already holds a finished run; pick another name "
-            "(--set name=...) or `orchestrator resume` it"
-        )
-    lease = Lease(storage, ttl_s=spec.failure.lease_ttl_s, heartbeat_s=spec.failure.lease_ttl_s / 6)
-    lease.acquire()  # refuses while another live driver owns the run
-    if existing is not None and not resume:
-        # `run` never continues a run silently, perhaps with another spec over its spec.yaml.
-        lease.release()
-        raise SpecError(
-            f"{spec.run_uri} already holds a {existing.status} run ({len(existing.checkpoints)} "
-            f"committed checkpoint(s)); continue it with `orchestrator resume {spec.run_uri}`, "
-            "or start a new one under another name (--set name=...)"
-        )
+    lease, replaced = claim_run(spec, storage, resume)
     started_ray = False
     try:
         store_spec(storage, spec)
@@ -325,7 +357,7 @@ def run(
             keep_latest=spec.checkpoint.keep_latest,
             keep_every_n_epochs=spec.checkpoint.keep_every_n_epochs,
         )
-        coord = start_coordinator(spec, storage, cfg, lease.token)
+        coord = start_coordinator(spec, storage, cfg, lease.token, tracking)
         ray.get(coord.ping.remote(), timeout=COORD_TIMEOUT_S)
         lease.on_lost = lambda why: coord.fence.remote(why)  # the coordinator stops writing at once
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -337,7 +369,7 @@ def run(
             )
         for ev in lease.events:
             coord.event.remote(ev.pop("kind"), ev, uuid.uuid4().hex)
-        started = {"pid": os.getpid(), "resume": resume}
+        started = {"pid": os.getpid(), "resume": resume, **({"replaced": replaced} if replaced else {})}
         ray.get(coord.event.remote("driver_started", started, uuid.uuid4().hex), timeout=COORD_TIMEOUT_S)
         if not quiet:
             print(
@@ -409,6 +441,7 @@ def run(
         try:
             kept = ray.get(coord.finish.remote(status), timeout=COORD_TIMEOUT_S)
             prog = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S)
+            say_trackers_off(storage, since, tracking)
         except Exception as e:  # storage (or the coordinator) is gone: committed data stays as it is
             if "LeaseLost" in str(e):
                 raise LeaseLost(f"{spec.run_uri}: {root_cause(str(e))}; this driver stopped") from None
@@ -443,6 +476,41 @@ def run(
         lease.release()
         if started_ray:
             ray.shutdown()
+
+
+def claim_run(spec: JobSpec, storage: Storage, resume: bool) -> tuple[Lease, str | None]:
+    """Take the run's lease (refused while another live driver owns it: LeaseHeld). `run`
+    (not resume) of a name that holds a run: a finished one or one with committed checkpoints
+    is refused, since `run` never continues a run silently, perhaps with another spec; one that
+    failed before committing any checkpoint (a wrong monitor, say) holds nothing to resume
+    from, so it is replaced, said on stderr. Returns the lease and why a run was replaced."""
+    existing = read_manifest(storage)
+    if existing is not None and not resume and existing.status == "finished":
+        raise RunFailed(
+            f"{spec.run_uri} already holds a finished run; pick another name "
+            f"(--set name=...), `orchestrator resume` it, or `orchestrator delete {spec.run_uri}` it"
+        )
+    lease = Lease(storage, ttl_s=spec.failure.lease_ttl_s, heartbeat_s=spec.failure.lease_ttl_s / 6)
+    lease.acquire()  # refuses while another live driver owns the run
+    if existing is None or resume:
+        return lease, None
+    try:
+        existing = read_manifest(storage)  # again, now that no other driver can change it
+        why = lifecycle.replaceable(existing) if existing is not None else None
+        if existing is not None and why is None:
+            raise SpecError(
+                f"{spec.run_uri} already holds a {existing.status} run ({len(existing.checkpoints)} "
+                f"committed checkpoint(s)); continue it with `orchestrator resume {spec.run_uri}`, "
+                f"start a new one under another name (--set name=...), or delete it first "
+                f"(`orchestrator delete {spec.run_uri}`)"
+            )
+        if why is not None:
+            print(f"[run] {spec.run_uri} held {why}: replacing it with this run", file=sys.stderr, flush=True)
+            lifecycle.clear_run(storage)
+    except BaseException:
+        lease.release()
+        raise
+    return lease, why
 
 
 _CAUSE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Failed)\w*): (.+)$")

@@ -3,6 +3,8 @@ in seconds with a message that names the storage, the address or the field and w
 
 - `before_ray(spec, address)`: the cluster address answers and takes this process's token;
   the storage can be reached and lets a run write, read and delete under its RUN_URI.
+- `check_tracking(spec)`: MLflow can be used at `tracking.mlflow_uri` (the driver refuses a
+  new run that names one it cannot use; a resumed run is warned and goes on without it).
 - `workers_fit(spec, started_ray)`, once connected: the cluster can ever hold the workers the
   spec asks for (Ray Train would otherwise wait for them, 60 s at a time, forever).
 
@@ -33,6 +35,17 @@ def before_ray(spec: JobSpec, address: str | None) -> None:
     check_address(address or os.environ.get("RAY_ADDRESS"))
     check_storage(spec)
     check_replicas(spec)
+
+
+def check_tracking(spec: JobSpec) -> str | None:
+    """Why the spec's MLflow tracking cannot work from here (one line: the URI, the error,
+    the fix), or None (also when there is none). The coordinator runs on this node, so what
+    works here works there. TensorBoard writes into the run's storage, checked already."""
+    if not spec.tracking.mlflow_uri:
+        return None
+    from orchestrator.tracking import mlflow_problem
+
+    return mlflow_problem(spec.tracking.mlflow_uri, spec.tracking.mlflow_experiment)
 
 
 def check_replicas(spec: JobSpec) -> None:

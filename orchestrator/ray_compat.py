@@ -38,6 +38,26 @@ def use_token_auth() -> None:
             Config.initialize("")
 
 
+def current_cluster() -> tuple[str, str | None]:
+    """(the path of Ray's `ray_current_cluster` marker, the GCS address it records or None).
+
+    `ray start --head` (and ray.cluster_utils) write the head's GCS address there and only
+    `ray stop` removes it, so a head killed otherwise leaves a stale one. The file lives in
+    Ray's temp dir: RAY_TMPDIR, else TMPDIR, else /tmp, then `ray/` (not tempfile's choice).
+
+    Private: a plain `ray.init()` connects to whatever the marker names (and then refuses
+    num_cpus); no public call says where the marker is or what it holds."""
+    from ray._common.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            address = f.read().strip()
+    except OSError:  # none (or unreadable): no cluster was started here
+        return path, None
+    return path, address or None
+
+
 def gcs_token_check(address: str, timeout_s: float = 5.0) -> str | None:
     """Ask the GCS at host:port, once, whether it accepts this process's credentials: "no
     token" or "token refused" when it answers UNAUTHENTICATED, else None (it accepts them, or

@@ -433,7 +433,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 RESUME_SAFE = ("epochs", "failure.", "scaling.", "early_stopping", "chaos.", "checkpoint.top_k",
                "checkpoint.keep_latest", "checkpoint.keep_every_n_epochs", "checkpoint.every_n_epochs",
                "checkpoint.every_n_steps", "checkpoint.async_save", "checkpoint.stop_on_nan",
-               "checkpoint.local_cache", "storage.options", "storage.retry")  # fmt: skip
+               "checkpoint.local_cache", "storage.options", "storage.retry", "tracking.")  # fmt: skip
 
 
 def check_resume_overrides(overrides: Sequence[str]) -> None:

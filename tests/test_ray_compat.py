@@ -18,6 +18,7 @@ PRIVATE = [
     ("ray.core.generated.gcs_service_pb2_grpc", "NodeInfoGcsServiceStub"),
     ("ray.experimental.internal_kv", "_internal_kv_get"),
     ("ray.autoscaler.v2.sdk", "get_cluster_status"),
+    ("ray._common.utils", "get_ray_address_file"),
 ]
 
 
@@ -88,3 +89,18 @@ def test_the_controller_poll_interval_reaches_the_controller(monkeypatch):
     assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.25"
     # And the controller reads it when it is built, as its poll interval.
     assert "HEALTH_CHECK_INTERVAL_S_ENV_VAR" in inspect.getsource(TrainController.__init__)
+
+
+def test_current_cluster_reads_the_marker_ray_itself_reads(tmp_path, monkeypatch):
+    from ray._private.utils import read_ray_address, write_ray_address
+
+    from orchestrator.ray_compat import current_cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # Ray's temp dir: never the real /tmp/ray here
+    marker = tmp_path / "ray" / "ray_current_cluster"
+    assert current_cluster() == (str(marker), None)
+    marker.parent.mkdir()
+    write_ray_address("127.0.0.1:6379")  # as `ray start --head` records its GCS
+    assert current_cluster() == (str(marker), "127.0.0.1:6379") and read_ray_address() == "127.0.0.1:6379"
+    marker.write_text("")
+    assert current_cluster() == (str(marker), None)

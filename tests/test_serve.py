@@ -41,8 +41,6 @@ from workers.metrics import evaluate
 from workers.task import TaskContext
 from workers.tasks import digits
 
-pytestmark = pytest.mark.e2e
-
 SERVE = str(Path(sys.executable).parent / "serve")
 POLL_S = 1.0
 
@@ -154,6 +152,7 @@ def model_predictions(run_dir: Path, images: torch.Tensor) -> tuple[str, list[in
         return best, model(images).argmax(dim=1).tolist()
 
 
+@pytest.mark.e2e
 def test_serves_the_best_checkpoint_and_reloads_a_better_one(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "digits"
     trainer = Trainer(run_dir)
@@ -279,3 +278,91 @@ def test_serves_the_best_checkpoint_and_reloads_a_better_one(tmp_path: Path) -> 
             psutil.Process(pid).kill()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+# -- a run that cannot be served: one line, once -----------------------------------------------
+
+
+def build(args: dict[str, Any]) -> Any:
+    """The app builder, as Serve's build task calls it (from the repository root)."""
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    from deploy.serve.app import app_builder
+
+    return app_builder(args)
+
+
+def test_a_run_that_cannot_be_served_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    from ray.serve.exceptions import RayServeException
+
+    monkeypatch.chdir(tmp_path)  # run_uri runs/digits resolves here, as in `serve run`'s directory
+    with pytest.raises(RayServeException) as e:  # Serve's kind: reported alone, never retried
+        build({"run_uri": "runs/digits"})
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    assert msg.startswith(f"run_uri runs/digits ({tmp_path}/runs/digits): no run there"), msg
+    assert "`make demo` writes runs/digits" in msg and "args.run_uri in deploy/serve/config.yaml" in msg, msg
+
+    Trainer(tmp_path / "runs" / "digits")  # a run, started, with nothing committed yet
+    with pytest.raises(RayServeException, match=r"^run_uri runs/digits \(.*\): no committed checkpoint "
+                       r"with a 'val_loss' value to serve yet \(status running\); start the app after"):  # fmt: skip
+        build({"run_uri": "runs/digits"})
+
+    (tmp_path / "runs" / "digits" / "manifest.json").write_text("{not json")  # and no backup
+    with pytest.raises(RayServeException, match=r"^run_uri runs/digits .*: the run cannot be read: ") as e:
+        build({"run_uri": "runs/digits"})
+    assert "\n" not in str(e.value), str(e.value)
+
+    with pytest.raises(RayServeException, match=r"arguments .*: poll_s: Input should be greater than 0$"):
+        build({"run_uri": "runs/digits", "poll_s": 0})
+
+
+@pytest.mark.e2e
+def test_serve_run_of_a_missing_run_fails_once_in_one_line(tmp_path: Path) -> None:
+    """What a newcomer who runs `serve run deploy/serve/config.yaml` before `make demo` sees."""
+    config = yaml.safe_load((ROOT / "deploy" / "serve" / "config.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": free_port()}
+    missing = tmp_path / "runs" / "digits"
+    config["applications"][0]["args"]["run_uri"] = str(missing)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [SERVE, "run", "--address", "local", str(tmp_path / "serve.yaml")],
+        cwd=ROOT, env=cli_env(PYTHONDONTWRITEBYTECODE="1", RAY_USAGE_STATS_ENABLED="0"),
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see the test above
+    )  # fmt: skip
+    started: set[tuple[int, float]] = set()
+    try:
+
+        def failed() -> bool:
+            started.update(tree(proc.pid))
+            assert proc.poll() is None, log_path.read_text()[-5000:]
+            return "failed with exception" in log_path.read_text()
+
+        wait_until(failed, timeout=240, what="Serve to report the app's failure", interval=1)
+        time.sleep(5)  # a retry would start within this
+        out = log_path.read_text()
+        print(out[-3000:])
+        lines = [line for line in out.splitlines() if f"run_uri {missing}: no run there" in line]
+        assert len(lines) == 1, out[-5000:]  # once: the build is not retried
+        assert "`make demo` writes runs/digits" in lines[0], lines[0]
+        assert out.count("Importing application 'best-checkpoint'") == 1, out[-5000:]
+        assert "Traceback" not in out and "retries remaining" not in out, out[-5000:]
+    finally:
+        started.update(tree(proc.pid))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C, as the message says
+        try:
+            proc.wait(timeout=60)
+        finally:
+            log.close()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    try:
+        wait_until(lambda: not alive(started), timeout=30, what="Serve's processes to exit")
+    finally:
+        for pid, _ in alive(started):
+            psutil.Process(pid).kill()

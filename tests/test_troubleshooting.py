@@ -16,7 +16,7 @@ DOC = ROOT / "docs" / "troubleshooting.md"
 USER_ERRORS = {
     "SpecError", "StorageError", "ManifestError", "ManifestUnreadable", "RunFailed", "RunInterrupted",
     "RayUnreachable", "LeaseHeld", "LeaseLost", "NoCheckpoint", "RunNotFound", "RepairError", "NotARun",
-    "CheckpointRefused", "VerificationError", "TaskError", "StopRun", "CommitError",
+    "CheckpointRefused", "VerificationError", "TaskError", "StopRun", "CommitError", "NotServable",
 }  # fmt: skip
 SOURCES = [*ROOT.glob("orchestrator/**/*.py"), *ROOT.glob("workers/**/*.py"), ROOT / "deploy/serve/app.py"]
 

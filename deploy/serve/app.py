@@ -26,13 +26,24 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException
 
-from orchestrator.api import NoCheckpoint, open_run
+from orchestrator.api import Run, RunNotFound, open_run
+from orchestrator.core.manifest import ManifestError
+from orchestrator.core.storage import StorageError
 
 log = logging.getLogger("ray.serve")
+
+
+class NotServable(RayServeException):
+    """The app cannot be built from its arguments: the message says which and what to do.
+
+    A RayServeException because Serve reports one as its message alone, from one try; any
+    other error the builder raises Serve retries three times (`serve run CONFIG` prints each
+    try's traceback) before the application goes DEPLOY_FAILED with a fourth."""
 
 
 class AppArgs(BaseModel):
@@ -180,17 +191,40 @@ class BestCheckpoint:
 
 def app_builder(args: dict[str, Any]) -> Application:
     """The Serve application for `args` (see AppArgs). Fails here, before any replica starts,
-    when the run is missing or has no checkpoint to serve yet."""
-    a = AppArgs.model_validate(args)
+    when the arguments are bad, the run is missing or has no checkpoint to serve yet: with
+    NotServable, one line naming run_uri and what to do."""
+    try:
+        a = AppArgs.model_validate(args)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in e.errors())
+        raise NotServable(f"the Serve app's arguments (args: in the config, key=value): {problems}") from None
     # Replicas do not share the caller's working directory: a local path is made absolute here.
     uri = a.run_uri if "://" in a.run_uri else os.path.abspath(a.run_uri)
-    run = open_run(uri, a.options())  # RunNotFound names the path
+    servable_run(a.run_uri, uri, a.options())  # else NotServable, before any replica starts
+    return BestCheckpoint.bind(uri, a.poll_s, a.options(), a.input_shape)  # type: ignore[attr-defined]
+
+
+def servable_run(given: str, uri: str, options: dict[str, Any]) -> Run:
+    """The run at uri, holding a checkpoint to serve; else NotServable, one line that names
+    run_uri as given (and where it resolved to) and what to do."""
+    where = f"run_uri {given}" + (f" ({uri})" if uri != given else "")
+    try:
+        run = open_run(uri, options)
+    except RunNotFound:
+        raise NotServable(
+            f"{where}: no run there (no manifest.json). Train one first (`make demo` writes "
+            "runs/digits), or set run_uri to a run's storage root + name (args.run_uri in "
+            "deploy/serve/config.yaml; run_uri=... after the import path); Ctrl-C stops `serve run`"
+        ) from None
+    except (ManifestError, StorageError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise NotServable(f"{where}: the run cannot be read: {type(e).__name__}: {first}") from None
     if not run.ranked():
-        raise NoCheckpoint(
-            f"{uri}: no committed checkpoint with a {run.monitor!r} value to serve yet "
+        raise NotServable(
+            f"{where}: no committed checkpoint with a {run.monitor!r} value to serve yet "
             f"(status {run.status}); start the app after the run's first commit"
         )
-    return BestCheckpoint.bind(uri, a.poll_s, a.options(), a.input_shape)  # type: ignore[attr-defined]
+    return run
 
 
 app = app_builder

@@ -7,6 +7,7 @@
     orchestrator events RUN_URI [--json]                 commits, deletions, restarts, retries
     orchestrator verify RUN_URI [--json]                 is every kept checkpoint's shared copy intact?
     orchestrator repair RUN_URI [--dry-run]              restore an unreadable manifest.json from its backup
+    orchestrator delete RUN_URI [--yes]                  remove a run (a failed one with nothing committed)
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (spec, arguments), 3 run owned
 by another live driver, 4 storage unreachable or unreadable, 5 the Ray cluster or its Jobs
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import typer
 
-from orchestrator.cli import export, inspect, jobs, repair, see, train, verify
+from orchestrator.cli import delete, export, inspect, jobs, repair, see, train, verify
 
 app = typer.Typer(
     help="Fault-tolerant distributed PyTorch training on Ray, with top-k checkpoints "
@@ -57,6 +58,7 @@ export.register(app)
 see.register(app)
 jobs.register(app)
 repair.register(app)
+delete.register(app)
 
 
 def main() -> None:

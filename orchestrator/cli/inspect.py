@@ -22,8 +22,10 @@ from orchestrator.cli.exits import (
     local_error,
     parse_options,
 )
+from orchestrator.core.lease import LEASE as RUN_LEASE
 from orchestrator.core.manifest import EVENT_KINDS, ManifestError
 from orchestrator.core.storage import Storage, StorageError
+from orchestrator.lifecycle import RunState
 
 
 def _open(run_uri: str, options: list[str] | None) -> Run:
@@ -40,17 +42,26 @@ def checkpoints(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     storage_option: list[str] = typer.Option(None, help=OPT_HELP),
 ) -> None:
-    """List committed checkpoints: epoch, metrics, rank by the monitor, and why each is kept."""
+    """List committed checkpoints: epoch, metrics, rank by the monitor, and why each is kept.
+
+    The first line says the run's state (see `orchestrator runs --help`): an interrupted or
+    orphaned run is named so, with the command that continues it."""
     run = _open(run_uri, storage_option)
     m, monitor = run.manifest, run.monitor
+    state = _state(run)
     rows = [c.as_dict() for c in run.checkpoints()]
     bad = [{"id": b.record.id, "reason": b.reason} for b in m.bad]
     if as_json:
         out = {"run_uri": run_uri, "monitor": monitor, "mode": run.mode, "status": m.status,
+               "state": state.state, "state_detail": state.detail, "next": state.next,
                "generation": m.generation, "checkpoints": rows, "bad": bad}  # fmt: skip
         typer.echo(json.dumps(out, indent=2))
         return
-    typer.echo(f"{run_uri}  ({m.status}, manifest generation {m.generation}, monitor {monitor}/{run.mode})")
+    typer.echo(
+        f"{run_uri}  ({state.state}, manifest generation {m.generation}, monitor {monitor}/{run.mode})"
+    )
+    if state.detail or state.next:
+        typer.echo(state.line())
     typer.echo(f"{'id':<26} {'epoch':>5} {'step':>7} {monitor:>10} {'rank':>4}  kept because")
     for r in rows:
         v = r["metrics"].get(monitor)
@@ -193,12 +204,27 @@ def _best_epoch(rows: list[dict[str, Any]], monitor: str, mode: str) -> int | No
     return min(ranked, key=lambda r: (sign * r[monitor], -r["epoch"]))["epoch"] if ranked else None
 
 
+def _state(run: Run) -> RunState:
+    """run.state(), or the stored status alone when the lease cannot be read (said in detail)."""
+    try:
+        return run.state()
+    except (StorageError, OSError) as e:
+        why = f"whether its driver is alive is unknown: {RUN_LEASE} could not be read: {e}"
+        return RunState(run.status, run.status, why, None, len(run.manifest.checkpoints))
+
+
 def runs(
     root: str = typer.Argument(..., help="A storage root: runs, s3://bucket/prefix, ..."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     storage_option: list[str] = typer.Option(None, help=OPT_HELP),
 ) -> None:
-    """The runs under a storage root: name, status, epochs, best metric, last update."""
+    """The runs under a storage root: name, state, epochs, best metric, last update.
+
+    The state is the stored status (running, finished, failed) or what it means now:
+    `interrupted` (Ctrl-C/SIGTERM on the driver; resumable) or `orphaned` (stored running,
+    but its driver is gone: its lease is stale or missing); each with the command that
+    continues or clears it. --json keeps `status` as stored and adds `state`,
+    `state_detail` and `next`."""
     try:
         top = Storage(root, parse_options(storage_option))
         names = top.list_dirs("")
@@ -212,28 +238,35 @@ def runs(
             continue  # not a run
         except (ManifestError, StorageError, OSError) as e:  # a run, but not readable: say so
             why = str(e).splitlines()[0]
-            out.append({"name": name, "run_uri": top.child_uri(name), "status": "unreadable", "epochs": 0,
+            out.append({"name": name, "run_uri": top.child_uri(name), "status": "unreadable",
+                        "state": "unreadable", "epochs": 0,
                         "monitor": "", "best": None, "updated": 0.0, "error": why})  # fmt: skip
             continue
-        m, ranked = run.manifest, run.ranked()
+        m, ranked, state = run.manifest, run.ranked(), _state(run)
         last = max((c.epoch for c in run.checkpoints()), default=0)
-        out.append({"name": name, "run_uri": run.uri, "status": m.status, "epochs": last,
-                    "monitor": run.monitor, "best": ranked[0].metrics.get(run.monitor) if ranked else None,
+        out.append({"name": name, "run_uri": run.uri, "status": m.status, "state": state.state,
+                    "state_detail": state.detail, "next": state.next, "checkpoints": state.checkpoints,
+                    "epochs": last, "monitor": run.monitor,
+                    "best": ranked[0].metrics.get(run.monitor) if ranked else None,
                     "updated": m.updated_at})  # fmt: skip
     out.sort(key=lambda r: r["updated"], reverse=True)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
+    _runs_table(root, out)
+
+
+def _runs_table(root: str, out: list[dict[str, Any]]) -> None:
     if not out:
         typer.echo(f"no runs under {root}")
         return
-    typer.echo(f"{'name':<32} {'status':<9} {'epochs':>6} {'best':>22}  updated")
+    typer.echo(f"{'name':<32} {'status':<11} {'epochs':>6} {'best':>22}  updated")
     for r in out:
         b = "-" if r["best"] is None else f"{r['monitor']} {r['best']:.5g}"
         ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["updated"])) if r["updated"] else "-"
-        typer.echo(
-            f"{r['name']:<32} {r['status']:<9} {r['epochs']:>6} {b:>22}  {ts}{'  ' + r.get('error', '')}"
-        )
+        state = r.get("state", r["status"])
+        note = r.get("error") or "; ".join(x for x in (r.get("state_detail"), r.get("next")) if x)
+        typer.echo(f"{r['name']:<32} {state:<11} {r['epochs']:>6} {b:>22}  {ts}{'  ' + note if note else ''}")
 
 
 def register(app: typer.Typer) -> None:
