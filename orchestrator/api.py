@@ -34,7 +34,7 @@ from orchestrator.core.storage import Storage
 from orchestrator.core.verify import VerificationError, copy_verified
 from orchestrator.lifecycle import RunState, run_state
 
-MODEL_FILE = "model.pt"  # the weights alone (workers/state.py writes it)
+MODEL_FILE = "model.pt"  # the weights alone (workers/format.py; not imported here: it needs torch)
 
 
 def weight_files(record: CheckpointRecord) -> set[str]:
@@ -171,7 +171,7 @@ class Run:
         files (every rank's shards) are copied the same way and consolidated into one."""
         import tempfile
 
-        from workers.state import load_tensor_file
+        from workers.format import consolidate, load_tensor_file
 
         with tempfile.TemporaryDirectory(prefix="orchestrator-weights-") as tmp:
             if isinstance(which, int) or which == "best":
@@ -183,8 +183,6 @@ class Run:
                 ck, skipped = self.checkpoint(which), []
                 paths = copy_verified(self.storage, ck.record, tmp, only=weight_files(ck.record))
             if ck.record.sharded:
-                from workers.sharded import consolidate
-
                 return ck, consolidate(tmp), skipped
             # Weights-only: a file that names code is refused (CheckpointRefused), never run.
             return ck, load_tensor_file(paths[0], "cpu", f"{ck.uri}/{MODEL_FILE}"), skipped

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from typing import Any
 
 import torch
@@ -28,8 +27,9 @@ from workers.calls import call
 from workers.config import WorkerConfig
 from workers.data import train_batches
 from workers.distributed import broadcast, gather, is_distributed
+from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
 from workers.failures import is_infrastructure, signature, user_traceback
-from workers.metrics import EarlyStopping, RunningLoss, evaluate, metric_names
+from workers.metrics import EarlyStopping, RunningLoss
 from workers.resume import restore
 from workers.session import Session, StopRun, TakenOver
 from workers.state import Position, Saver, unwrap
@@ -157,35 +157,6 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
             break
 
     return {"global_step": global_step, "stopped_early": stopped_early, **session.close()}
-
-
-def check_monitor(cfg: WorkerConfig, task: Task, model: torch.nn.Module, device: torch.device) -> None:
-    if cfg.monitor not in (names := metric_names(task, model, device)):
-        why = f"checkpoint.monitor {cfg.monitor!r} is not a metric of task {cfg.task!r}"
-        raise StopRun(f"{why}; it reports {sorted(names)}", "input")
-
-
-def epoch_metrics(session: Session, task: Task, model: torch.nn.Module, epoch: int, epoch_loss: RunningLoss,
-                  world: int, rank: int) -> dict[str, float]:  # fmt: skip
-    """The end of an epoch: the scheduler's step, the held-out metrics and the training loss;
-    with checkpoint.stop_on_nan, a StopRun at the first metric that is not finite."""
-    if task.scheduler is not None:
-        task.scheduler.step()
-    metrics = evaluate(task, model, session.device, world, rank)
-    metrics["train_loss"] = epoch_loss.mean_over_ranks()
-    if session.cfg.stop_on_nan and not all(math.isfinite(v) for v in metrics.values()):
-        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-        raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
-    return metrics
-
-
-def epoch_save_due(cfg: WorkerConfig, epoch: int, stopped_early: bool) -> bool:
-    return epoch % cfg.every_n_epochs == 0 or epoch == cfg.epochs or stopped_early
-
-
-def note_early_stop(session: Session, epoch: int, stopper: EarlyStopping | None) -> None:
-    if session.rank == 0:
-        call(session.coord.event, "early_stop", {"epoch": epoch, "best": stopper and stopper.best})
 
 
 def _import_task(name: str, rank: int) -> tuple[Any, str | None]:

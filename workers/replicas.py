@@ -36,7 +36,7 @@ import torch
 
 from workers.calls import call
 from workers.data import rank_batches
-from workers.loop import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
+from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
 from workers.metrics import EarlyStopping, RunningLoss
 from workers.resume import restore
 from workers.session import Session, StopRun

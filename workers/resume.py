@@ -26,7 +26,7 @@ from workers.rng import restore_rng, seed_all
 from workers.task import Task
 
 if TYPE_CHECKING:
-    from workers.session import Session
+    from workers.rank import Restoring
 
 
 def plan_restore(
@@ -81,7 +81,7 @@ class Resumed:
     train_state: dict[str, Any] = field(default_factory=dict)
 
 
-def restore(session: Session, task: Task, model: torch.nn.Module) -> Resumed:
+def restore(session: Restoring, task: Task, model: torch.nn.Module) -> Resumed:
     """Put this rank of a Task back where the latest good checkpoint left it (or at the start)."""
     from workers.state import MODEL_FILE, STATE_FILE, Position, load_tensor_file
 

@@ -31,30 +31,35 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import tempfile
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemBase
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata
 
 from orchestrator.core.manifest import CHECKPOINTS, CheckpointRecord, FileEntry
 from orchestrator.core.storage import HashingWriter, Storage
 from orchestrator.core.verify import CheckpointRefused, VerificationError, copy_verified
 from workers.distributed import broadcast, gather
-from workers.state import STATE_FILE, load_tensor_file
+from workers.format import (  # noqa: F401  # load_metadata, consolidate: re-exported
+    METADATA,
+    MODEL,
+    STATE_FILE,
+    LocalReader,
+    WeightsOnlyPlanner,
+    consolidate,
+    load_metadata,
+    load_tensor_file,
+)
 
 if TYPE_CHECKING:
-    from workers.session import Session
+    from workers.rank import Restoring, Saving
 
-METADATA = ".metadata"  # DCP's index of the shards, written by rank 0
-MODEL = "model."  # the model's keys in a sharded checkpoint (the optimizer's: "optimizer.")
 
 
 # -- what a train function hands over ------------------------------------------------------
@@ -83,7 +88,7 @@ def apply_state_dict(targets: dict[str, Any], sd: dict[str, Any]) -> None:
 
 
 # -- save ------------------------------------------------------------------------------------
-def save_shards(session: Session, cid: str, epoch: int, targets: dict[str, Any]) -> list[FileEntry]:
+def save_shards(session: Saving, cid: str, epoch: int, targets: dict[str, Any]) -> list[FileEntry]:
     """Every rank writes its shards of checkpoint cid; returns every rank's files (size and
     sha256), in rank order, on every rank. A collective: every rank calls it."""
     part = write_shards(session.storage, cid, state_dict_of(targets), session.rank)
@@ -161,7 +166,9 @@ class _HashedFS(FileSystemBase):
 
 
 # -- restore -----------------------------------------------------------------------------------
-def restore_shards(session: Session, targets: dict[str, Any]) -> tuple[CheckpointRecord | None, bytes | None]:
+def restore_shards(
+    session: Restoring, targets: dict[str, Any]
+) -> tuple[CheckpointRecord | None, bytes | None]:
     """Load the latest good sharded checkpoint into targets in place (every rank); returns its
     record and the verified bytes of its train_state.pt, or (None, None)."""
     record = session.restored_record()
@@ -179,7 +186,7 @@ def restore_shards(session: Session, targets: dict[str, Any]) -> tuple[Checkpoin
     return found, state
 
 
-def _next_restore(session: Session, bad: str, why: str) -> dict[str, Any] | None:
+def _next_restore(session: Restoring, bad: str, why: str) -> dict[str, Any] | None:
     from workers.calls import call
 
     return call(session.coord.next_restore, bad, why)  # type: ignore[no-any-return]
@@ -204,7 +211,7 @@ def load_verified(
         with tempfile.TemporaryDirectory(prefix=f"orchestrator-{record.id}-r{rank}-") as local:
             reader = _VerifyingReader(storage, record, local)
             try:
-                dcp.load(sd, storage_reader=reader, planner=_WeightsOnlyPlanner())
+                dcp.load(sd, storage_reader=reader, planner=WeightsOnlyPlanner())
             except CheckpointException as e:  # on every rank alike: DCP gathers its failures
                 failed = [why for why in gather(reader.error) if why]
                 if not failed:
@@ -225,19 +232,7 @@ def load_verified(
     return None, None
 
 
-class _LocalReader(FileSystemReader):
-    """DCP's reader over a local directory of verified files; .metadata read weights-only."""
-
-    def read_metadata(self, *args: Any) -> Metadata:  # no **kwargs: no rank-local metadata
-        with open(os.path.join(self.path, METADATA), "rb") as f:
-            md = load_metadata(f.read(), os.path.join(self.path, METADATA))
-        meta = md.storage_meta or StorageMeta()
-        meta.load_id = self.load_id
-        md.storage_meta = meta
-        return md
-
-
-class _VerifyingReader(_LocalReader):
+class _VerifyingReader(LocalReader):
     """Copies what this rank reads from the run's storage into `local`, checked against the
     record, after DCP has planned the reads and before it reads anything (StorageReader's
     prepare_local_plan); the coordinator hashes what no rank reads (prepare_global_plan)."""
@@ -278,64 +273,3 @@ class _VerifyingReader(_LocalReader):
         return plans
 
 
-class _WeightsOnlyPlanner(DefaultLoadPlanner):
-    """DCP stores small non-tensor values (an optimizer's lr, betas) as pickles and loads them
-    with weights_only=False; these are checked weights-only first, so one that names code is
-    refused before it runs."""
-
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        load_tensor_file(value.getvalue(), name=f"sharded value {read_item.dest_index.fqn}")
-        value.seek(0)
-        super().load_bytes(read_item, value)
-
-
-_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                                              "TensorStorageMetadata", "BytesStorageMetadata",
-                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}  # fmt: skip
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        kinds = (torch.dtype, torch.layout, torch.memory_format)
-        if name in _METADATA_GLOBALS.get(module, ()) or (
-            module == "torch" and isinstance(getattr(torch, name, None), kinds)
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"Unsupported global {module}.{name}")
-
-
-def load_metadata(data: bytes, name: str) -> Metadata:
-    """DCP's .metadata (a pickle), allowing only the types DCP's metadata is made of."""
-    try:
-        md = _MetadataUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as e:
-        raise CheckpointRefused(
-            f"{name}: refused to load: it is not DCP metadata ({e}); nothing in it ran. "
-            "This project never writes such a file: someone else wrote it"
-        ) from None
-    if not isinstance(md, Metadata):
-        raise CheckpointRefused(f"{name}: refused to load: a {type(md).__name__}, not DCP metadata")
-    return md
-
-
-# -- export --------------------------------------------------------------------------------------
-def weight_files(record: CheckpointRecord) -> set[str]:
-    """The files of a sharded checkpoint that hold the model's weights (its shards and index)."""
-    return {f.path for f in record.files if f.path != STATE_FILE}
-
-
-def consolidate(local: str) -> dict[str, torch.Tensor]:
-    """The model's full state_dict from a verified local copy of a sharded checkpoint, in one
-    process without a process group (DCP reassembles every rank's shards)."""
-    md = _LocalReader(local).read_metadata()
-    sd = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in md.state_dict_metadata.items()
-          if key.startswith(MODEL) and isinstance(m, TensorStorageMetadata)}  # fmt: skip
-    dcp.load(sd, storage_reader=_LocalReader(local), planner=_WeightsOnlyPlanner(), no_dist=True)
-    return {key[len(MODEL) :]: t for key, t in sd.items()}
