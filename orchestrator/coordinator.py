@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -28,10 +29,10 @@ from orchestrator.core.manifest import (
     BadCheckpoint,
     CheckpointRecord,
     Manifest,
-    read_jsonl,
+    read_journal,
     read_manifest_versioned,
     read_record,
-    write_jsonl,
+    write_journal_if,
     write_manifest,
     write_manifest_if,
 )
@@ -65,6 +66,7 @@ class RunLedger:
         self.cfg = retention_cfg
         self.owner = owner
         self.fenced: str | None = None  # why this ledger may no longer write
+        self._journal_versions: dict[str, str | None] = {}
         self.live: dict[str, Any] | None = None  # rank 0's latest position in the epoch (display only)
         self.stop_requested: str | None = None  # the driver's Ctrl-C/SIGTERM, read by rank 0's ticks
         # failure.mode replicas: rank 0 left its loop for good (the end, or a stop), so a replica
@@ -73,9 +75,12 @@ class RunLedger:
         self.training_ended = False
         self.failures: dict[str, set[int]] = {}  # a user-code error's signature -> attempts it ended
         self.gave_up: str | None = None  # set when one signature ended two attempts
-        self.events: list[dict[str, Any]] = read_jsonl(storage, EVENTS)
+        # The journals are replaced by compare-and-swap on the version this ledger last wrote
+        # (events: on object stores, where an append is a rewrite): a coordinator that lost the
+        # run never rewrites the new owner's from its stale copy.
+        self.events, self._journal_versions[EVENTS] = read_journal(storage, EVENTS)
         self._events_stored = len(self.events)  # events up to here are in storage
-        self.metrics: list[dict[str, Any]] = read_jsonl(storage, METRICS)
+        self.metrics, self._journal_versions[METRICS] = read_journal(storage, METRICS)
         self.reported: list[dict[str, Any]] = []  # every report of this coordinator's life, in order
         self._reported_rids: set[str | None] = set()
         storage.on_retry = self._on_retry
@@ -126,7 +131,7 @@ class RunLedger:
             new = self.events[self._events_stored :]
             self.storage.append(EVENTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in new).encode())
         else:
-            write_jsonl(self.storage, EVENTS, self.events)
+            self.events = self._write_journal(EVENTS, self.events, _merge_events)
         self._events_stored = len(self.events)
 
     def _answered(self, rid: str | None) -> tuple[bool, Any]:
@@ -166,10 +171,25 @@ class RunLedger:
         self.metrics = [m for m in self.metrics if m.get("epoch") != row.get("epoch")]
         self.metrics.append(row)
         self.metrics.sort(key=lambda m: m.get("epoch", 0))
-        write_jsonl(self.storage, METRICS, self.metrics)
+        self.metrics = self._write_journal(METRICS, self.metrics, _merge_metrics)
         if self.trackers is not None:
             self.trackers.log(row)
             self._log_tracker_errors()
+
+    def _write_journal(self, rel: str, rows: list[dict[str, Any]], merge: Merge) -> list[dict[str, Any]]:
+        """Replace a journal over the version this ledger last wrote; returns what was written.
+        When another writer replaced it: a new owner fences this ledger (LeaseLost, nothing
+        written); anyone else (repair's event, a lost answer) is merged in and written over."""
+        for _ in range(5):
+            try:
+                self._journal_versions[rel] = write_journal_if(self.storage, rel, rows,
+                                                               self._journal_versions.get(rel))  # fmt: skip
+                return rows
+            except Conflict:
+                self._confirm_owner()
+                theirs, self._journal_versions[rel] = read_journal(self.storage, rel)
+                rows = merge(theirs, rows)
+        raise StorageError(f"{self.storage.child_uri(rel)} kept changing; not written")
 
     def _log_tracker_errors(self) -> None:
         for name, exc in self.trackers.take_errors() if self.trackers else []:
@@ -456,6 +476,21 @@ class RunLedger:
             "live": self.live,
             "resumed_from": self.manifest.resumed_from,
         }
+
+
+Merge = Callable[[list[dict[str, Any]], list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def _merge_events(stored: list[dict[str, Any]], ours: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stored rows, then ours that are not among them (a row is its whole content)."""
+    seen = {json.dumps(r, sort_keys=True) for r in stored}
+    return stored + [r for r in ours if json.dumps(r, sort_keys=True) not in seen]
+
+
+def _merge_metrics(stored: list[dict[str, Any]], ours: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per epoch, ours where both have it."""
+    by_epoch = {r.get("epoch"): r for r in stored} | {r.get("epoch"): r for r in ours}
+    return sorted(by_epoch.values(), key=lambda r: r.get("epoch") or 0)
 
 
 def coordinator_actor_class() -> Any:

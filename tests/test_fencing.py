@@ -330,3 +330,25 @@ def test_a_checkpoint_is_read_twice_before_it_counts_as_bad(tmp_path):
     storage.write_bytes(f"{CHECKPOINTS}/{rec.id}/model.pt", b"X" * rec.files[0].size)  # damaged for good
     with pytest.raises(verify.VerificationError, match="sha256"):
         _read_twice(storage, rec, None)
+
+
+def test_a_stale_coordinator_never_rewrites_the_new_owners_journals(make_storage):
+    """metrics.jsonl (and events.jsonl on object stores, where an append is a rewrite) are
+    replaced whole: from a stale coordinator's memory they would drop what the new owner
+    logged. Both are compare-and-swapped; locally an event is an append, which drops nothing."""
+    sa = make_storage()
+    a_lease, a = owned(sa)
+    a.start_attempt(1)
+    a.report_metrics({"epoch": 1, "val_loss": 0.9})
+    sb = make_storage()
+    _, b = take_over(sb)
+    b.start_attempt(1)
+    b.report_metrics({"epoch": 2, "val_loss": 0.5})
+    with pytest.raises(LeaseLost):
+        a.report_metrics({"epoch": 2, "val_loss": 9.0})
+    assert read_jsonl(sb, "metrics.jsonl") == [{"epoch": 1, "val_loss": 0.9}, {"epoch": 2, "val_loss": 0.5}]
+    if not sa.is_local:
+        with pytest.raises(LeaseLost):
+            a.event("restart", reason="a stale restart")
+    kinds = [e["kind"] for e in read_jsonl(sb, "events.jsonl")]
+    assert kinds.count("attempt_started") == 2 and "lease_taken_over" not in kinds[:1]

@@ -205,3 +205,19 @@ def test_missing_bucket_is_a_clear_storage_error(s3_env):
     assert p.returncode == 4, p.stdout + p.stderr
     assert "storage s3://no-such-bucket-here/runs/digits" in p.stderr and "bucket" in p.stderr.lower()
     assert "Traceback" not in p.stderr
+
+
+def test_the_fault_proxy_passes_an_objects_size_on_head(moto, bucket):
+    """A stat through the proxy sees the object's size (it answered HEAD with a length of 0,
+    so the shared-copy check found every file through it 'damaged', size 0)."""
+    from orchestrator.core.storage import Storage
+
+    proxy = FaultProxy(moto.port)
+    try:
+        opts = {"endpoint_url": proxy.endpoint, "key": "testing", "secret": "testing"}
+        storage = Storage(f"s3://{bucket}/runs/head", opts)
+        storage.write_bytes("x.bin", b"12345678")
+        assert storage.list_sizes("") == {"x.bin": 8}
+        assert storage.fs.info(storage.path("x.bin"))["size"] == 8  # a HEAD
+    finally:
+        proxy.close()

@@ -266,8 +266,23 @@ def read_record(storage: Storage, cid: str) -> CheckpointRecord:
 def read_jsonl(storage: Storage, rel: str) -> list[dict[str, Any]]:
     if not storage.exists(rel):
         return []
+    return parse_jsonl(storage.read_bytes(rel))
+
+
+def read_journal(storage: Storage, rel: str) -> tuple[list[dict[str, Any]], str | None]:
+    """A JSON-lines file's rows and the version a compare-and-swap must name to replace it."""
+    v = storage.read_versioned(rel)
+    return (parse_jsonl(v.data), v.version) if v else ([], None)
+
+
+def write_journal_if(storage: Storage, rel: str, rows: list[dict[str, Any]], expect: str | None) -> str:
+    """Replace a JSON-lines file only over version `expect` (storage.Conflict otherwise)."""
+    return storage.write_if(rel, _jsonl(rows), expect)
+
+
+def parse_jsonl(raw: bytes) -> list[dict[str, Any]]:
     out = []
-    for line in storage.read_bytes(rel).decode("utf-8", errors="replace").splitlines():
+    for line in raw.decode("utf-8", errors="replace").splitlines():
         line = line.strip()
         if line:
             try:
@@ -280,4 +295,8 @@ def read_jsonl(storage: Storage, rel: str) -> list[dict[str, Any]]:
 
 
 def write_jsonl(storage: Storage, rel: str, rows: list[dict[str, Any]]) -> None:
-    storage.write_bytes(rel, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    storage.write_bytes(rel, _jsonl(rows))
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
