@@ -192,7 +192,7 @@ class MLflow:
         """curves.png, as `orchestrator plot` draws it (skipped without matplotlib or metrics)."""
         if importlib.util.find_spec("matplotlib") is None:
             return
-        from orchestrator.cli.see import curves_figure, known_metrics
+        from orchestrator.report.curves import curves_figure, known_metrics
 
         rows = run.metrics(as_frame=False)
         if not rows or run.monitor not in known_metrics(rows):

@@ -26,6 +26,7 @@ from orchestrator.core.lease import LEASE as RUN_LEASE
 from orchestrator.core.manifest import EVENT_KINDS, ManifestError
 from orchestrator.core.storage import Storage, StorageError
 from orchestrator.lifecycle import RunState
+from orchestrator.report.curves import best_epoch as best_of
 
 
 def _open(run_uri: str, options: list[str] | None) -> Run:
@@ -180,7 +181,7 @@ def metrics(
         w.writeheader()
         w.writerows(rows)
         return
-    best_epoch = _best_epoch(rows, run.monitor, run.mode)
+    best_epoch = best_of(rows, run.monitor, run.mode)
     metric_keys = [k for k in keys if k not in ("epoch", "global_step", "attempt")]
     typer.echo(f"{'epoch':>5} {'step':>7} {'att':>3}  " + "  ".join(f"{k:>10}" for k in metric_keys))
     attempt = None
@@ -194,14 +195,6 @@ def metrics(
         mark = f"  <- best {run.monitor}" if r.get("epoch") == best_epoch else ""
         at = f"{r.get('epoch', '-'):>5} {r.get('global_step', '-'):>7} {r.get('attempt', '-')!s:>3}"
         typer.echo(f"{at}  {vals}{mark}")
-
-
-def _best_epoch(rows: list[dict[str, Any]], monitor: str, mode: str) -> int | None:
-    import math
-
-    sign = 1.0 if mode == "min" else -1.0
-    ranked = [r for r in rows if isinstance(r.get(monitor), (int, float)) and math.isfinite(r[monitor])]
-    return min(ranked, key=lambda r: (sign * r[monitor], -r["epoch"]))["epoch"] if ranked else None
 
 
 def _state(run: Run) -> RunState:
