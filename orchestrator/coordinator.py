@@ -29,6 +29,7 @@ from orchestrator.core.manifest import (
     BadCheckpoint,
     CheckpointRecord,
     Manifest,
+    parse_manifest,
     read_journal,
     read_manifest_versioned,
     read_record,
@@ -38,7 +39,7 @@ from orchestrator.core.manifest import (
 )
 from orchestrator.core.names import attempt_of
 from orchestrator.core.retention import RetentionConfig
-from orchestrator.core.storage import Conflict, Storage, StorageError
+from orchestrator.core.storage import CLOCK_PROBE, Conflict, Storage, StorageError
 from orchestrator.tracking import Trackers
 
 _REMEMBERED = 200  # request ids (and their answers) kept for retried calls
@@ -364,11 +365,22 @@ class RunLedger:
         except Exception as e:  # left for orphan collection at the next attempt start
             self.event("delete_failed", id=cid, why=why, error=self.storage.clean(e))
 
+    def _stale_temp(self, name: str) -> bool:
+        """A temp file of an atomic write that a crash interrupted: untouched for 10 minutes by
+        the storage's clock (an atomic write renames its temp file within seconds)."""
+        try:
+            return self.storage.age(name) > 600
+        except (OSError, StorageError):
+            return False
+
     def _later_attempt(self, cid: str) -> bool:
         """cid was written by an attempt after this ledger's current one: a newer owner's upload
-        or commit. (A ledger with no attempt yet, in tests of the pure logic, knows no order.)"""
+        or commit. (An unowned ledger with no attempt yet, in tests of the pure logic, knows no
+        order; an owned one with no attempt yet wrote nothing, so every numbered one is later.)"""
         written_by, mine = attempt_of(cid), self.manifest.attempts
-        return bool(mine) and written_by is not None and written_by > mine
+        if written_by is None or (not mine and self.owner is None):
+            return False
+        return written_by > mine
 
     def mark_bad(self, cid: str, reason: str) -> None:
         m = self.manifest
@@ -393,7 +405,9 @@ class RunLedger:
         manifest write succeeded, so the manifest it compares with is the current one."""
         self._confirm_owner()  # the manifest compared with is the one in storage, and ours
         for name in self.storage.list_dirs(""):
-            if ".tmp-" in name and not name.startswith(LEASE):  # the lease is the driver's
+            # The lease's and the clock probe's are the drivers'; a young one may be a live
+            # writer's (a new owner's manifest write, if this coordinator stalled right here).
+            if ".tmp-" in name and not name.startswith((LEASE, CLOCK_PROBE)) and self._stale_temp(name):
                 self.storage.delete(name)
         known = {c.id for c in self.manifest.checkpoints}
         listed = self.storage.list_dirs(CHECKPOINTS)
@@ -425,6 +439,11 @@ class RunLedger:
         if self.owner is None:
             return
         current = self.storage.read_versioned(MANIFEST)
+        if current is not None and current.version != self._version:
+            stored = parse_manifest(self.storage, current.data)
+            if stored.owner == self.owner:  # our own write that landed though reported failed (_save)
+                self.manifest, self._version = stored, current.version
+                raise StorageError(f"{self.storage.uri}: manifest changed by our own earlier write; reloaded")
         if current is None or current.version != self._version:
             self.fenced = f"run taken over by {lease.describe(lease.holder(self.storage))}"
             raise LeaseLost(f"{self.storage.uri}: {self.fenced}; nothing was deleted")

@@ -24,7 +24,7 @@ import yaml
 from orchestrator import lifecycle, preflight
 from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
 from orchestrator.core.lease import Lease, LeaseLost
-from orchestrator.core.manifest import EVENTS, SPEC, read_jsonl, read_manifest
+from orchestrator.core.manifest import BACKUP, EVENTS, MANIFEST, SPEC, read_jsonl, read_manifest
 from orchestrator.core.storage import Storage, redact, redact_options, secrets_in
 from orchestrator.progress import ProgressView
 from orchestrator.ray_compat import (
@@ -485,6 +485,14 @@ def claim_run(spec: JobSpec, storage: Storage, resume: bool) -> tuple[Lease, str
     failed before committing any checkpoint (a wrong monitor, say) holds nothing to resume
     from, so it is replaced, said on stderr. Returns the lease and why a run was replaced."""
     existing = read_manifest(storage)
+    if existing is None and storage.exists(BACKUP):
+        # The manifest is gone but the run is not: starting over here would take the run's
+        # committed checkpoints for orphans of the new run and delete them.
+        raise SpecError(
+            f"{spec.run_uri}: {MANIFEST} is missing but {BACKUP} is there: the run's manifest was "
+            f"deleted or lost. `orchestrator repair {spec.run_uri}` restores it (--dry-run shows "
+            f"what it would do); or `orchestrator delete {spec.run_uri}` to start over"
+        )
     if existing is not None and not resume and existing.status == "finished":
         raise RunFailed(
             f"{spec.run_uri} already holds a finished run; pick another name "

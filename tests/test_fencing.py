@@ -352,3 +352,64 @@ def test_a_stale_coordinator_never_rewrites_the_new_owners_journals(make_storage
             a.event("restart", reason="a stale restart")
     kinds = [e["kind"] for e in read_jsonl(sb, "events.jsonl")]
     assert kinds.count("attempt_started") == 2 and "lease_taken_over" not in kinds[:1]
+
+
+def test_an_owned_coordinator_with_no_attempt_yet_deletes_no_numbered_checkpoint(tmp_path):
+    """A driver whose workers never started still ends its run (finish): with no attempt of its
+    own, every attempt-numbered directory is a later owner's."""
+    storage = Storage(str(tmp_path / "run"))
+    lease, led = owned(storage)
+    theirs = upload(storage, 1, 0.5, attempt=1, record=False)
+    led.finish("failed")
+    assert theirs.id in storage.list_dirs(CHECKPOINTS)
+    lease.release()
+
+
+def test_only_old_temp_files_are_swept(tmp_path):
+    """A young temp file may be a live writer's (a new owner's manifest write): only one left
+    untouched for 10 minutes is a crashed write's."""
+    storage = Storage(str(tmp_path / "run"))
+    led = RunLedger(storage, "run", CFG)
+    young, old = storage.path("manifest.json.tmp-young"), storage.path("metrics.jsonl.tmp-old")
+    for path in (young, old):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+    past = time.time() - 1200
+    os.utime(old, (past, past))
+    led.start_attempt(1)
+    assert os.path.exists(young) and not os.path.exists(old)
+
+
+def test_our_own_landed_write_is_not_a_takeover_at_the_ownership_check(tmp_path):
+    """A manifest write that landed but was reported failed leaves the ledger a version behind:
+    the check before deleting reloads it (a retryable error), it does not fence the owner."""
+    from orchestrator.core.manifest import write_manifest_if
+    from orchestrator.core.storage import StorageError
+
+    storage = Storage(str(tmp_path / "run"))
+    lease, led = owned(storage, ttl_s=30)
+    led.start_attempt(1)
+    write_manifest_if(storage, led.manifest, led._version)  # ours, its answer "lost"
+    with pytest.raises(StorageError, match="our own earlier write"):
+        led.collect_orphans()
+    assert led.fenced is None
+    led.collect_orphans()  # reloaded: goes on
+    lease.release()
+
+
+def test_a_run_whose_manifest_is_gone_but_its_backup_is_there_is_not_started_over(tmp_path):
+    """Starting over would take the run's committed checkpoints for orphans and delete them."""
+    from conftest import run_cli
+
+    storage = Storage(str(tmp_path / "runs" / "r"))
+    led = RunLedger(storage, "r", CFG)
+    led.start_attempt(1)
+    rec = upload(storage, 1, 0.5, attempt=1)
+    led.commit(rec)
+    storage.delete(MANIFEST)
+    p = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path / 'runs'}", "--set", "name=r",
+                timeout=120)  # fmt: skip
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "manifest.json is missing but manifest.backup.json is there" in p.stderr
+    assert "orchestrator repair" in p.stderr
+    assert rec.id in storage.list_dirs(CHECKPOINTS)

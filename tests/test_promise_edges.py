@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 
@@ -292,7 +293,10 @@ def test_events_are_appended_not_rewritten(tmp_path):
 def test_temp_files_of_an_interrupted_write_are_collected(tmp_path):
     storage = Storage(str(tmp_path / "run"))
     led = RunLedger(storage, "run", CFG)
-    (tmp_path / "run" / "manifest.json.tmp-deadbeef").write_bytes(b"half a manif")
+    tmp = tmp_path / "run" / "manifest.json.tmp-deadbeef"
+    tmp.write_bytes(b"half a manif")
+    past = time.time() - 1200  # an interrupted write's: a young one may be a live writer's
+    os.utime(tmp, (past, past))
     led.start_attempt(1)
     assert not list((tmp_path / "run").glob("*.tmp-*"))
 

@@ -91,9 +91,13 @@ class Lease:
     def _visibly_gone(self, held: dict[str, Any]) -> bool:
         """The holder is a process this one can see is gone: same host, same pid namespace, and
         its pid is not running or now belongs to a process started at another time (recycled).
-        A lease from another namespace (or one that does not say) is judged by its TTL alone."""
-        if held.get("host") != self.host or held.get("pid_ns") is None or held["pid_ns"] != self.pid_ns:
+        A lease from another namespace (or one that does not say, where this host has
+        namespaces) is judged by its TTL alone; on a host without /proc (no namespaces to tell
+        apart) the host and pid decide, as before."""
+        if held.get("host") != self.host:
             return False
+        if held.get("pid_ns") != self.pid_ns or ("pid_ns" not in held and self.pid_ns is not None):
+            return False  # another namespace, or a lease that does not say (an older version)
         start = held.get("pid_start")
         return not pid_alive(int(held.get("pid", -1)), float(start) if start is not None else None)
 

@@ -83,6 +83,9 @@ _TRANSIENT_CODES = {
 }
 
 
+CLOCK_PROBE = "clock.tmp-"  # the prefix of the probe files that read a local store's clock
+
+
 class StorageError(RuntimeError):
     """A storage operation failed for good (not transient, or out of retry budget)."""
 
@@ -583,14 +586,28 @@ class Storage:
         written beside `beside`. On NFS the file server sets mtimes, so the reader's own
         time.time() would compare two hosts' clocks. The probe's name holds ".tmp-", so one a
         crash leaves behind is collected with the other temp files."""
-        probe = f"{os.path.dirname(beside)}/clock.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(probe, "wb") as f:
-                f.write(b"clock probe")
-            return os.stat(probe).st_mtime
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(probe)
+        for tries_left in (1, 0):
+            probe = f"{os.path.dirname(beside)}/{CLOCK_PROBE}{uuid.uuid4().hex[:8]}"
+            try:
+                with open(probe, "wb") as f:
+                    f.write(b"clock probe")
+                return os.stat(probe).st_mtime
+            except FileNotFoundError:  # removed under us (a cleaner): once more
+                if not tries_left:
+                    raise
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(probe)
+        raise AssertionError("unreachable")
+
+    def age(self, rel: str) -> float:
+        """How long ago rel was last written, by the storage's clock (local: against a probe's
+        mtime; object stores: the response's Date against LastModified)."""
+        if self.is_local:
+            target = self.path(rel)
+            return self._call(f"stat {rel}", lambda: self._local_now(target) - os.stat(target).st_mtime)
+        v = self.read_versioned(rel, aged=True)
+        return v.age_s if v is not None else 0.0
 
     def _s3_get(self, target: str) -> Versioned | None:
         from email.utils import parsedate_to_datetime
