@@ -50,7 +50,8 @@ lint: setup
 bench: setup
 	$(PY) -m bench
 
-# The seeded fault campaign docs/reliability.md reports (about 50 minutes on a shared 2-core machine).
+# The seeded fault campaign docs/reliability.md reports (about 70 minutes on a shared 2-core machine:
+# a third of the runs hold a partition, which starts a second cluster and waits out a lease).
 CAMPAIGN_RUNS ?= 30
 CAMPAIGN_SEED ?= 12
 campaign: setup
