@@ -181,6 +181,8 @@ class RunLedger:
         """Replace a journal over the version this ledger last wrote; returns what was written.
         When another writer replaced it: a new owner fences this ledger (LeaseLost, nothing
         written); anyone else (repair's event, a lost answer) is merged in and written over."""
+        self._confirm_owner()  # a stale ledger whose version still matches (the new owner has not
+        # written this journal yet) must not add its rows either
         for _ in range(5):
             try:
                 self._journal_versions[rel] = write_journal_if(self.storage, rel, rows,

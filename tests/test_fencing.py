@@ -413,3 +413,17 @@ def test_a_run_whose_manifest_is_gone_but_its_backup_is_there_is_not_started_ove
     assert "manifest.json is missing but manifest.backup.json is there" in p.stderr
     assert "orchestrator repair" in p.stderr
     assert rec.id in storage.list_dirs(CHECKPOINTS)
+
+
+def test_a_stale_coordinator_adds_no_row_to_a_journal_the_new_owner_has_not_written_yet(make_storage):
+    """Found by the campaign's partition (run 10 of seed 12): B had not reported yet, so A's
+    compare-and-swap on metrics.jsonl still matched and its stale row went through."""
+    sa = make_storage()
+    a_lease, a = owned(sa)
+    a.start_attempt(1)
+    a.report_metrics({"epoch": 1, "val_loss": 0.9})
+    sb = make_storage()
+    take_over(sb)[1].start_attempt(1)
+    with pytest.raises(LeaseLost):
+        a.report_metrics({"epoch": 2, "val_loss": 9.0})
+    assert read_jsonl(sb, "metrics.jsonl") == [{"epoch": 1, "val_loss": 0.9}]
