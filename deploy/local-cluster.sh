@@ -191,9 +191,16 @@ kill_node() { # a node lost at once: SIGKILL its whole session (raylet, workers,
   local name="$1" pid t left
   read -r _ pid t < <(grep "^$name " "$NODES" 2>/dev/null) || die "no node '$name' recorded in $STATE_DIR (see: $0 status)" 2
   alive "$pid" "$t" || die "$name is not running"
-  # shellcheck disable=SC2046
-  kill -KILL $(members "$pid") 2>/dev/null || true
-  echo "kill-node: SIGKILLed $name (session $pid)"
+  # SIGKILL is delivered asynchronously: a member can still be listed (and a raylet can still
+  # fork) for a moment after kill(2) returns, so wait until the session is empty.
+  for _ in $(seq 1 100); do
+    left="$(members "$pid")"
+    [[ -z "$left" ]] && { echo "kill-node: SIGKILLed $name (session $pid)"; return 0; }
+    # shellcheck disable=SC2086
+    kill -KILL $left 2>/dev/null || true
+    sleep 0.1
+  done
+  die "$name: still running 10 s after SIGKILL: $(echo $left)"
 }
 
 cmd="${1:-}"
