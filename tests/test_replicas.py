@@ -126,7 +126,7 @@ def test_a_rank0_that_heals_past_an_epoch_end_records_what_is_missing(reported, 
     saver = replicas.EpochSaver.__new__(replicas.EpochSaver)
     saver.task, saver.session, saver.last_saved = task, session, None
     saver.saver = SimpleNamespace(save=lambda at, *a: calls.append(("save", at.epoch, at.step_in_epoch, at.end_of_epoch)))
-    live = replicas.Live(epoch=3, step=0, global_step=10, epoch_loss=None, metrics={"val_loss": 0.5},
+    live = SimpleNamespace(epoch=3, step=0, global_step=10, epoch_loss=None, metrics={"val_loss": 0.5},
                          stopper=EarlyStopping("min", 3, 0.0), reported=reported)  # fmt: skip
     assert saver.fill_in(live) is False
     assert (("report", 2, 10) in calls) == reports
@@ -154,7 +154,7 @@ def test_a_rank0_that_heals_after_the_early_stop_ends_the_run(monkeypatch):
     saver.task, saver.session, saver.last_saved = SimpleNamespace(train_data=list(range(100)), batch_size=10), session, None
     saver.saver = SimpleNamespace(save=lambda at, *a: calls.append(("save", at.epoch)))
     stopper = EarlyStopping("min", 2, 0.0, {"best": 0.1, "bad_epochs": 2})  # it said stop at epoch 3
-    live = replicas.Live(epoch=4, step=0, global_step=20, epoch_loss=None, metrics={"val_loss": 0.5},
+    live = SimpleNamespace(epoch=4, step=0, global_step=20, epoch_loss=None, metrics={"val_loss": 0.5},
                          stopper=stopper, reported=2)  # fmt: skip
     assert saver.fill_in(live) is True  # the early stop, saved though epoch 3 is not a save epoch
     assert calls == [("report", 3), ("save", 3), ("early_stop", 3)]

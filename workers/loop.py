@@ -11,7 +11,7 @@
 Both run on the same session (workers/session.py), which owns the restore plan, the one
 way a checkpoint is written and committed, metrics reports and stopping. Rank 0 writes
 checkpoints; every rank contributes its RNG streams to a task's. Restore is in
-workers/resume.py, what a task's checkpoint holds in workers/state.py.
+workers/resume.py; what a task's checkpoint holds is workers/state.py's TrainState.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from workers.data import train_batches
 from workers.distributed import broadcast, gather, is_distributed
 from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
 from workers.failures import is_infrastructure, signature, user_traceback
-from workers.metrics import EarlyStopping, RunningLoss
+from workers.metrics import RunningLoss
 from workers.resume import restore
 from workers.session import Session, StopRun, TakenOver
-from workers.state import Position, Saver, unwrap
+from workers.state import Position, Saver, TrainState
 from workers.task import Task, TaskContext, check_train_loader
 
 
@@ -108,21 +108,16 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
         check_train_loader(task.train_data, world)
     except ValueError as e:  # the same on every rank and every restart: an input error
         raise StopRun(str(e), "input") from None
-    model = task.model.to(device)
-    resumed = restore(session, task, model)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if is_distributed() else model
-    prior = resumed.train_state
-    stopper = EarlyStopping.configured(cfg.mode, cfg.early_stopping, prior.get("early_stopping"))
-    metrics: dict[str, float] = dict(prior.get("last_metrics", {}))
-    saver = Saver(task, ddp, session)
-    epoch_loss = RunningLoss(device, resumed.epoch_acc)
-    global_step, stopped_early = resumed.global_step, False
-    check_monitor(cfg, task, unwrap(ddp), device)
+    state = TrainState(task, task.model.to(device), cfg, device)
+    resumed = restore(session, state)
+    ddp = torch.nn.parallel.DistributedDataParallel(state.model) if is_distributed() else state.model
+    saver, stopped_early = Saver(state, session), False
+    check_monitor(cfg, task, state.model, device)
 
     for epoch in range(resumed.start_epoch, cfg.epochs + 1):
         first = resumed.start_step if epoch == resumed.start_epoch else 0
         if first == 0:
-            epoch_loss = RunningLoss(device)
+            state.epoch_loss = RunningLoss(device)
         ddp.train()
         where[0] = f"epoch {epoch} step {first}"
         loader_state = resumed.loader_state if epoch == resumed.start_epoch else None
@@ -130,33 +125,33 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
         for step, batch in batches:
             where[0] = f"epoch {epoch} step {step}"
             session.chaos.before_step(epoch, step)
-            loss = train_step(task, ddp, batch)
-            epoch_loss.add(loss)
-            global_step += 1
-            session.ticker(epoch, step + 1, steps, global_step)
-            at = Position(epoch, step + 1, global_step, False)
-            if halt := session.stop_check(global_step):
-                saver.save(at, epoch_loss, metrics, stopper)
-                session.finish_stop(halt, f"epoch {epoch} step {step + 1} (global step {global_step})")
-            if cfg.every_n_steps and global_step % cfg.every_n_steps == 0 and step + 1 < steps:
-                saver.save(at, epoch_loss, metrics, stopper)
+            state.epoch_loss.add(train_step(task, ddp, batch))
+            state.epoch, state.step, state.global_step = epoch, step + 1, state.global_step + 1
+            session.ticker(epoch, step + 1, steps, state.global_step)
+            at = Position(epoch, step + 1, state.global_step, False)
+            if halt := session.stop_check(state.global_step):
+                saver.save(at)
+                session.finish_stop(halt, f"epoch {epoch} step {step + 1} (global step {state.global_step})")
+            if cfg.every_n_steps and state.global_step % cfg.every_n_steps == 0 and step + 1 < steps:
+                saver.save(at)
 
         where[0] = f"epoch {epoch} evaluation"
         # Every rank sees the same all-reduced metrics, so every rank decides the same.
-        metrics = epoch_metrics(session, task, unwrap(ddp), epoch, epoch_loss, world, rank)
-        stopped_early = stopper.update(metrics[cfg.monitor]) if stopper else False
-        session.report_metrics({"epoch": epoch, "global_step": global_step, **metrics})
-        at = Position(epoch, steps, global_step, True)
+        state.metrics = epoch_metrics(session, task, state.model, epoch, state.epoch_loss, world, rank)
+        stopped_early = state.stopper.update(state.metrics[cfg.monitor]) if state.stopper else False
+        session.report_metrics({"epoch": epoch, "global_step": state.global_step, **state.metrics})
+        at = Position(epoch, steps, state.global_step, True)
+        state.reported = epoch
         if epoch_save_due(cfg, epoch, stopped_early):
-            saver.save(at, epoch_loss, metrics, stopper)
-        elif halt := session.stop_check(global_step, end_of_epoch=True):
-            saver.save(at, epoch_loss, metrics, stopper)
-            session.finish_stop(halt, f"the end of epoch {epoch} (global step {global_step})")
+            saver.save(at)
+        elif halt := session.stop_check(state.global_step, end_of_epoch=True):
+            saver.save(at)
+            session.finish_stop(halt, f"the end of epoch {epoch} (global step {state.global_step})")
         if stopped_early:
-            note_early_stop(session, epoch, stopper)
+            note_early_stop(session, epoch, state.stopper)
             break
 
-    return {"global_step": global_step, "stopped_early": stopped_early, **session.close()}
+    return {"global_step": state.global_step, "stopped_early": stopped_early, **session.close()}
 
 
 def _import_task(name: str, rank: int) -> tuple[Any, str | None]:

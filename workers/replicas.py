@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
@@ -37,10 +36,10 @@ import torch
 from workers.calls import call
 from workers.data import rank_batches
 from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
-from workers.metrics import EarlyStopping, RunningLoss
+from workers.metrics import RunningLoss
 from workers.resume import restore
 from workers.session import Session, StopRun
-from workers.state import Position, Saver
+from workers.state import Position, Saver, TrainState
 from workers.stopping import NONE
 from workers.task import Dataset, Task, TaskContext, collate, is_loader
 
@@ -52,19 +51,6 @@ HOLD_S = 60.0  # rank 0 waits this long at its start for every replica, so a fau
 # Rank 0's word each step, every field a max over the quorum (others send 0, but for a stop
 # request and "done", which a replica that ended first sends on).
 PRESENT, STOP, DONE, HOLD, REPORTED = range(5)
-
-
-@dataclass
-class Live:
-    """What a replica hands a healing peer besides model, optimizer and scheduler."""
-
-    epoch: int  # the epoch of the next step
-    step: int  # the next step of it
-    global_step: int
-    epoch_loss: RunningLoss
-    metrics: dict[str, float]  # the last epoch's
-    stopper: EarlyStopping | None
-    reported: int = 0  # the last epoch rank 0 reported (and handed to its writer)
 
 
 def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[str, Any]:
@@ -82,37 +68,13 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
                       "replicas do not support yet; use failure.mode restart", "input")  # fmt: skip
     data = cast("Dataset", task.train_data)  # not a DataLoader: refused above
     model = task.model.to(device)
-    resumed = restore(session, task, model)  # rank 0 only: the others heal from a peer
-    prior = resumed.train_state
-    stopper = EarlyStopping.configured(cfg.mode, cfg.early_stopping, prior.get("early_stopping"))
-    epoch_loss = RunningLoss(device, resumed.epoch_acc)
-    metrics = dict(prior.get("last_metrics", {}))
-    live = Live(resumed.start_epoch, resumed.start_step, resumed.global_step, epoch_loss, metrics, stopper,
-                reported=resumed.start_epoch - 1)  # fmt: skip
+    live = TrainState(task, model, cfg, device)
+    restore(session, live)  # rank 0 only: the others heal from a peer
     check_monitor(cfg, task, model, device)
     healed: list[bool] = []
 
-    def state_dict() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": task.optimizer.state_dict(),
-            "scheduler": task.scheduler.state_dict() if task.scheduler is not None else None,
-            "live": {"epoch": live.epoch, "step": live.step, "global_step": live.global_step,
-                     "epoch_acc": live.epoch_loss.state(), "metrics": live.metrics,
-                     "stopper": live.stopper.state() if live.stopper else None,
-                     "reported": live.reported},  # fmt: skip
-        }
-
     def load_state_dict(sd: dict[str, Any]) -> None:
-        model.load_state_dict(sd["model"])
-        task.optimizer.load_state_dict(sd["optimizer"])
-        if task.scheduler is not None and sd["scheduler"] is not None:
-            task.scheduler.load_state_dict(sd["scheduler"])
-        s = sd["live"]
-        live.epoch, live.step, live.global_step = s["epoch"], s["step"], s["global_step"]
-        live.epoch_loss, live.metrics = RunningLoss(device, s["epoch_acc"]), dict(s["metrics"])
-        live.stopper = EarlyStopping.configured(cfg.mode, cfg.early_stopping, s["stopper"])
-        live.reported = max(live.reported, s["reported"])
+        live.load_state_dict(sd)
         healed.append(True)
         print(f"[replicas] rank {rank} healed from a live peer: epoch {live.epoch} step {live.step} "
               f"(global step {live.global_step})", flush=True)  # fmt: skip
@@ -122,7 +84,7 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
     manager = Manager(
         pg=ProcessGroupGloo(timeout=TIMEOUT),
         load_state_dict=load_state_dict,
-        state_dict=state_dict,
+        state_dict=live.state_dict,
         min_replica_size=1,
         use_async_quorum=False,  # heal before the forward pass, so every step trains from the live state
         rank=0,
@@ -135,7 +97,7 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
     )
     if rank == 0:  # the state it restored (or a fresh model) is the one the others heal from
         manager.load_state_dict({"step": live.global_step + 1, "batches_committed": 0})
-    saver, waiting = EpochSaver(task, model, session), Waiting(session)
+    saver, waiting = EpochSaver(live, session), Waiting(session)
     done, holding, hold_until = False, rank == 0, time.monotonic() + HOLD_S
     batches: tuple[int, list[list[int]]] | None = None
     ended = False
@@ -164,7 +126,7 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             if word[DONE] or live.epoch > cfg.epochs:  # the end beats a stop asked with it
                 break
             if word[STOP] != NONE:  # the driver asked (Ctrl-C): a checkpoint here, then stop
-                saver.save(Position(live.epoch, live.step, live.global_step, False), live)
+                saver.save(Position(live.epoch, live.step, live.global_step, False))
                 session.finish_stop(int(word[STOP]), f"epoch {live.epoch} step {live.step} "
                                     f"(global step {live.global_step})")  # fmt: skip
             epoch, step = live.epoch, live.step
@@ -185,7 +147,7 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             session.ticker(epoch, live.step, steps, live.global_step)
             if live.step < steps:
                 if cfg.every_n_steps and live.global_step % cfg.every_n_steps == 0:
-                    saver.save(Position(epoch, live.step, live.global_step, False), live)
+                    saver.save(Position(epoch, live.step, live.global_step, False))
                 continue
             where[0] = f"epoch {epoch} evaluation"
             stopped_early = saver.end_epoch(live, steps)
@@ -218,17 +180,17 @@ def _unsupported(task: Task) -> str | None:
 class EpochSaver:
     """Rank 0's saves and reports (the others only keep what a heal hands on)."""
 
-    def __init__(self, task: Task, model: torch.nn.Module, session: Session) -> None:
-        self.task, self.session, self.saver = task, session, Saver(task, model, session)
-        self.model = model
+    def __init__(self, state: TrainState, session: Session) -> None:
+        self.task, self.model, self.session = state.task, state.model, session
+        self.saver = Saver(state, session)
         self.last_saved: int | None = None  # the global step of the last save: never twice
 
-    def save(self, at: Position, live: Live) -> None:
+    def save(self, at: Position) -> None:
         if at.global_step != self.last_saved:
             self.last_saved = at.global_step
-            self.saver.save(at, live.epoch_loss, live.metrics, live.stopper)
+            self.saver.save(at)
 
-    def end_epoch(self, live: Live, steps: int) -> bool:
+    def end_epoch(self, live: TrainState, steps: int) -> bool:
         """Evaluate, report and save the epoch just trained; move `live` to the next. True:
         rank 0 stops early. Every replica evaluates (a heal hands its metrics and early-stopping
         state on); only rank 0 acts on them."""
@@ -248,15 +210,15 @@ class EpochSaver:
         live.epoch, live.step, live.epoch_loss = epoch + 1, 0, RunningLoss(session.device)
         return stopped_early
 
-    def report(self, at: Position, live: Live, stopped_early: bool, save: bool = True) -> None:
+    def report(self, at: Position, live: TrainState, stopped_early: bool, save: bool = True) -> None:
         self.session.report_metrics({"epoch": at.epoch, "global_step": at.global_step, **live.metrics})
         if save and epoch_save_due(self.session.cfg, at.epoch, stopped_early):
-            self.save(at, live)
+            self.save(at)
         live.reported = at.epoch
         if stopped_early:
             note_early_stop(self.session, at.epoch, live.stopper)
 
-    def fill_in(self, live: Live) -> bool:
+    def fill_in(self, live: TrainState) -> bool:
         """Rank 0 healed at the start of an epoch: the end of the one before may be what the
         rank 0 it replaces died in, after the others had moved on. Report it if that one did
         not (a report replaces the epoch's row), and save it if it was due and is not what
@@ -278,7 +240,7 @@ class EpochSaver:
             if report:
                 self.report(at, live, stopped_early, save=save)
             elif save:
-                self.save(at, live)
+                self.save(at)
         return stopped_early
 
 

@@ -11,10 +11,8 @@ another world size (elastic runs).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from orchestrator.core.lease import LeaseLost
 from orchestrator.core.manifest import CheckpointRecord
@@ -22,11 +20,13 @@ from orchestrator.core.storage import Storage
 from orchestrator.core.verify import VerificationError, read_verified
 from workers.calls import call
 from workers.distributed import broadcast
+from workers.format import MODEL_FILE, STATE_FILE, load_tensor_file
+from workers.metrics import RunningLoss
 from workers.rng import restore_rng, seed_all
-from workers.task import Task
 
 if TYPE_CHECKING:
     from workers.rank import Restoring
+    from workers.state import TrainState
 
 
 def plan_restore(
@@ -70,21 +70,18 @@ def _read_twice(
 
 @dataclass
 class Resumed:
-    """Where this rank continues, and the state the loop still needs."""
+    """Where this rank continues, beyond what its TrainState holds."""
 
     attempt: int
     start_epoch: int = 1
     start_step: int = 0
-    global_step: int = 0
-    epoch_acc: dict[str, float] | None = None  # this rank's running loss of the epoch
     loader_state: Any = None  # this rank's StatefulDataLoader state_dict, mid-epoch
-    train_state: dict[str, Any] = field(default_factory=dict)
+    restored: bool = False
 
 
-def restore(session: Restoring, task: Task, model: torch.nn.Module) -> Resumed:
-    """Put this rank of a Task back where the latest good checkpoint left it (or at the start)."""
-    from workers.state import MODEL_FILE, STATE_FILE, Position, load_tensor_file
-
+def restore(session: Restoring, state: TrainState) -> Resumed:
+    """Put this rank's TrainState back where the latest good checkpoint left it (or leave it
+    at the start)."""
     blobs = session.restored_files()
     out = Resumed(attempt=session.attempt)
     if blobs is None:
@@ -94,25 +91,18 @@ def restore(session: Restoring, task: Task, model: torch.nn.Module) -> Resumed:
     # device and the optimizer casts its moments to their parameters' devices, while RNG
     # states and Adam's step counters must stay CPU tensors (a cuda map_location broke a
     # GPU resume in torch.set_rng_state; bench/gpu_check.py shows it).
-    model.load_state_dict(load_tensor_file(blobs[MODEL_FILE]))
-    state = load_tensor_file(blobs[STATE_FILE])
-    at = Position(**state["progress"])
-    task.optimizer.load_state_dict(state["optimizer"])
-    if task.scheduler is not None and state.get("scheduler") is not None:
-        task.scheduler.load_state_dict(state["scheduler"])
-    if task.grad_scaler is not None and state.get("grad_scaler") is not None:
-        task.grad_scaler.load_state_dict(state["grad_scaler"])
-    out.start_epoch, out.start_step = at.resume_point()
-    out.global_step, out.train_state = at.global_step, state
-    ranks = state["ranks"]
+    saved = load_tensor_file(blobs[STATE_FILE])
+    at = state.load_files(load_tensor_file(blobs[MODEL_FILE]), saved)
+    out.start_epoch, out.start_step, out.restored = state.epoch, state.step, True
+    ranks = saved["ranks"]
     if len(ranks) == world:
         restore_rng(ranks[rank]["rng"])
-        out.epoch_acc = ranks[rank]["epoch_acc"]
+        state.epoch_loss = RunningLoss(state.device, ranks[rank]["epoch_acc"] if state.step else None)
         out.loader_state = ranks[rank].get("loader")
     else:  # elastic resume: per-rank streams cannot map onto a new world size
         seed_all(seed + rank + 7919 * at.global_step)
         if out.start_step:
             # Mid-epoch: keep the number of samples the epoch has seen, not the step index
             # (a step of 2 ranks covers twice the samples of a step of 1).
-            out.start_step = out.start_step * len(ranks) // world
+            out.start_step = state.step = out.start_step * len(ranks) // world
     return out

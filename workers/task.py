@@ -9,7 +9,7 @@ model, the data and what one step computes. See docs/worker-api.md.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -57,6 +57,11 @@ def classification_eval(model: nn.Module, batch: Batch) -> dict[str, float]:
     }
 
 
+# The names train_state.pt and a replica's heal already use (workers/state.py).
+RESERVED = frozenset({"model", "optimizer", "scheduler", "grad_scaler", "ranks", "progress", "data_seed",
+                      "early_stopping", "last_metrics", "live"})  # fmt: skip
+
+
 @dataclass
 class Task:
     model: nn.Module
@@ -73,10 +78,20 @@ class Task:
     eval_step: Callable[[nn.Module, Batch], dict[str, float]] = classification_eval
     scheduler: Any | None = None  # an LR scheduler, stepped once per epoch
     grad_scaler: Any | None = None  # torch.amp.GradScaler for mixed precision
+    # More state to checkpoint, by name: anything with state_dict() and load_state_dict() (EMA
+    # weights, a custom counter). Saved, restored and handed to a healing replica with the rest.
+    state: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"Task.batch_size must be >= 1, got {self.batch_size}")
+        for name, part in self.state.items():
+            if not isinstance(name, str) or not name.isidentifier() or name in RESERVED:
+                raise ValueError(f"Task.state: {name!r} cannot name a part (an identifier other than "
+                                 f"{', '.join(sorted(RESERVED))})")  # fmt: skip
+            if not all(callable(getattr(part, m, None)) for m in ("state_dict", "load_state_dict")):
+                raise ValueError(f"Task.state[{name!r}]: a {type(part).__name__} has no state_dict() and "
+                                 "load_state_dict(); wrap it in an object that has both")  # fmt: skip
         for name in ("train_data", "val_data"):
             data = getattr(self, name)
             try:
