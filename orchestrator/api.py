@@ -189,18 +189,25 @@ class Run:
 
     def build_task(self) -> Any:
         """The run's task, built afresh from the stored spec on the CPU (imports the user's task
-        and runs its builder, datasets included)."""
+        and runs its builder, datasets included); for a train function, the Servable its
+        module's `serving_model(options)` returns (TaskError naming the hook when it has none)."""
         import torch
 
-        from orchestrator.core.tasks import resolve_task
-        from workers.task import TaskContext
+        from orchestrator.core.tasks import TaskError, is_train_function, resolve_task, serving_hook
+        from workers.task import Servable, TaskContext
 
         spec = self.stored_spec()
         task = spec.get("task") or {}
-        return resolve_task(task.get("name", "digits"))(
-            dict(task.get("options") or {}),
-            TaskContext(rank=0, world_size=1, seed=int(spec.get("seed", 0)), device=torch.device("cpu")),
-        )
+        name, options = task.get("name", "digits"), dict(task.get("options") or {})
+        fn = resolve_task(name)
+        if is_train_function(fn):
+            built = serving_hook(name, fn)(options)
+            if not (isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.nn.Module)):
+                raise TaskError(f"task {name!r}: serving_model(options) returned a {type(built).__name__}; "
+                                "it returns (model, example_input), the model an nn.Module")  # fmt: skip
+            return Servable(*built)
+        ctx = TaskContext(rank=0, world_size=1, seed=int(spec.get("seed", 0)), device=torch.device("cpu"))
+        return fn(options, ctx)
 
     def checkpoints(self) -> list[Checkpoint]:
         """Every committed checkpoint, oldest first, with why it is kept and its rank."""

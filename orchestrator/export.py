@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from orchestrator.api import Run, weight_files
-from workers.task import first_val_batch
+from workers.task import example_input
 
 FORMATS = {"safetensors": "model.safetensors", "torchscript": "model.ts", "onnx": "model.onnx"}
 
@@ -39,13 +39,16 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
 
         save_file({k: v.contiguous() for k, v in state.items()}, target, metadata={"checkpoint": ck.id})
     else:
-        built = run.build_task()  # once: its model to trace, and a validation batch to trace it on
+        built = run.build_task()  # once: its model to trace, and an input to trace it on
         model = built.model
         model.load_state_dict(state)
         model.eval()
-        batch = first_val_batch(built, torch.device("cpu"))
-        sample = batch[0] if isinstance(batch, (tuple, list)) else batch
+        sample = example_input(built, torch.device("cpu"))
         extra["input_shape"] = ["batch", *sample.shape[1:]]
+        module = type(model).__module__  # a task given as path/file.py:fn is imported under a made-up name
+        file_task = module.startswith("orchestrator_task_")
+        where = task.get("name", "").rpartition(":")[0] + ":" if file_task else module + "."
+        extra["model_class"] = where + type(model).__qualname__
         with torch.no_grad():
             if fmt == "torchscript":
                 torch.jit.trace(model, sample).save(target)

@@ -28,12 +28,12 @@ def digits_inputs(n: int = 64) -> torch.Tensor:
     return torch.tensor(load_digits().images[:n], dtype=torch.float32).unsqueeze(1) / 16.0
 
 
-def make_run(storage: Storage, losses: list[float]) -> None:
+def make_run(storage: Storage, losses: list[float], task: str = "digits") -> None:
     """A finished digits run written the way workers and the coordinator write one (no Ray):
     real DigitsCNN weights per epoch, each checkpoint's files then its record, then commit."""
     import io
 
-    storage.write_bytes("spec.yaml", b"name: r\ntask: {name: digits, options: {}}\nseed: 0\n")
+    storage.write_bytes("spec.yaml", f"name: r\ntask: {{name: '{task}', options: {{}}}}\nseed: 0\n".encode())
     led = RunLedger(storage, "r", CFG)
     led.start_attempt(1)
     for epoch, loss in enumerate(losses, start=1):
@@ -169,3 +169,32 @@ def test_load_best_builds_the_model_only_when_asked(tmp_path):
     assert isinstance(state, dict) and "head.4.weight" in state
     model = load_best(uri, build=True)
     assert not model.training and isinstance(model, DigitsCNN)
+
+
+def test_a_train_functions_model_gets_out_through_its_serving_model(tmp_path):
+    """A train function builds its model inside itself: export and load_best(build=True) use
+    the `serving_model(options)` beside it, and one without it is told what to add."""
+    from orchestrator.core.tasks import TaskError
+
+    example = inspect.getsourcefile(load_best).replace("orchestrator/api.py", "examples/session_api/train.py")
+    uri = str(tmp_path / "r")
+    make_run(Storage(uri), [0.9, 0.2], task=f"{example}:train")
+    model = load_best(uri, build=True)
+    assert isinstance(model, torch.nn.Module) and not model.training
+    p = run_cli("export", uri, "--format", "torchscript", "--out", str(tmp_path / "ts"))
+    assert p.returncode == 0, p.stderr
+    config = json.loads((tmp_path / "ts" / "config.json").read_text())
+    assert config["model_class"].endswith("session_api/train.py:DigitsCNN") or config["model_class"] == "workers.tasks.digits.DigitsCNN"
+    assert config["input_shape"] == ["batch", 1, 8, 8]
+    traced = torch.jit.load(str(tmp_path / "ts" / "model.ts"))
+    x = digits_inputs(16)
+    assert torch.allclose(traced(x), model(x), atol=1e-5)
+
+    bare = tmp_path / "bare.py"
+    bare.write_text("def train(session):\n    pass\n")
+    uri2 = str(tmp_path / "r2")
+    make_run(Storage(uri2), [0.5], task=f"{bare}:train")
+    with pytest.raises(TaskError, match="is a train function.*def serving_model"):
+        load_best(uri2, build=True)
+    p = run_cli("export", uri2, "--format", "onnx", "--out", str(tmp_path / "onnx"))
+    assert p.returncode == 2 and "def serving_model(options)" in p.stderr and "Traceback" not in p.stderr, p.stderr

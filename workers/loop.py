@@ -17,12 +17,11 @@ workers/resume.py; what a task's checkpoint holds is workers/state.py's TrainSta
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any
 
 import torch
 
-from orchestrator.core.tasks import TaskError, resolve_task, user_frames
+from orchestrator.core.tasks import TaskError, is_train_function, resolve_task, user_frames
 from workers.calls import call
 from workers.config import WorkerConfig
 from workers.data import train_batches
@@ -85,17 +84,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 attempt = session.attempt if session is not None and session.attempt else None
                 call(coord.record_failure, signature(e, where[0]), user_traceback(e), attempt, timeout=30)
         raise
-
-
-def is_train_function(fn: Any) -> bool:
-    """A train function takes one argument (the session); a task builder two (options, ctx)."""
-    try:
-        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        params = [p for p in inspect.signature(fn).parameters.values()
-                  if p.default is inspect.Parameter.empty and p.kind in positional]  # fmt: skip
-    except (TypeError, ValueError):
-        return False
-    return len(params) == 1
 
 
 def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]:

@@ -105,6 +105,24 @@ class Task:
                 raise ValueError(f"Task.{name} is empty")
 
 
+@dataclass
+class Servable:
+    """What a train function's `serving_model(options)` gives export and serving: the model as
+    training builds it, and one input batch to trace it on (its first dimension the batch)."""
+
+    model: nn.Module
+    example: Any
+
+
+def example_input(built: Task | Servable, device: torch.device) -> Any:
+    """The input export traces the model on: a Servable's example, or the inputs of a task's
+    first validation batch."""
+    if isinstance(built, Servable):
+        return built.example
+    batch = first_val_batch(built, device)
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def is_loader(data: Any) -> TypeIs[DataLoader[Any]]:
     return isinstance(data, DataLoader)
 

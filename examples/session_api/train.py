@@ -52,6 +52,12 @@ def all_indices(seen: list[int]) -> list[int]:
     return [i for part in out for i in part]
 
 
+def serving_model(options: dict[str, Any]) -> tuple[nn.Module, torch.Tensor]:
+    """The model as train() builds it, and one input batch to trace it on: what `orchestrator
+    export`, `load_best(build=True)` and the Serve app need of a train function."""
+    return DigitsCNN(), torch.zeros(1, 1, 8, 8)
+
+
 def train(session: Any) -> None:
     ctx = session.context
     opts = {"batch_size": 32, "lr": 0.05, "num_workers": 2, "save_every_steps": 8, **ctx.options}

@@ -56,6 +56,37 @@ def resolve_task(name: str) -> Callable[..., Any]:
     return fn
 
 
+def is_train_function(fn: Any) -> bool:
+    """A train function takes one argument (the session); a task builder two (options, ctx)."""
+    import inspect
+
+    try:
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.default is inspect.Parameter.empty and p.kind in positional]  # fmt: skip
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1
+
+
+SERVING_HOOK = "serving_model"
+
+
+def serving_hook(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A train function's `serving_model(options) -> (model, example_input)`, defined beside it
+    in its module: how export, load_best(build=True) and the Serve app build its model, which
+    the loop never sees. TaskError, naming the hook, when the module has none."""
+    hook = getattr(sys.modules.get(fn.__module__), SERVING_HOOK, None)
+    if not callable(hook):
+        raise TaskError(
+            f"task {name!r} is a train function, so its model is built inside it; export, "
+            f"load_best(build=True) and the Serve app need `def {SERVING_HOOK}(options) -> (model, "
+            f"example_input)` beside it in its module (the model as training builds it, and one input "
+            f"batch to trace it on; see docs/worker-api.md)"
+        )
+    return hook
+
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _OURS = tuple(os.path.join(_ROOT, pkg) + os.sep for pkg in ("orchestrator", "workers"))
 
