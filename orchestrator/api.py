@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.core.errors import EXIT_INPUT, OrchestratorError
 from orchestrator.core.manifest import (
     EVENTS,
     METRICS,
@@ -48,8 +49,10 @@ def weight_files(record: CheckpointRecord) -> set[str]:
 class RunNotFound(ManifestError):
     """RUN_URI holds no run (no manifest.json)."""
 
+    exit_code = EXIT_INPUT
 
-class NoCheckpoint(LookupError):
+
+class NoCheckpoint(OrchestratorError, LookupError):
     """The run has no committed checkpoint that carries the monitor and verifies."""
 
 

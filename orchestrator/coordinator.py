@@ -19,6 +19,7 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 from orchestrator.core import lease, retention
+from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.lease import LEASE, LeaseLost
 from orchestrator.core.manifest import (
     CHECKPOINTS,
@@ -45,7 +46,7 @@ from orchestrator.tracking import Trackers
 _REMEMBERED = 200  # request ids (and their answers) kept for retried calls
 
 
-class CommitError(RuntimeError):
+class CommitError(OrchestratorError, RuntimeError):
     """A commit that cannot be accepted (its files are not all in storage)."""
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import _thread
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -23,9 +22,11 @@ import yaml
 
 from orchestrator import lifecycle, preflight
 from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
+from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.lease import Lease, LeaseLost
 from orchestrator.core.manifest import BACKUP, EVENTS, MANIFEST, SPEC, read_jsonl, read_manifest
 from orchestrator.core.storage import Storage, redact, redact_options, secrets_in
+from orchestrator.outcome import Outcome, decide_outcome, describe, lease_lost, root_cause
 from orchestrator.progress import ProgressView
 from orchestrator.ray_compat import (
     controller_poll_env,
@@ -43,7 +44,7 @@ NAMESPACE = "orchestrator"
 COORD_TIMEOUT_S = 300.0  # every wait on the coordinator ends, with the storage retry budget inside it
 
 
-class RunFailed(RuntimeError):
+class RunFailed(OrchestratorError, RuntimeError):
     """The run ended without finishing; the message says why."""
 
     def __init__(self, message: str, summary: Summary | None = None) -> None:
@@ -328,7 +329,70 @@ def run(
     resume: bool = False,
     verbose: bool = False,
 ) -> Summary:
-    """Train spec to the end. Raises RunFailed (with the summary) when it cannot finish."""
+    """Train spec to the end: claim the run, connect to Ray, start the coordinator, fit, then
+    act on the outcome (orchestrator/outcome.py decides it). Raises RunFailed (with the
+    summary) when it cannot finish, LeaseLost when another driver took the run over."""
+    import ray
+
+    preflight.before_ray(spec, address)  # the address and the storage, before any lease or Ray
+    tracking = checked_tracking(spec, resume)
+    since = time.time()
+    storage = spec.open_run_storage()
+    lease, replaced = claim_run(spec, storage, resume)
+    started_ray = False
+    try:
+        store_spec(storage, spec)
+        cpus = spec.scaling.max_workers * int(spec.scaling.resources_per_worker.get("CPU", 1))
+        started_ray = connect(address, num_cpus_hint=cpus, verbose=verbose)
+        preflight.workers_fit(spec, started_ray)  # before Ray Train waits for workers that never come
+        started = {"pid": os.getpid(), "resume": resume, **({"replaced": replaced} if replaced else {})}
+        coord = _start(spec, storage, lease, tracking, started)
+        if not quiet:
+            print(f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
+                  f"{spec.epochs} epochs", flush=True)  # fmt: skip
+        interrupts = Interrupts(coord, spec.failure.stop_grace_s)
+        fit_error = _fit(spec, coord, interrupts, quiet)
+        try:
+            after, coord_error = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S), None
+        except Exception as e:  # the coordinator is gone (its restart refused: taken over) or stuck
+            after, coord_error = None, e
+        outcome = decide_outcome(fit_error, after, coord_error, lease.lost)
+        return _conclude(spec, storage, coord, outcome, interrupts, since, tracking)
+    finally:
+        lease.release()
+        if started_ray:
+            ray.shutdown()
+
+
+def _start(spec: JobSpec, storage: Storage, lease: Lease, tracking: Any, started: dict[str, Any]) -> Any:
+    """The run's coordinator, fenced with the lease, its first events recorded."""
+    import ray
+
+    cfg = RetentionConfig(
+        monitor=spec.checkpoint.monitor,
+        mode=spec.checkpoint.mode,
+        top_k=spec.checkpoint.top_k,
+        keep_latest=spec.checkpoint.keep_latest,
+        keep_every_n_epochs=spec.checkpoint.keep_every_n_epochs,
+    )
+    coord = start_coordinator(spec, storage, cfg, lease.token, tracking)
+    ray.get(coord.ping.remote(), timeout=COORD_TIMEOUT_S)
+    lease.on_lost = lambda why: coord.fence.remote(why)  # the coordinator stops writing at once
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if storage.is_local and nodes > 1:
+        print(
+            f"[run] warning: storage {spec.run_uri} is a local path and the cluster has {nodes} "
+            "nodes; every node must see the same directory (NFS, or one machine), or use s3://",
+            flush=True,
+        )
+    for ev in lease.events:
+        coord.event.remote(ev.pop("kind"), ev, uuid.uuid4().hex)
+    ray.get(coord.event.remote("driver_started", started, uuid.uuid4().hex), timeout=COORD_TIMEOUT_S)
+    return coord
+
+
+def _fit(spec: JobSpec, coord: Any, interrupts: Interrupts, quiet: bool) -> BaseException | None:
+    """Ray Train's fit() with the progress view; the error it raised or returned, if any."""
     import ray
 
     # What `ray.train` exports in 2.60 (V2), imported from its public home so type
@@ -338,144 +402,92 @@ def run(
 
     from workers.loop import train_loop_per_worker
 
-    preflight.before_ray(spec, address)  # the address and the storage, before any lease or Ray
-    tracking = checked_tracking(spec, resume)
-    since = time.time()
-    secrets = secrets_in(spec.storage.options)
-    storage = spec.open_run_storage()
-    lease, replaced = claim_run(spec, storage, resume)
-    started_ray = False
-    try:
-        store_spec(storage, spec)
-        cpus = spec.scaling.max_workers * int(spec.scaling.resources_per_worker.get("CPU", 1))
-        started_ray = connect(address, num_cpus_hint=cpus, verbose=verbose)
-        preflight.workers_fit(spec, started_ray)  # before Ray Train waits for workers that never come
-        cfg = RetentionConfig(
-            monitor=spec.checkpoint.monitor,
-            mode=spec.checkpoint.mode,
-            top_k=spec.checkpoint.top_k,
-            keep_latest=spec.checkpoint.keep_latest,
-            keep_every_n_epochs=spec.checkpoint.keep_every_n_epochs,
-        )
-        coord = start_coordinator(spec, storage, cfg, lease.token, tracking)
-        ray.get(coord.ping.remote(), timeout=COORD_TIMEOUT_S)
-        lease.on_lost = lambda why: coord.fence.remote(why)  # the coordinator stops writing at once
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        if storage.is_local and nodes > 1:
-            print(
-                f"[run] warning: storage {spec.run_uri} is a local path and the cluster has {nodes} "
-                "nodes; every node must see the same directory (NFS, or one machine), or use s3://",
-                flush=True,
-            )
-        for ev in lease.events:
-            coord.event.remote(ev.pop("kind"), ev, uuid.uuid4().hex)
-        started = {"pid": os.getpid(), "resume": resume, **({"replaced": replaced} if replaced else {})}
-        ray.get(coord.event.remote("driver_started", started, uuid.uuid4().hex), timeout=COORD_TIMEOUT_S)
-        if not quiet:
-            print(
-                f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
-                f"{spec.epochs} epochs",
-                flush=True,
-            )
-
-        trainer = TorchTrainer(
-            train_loop_per_worker,  # type: ignore[arg-type]  # it returns a summary; Ray allows it
-            train_loop_config={"worker": worker_config(spec), "coordinator": coord},
-            scaling_config=ScalingConfig(
-                num_workers=spec.scaling.num_workers,
-                elastic_resize_monitor_interval_s=spec.scaling.elastic_resize_interval_s,
-                use_gpu=spec.scaling.use_gpu,
-                resources_per_worker=dict(spec.scaling.resources_per_worker),
-            ),
-            torch_config=torch_config(spec),
-            run_config=RunConfig(
-                name=spec.name,
-                storage_path=os.path.join(tempfile.gettempdir(), "orchestrator-ray-train"),
-                failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-                callbacks=[restart_recorder(coord)]
-                + ([preemption_listener()] if spec.failure.checkpoint_on_preempt else []),
-            ),
-        )
-        keep_driver_sigint(trainer)
-        os.environ.update(controller_poll_env(spec.failure.health_check_interval_s))
-        error: str | None = None
-        poll = lambda since: ray.get(coord.progress.remote(since), timeout=30)  # noqa: E731
-        ck = spec.checkpoint
-        interrupts = Interrupts(coord, spec.failure.stop_grace_s)
-        replicas = spec.failure.mode == "replicas"
-        with interrupts, ProgressView(poll, spec.epochs, ck.monitor, ck.mode, quiet, replicas=replicas):
-            try:
-                result = trainer.fit()
-                if getattr(result, "error", None) is not None:
-                    error = str(result.error)
-            except KeyboardInterrupt:  # a second Ctrl-C, or the workers did not stop in time
-                raise RunInterrupted(
-                    f"{spec.run_uri}: stopped at once on {interrupts.name}; a checkpoint in flight was "
-                    f"not committed. Every committed checkpoint is intact; `orchestrator resume "
-                    f"{spec.run_uri}` continues from the latest",
-                    interrupts.signum or signal.SIGINT,
-                ) from None
-            except Exception as e:  # Ray Train gave up (max_failures) or the run was invalid
-                error = f"{type(e).__name__}: {e}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,  # type: ignore[arg-type]  # it returns a summary; Ray allows it
+        train_loop_config={"worker": worker_config(spec), "coordinator": coord},
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            elastic_resize_monitor_interval_s=spec.scaling.elastic_resize_interval_s,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker=dict(spec.scaling.resources_per_worker),
+        ),
+        torch_config=torch_config(spec),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=os.path.join(tempfile.gettempdir(), "orchestrator-ray-train"),
+            failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+            callbacks=[restart_recorder(coord)]
+            + ([preemption_listener()] if spec.failure.checkpoint_on_preempt else []),
+        ),
+    )
+    keep_driver_sigint(trainer)
+    os.environ.update(controller_poll_env(spec.failure.health_check_interval_s))
+    poll = lambda since: ray.get(coord.progress.remote(since), timeout=30)  # noqa: E731
+    ck, replicas = spec.checkpoint, spec.failure.mode == "replicas"
+    with interrupts, ProgressView(poll, spec.epochs, ck.monitor, ck.mode, quiet, replicas=replicas):
         try:
-            after = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S)
-        except Exception as e:  # the coordinator is gone (its restart refused: taken over) or stuck
-            after = {"fenced": root_cause(f"{type(e).__name__}: {e}")} if "LeaseLost" in str(e) else {}
-            error = error or f"the run's coordinator did not answer: {type(e).__name__}: {e}"
-        if lease.lost or after.get("fenced") or (error and "LeaseLost" in error):
-            why = lease.lost or after.get("fenced") or root_cause(error or "")
-            raise LeaseLost(
-                f"{spec.run_uri}: {why}. This driver stopped; it deleted nothing, and what the new "
-                "owner commits is its own"
-            )
-        stopped = after.get("stopped")
-        if stopped and stopped["kind"] == "input":
-            ray.get(coord.finish.remote("failed"), timeout=COORD_TIMEOUT_S)
-            raise SpecError(stopped["reason"])
-        if stopped and stopped["kind"] == "user_error":
-            error = stopped["reason"]  # with the worker's whole traceback, not just its last line
-        error = error or (stopped and stopped["reason"])
-        status = "failed" if error else "finished"
-        whole = stopped and stopped["kind"] == "user_error"
-        reason = redact(error if whole else root_cause(error), secrets) if error else None
-        try:
-            kept = ray.get(coord.finish.remote(status), timeout=COORD_TIMEOUT_S)
-            prog = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S)
-            say_trackers_off(storage, since, tracking)
-        except Exception as e:  # storage (or the coordinator) is gone: committed data stays as it is
-            if "LeaseLost" in str(e):
-                raise LeaseLost(f"{spec.run_uri}: {root_cause(str(e))}; this driver stopped") from None
-            why = redact(root_cause(f"{type(e).__name__}: {e}"), secrets)
-            raise RunFailed(
-                f"{reason or 'training finished'}; then recording the end of the run failed: {why}. "
-                f"Every committed checkpoint is intact; once storage is back, run "
-                f"`orchestrator resume {spec.run_uri}`",
-                Summary(run_uri=spec.run_uri, status="failed", error=reason or why),
-            ) from None
-        summary = Summary(
-            run_uri=spec.run_uri,
-            status=status,
-            epochs=(prog["metrics"] or {}).get("epoch", 0),
-            restarts=prog["restarts"],
-            attempts=prog["attempts"],
-            best=_best_entry(spec, prog["best"]),
-            kept=kept,
-            error=reason,
-        )
-        if stopped and stopped["kind"] == "interrupt":
+            return getattr(trainer.fit(), "error", None)
+        except KeyboardInterrupt:  # a second Ctrl-C, or the workers did not stop in time
             raise RunInterrupted(
-                f"{stopped['reason']} ({interrupts.name}); `orchestrator resume {spec.run_uri}` continues it",
+                f"{spec.run_uri}: stopped at once on {interrupts.name}; a checkpoint in flight was "
+                f"not committed. Every committed checkpoint is intact; `orchestrator resume "
+                f"{spec.run_uri}` continues from the latest",
                 interrupts.signum or signal.SIGINT,
-                summary,
-            )
-        if error:
-            hint = f"; when the cause is fixed, `orchestrator resume {spec.run_uri}` continues it"
-            raise RunFailed((reason or "training failed") + hint, summary)
-        return summary
-    finally:
-        lease.release()
-        if started_ray:
-            ray.shutdown()
+            ) from None
+        except Exception as e:  # Ray Train gave up (max_failures) or the run was invalid
+            return e
+
+
+def _conclude(
+    spec: JobSpec, storage: Storage, coord: Any, outcome: Outcome, interrupts: Interrupts, since: float,
+    tracking: Any,
+) -> Summary:  # fmt: skip
+    """Act on the outcome: record the run's end and say it (a summary, or the error to raise)."""
+    import ray
+
+    if outcome.kind == "taken_over":
+        raise LeaseLost(
+            f"{spec.run_uri}: {outcome.reason}. This driver stopped; it deleted nothing, and what the "
+            "new owner commits is its own"
+        )
+    if outcome.kind == "input":
+        ray.get(coord.finish.remote("failed"), timeout=COORD_TIMEOUT_S)
+        raise SpecError(outcome.reason or "the run's input was refused")
+    reason = redact(outcome.reason, secrets_in(spec.storage.options)) if outcome.reason else None
+    try:
+        kept = ray.get(coord.finish.remote(outcome.status), timeout=COORD_TIMEOUT_S)
+        prog = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S)
+        say_trackers_off(storage, since, tracking)
+    except Exception as e:  # storage (or the coordinator) is gone: committed data stays as it is
+        if lost := lease_lost(e):
+            raise LeaseLost(f"{spec.run_uri}: {root_cause(str(lost))}; this driver stopped") from None
+        why = redact(root_cause(describe(e)), secrets_in(spec.storage.options))
+        raise RunFailed(
+            f"{reason or 'training finished'}; then recording the end of the run failed: {why}. "
+            f"Every committed checkpoint is intact; once storage is back, run "
+            f"`orchestrator resume {spec.run_uri}`",
+            Summary(run_uri=spec.run_uri, status="failed", error=reason or why),
+        ) from None
+    summary = Summary(
+        run_uri=spec.run_uri,
+        status=outcome.status or "failed",
+        epochs=(prog["metrics"] or {}).get("epoch", 0),
+        restarts=prog["restarts"],
+        attempts=prog["attempts"],
+        best=_best_entry(spec, prog["best"]),
+        kept=kept,
+        error=reason,
+    )
+    if outcome.kind == "interrupted":
+        raise RunInterrupted(
+            f"{outcome.reason} ({interrupts.name}); `orchestrator resume {spec.run_uri}` continues it",
+            interrupts.signum or signal.SIGINT,
+            summary,
+        )
+    if outcome.kind == "failed":
+        hint = f"; when the cause is fixed, `orchestrator resume {spec.run_uri}` continues it"
+        raise RunFailed((reason or "training failed") + hint, summary)
+    return summary
 
 
 def claim_run(spec: JobSpec, storage: Storage, resume: bool) -> tuple[Lease, str | None]:
@@ -519,21 +531,6 @@ def claim_run(spec: JobSpec, storage: Storage, resume: bool) -> tuple[Lease, str
         lease.release()
         raise
     return lease, why
-
-
-_CAUSE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Failed)\w*): (.+)$")
-
-
-def root_cause(text: str) -> str:
-    """The line of a (possibly nested, remote) traceback that says what went wrong.
-
-    A storage error that ran out of retries wins; else the last `SomethingError: ...` line."""
-    lines = text.splitlines()
-    for line in lines:
-        if "giving up" in line:
-            return line.strip()
-    causes = [line.strip() for line in lines if _CAUSE.match(line)]
-    return (causes[-1] if causes else (lines[-1].strip() if lines else text))[:1000]
 
 
 def _best_entry(spec: JobSpec, best: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -23,11 +23,12 @@ from typing import Any
 
 import tenacity
 
+from orchestrator.core.errors import RayProblem
 from orchestrator.core.storage import Storage, StorageError, _s3_error, is_transient
 from orchestrator.spec import JobSpec, SpecError
 
 
-class RayUnreachable(RuntimeError):
+class RayUnreachable(RayProblem, RuntimeError):
     """No Ray cluster answers at the address, or it refuses this process (exit 5)."""
 
 

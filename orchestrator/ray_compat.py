@@ -196,3 +196,25 @@ def keep_driver_sigint(trainer: Any) -> None:
     if not hasattr(trainer, "_register_sigint_handler"):
         raise RuntimeError("no _register_sigint_handler in this Ray Train; update orchestrator/ray_compat.py")
     trainer._register_sigint_handler = lambda controller: None
+
+
+def exception_chain(exc: BaseException | None) -> list[BaseException]:
+    """Every exception an error from Ray carries, outermost first: Python's own chain
+    (__cause__, __context__), the original exception of a RayTaskError (`.cause`: a task or an
+    actor's creation task raised it), each worker's failure of Ray Train's WorkerGroupError
+    (`.worker_failures`) and the controller's of its ControllerError (`.controller_failure`).
+    The driver decides a run's outcome by the types found here, never by the error's text.
+    Not private API, but Ray's own shape of nesting, so it lives beside the private uses and
+    tests/test_ray_compat.py builds each shape with Ray's classes."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        inner = getattr(e, "worker_failures", None)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo.append(getattr(e, "controller_failure", None))
+        todo += list(inner.values()) if isinstance(inner, dict) else []
+    return [e for e in seen if isinstance(e, BaseException)]

@@ -18,12 +18,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.core import tasks
+from orchestrator.core.errors import InputError
 from orchestrator.core.storage import RetryPolicy, Storage
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class SpecError(ValueError):
+class SpecError(InputError, ValueError):
     """A job spec that cannot run; the message names the file and the field."""
 
 

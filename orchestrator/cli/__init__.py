@@ -16,6 +16,8 @@ API unreachable or refused us, 130/143 `run`/`resume` interrupted by Ctrl-C/SIGT
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from orchestrator.cli import delete, export, inspect, jobs, repair, see, train, verify
@@ -62,4 +64,10 @@ delete.register(app)
 
 
 def main() -> None:
-    app(prog_name="orchestrator")
+    from orchestrator.core.errors import OrchestratorError
+
+    try:
+        app(prog_name="orchestrator")
+    except OrchestratorError as e:  # the one handler: what no command said more about
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)

@@ -10,11 +10,9 @@ from typing import Any, NoReturn
 
 import typer
 
-EXIT_FAILED = 1  # the run (or the operation) failed
-EXIT_INPUT = 2  # bad input: spec, arguments, unknown job
-EXIT_LEASE = 3  # the run is owned by another live driver
-EXIT_STORAGE = 4  # storage unreachable or unreadable
-EXIT_API = 5  # Ray unreachable or refused us: the Jobs API, or the cluster at --address
+# The codes live with the error kinds (orchestrator/core/errors.py): 1 failed, 2 bad input,
+# 3 owned by another driver, 4 storage, 5 Ray unreachable.
+from orchestrator.core.errors import EXIT_API, EXIT_FAILED, EXIT_INPUT, EXIT_LEASE, EXIT_STORAGE  # noqa: F401
 
 OPT_HELP = "fsspec storage option for RUN_URI: --storage-option endpoint_url=http://... (repeatable)."
 

@@ -7,7 +7,6 @@ import json
 import typer
 
 from orchestrator.cli.exits import (
-    EXIT_FAILED,
     EXIT_INPUT,
     EXIT_STORAGE,
     OPT_HELP,
@@ -47,10 +46,8 @@ def export(
         run = Run(run_uri, parse_options(storage_option))
         with stdout_to_stderr(as_json):
             config = do_export(run, out, fmt, checkpoint)
-    except RunNotFound as e:
-        die(str(e), EXIT_INPUT)
-    except (NoCheckpoint, VerificationError) as e:
-        die(str(e), EXIT_FAILED)
+    except (RunNotFound, NoCheckpoint, VerificationError):
+        raise  # to the one handler: exit 2, 1, 1
     except TaskError as e:
         die(f"{fmt} export builds the task's model: {e}", EXIT_INPUT)
     except (StorageError, ManifestError) as e:

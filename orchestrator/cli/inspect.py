@@ -12,9 +12,8 @@ from typing import Any
 
 import typer
 
-from orchestrator.api import MODEL_FILE, NoCheckpoint, Run, RunNotFound
+from orchestrator.api import MODEL_FILE, Run, RunNotFound
 from orchestrator.cli.exits import (
-    EXIT_FAILED,
     EXIT_INPUT,
     EXIT_STORAGE,
     OPT_HELP,
@@ -30,10 +29,10 @@ from orchestrator.report.curves import best_epoch as best_of
 
 
 def _open(run_uri: str, options: list[str] | None) -> Run:
-    try:
+    try:  # a RunNotFound goes to the one handler (exit 2)
         return Run(run_uri, parse_options(options))
-    except RunNotFound as e:
-        die(str(e), EXIT_INPUT)
+    except RunNotFound:
+        raise
     except (StorageError, ManifestError, OSError) as e:
         die(f"{run_uri}: {e}", EXIT_STORAGE)
 
@@ -105,11 +104,7 @@ def best(
     only = {MODEL_FILE} if weights_only else None
     try:
         found = run.verified_best(rank, into=download or None, only=only if download else None)
-    except NoCheckpoint as e:
-        die(str(e), EXIT_FAILED)
-    except StorageError as e:
-        die(str(e), EXIT_STORAGE)
-    except OSError as e:
+    except OSError as e:  # NoCheckpoint (1) and StorageError (4) go to the one handler
         local_error(e, download or "", "--download", run_uri)
     c = found.checkpoint
     out: dict[str, Any] = {**c.as_dict(), "monitor": run.monitor, "mode": run.mode}

@@ -7,7 +7,6 @@ import json
 import typer
 
 from orchestrator.cli.exits import (
-    EXIT_FAILED,
     EXIT_INPUT,
     EXIT_LEASE,
     EXIT_STORAGE,
@@ -17,7 +16,7 @@ from orchestrator.cli.exits import (
 )
 from orchestrator.core.lease import LeaseHeld
 from orchestrator.core.manifest import BACKUP, MANIFEST, ManifestError
-from orchestrator.core.repair import NotARun, RepairError, Report, repair
+from orchestrator.core.repair import Report, repair
 from orchestrator.core.storage import Storage, StorageError
 
 
@@ -44,13 +43,9 @@ def repair_cmd(
     try:
         storage = Storage(run_uri, parse_options(storage_option))
         report = repair(storage, dry_run=dry_run)
-    except NotARun as e:
-        die(str(e), EXIT_INPUT)
-    except RepairError as e:
-        die(str(e), EXIT_FAILED)
-    except LeaseHeld as e:
+    except LeaseHeld as e:  # NotARun (2) and RepairError (1) go to the one handler
         die(f"{e}\nrepair changes the manifest only while no driver runs", EXIT_LEASE)
-    except ManifestError as e:  # a manifest of a newer format: never overwritten
+    except ManifestError as e:  # a manifest of a newer format: never overwritten (bad input, not storage)
         die(str(e), EXIT_INPUT)
     except (StorageError, OSError) as e:
         die(f"{run_uri}: {e}", EXIT_STORAGE)

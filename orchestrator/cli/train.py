@@ -10,17 +10,14 @@ from typing import Any
 import typer
 
 from orchestrator.cli.exits import (
-    EXIT_API,
     EXIT_FAILED,
     EXIT_INPUT,
-    EXIT_LEASE,
     EXIT_STORAGE,
     OPT_HELP,
     die,
     parse_options,
     stdout_to_stderr,
 )
-from orchestrator.core.lease import LeaseHeld
 from orchestrator.core.manifest import ManifestError
 from orchestrator.core.storage import StorageError, redact, secrets_in
 from orchestrator.spec import SpecError, load_spec
@@ -55,18 +52,11 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
 
 def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: bool, verbose: bool) -> None:
     from orchestrator.driver import RunFailed, RunInterrupted, run
-    from orchestrator.preflight import RayUnreachable
 
     try:
         with stdout_to_stderr(as_json):  # Ray prints to fd 1; --json keeps stdout for the JSON
             summary = run(spec, address=address, quiet=quiet or as_json, resume=resume, verbose=verbose)
-    except LeaseHeld as e:  # LeaseLost too: taken over mid-run
-        die(str(e), EXIT_LEASE)
-    except SpecError as e:
-        die(str(e), EXIT_INPUT)
-    except RayUnreachable as e:
-        die(str(e), EXIT_API)
-    except RunInterrupted as e:
+    except RunInterrupted as e:  # LeaseHeld (3), SpecError (2), RayUnreachable (5): the one handler
         if e.summary is not None:
             _print_summary(e.summary.as_dict(), as_json)
         die(f"run {spec.name} interrupted: {e}", e.exit_code)
@@ -74,8 +64,8 @@ def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: b
         if e.summary is not None:
             _print_summary(e.summary.as_dict(), as_json)
         die(f"run {spec.name} failed: {e}", EXIT_FAILED)
-    except (StorageError, ManifestError) as e:
-        die(str(e), EXIT_STORAGE)
+    except (StorageError, ManifestError):
+        raise  # to the one handler (exit 4), not the OSError below
     except OSError as e:  # before training starts, storage is all that does I/O
         why = redact(f"{type(e).__name__}: {e}", secrets_in(spec.storage.options))
         die(f"storage {spec.run_uri}: {why}", EXIT_STORAGE)

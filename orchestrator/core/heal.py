@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.manifest import RECORD, CheckpointRecord, read_manifest
 from orchestrator.core.storage import Storage, StorageError
 from orchestrator.core.verify import Damage, check_stored
@@ -40,7 +41,7 @@ from orchestrator.core.verify import Damage, check_stored
 Report = Callable[[str, dict[str, Any]], object]
 
 
-class Unhealable(RuntimeError):
+class Unhealable(OrchestratorError, RuntimeError):
     """A damaged shared file that cannot be rewritten from a good copy (the message says why)."""
 
 

@@ -26,13 +26,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from orchestrator.core.errors import OwnedElsewhere
 from orchestrator.core.procs import pid_alive, pid_namespace, start_time
 from orchestrator.core.storage import Conflict, Storage
 
 LEASE = "lease.json"
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(OwnedElsewhere, RuntimeError):
     """Another live driver owns this run."""
 
 

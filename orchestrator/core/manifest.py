@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestrator.core.errors import StorageProblem
 from orchestrator.core.retention import Ckpt
 from orchestrator.core.storage import Conflict, Storage
 
@@ -40,7 +41,7 @@ EVENT_KINDS = (
 )  # fmt: skip
 
 
-class ManifestError(RuntimeError):
+class ManifestError(StorageProblem, RuntimeError):
     """The manifest (or a record) in storage cannot be read as one."""
 
 

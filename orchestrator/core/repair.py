@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from orchestrator.core import retention
+from orchestrator.core.errors import EXIT_INPUT, OrchestratorError
 from orchestrator.core.lease import Lease
 from orchestrator.core.manifest import (
     BACKUP,
@@ -52,12 +53,14 @@ from orchestrator.core.verify import VerificationError, copy_verified
 DAMAGED = "manifest.damaged.json"
 
 
-class RepairError(RuntimeError):
+class RepairError(OrchestratorError, RuntimeError):
     """The run cannot be repaired from what is in storage; the message says why."""
 
 
 class NotARun(RepairError):
     """Neither manifest.json nor its backup: not a run directory."""
+
+    exit_code = EXIT_INPUT
 
 
 @dataclass

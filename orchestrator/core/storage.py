@@ -26,6 +26,8 @@ import tenacity
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractBufferedFile
 
+from orchestrator.core.errors import StorageProblem
+
 T = TypeVar("T")
 
 # A streamed write hands the store at most this much at a time: an s3fs file copies each
@@ -86,11 +88,11 @@ _TRANSIENT_CODES = {
 CLOCK_PROBE = "clock.tmp-"  # the prefix of the probe files that read a local store's clock
 
 
-class StorageError(RuntimeError):
+class StorageError(StorageProblem, RuntimeError):
     """A storage operation failed for good (not transient, or out of retry budget)."""
 
 
-class Conflict(RuntimeError):
+class Conflict(StorageProblem, RuntimeError):
     """A compare-and-swap lost: the object is no longer the version the writer last saw."""
 
 

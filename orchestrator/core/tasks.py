@@ -15,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.errors import InputError
+
 BUILTIN_TASKS = {"digits": "workers.tasks.digits:build"}
 
 
-class TaskError(ValueError):
+class TaskError(InputError, ValueError):
     """A task name that does not resolve to a function; the message says why."""
 
 

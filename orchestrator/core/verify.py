@@ -11,11 +11,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.manifest import CHECKPOINTS, CheckpointRecord, FileEntry
 from orchestrator.core.storage import LocalIOError, Storage, StorageError, sha256_hex
 
 
-class VerificationError(RuntimeError):
+class VerificationError(OrchestratorError, RuntimeError):
     """A checkpoint's files do not match its record (missing, truncated, corrupted)."""
 
 
