@@ -55,48 +55,11 @@ PRESENT, STOP, DONE, HOLD, REPORTED = range(5)
 
 def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[str, Any]:
     cfg, device, rank, world = session.cfg, session.device, session.rank, session.world
-    try:
-        from torchft import Manager, ProcessGroupGloo
-    except ImportError as e:
-        raise StopRun(f"failure.mode replicas: torchft cannot be imported on rank {rank} ({e}); install "
-                      "'torchft>=0.2,<0.3' on every node", "input") from None  # fmt: skip
-    task: Task = build(
-        dict(cfg.task_options), TaskContext(rank=rank, world_size=world, seed=cfg.seed, device=device)
-    )
-    if unsupported := _unsupported(task):
-        raise StopRun(f"failure.mode replicas: task {cfg.task!r} (task.name) uses {unsupported}, which "
-                      "replicas do not support yet; use failure.mode restart", "input")  # fmt: skip
-    data = cast("Dataset", task.train_data)  # not a DataLoader: refused above
-    model = task.model.to(device)
-    live = TrainState(task, model, cfg, device)
-    restore(session, live)  # rank 0 only: the others heal from a peer
-    check_monitor(cfg, task, model, device)
+    live = _build(session, build)
+    task, model = live.task, live.model
+    data = cast("Dataset", task.train_data)  # not a DataLoader: refused in _build
     healed: list[bool] = []
-
-    def load_state_dict(sd: dict[str, Any]) -> None:
-        live.load_state_dict(sd)
-        healed.append(True)
-        print(f"[replicas] rank {rank} healed from a live peer: epoch {live.epoch} step {live.step} "
-              f"(global step {live.global_step})", flush=True)  # fmt: skip
-
-    # torchft logs every quorum and commit at INFO; its warnings and errors still show.
-    logging.getLogger("torchft").setLevel(logging.WARNING)
-    manager = Manager(
-        pg=ProcessGroupGloo(timeout=TIMEOUT),
-        load_state_dict=load_state_dict,
-        state_dict=live.state_dict,
-        min_replica_size=1,
-        use_async_quorum=False,  # heal before the forward pass, so every step trains from the live state
-        rank=0,
-        world_size=1,
-        replica_id=f"replica_{rank}",  # torchft reads the trailing number
-        timeout=TIMEOUT,
-        quorum_timeout=QUORUM_TIMEOUT,
-        connect_timeout=TIMEOUT,
-        init_sync=False,  # a replica at step 0 heals only from one ahead of it (rank 0 starts at 1)
-    )
-    if rank == 0:  # the state it restored (or a fresh model) is the one the others heal from
-        manager.load_state_dict({"step": live.global_step + 1, "batches_committed": 0})
+    manager = _manager(session, live, healed)
     saver, waiting = EpochSaver(live, session), Waiting(session)
     done, holding, hold_until = False, rank == 0, time.monotonic() + HOLD_S
     batches: tuple[int, list[list[int]]] | None = None
@@ -167,6 +130,61 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             session.close()
             call(session.coord.end_training)
     return {"global_step": live.global_step, **session.close()}
+
+
+def _build(session: Session, build: Any) -> TrainState:
+    """The task, built and refused (with a reason naming the field) where replicas cannot run
+    it; on rank 0 its state restored from the latest commit (the others heal from a peer)."""
+    cfg, device, rank, world = session.cfg, session.device, session.rank, session.world
+    try:
+        import torchft  # noqa: F401
+    except ImportError as e:
+        raise StopRun(f"failure.mode replicas: torchft cannot be imported on rank {rank} ({e}); install "
+                      "'torchft>=0.2,<0.3' on every node", "input") from None  # fmt: skip
+    task: Task = build(
+        dict(cfg.task_options), TaskContext(rank=rank, world_size=world, seed=cfg.seed, device=device)
+    )
+    if unsupported := _unsupported(task):
+        raise StopRun(f"failure.mode replicas: task {cfg.task!r} (task.name) uses {unsupported}, which "
+                      "replicas do not support yet; use failure.mode restart", "input")  # fmt: skip
+    live = TrainState(task, task.model.to(device), cfg, device)
+    restore(session, live)  # rank 0 only: the others heal from a peer
+    check_monitor(cfg, task, live.model, device)
+    return live
+
+
+def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
+    """This replica group's torchft Manager: a heal loads a peer's TrainState (and notes it in
+    `healed`); rank 0's restored state is the one the others heal from."""
+    from torchft import Manager, ProcessGroupGloo
+
+    rank = session.rank
+
+    def load_state_dict(sd: dict[str, Any]) -> None:
+        live.load_state_dict(sd)
+        healed.append(True)
+        print(f"[replicas] rank {rank} healed from a live peer: epoch {live.epoch} step {live.step} "
+              f"(global step {live.global_step})", flush=True)  # fmt: skip
+
+    # torchft logs every quorum and commit at INFO; its warnings and errors still show.
+    logging.getLogger("torchft").setLevel(logging.WARNING)
+    manager = Manager(
+        pg=ProcessGroupGloo(timeout=TIMEOUT),
+        load_state_dict=load_state_dict,
+        state_dict=live.state_dict,
+        min_replica_size=1,
+        use_async_quorum=False,  # heal before the forward pass, so every step trains from the live state
+        rank=0,
+        world_size=1,
+        replica_id=f"replica_{rank}",  # torchft reads the trailing number
+        timeout=TIMEOUT,
+        quorum_timeout=QUORUM_TIMEOUT,
+        connect_timeout=TIMEOUT,
+        init_sync=False,  # a replica at step 0 heals only from one ahead of it (rank 0 starts at 1)
+    )
+    if rank == 0:  # the state it restored (or a fresh model) is the one the others heal from
+        manager.load_state_dict({"step": live.global_step + 1, "batches_committed": 0})
+    return manager
 
 
 def _unsupported(task: Task) -> str | None:
