@@ -143,6 +143,19 @@ def _is_loss(name: str) -> bool:
     return "loss" in name.lower()
 
 
+@dataclass
+class _Axes:
+    """What the draw functions share: the axes, the metric's axis (the same one for a loss),
+    the series drawn and the metric's value per epoch."""
+
+    ax: Any
+    vax: Any
+    tx: list[Any]
+    ty: list[float]
+    mx: list[Any]
+    by_epoch: dict[Any, float]
+
+
 def curves_figure(
     rows: Sequence[dict[str, Any]],
     events: Sequence[dict[str, Any]],
@@ -158,7 +171,6 @@ def curves_figure(
     ringed. Pure: draws on a new Agg-backed Figure (pyplot's global state is not touched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patheffects import withStroke
     from matplotlib.ticker import MaxNLocator
 
     metric = metric or monitor
@@ -169,10 +181,31 @@ def curves_figure(
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
+    axes = _draw_curves(ax, rows, metric, s)
+    _draw_kept(axes, s)
+    restart_texts = _draw_restarts(ax, s)
+    if s.best_epoch is not None:
+        _draw_best(axes, canvas.get_renderer(), s, monitor, mode, metric, restart_texts)
 
+    handles, labels = ax.get_legend_handles_labels()
+    if axes.vax is not ax:
+        h2, l2 = axes.vax.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8.5,
+               frameon=False)  # fmt: skip
+    what = f"{TRAIN} and {metric}" if metric != TRAIN else TRAIN
+    fig.suptitle(title or f"{what} per epoch", fontsize=12.5, fontweight="bold")
+    ax.set_title(f"{what}; best by {monitor} ({mode}); {len(s.restarts)} restart(s), "
+                 f"{len(s.kept)} checkpoint(s) kept", fontsize=9, color="0.3")  # fmt: skip
+    return fig
+
+
+def _draw_curves(ax: Any, rows: Sequence[dict[str, Any]], metric: str, s: Summary) -> _Axes:
+    """The training loss and the metric (on its own right-hand axis unless it is a loss); a
+    loss falling by decades in log scale; every epoch, restart and kept checkpoint in view."""
     tx, ty = _series(rows, TRAIN)
     mx, my = _series(rows, metric)
-    if mx or tx:  # every epoch, restart and kept checkpoint in view
+    if mx or tx:
         lo = min(mx + tx + [r.epoch for r in s.restarts])
         hi = max(mx + tx + [k["x"] for k in s.kept])
         ax.set_xlim(lo - 0.5, hi + 0.5)
@@ -184,98 +217,92 @@ def curves_figure(
             "training loss" if metric == TRAIN else "validation loss" if metric.startswith("val") else metric
         )
         ax.plot(mx, my, "o-", color="C0" if metric == TRAIN else "C1", ms=4, lw=2, label=f"{lbl} ({metric})")
-        vax, val_y = ax, my
+        vax = ax
     else:
         vax = ax.twinx()
         vax.plot(mx, my, "s-", color="C2", ms=4, lw=2, label=metric)
         vax.set_ylabel(metric, color="C2")
         vax.tick_params(axis="y", colors="C2")
-        val_y = my
     ax.set_ylabel("loss" if loss_axis_values else "")
     pos = [v for v in loss_axis_values if math.isfinite(v)]
-    if pos and min(pos) > 0 and max(pos) / min(pos) > 20:  # a loss falling by decades: read it in log
+    if pos and min(pos) > 0 and max(pos) / min(pos) > 20:
         ax.set_yscale("log")
         ax.set_ylabel("loss (log scale)")
+    return _Axes(ax, vax, tx, ty, mx, dict(zip(mx, my, strict=False)))
 
-    # kept checkpoints: ringed on the metric's curve (mid-epoch ones on the x axis)
-    by_epoch = dict(zip(mx, val_y, strict=False))
-    on_curve = [
-        (k["x"], by_epoch[k["epoch"]]) for k in s.kept if k["end_of_epoch"] and k["epoch"] in by_epoch
-    ]
+
+def _draw_kept(a: _Axes, s: Summary) -> None:
+    """Kept checkpoints: ringed on the metric's curve (mid-epoch ones on the x axis)."""
+    ends = [k for k in s.kept if k["end_of_epoch"] and k["epoch"] in a.by_epoch]
+    on_curve = [(k["x"], a.by_epoch[k["epoch"]]) for k in ends]
     if on_curve:
-        vax.plot(
+        a.vax.plot(
             *zip(*on_curve, strict=True), "o", ms=13, mfc="none", mec="0.2", mew=1.5, label="kept checkpoint"
         )
-    off_curve = [k["x"] for k in s.kept if not (k["end_of_epoch"] and k["epoch"] in by_epoch)]
+    off_curve = [k["x"] for k in s.kept if not (k["end_of_epoch"] and k["epoch"] in a.by_epoch)]
     if off_curve:
-        ax.plot(off_curve, [0.0] * len(off_curve), "^", ms=9, color="0.2", clip_on=False,
-                transform=ax.get_xaxis_transform(), label="kept checkpoint (mid-epoch)")  # fmt: skip
+        a.ax.plot(off_curve, [0.0] * len(off_curve), "^", ms=9, color="0.2", clip_on=False,
+                  transform=a.ax.get_xaxis_transform(), label="kept checkpoint (mid-epoch)")  # fmt: skip
 
-    # restarts: where the next attempt resumed, labelled with the cause
+
+def _draw_restarts(ax: Any, s: Summary) -> list[Any]:
+    """Restarts: where the next attempt resumed, labelled with the cause; returns the labels."""
+    from matplotlib.patheffects import withStroke
+
     halo = [withStroke(linewidth=3, foreground="white")]  # legible where a curve crosses the words
-    restart_texts = []
+    texts = []
     for r in s.restarts:
         ax.axvline(r.epoch, color="0.35", ls="--", lw=1.2)
-        restart_texts.append(ax.annotate(
+        texts.append(ax.annotate(
             f"restart {r.number}: {r.label}", xy=(r.epoch, 0.98), xycoords=("data", "axes fraction"),
             xytext=(-4, 0), textcoords="offset points", rotation=90, ha="right", va="top", fontsize=8.5,
             color="0.2", path_effects=halo,
         ))  # fmt: skip
     if s.restarts:
         ax.plot([], [], "--", color="0.35", lw=1.2, label="restart (the next attempt resumed from here)")
+    return texts
 
-    # the best epoch: a vertical line, a star on the monitor's curve (or, when the monitor is
-    # not drawn, on the metric's), and the words next to it
-    if s.best_epoch is not None:
-        ax.axvline(s.best_epoch, color="C3", ls=":", lw=1.5)
-        if monitor == TRAIN and metric != TRAIN:
-            star_ax, star_y, star_loss = ax, dict(zip(tx, ty, strict=False)).get(s.best_epoch), True
-        else:
-            star_ax, star_y, star_loss = vax, by_epoch.get(s.best_epoch), _is_loss(metric)
-        star_label = f"best epoch by {monitor} ({mode})"
-        if star_y is not None:
-            star_ax.plot(
-                [s.best_epoch], [star_y], "*", color="C3", ms=18, mec="white", zorder=5, label=star_label
-            )
-        # the words beside the line, where curves seldom are: at the top for a loss, at the
-        # bottom for a metric that rises, midway between a falling loss and a rising metric;
-        # on the side facing the middle, unless a restart's words or the frame are in the way
-        y, va = (0.5, "center") if vax is not ax else (0.97, "top") if star_loss else (0.03, "bottom")
-        right_first = bool(mx or tx) and s.best_epoch > (min(mx + tx) + max(mx + tx)) / 2
-        renderer = canvas.get_renderer()
-        frame = ax.get_window_extent(renderer)
 
-        def words(right: bool) -> Any:
-            return ax.annotate(
-                s.best_text(), xy=(s.best_epoch, y), xycoords=("data", "axes fraction"),
-                xytext=(-7 if right else 7, 0), textcoords="offset points", ha="right" if right else "left",
-                va=va, color="C3", fontsize=9.5, fontweight="bold", zorder=6,
-                bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "C3", "alpha": 0.9},
-            )  # fmt: skip
+def _draw_best(
+    a: _Axes, renderer: Any, s: Summary, monitor: str, mode: str, metric: str, restart_texts: list[Any]
+) -> None:
+    """The best epoch: a vertical line, a star on the monitor's curve (or, when the monitor is
+    not drawn, on the metric's), and the words next to it."""
+    ax, best = a.ax, s.best_epoch
+    ax.axvline(best, color="C3", ls=":", lw=1.5)
+    if monitor == TRAIN and metric != TRAIN:
+        star_ax, star_y, star_loss = ax, dict(zip(a.tx, a.ty, strict=False)).get(best), True
+    else:
+        star_ax, star_y, star_loss = a.vax, a.by_epoch.get(best), _is_loss(metric)
+    if star_y is not None:
+        star_ax.plot([best], [star_y], "*", color="C3", ms=18, mec="white", zorder=5,
+                     label=f"best epoch by {monitor} ({mode})")  # fmt: skip
+    # the words beside the line, where curves seldom are: at the top for a loss, at the
+    # bottom for a metric that rises, midway between a falling loss and a rising metric;
+    # on the side facing the middle, unless a restart's words or the frame are in the way
+    y, va = (0.5, "center") if a.vax is not ax else (0.97, "top") if star_loss else (0.03, "bottom")
+    xs = a.mx + a.tx
+    right_first = bool(xs) and best > (min(xs) + max(xs)) / 2
+    frame = ax.get_window_extent(renderer)
 
-        def clear(text: Any) -> bool:
-            box = text.get_window_extent(renderer)
-            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1
-            return inside and not any(box.overlaps(t.get_window_extent(renderer)) for t in restart_texts)
+    def words(right: bool) -> Any:
+        return ax.annotate(
+            s.best_text(), xy=(best, y), xycoords=("data", "axes fraction"),
+            xytext=(-7 if right else 7, 0), textcoords="offset points", ha="right" if right else "left",
+            va=va, color="C3", fontsize=9.5, fontweight="bold", zorder=6,
+            bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "C3", "alpha": 0.9},
+        )  # fmt: skip
 
-        for right in (right_first, not right_first):
-            if clear(text := words(right)):
-                break
-            text.remove()
-        else:  # neither side is clear: the side facing the middle
-            words(right_first)
+    def clear(text: Any) -> bool:
+        box = text.get_window_extent(renderer)
+        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1
+        return inside and not any(box.overlaps(t.get_window_extent(renderer)) for t in restart_texts)
 
-    handles, labels = ax.get_legend_handles_labels()
-    if vax is not ax:
-        h2, l2 = vax.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8.5,
-               frameon=False)  # fmt: skip
-    what = f"{TRAIN} and {metric}" if metric != TRAIN else TRAIN
-    fig.suptitle(title or f"{what} per epoch", fontsize=12.5, fontweight="bold")
-    ax.set_title(f"{what}; best by {monitor} ({mode}); {len(s.restarts)} restart(s), "
-                 f"{len(s.kept)} checkpoint(s) kept", fontsize=9, color="0.3")  # fmt: skip
-    return fig
+    for right in (right_first, not right_first):
+        if clear(text := words(right)):
+            return
+        text.remove()
+    words(right_first)  # neither side is clear: the side facing the middle
 
 
 # -- the report page -------------------------------------------------------
