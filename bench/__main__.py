@@ -1,7 +1,7 @@
 """The benchmark suite: this project side by side with bare Ray Train, in one sitting.
 
-    python -m bench                          # the full suite (about 18 minutes on 2 cores)
-    python -m bench --quick --json out.json  # a reduced one (about 5 minutes on 2 cores)
+    python -m bench                          # the full suite (about 18 minutes on 2 cores, + 20 for scale)
+    python -m bench --quick --json out.json  # a reduced one (about 5 minutes on 2 cores, + 5 for scale)
     python -m bench --only scale             # one benchmark alone (here: bench/scale.py)
     make bench
 
