@@ -92,14 +92,20 @@ def say(msg: str) -> None:
 @contextlib.contextmanager
 def moto_s3(work: Path) -> Iterator[str]:
     """moto's S3 server on loopback (tests/s3_support.py), a bucket, the environment s3fs reads."""
+    import s3fs
     from s3_support import CREDS, MotoServer
 
     server = MotoServer.start(work / "moto.log")
     try:
         server.client().create_bucket(Bucket="scale")
+        # fsspec caches filesystems by their options, and the endpoint comes from the
+        # environment: without this, a Storage here reuses the client of an earlier moto server
+        # in the same process (the suite's storage benchmark), long stopped.
+        s3fs.S3FileSystem.clear_instance_cache()
         with mock.patch.dict(os.environ, {**CREDS, "AWS_ENDPOINT_URL": server.endpoint}):
             yield "s3://scale/runs"
     finally:
+        s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
 
 
