@@ -45,8 +45,8 @@ lint: setup
 	$(BIN)/ruff check orchestrator workers tests bench
 	$(BIN)/mypy orchestrator workers
 
-# Side by side with bare Ray Train in one sitting (about 18 minutes; `python -m bench --quick`
-# about 5). Writes bench/results.json and prints the tables docs/benchmarks.md shows.
+# Side by side with bare Ray Train in one sitting (about 18 minutes, and about 20 more for the
+# scale simulation; `python -m bench --quick` about 5 + 5). Writes bench/results.json and prints the tables docs/benchmarks.md shows.
 bench: setup
 	$(PY) -m bench
 

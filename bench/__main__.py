@@ -1,7 +1,8 @@
 """The benchmark suite: this project side by side with bare Ray Train, in one sitting.
 
-    python -m bench                          # the full suite (about 18 minutes on 2 cores)
-    python -m bench --quick --json out.json  # a reduced one (about 5 minutes on 2 cores)
+    python -m bench                          # the full suite (about 18 minutes on 2 cores, + 20 for scale)
+    python -m bench --quick --json out.json  # a reduced one (about 5 minutes on 2 cores, + 5 for scale)
+    python -m bench --only scale             # one benchmark alone (here: bench/scale.py)
     make bench
 
 Each benchmark runs its baselines in the same process or the same sitting, interleaved round
@@ -25,7 +26,12 @@ poll too), and replicas_rank1_pause_vs_ray / replicas_rank0_pause_vs_ray: with f
 replicas (two replica groups), how long training stood still after a replica's or rank 0's
 kill, over bare Ray Train's recovery.
 
-Stall and restore ratios take the largest state size measured. --json writes those ten keys;
+Beside them, not a ratio: commit_s_at_4096_ranks, seconds from the last of 4,096 simulated
+ranks' records to a durable manifest on moto S3 (bench/scale.py: the control plane alone, no
+torch, no Ray; its tables say what grows with the world size and the run's length).
+
+Stall and restore ratios take the largest state size measured. --json writes those ten keys
+and commit_s_at_4096_ranks;
 bench/results.json (the full run, or --results) also keeps every sample, the machine and the
 commit. The markdown tables printed at the end are what docs/benchmarks.md shows.
 """
@@ -173,8 +179,16 @@ def main() -> None:
         default=None,
         help="write every sample here (default: bench/results.json for the full suite)",
     )
+    ap.add_argument("--only", choices=["scale"], help="run only this benchmark (its own JSON and tables)")
     args = ap.parse_args()
     cfg = QUICK if args.quick else FULL
+    from bench import scale
+
+    if args.only == "scale":
+        scale.main([*(["--quick"] if args.quick else []),
+                    *(["--json", args.json_path] if args.json_path else []),
+                    *(["--results", args.results] if args.results else [])])  # fmt: skip
+        return
     from bench import recovery, side_by_side
 
     t_start = time.time()
@@ -203,6 +217,8 @@ def main() -> None:
                 paused = pauses[victim][-1]["pause_s"]
                 say(f"replicas, {victim} killed, run {r + 1}: training paused {paused:.1f}s")
         store = storage_bench(cfg["storage_mb"], cfg["storage_repeats"], work)
+        say("scale: the control plane with simulated ranks (bench/scale.py)")
+        scaled = scale.run(scale.QUICK if args.quick else scale.FULL, work / "scale")
 
     big = sbs["stall"][str(max(cfg["sizes_mb"]))]
     steps = sbs["step_time_epoch"]
@@ -253,14 +269,17 @@ def main() -> None:
         "recovery": rec,
         "replicas_pause": pauses,
         "storage": store,
+        "scale": scaled,
     }
     results = args.results or (None if args.quick else str(ROOT / "bench" / "results.json"))
     if results:
         Path(results).write_text(json.dumps(details, indent=1) + "\n")
+    keys = {**ratios, "commit_s_at_4096_ranks": scaled["commit_s_at_4096_ranks"]}
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(ratios, indent=2) + "\n")
+        Path(args.json_path).write_text(json.dumps(keys, indent=2) + "\n")
     print(tables(details))
-    print(json.dumps(ratios, indent=2))
+    print(scale.tables(scaled))
+    print(json.dumps(keys, indent=2))
 
 
 def tables(d: dict[str, Any]) -> str:
