@@ -497,6 +497,8 @@ class RunLedger:
             "fenced": self.fenced,
             "live": self.live,
             "resumed_from": self.manifest.resumed_from,
+            # every_n_steps: auto's latest choice (events are few; the newest is near the end)
+            "cadence": next((e for e in reversed(self.events[-200:]) if e.get("kind") == "cadence"), None),
         }
 
 

@@ -38,6 +38,7 @@ class ProgressView:
         self._best: tuple[float, int] | None = None  # best monitored value reported so far
         self._restarts = 0
         self._attempts = 0
+        self._cadence: float | None = None  # the time of the every_n_steps: auto choice last shown
         self._rate: tuple[float, int] | None = None  # (time, global step) of the first sample
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._display: Any = None
@@ -90,6 +91,9 @@ class ProgressView:
                 lines.append(f"[run] attempt {p['attempts']} resumed from {where}")
             self._attempts = p["attempts"]
         lines += [self._epoch_line(m) for m in p["new"] if m.get("attempt", current) >= current]
+        if (c := p.get("cadence")) and c.get("ts") != self._cadence:  # every_n_steps: auto chose anew
+            self._cadence = c.get("ts")
+            lines.append(f"[run] checkpoint every {c['every_n_steps']} steps: {c.get('why', '')}")
         for line in lines:
             if self._display is not None:
                 self._display.console.print(line, highlight=False, markup=False)

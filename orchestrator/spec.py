@@ -195,8 +195,17 @@ class CheckpointSpec(_Model):
     top_k: int = Field(3, ge=1, description="Best checkpoints by `monitor` to keep.")
     keep_latest: int = Field(1, ge=1, description="Newest checkpoints to keep (resume needs >= 1).")
     every_n_epochs: int = Field(1, ge=1, description="Save at the end of every n-th epoch.")
-    every_n_steps: int | None = Field(
-        None, ge=1, description="Also save every n global steps, mid-epoch included."
+    every_n_steps: int | Literal["auto"] | None = Field(
+        None,
+        description="Also save every n global steps, mid-epoch included; `auto`: as often as "
+        "`overhead_budget` allows, measured as the run goes (a task's built-in loop).",
+    )
+    overhead_budget: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="With every_n_steps: auto, the share of step time saves may cost the training "
+        "thread (0.01: 1%); never more often than the background writer drains a save.",
     )
     keep_every_n_epochs: int | None = Field(
         None,
@@ -218,6 +227,13 @@ class CheckpointSpec(_Model):
         description="Stop the run (failed, every commit intact) at the first epoch whose metrics "
         "hold NaN or inf; that epoch is not checkpointed.",
     )
+
+    @field_validator("every_n_steps")
+    @classmethod
+    def _steps_are_positive(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be >= 1 or auto (got {v})")
+        return v
 
     @field_validator("local_cache")
     @classmethod
@@ -355,6 +371,8 @@ class JobSpec(_Model):
                    "a failed one heals from a live peer")  # fmt: skip
         elif self.scaling.use_gpu:
             why = "scaling.use_gpu: replica groups talk over gloo on CPU here; GPU is not supported yet"
+        elif self.checkpoint.every_n_steps == "auto":
+            why = "checkpoint.every_n_steps: auto is not supported with replicas yet; give a number of steps"
         elif self.failure.checkpoint_on_preempt:
             why = ("failure.checkpoint_on_preempt: not needed and not supported with replicas (a "
                    "preempted replica is replaced and heals from its peers)")  # fmt: skip
@@ -433,8 +451,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 # (seed, task, monitor) or where it lives (name, storage.root). docs/operations.md lists them.
 RESUME_SAFE = ("epochs", "failure.", "scaling.", "early_stopping", "chaos.", "checkpoint.top_k",
                "checkpoint.keep_latest", "checkpoint.keep_every_n_epochs", "checkpoint.every_n_epochs",
-               "checkpoint.every_n_steps", "checkpoint.async_save", "checkpoint.stop_on_nan",
-               "checkpoint.local_cache", "storage.options", "storage.retry", "tracking.")  # fmt: skip
+               "checkpoint.every_n_steps", "checkpoint.overhead_budget", "checkpoint.async_save",
+               "checkpoint.stop_on_nan", "checkpoint.local_cache", "storage.options", "storage.retry",
+               "tracking.")  # fmt: skip
 
 
 def check_resume_overrides(overrides: Sequence[str]) -> None:

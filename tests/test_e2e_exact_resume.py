@@ -68,3 +68,19 @@ def test_killed_twice_equals_never_killed(tmp_path):
     assert strip(jsonl(tmp_path / "clean" / "metrics.jsonl")) == strip(
         jsonl(tmp_path / "faulty" / "metrics.jsonl")
     )
+
+    # checkpoint.every_n_steps: auto saves at whatever steps its measurements choose; the same
+    # kills, resumed from those saves, still end bitwise where the clean run ended. (One more
+    # run in this test rather than a new test: it is compared with the clean run above.)
+    auto = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=auto",
+                   "--set", f"chaos.kills={kills}", *COMMON, "--set", "checkpoint.every_n_steps=auto")  # fmt: skip
+    assert auto.returncode == 0, auto.stderr[-4000:]
+    chose = [e for e in jsonl(tmp_path / "auto" / "events.jsonl") if e["kind"] == "cadence"]
+    # tuned from measurements at every attempt's first save (the restarts' too), never before
+    assert chose and all(e["bound"] in ("budget", "drain") and e["step_ms"] > 0 and e["why"] for e in chose), chose
+    commits = [e["id"] for e in jsonl(tmp_path / "auto" / "events.jsonl") if e["kind"] == "commit"]
+    assert "epoch0001-step0000010-a1" in commits, commits  # the first save, at step 10, measures
+    a_rec, a_model, _ = final_state(tmp_path / "auto")
+    assert a_rec["global_step"] == 4 * 23
+    assert all(torch.equal(c_model[k], a_model[k]) for k in c_model)
+    assert strip(jsonl(tmp_path / "clean" / "metrics.jsonl")) == strip(jsonl(tmp_path / "auto" / "metrics.jsonl"))

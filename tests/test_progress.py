@@ -81,3 +81,16 @@ def test_a_restart_is_shown_between_the_attempts_epochs_even_in_one_poll():
         "epoch",
         "epoch",
     ]
+
+
+def test_an_auto_cadence_choice_is_shown_once_each_time_it_changes():
+    base = {"restarts": 0, "attempts": 1, "resumed_from": None, "live": None, "new": [], "next": 0}
+    chose = {"kind": "cadence", "ts": 5.0, "every_n_steps": 40, "why": "a save stalls training 2.0 ms"}
+    feed = iter([{**base, "cadence": chose}, {**base, "cadence": chose},
+                 {**base, "cadence": {**chose, "ts": 9.0, "every_n_steps": 80, "why": "bigger"}}])  # fmt: skip
+    out = io.StringIO()
+    view = ProgressView(lambda since: next(feed), epochs=3, monitor="val_loss", mode="min", out=out, live=False)
+    for _ in range(3):
+        view.update()
+    assert out.getvalue().splitlines() == ["[run] checkpoint every 40 steps: a save stalls training 2.0 ms",
+                                           "[run] checkpoint every 80 steps: bigger"]  # fmt: skip

@@ -36,6 +36,7 @@ class WorkerConfig:
     mode: Literal["min", "max"]  # for early stopping
     every_n_epochs: int = 1  # end-of-epoch save cadence
     every_n_steps: int | None = None  # mid-epoch save cadence (global steps)
+    auto_budget: float | None = None  # every_n_steps: auto, with this overhead budget (workers/cadence.py)
     async_save: bool = True  # serialize and upload in the background
     local_cache: bool | str = True  # node-local tier: the system temp dir's, a directory, or off
     stop_on_nan: bool = False  # stop at the first non-finite metric

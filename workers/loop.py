@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from orchestrator.core.tasks import TaskError, is_train_function, resolve_task, user_frames
+from workers.cadence import SaveClock
 from workers.calls import call
 from workers.config import WorkerConfig
 from workers.data import train_batches
@@ -100,6 +101,7 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
     resumed = restore(session, state)
     ddp = torch.nn.parallel.DistributedDataParallel(state.model) if is_distributed() else state.model
     saver, stopped_early = Saver(state, session), False
+    clock = SaveClock(cfg, rank, session.coord)
     check_monitor(cfg, task, state.model, device)
 
     for epoch in range(resumed.start_epoch, cfg.epochs + 1):
@@ -120,8 +122,8 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
             if halt := session.stop_check(state.global_step):
                 saver.save(at)
                 session.finish_stop(halt, f"epoch {epoch} step {step + 1} (global step {state.global_step})")
-            if cfg.every_n_steps and state.global_step % cfg.every_n_steps == 0 and step + 1 < steps:
-                saver.save(at)
+            if clock.step_done(state.global_step) and step + 1 < steps:
+                clock.save(lambda: saver.save(at), state.global_step, session.writer)  # noqa: B023
 
         where[0] = f"epoch {epoch} evaluation"
         # Every rank sees the same all-reduced metrics, so every rank decides the same.

@@ -58,6 +58,7 @@ class CheckpointWriter:
         self.async_save = async_save
         self.after_upload = after_upload
         self.blocked_s = 0.0  # time the training thread spent inside save()
+        self.drain_s: float | None = None  # the last save's time in the writer, to its commit
         self.saves = 0
         self._buffers = HostBuffers()
         self._free = threading.Event()
@@ -129,6 +130,11 @@ class CheckpointWriter:
                 self._free.set()
 
     def _write(self, job: SaveJob) -> None:
+        t0 = time.perf_counter()
+        self._write_job(job)
+        self.drain_s = time.perf_counter() - t0
+
+    def _write_job(self, job: SaveJob) -> None:
         self._buffers.wait()  # a GPU's copies into the pinned buffers have landed
         cid = job.meta["id"]
         near = self.storage.node_cache

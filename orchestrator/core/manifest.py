@@ -33,7 +33,7 @@ SPEC = "spec.yaml"
 FORMAT = 1
 # Every kind of event a run's events.jsonl holds (`orchestrator events --kind`).
 EVENT_KINDS = (
-    "attempt_started", "backup_failed", "chaos_kill", "commit", "coordinator_started", "delete",
+    "attempt_started", "backup_failed", "cadence", "chaos_kill", "commit", "coordinator_started", "delete",
     "delete_failed", "deterministic_failure", "driver_started", "early_stop",
     "lease_taken_over", "repaired", "restart", "run_failed", "run_finished", "shared_copy_damaged",
     "shared_copy_healed", "stop_requested", "stopped", "storage_retry", "tracker_off",
