@@ -383,8 +383,8 @@ def summarize(runs: dict[str, Any], not_run: dict[str, str], kills: list[dict[st
     ours = [s for s in ("restart", "replicas") if s in sides]
     best: str | None = min(ours, key=lambda s: sides[s]["lost_s"]) if ours else None
     for key, base in (("lost_vs_ray_tuned", "ray_tuned"), ("lost_vs_ray", "ray")):
-        ratios[key] = None
-        if best is not None and base in sides:
+        ratios[key] = None  # also where the baseline lost nothing: the noise outweighed the failures
+        if best is not None and base in sides and sides[base]["lost_s"] > 0:
             ratios[key] = sides[best]["lost_s"] / sides[base]["lost_s"]
     ratios["clean_vs_ray_tuned"] = sides["restart"]["clean_s"] / ref if "restart" in sides else None
     ratios["step_time_replicas_vs_restart"] = (
@@ -455,6 +455,9 @@ def table(g: dict[str, Any]) -> str:
             f"| {x['redone_steps']} ({x['redone_s']:.1f}) | {x['other_s']:.1f} | {x['degraded_steps']} "
             f"| {x['samples_skipped']} | {x['step_s'] * 1e3:.0f} |"
         )
+    if any(x["lost_s"] <= 0 for x in g["sides"].values()):
+        lines += ["", "A time lost <= 0: that side's run with failures was faster than the reference's "
+                  "without; the machine's noise outweighed the failures (a ratio over it is not given)."]
     lines += ["", "| goodput ratio | value |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in g["ratios"].items()]
     lines += [f"| `{k}` (beside) | {v} |" for k, v in g.get("ratios_beside", {}).items()]
