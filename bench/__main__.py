@@ -1,7 +1,7 @@
 """The benchmark suite: this project side by side with bare Ray Train, in one sitting.
 
-    python -m bench                          # the full suite (about 18 minutes on 2 cores)
-    python -m bench --quick --json out.json  # a reduced one (about 5 minutes on 2 cores)
+    python -m bench                          # the full suite (about 18 minutes on 2 cores, plus goodput's)
+    python -m bench --quick --json out.json  # a reduced one (about 5 minutes on 2 cores, plus goodput's)
     python -m bench --only goodput --quick   # one benchmark of the suite (goodput)
     make bench
 
@@ -31,14 +31,18 @@ per victim, replicas_rank{0,1}_stood_vs_ray_tuned.
 
 Goodput (bench/goodput.py): one training job under a seeded failure schedule, bare Ray Train
 (defaults and tuned) and this project (failure.mode restart and replicas), each also without
-failures; its keys (GOODPUT_KEYS) join the ten in --json:
+failures; its keys (goodput.KEYS) join the ten in --json:
 
     goodput_<side>                 tuned bare Ray's failure-free time / the side's time with failures
     lost_vs_ray_tuned, lost_vs_ray our best side's time lost / bare Ray Train's (tuned, defaults)
     clean_vs_ray_tuned             restart mode's failure-free time / tuned bare Ray's
     step_time_replicas_vs_restart  replicas mode's step time / restart mode's
 
-Stall and restore ratios take the largest state size measured. --json writes those ten keys;
+Goodput's eight runs take about 26 minutes in --quick on this machine when loaded (more in the
+full suite: 960 steps against 288); it has not been timed on a quiet one.
+
+Stall and restore ratios take the largest state size measured. --json writes those ten keys
+(and goodput's);
 bench/results.json (the full run, or --results) also keeps every sample, the machine and the
 commit. The markdown tables printed at the end are what docs/benchmarks.md shows.
 """
@@ -180,7 +184,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="the reduced suite (under 10 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="the reduced suite (fewer rounds, steps and kills)")
     ap.add_argument("--json", dest="json_path", help="write the ten ratios and goodput's here")
     ap.add_argument("--only", choices=BENCHMARKS, help="run this benchmark alone (its keys only)")
     ap.add_argument(
