@@ -1,8 +1,10 @@
 """The benchmark suite: this project side by side with bare Ray Train, in one sitting.
 
-    python -m bench                          # the full suite (about 18 minutes on 2 cores, + 20 for scale)
-    python -m bench --quick --json out.json  # a reduced one (about 5 minutes on 2 cores, + 5 for scale)
-    python -m bench --only scale             # one benchmark alone (here: bench/scale.py)
+    python -m bench                          # the full suite (about 18 minutes on 2 cores, plus goodput's
+                                             #   and scale's 20)
+    python -m bench --quick --json out.json  # a reduced one (about 5 minutes on 2 cores, plus goodput's
+                                             #   and scale's 5)
+    python -m bench --only goodput --quick   # one benchmark of the suite (goodput, or scale)
     make bench
 
 Each benchmark runs its baselines in the same process or the same sitting, interleaved round
@@ -24,14 +26,29 @@ by round, and every figure is a ratio of medians from this one run (absolute tim
 Beside the ten (ratios_beside): recovery_vs_ray_poll_0.25 (bare Ray Train given this project's
 poll too), and replicas_rank1_pause_vs_ray / replicas_rank0_pause_vs_ray: with failure.mode
 replicas (two replica groups), how long training stood still after a replica's or rank 0's
-kill, over bare Ray Train's recovery.
+kill, over bare Ray Train's recovery (one worker, its 2 s poll); the same over bare Ray Train
+with the 0.25 s poll (..._vs_ray_poll_0.25, still one worker against two). The goodput
+benchmark's own, two workers on every side: stood_still_{restart,replicas}_vs_ray_tuned and,
+per victim, replicas_rank{0,1}_stood_vs_ray_tuned.
+
+Goodput (bench/goodput.py): one training job under a seeded failure schedule, bare Ray Train
+(defaults and tuned) and this project (failure.mode restart and replicas), each also without
+failures; its keys (goodput.KEYS) join the ten in --json:
+
+    goodput_<side>                 tuned bare Ray's failure-free time / the side's time with failures
+    lost_vs_ray_tuned, lost_vs_ray our best side's time lost / bare Ray Train's (tuned, defaults)
+    clean_vs_ray_tuned             restart mode's failure-free time / tuned bare Ray's
+    step_time_replicas_vs_restart  replicas mode's step time / restart mode's
+
+Goodput's eight runs take about 26 minutes in --quick on this machine when loaded (more in the
+full suite: 960 steps against 288); it has not been timed on a quiet one.
 
 Beside them, not a ratio: commit_s_at_4096_ranks, seconds from the last of 4,096 simulated
 ranks' records to a durable manifest on moto S3 (bench/scale.py: the control plane alone, no
 torch, no Ray; its tables say what grows with the world size and the run's length).
 
 Stall and restore ratios take the largest state size measured. --json writes those ten keys
-and commit_s_at_4096_ranks;
+(and goodput's, and commit_s_at_4096_ranks);
 bench/results.json (the full run, or --results) also keeps every sample, the machine and the
 commit. The markdown tables printed at the end are what docs/benchmarks.md shows.
 """
@@ -98,6 +115,7 @@ SIDE_BY_SIDE_KEYS = (
     *("epoch_steps", "epoch_rounds"),
 )
 RECOVERY = {"width": 512, "steps": 80, "every": 10, "kill_at": 35}
+BENCHMARKS = ("goodput", "scale")  # what --only runs alone
 
 
 VICTIMS = {"rank1": "rank 1 (a replica) killed", "rank0": "rank 0 (the writer) killed"}
@@ -172,26 +190,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="the reduced suite (under 10 minutes on 2 cores)")
-    ap.add_argument("--json", dest="json_path", help="write the ten ratios here")
+    ap.add_argument("--quick", action="store_true", help="the reduced suite (fewer rounds, steps and kills)")
+    ap.add_argument("--json", dest="json_path", help="write the ten ratios and goodput's here")
+    ap.add_argument("--only", choices=BENCHMARKS, help="run this benchmark alone (its keys only)")
     ap.add_argument(
         "--results",
         default=None,
         help="write every sample here (default: bench/results.json for the full suite)",
     )
-    ap.add_argument("--only", choices=["scale"], help="run only this benchmark (its own JSON and tables)")
     args = ap.parse_args()
     cfg = QUICK if args.quick else FULL
-    from bench import scale
+    from bench import goodput, recovery, scale, side_by_side
 
     if args.only == "scale":
         scale.main([*(["--quick"] if args.quick else []),
                     *(["--json", args.json_path] if args.json_path else []),
                     *(["--results", args.results] if args.results else [])])  # fmt: skip
         return
-    from bench import recovery, side_by_side
-
     t_start = time.time()
+    gp_cfg = goodput.QUICK if args.quick else goodput.FULL
+    if args.only == "goodput":
+        gp = goodput.run(gp_cfg, say)
+        gp["machine"] = machine_info(args.quick, t_start)
+        write(args, gp, gp["ratios"], default_results=None)
+        print(goodput.table(gp))
+        print(json.dumps(gp["ratios"], indent=2))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         say(f"stall ({cfg['sizes_mb']} MB) and step time, in one Ray Train worker")
@@ -219,6 +243,8 @@ def main() -> None:
         store = storage_bench(cfg["storage_mb"], cfg["storage_repeats"], work)
         say("scale: the control plane with simulated ranks (bench/scale.py)")
         scaled = scale.run(scale.QUICK if args.quick else scale.FULL, work / "scale")
+    say("goodput: one job, a seeded failure schedule, four sides")
+    gp = goodput.run(gp_cfg, say)
 
     big = sbs["stall"][str(max(cfg["sizes_mb"]))]
     steps = sbs["step_time_epoch"]
@@ -238,10 +264,36 @@ def main() -> None:
     ratios = {k: round(ratios[k], 3) for k in KEYS}
     # Beside the ten: bare Ray Train given this project's poll too (its default is 2 s).
     beside = {"recovery_vs_ray_poll_0.25": round(recovery_s["ours"] / recovery_s["ray_poll_0.25"], 3)}
-    # failure.mode replicas: how long training stood still after the kill, over Ray's recovery.
+    # failure.mode replicas: how long training stood still after the kill, over Ray's recovery
+    # (its 2 s poll), and over Ray's with the same 0.25 s poll (one worker against two, still).
     for victim, runs in pauses.items():
         pause = med([x["pause_s"] for x in runs])
         beside[f"replicas_{victim}_pause_vs_ray"] = round(pause / recovery_s["ray"], 3)
+        beside[f"replicas_{victim}_pause_vs_ray_poll_0.25"] = round(pause / recovery_s["ray_poll_0.25"], 3)
+    beside |= gp.get("ratios_beside", {})  # two workers on every side, the poll matched
+    machine = machine_info(args.quick, t_start)
+    details = {
+        "ratios": {**ratios, **gp["ratios"], "commit_s_at_4096_ranks": scaled["commit_s_at_4096_ranks"]},
+        "ratios_beside": beside,
+        "machine": machine,
+        "config": cfg,
+        "recovery_config": RECOVERY,
+        "side_by_side": sbs,
+        "recovery": rec,
+        "replicas_pause": pauses,
+        "storage": store,
+        "goodput": gp,
+        "scale": scaled,
+    }
+    full_results = None if args.quick else ROOT / "bench" / "results.json"
+    write(args, details, details["ratios"], default_results=full_results)
+    print(tables(details))
+    print(goodput.table(gp))
+    print(scale.tables(scaled))
+    print(json.dumps(details["ratios"], indent=2))
+
+
+def machine_info(quick: bool, t_start: float) -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
@@ -252,34 +304,24 @@ def main() -> None:
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "commit": commit or None,
         "minutes": round((time.time() - t_start) / 60, 1),
-        "suite": "quick" if args.quick else "full",
+        "suite": "quick" if quick else "full",
     }
     with contextlib.suppress(ImportError):
         import ray
         import torch
 
         machine |= {"torch": torch.__version__, "ray": ray.__version__}
-    details = {
-        "ratios": ratios,
-        "ratios_beside": beside,
-        "machine": machine,
-        "config": cfg,
-        "recovery_config": RECOVERY,
-        "side_by_side": sbs,
-        "recovery": rec,
-        "replicas_pause": pauses,
-        "storage": store,
-        "scale": scaled,
-    }
-    results = args.results or (None if args.quick else str(ROOT / "bench" / "results.json"))
+    return machine
+
+
+def write(args: argparse.Namespace, details: dict[str, Any], ratios: dict[str, Any],
+          default_results: Path | None) -> None:  # fmt: skip
+    """--results (default: bench/results.json for the full suite) gets every sample, --json the ratios."""
+    results = args.results or default_results
     if results:
         Path(results).write_text(json.dumps(details, indent=1) + "\n")
-    keys = {**ratios, "commit_s_at_4096_ranks": scaled["commit_s_at_4096_ranks"]}
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(keys, indent=2) + "\n")
-    print(tables(details))
-    print(scale.tables(scaled))
-    print(json.dumps(keys, indent=2))
+        Path(args.json_path).write_text(json.dumps(ratios, indent=2) + "\n")
 
 
 def tables(d: dict[str, Any]) -> str:

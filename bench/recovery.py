@@ -108,6 +108,20 @@ def ray_train(opts: dict[str, Any]) -> None:
 
 def run_ray(workdir: Path, opts: dict[str, Any], poll_s: float | None = None) -> None:
     """`poll_s`: the controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) instead of Ray's 2 s."""
+    ray_fit(ray_train, {**opts, "workdir": str(workdir)}, workdir, "bench-recovery", 1, 2, poll_s)
+
+
+def ray_fit(
+    fn: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    workdir: Path,
+    name: str,
+    num_workers: int,
+    max_failures: int,
+    poll_s: float | None = None,
+) -> None:
+    """`fn` in a TorchTrainer on an embedded 2-CPU Ray, as a user's script runs it; `poll_s`:
+    the controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) instead of Ray's 2 s."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -120,13 +134,13 @@ def run_ray(workdir: Path, opts: dict[str, Any], poll_s: float | None = None) ->
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             TorchTrainer(
-                ray_train,
-                train_loop_config={**opts, "workdir": str(workdir)},
-                scaling_config=ScalingConfig(num_workers=1),
+                fn,
+                train_loop_config=config,
+                scaling_config=ScalingConfig(num_workers=num_workers),
                 run_config=RunConfig(
-                    name="bench-recovery",
+                    name=name,
                     storage_path=str(workdir / "ray-storage"),
-                    failure_config=FailureConfig(max_failures=2),
+                    failure_config=FailureConfig(max_failures=max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2),
                 ),
             ).fit()
@@ -209,11 +223,15 @@ def run_replicas(workdir: Path, opts: dict[str, Any], rank: int) -> dict[str, fl
     events = (workdir / "ours-storage" / "bench-replicas" / "events.jsonl").read_text().splitlines()
     kill = next(e["ts"] for e in map(json.loads, events) if e["kind"] == "chaos_kill")
     starts = sorted(float(t) for f in workdir.glob("steps-*.txt") for t in f.read_text().split())
-    # The pause is the longest stretch without a step starting on any rank, from the kill on
-    # (the step the kill broke is not committed and is tried again after it).
-    window = [max((t for t in starts if t <= kill), default=kill), *(t for t in starts if t > kill)]
-    _, resumed = max(((b - a, b) for a, b in zip(window, window[1:], strict=False)), default=(0.0, kill))
-    return {"pause_s": resumed - kill}
+    return {"pause_s": stood_still(starts, kill)[1] - kill}
+
+
+def stood_still(starts: list[float], kill: float, until: float = float("inf")) -> tuple[float, float]:
+    """The longest stretch without a step starting on any rank, from the last start before the
+    kill to `until` (the step the kill broke is not committed and is tried again after it):
+    (its length, the start that ended it). `starts`: every rank's step starts, sorted."""
+    window = [max((t for t in starts if t <= kill), default=kill), *(t for t in starts if kill < t < until)]
+    return max(((b - a, b) for a, b in zip(window, window[1:], strict=False)), default=(0.0, kill))
 
 
 def measure_replicas(opts: dict[str, Any], rank: int) -> dict[str, float]:
