@@ -30,6 +30,7 @@ from orchestrator.core.manifest import (
     BadCheckpoint,
     CheckpointRecord,
     Manifest,
+    StopKind,
     parse_manifest,
     read_journal,
     read_manifest_versioned,
@@ -266,7 +267,7 @@ class RunLedger:
             self.stop_requested = reason
             self.event("stop_requested", reason=reason)
 
-    def stop(self, reason: str, kind: str, rid: str | None = None) -> None:
+    def stop(self, reason: str, kind: StopKind, rid: str | None = None) -> None:
         """The workers stopped the run on purpose: it ends as failed, with reason. kind "input"
         (a spec error found on the workers), "nan" (checkpoint.stop_on_nan) or "interrupt"
         (the driver's request_stop, after a checkpoint was committed)."""
@@ -583,7 +584,7 @@ def coordinator_actor_class() -> Any:
         def claim_chaos(self, key: str, pid: int | None = None, rid: str | None = None) -> bool:
             return self.ledger.claim_chaos(key, pid, rid)
 
-        def stop(self, reason: str, kind: str, rid: str | None = None) -> None:
+        def stop(self, reason: str, kind: StopKind, rid: str | None = None) -> None:
             self.ledger.stop(reason, kind, rid)
 
         def note_restart(self, reason: str, rid: str | None = None) -> None:

@@ -34,6 +34,7 @@ from orchestrator.ray_compat import (
     keep_driver_sigint,
     preemption_listener,
     restart_recorder,
+    torchft_config,
     use_token_auth,
 )
 from orchestrator.spec import JobSpec, SpecError, parse_spec
@@ -217,13 +218,10 @@ def torch_config(spec: JobSpec) -> Any:
 
     if spec.failure.mode != "replicas":
         return TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo")
-    from ray.train.v2.torch.torchft_config import TorchftConfig
-
     # min_replicas 1: the survivors go on alone; a replica is dropped from the quorum once it
     # misses heartbeats for this long (2 s paused the survivor 2.1 s here; torchft's default
     # of 5 s, 4.4-5.0 s: bench/torchft_replicas.py).
-    ms = int(spec.failure.replica_heartbeat_timeout_s * 1000)
-    return TorchftConfig(lighthouse_kwargs={"min_replicas": 1, "heartbeat_timeout_ms": ms}, backend="gloo")
+    return torchft_config(int(spec.failure.replica_heartbeat_timeout_s * 1000))
 
 
 def start_coordinator(

@@ -198,6 +198,16 @@ def keep_driver_sigint(trainer: Any) -> None:
     trainer._register_sigint_handler = lambda controller: None
 
 
+def torchft_config(heartbeat_timeout_ms: int) -> Any:
+    """Ray Train's backend for torchft replica groups: one process group per worker, and
+    torchft's lighthouse (min_replicas 1: the survivors go on alone). Alpha in Ray 2.60 and
+    exported from no public module, so imported here (tests/test_ray_compat.py names it)."""
+    from ray.train.v2.torch.torchft_config import TorchftConfig
+
+    return TorchftConfig(lighthouse_kwargs={"min_replicas": 1, "heartbeat_timeout_ms": heartbeat_timeout_ms},
+                         backend="gloo")  # fmt: skip
+
+
 def exception_chain(exc: BaseException | None) -> list[BaseException]:
     """Every exception an error from Ray carries, outermost first: Python's own chain
     (__cause__, __context__), the original exception of a RayTaskError (`.cause`: a task or an

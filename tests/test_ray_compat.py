@@ -19,6 +19,7 @@ PRIVATE = [
     ("ray.experimental.internal_kv", "_internal_kv_get"),
     ("ray.autoscaler.v2.sdk", "get_cluster_status"),
     ("ray._common.utils", "get_ray_address_file"),
+    ("ray.train.v2.torch.torchft_config", "TorchftConfig"),
 ]
 
 

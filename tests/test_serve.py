@@ -316,6 +316,18 @@ def test_a_run_that_cannot_be_served_is_one_line_saying_what_to_do(tmp_path, mon
     with pytest.raises(RayServeException, match=r"arguments .*: poll_s: Input should be greater than 0$"):
         build({"run_uri": "runs/digits", "poll_s": 0})
 
+    # a run of a train function whose module has no serving_model: the hook named, one line
+    from test_export import make_run
+
+    from orchestrator.core.storage import Storage
+
+    (tmp_path / "bare.py").write_text("def train(session):\n    pass\n")
+    make_run(Storage(str(tmp_path / "runs" / "fn")), [0.5], task=f"{tmp_path / 'bare.py'}:train")
+    with pytest.raises(RayServeException, match=r"^run_uri runs/fn \(.*\): task .* is a train function.*"
+                       r"def serving_model\(options\)") as e:  # fmt: skip
+        build({"run_uri": "runs/fn"})
+    assert "\n" not in str(e.value), str(e.value)
+
 
 @pytest.mark.e2e
 def test_serve_run_of_a_missing_run_fails_once_in_one_line(tmp_path: Path) -> None:

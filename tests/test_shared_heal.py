@@ -22,7 +22,6 @@ import pytest
 from conftest import run_cli
 from test_node_cache import CFG, FILES, local_file, meta, open_run, save_all, shared
 
-import workers.resume
 from orchestrator.coordinator import RunLedger
 from orchestrator.core.heal import check_and_heal, start_shared_check
 from orchestrator.core.manifest import CHECKPOINTS, RECORD, FileEntry, read_manifest, write_manifest
@@ -32,7 +31,7 @@ from workers.resume import plan_restore
 
 
 class Coord:
-    """The coordinator actor's methods that rank 0 calls while restoring, on a RunLedger."""
+    """The coordinator client's methods that rank 0 calls while restoring, on a RunLedger."""
 
     def __init__(self, led: RunLedger) -> None:
         self.led = led
@@ -48,9 +47,10 @@ class Coord:
 
 
 @pytest.fixture
-def direct_calls(monkeypatch):
-    """workers.calls.call without Ray: the method is called in this process."""
-    monkeypatch.setattr(workers.resume, "call", lambda method, *args, **kw: method(*args))
+def direct_calls():
+    """Without Ray: plan_restore calls its coordinator client's typed methods (workers.calls.
+    Coordinator), and Coord answers them from a RunLedger in this process."""
+    return Coord
 
 
 def flip(storage: Storage, cid: str, name: str, how: str = "corrupt") -> bytes:

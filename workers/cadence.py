@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from workers.calls import send
 from workers.distributed import broadcast
 
 if TYPE_CHECKING:
+    from workers.calls import Coordinator
     from workers.config import WorkerConfig
 
 FIRST_SAVE = 10  # steps into an attempt before its first save, the one that measures what a save costs
@@ -110,7 +110,7 @@ class SaveClock:
     AutoCadence allows (auto), or never (no every_n_steps). Every rank keeps one; with auto,
     rank 0 measures and decides at each save and every rank hears it there."""
 
-    def __init__(self, cfg: WorkerConfig, rank: int, coord: Any) -> None:
+    def __init__(self, cfg: WorkerConfig, rank: int, coord: Coordinator) -> None:
         self.fixed, self.rank, self.coord = cfg.every_n_steps, rank, coord
         self.auto = AutoCadence(cfg.auto_budget) if cfg.auto_budget else None
         self.next_save: int | None = None  # FIRST_SAVE steps into this attempt, then as tuned
@@ -141,7 +141,7 @@ class SaveClock:
             choice = self.auto.interval()
             n = choice.every_n_steps
             if self._told is None or abs(n - self._told) > 0.25 * self._told:  # news, not noise
-                send(self.coord.event, "cadence", {**choice.as_dict(), "why": choice.why()})  # not waited for
+                self.coord.note("cadence", {**choice.as_dict(), "why": choice.why()})  # not waited for
                 self._told = n
         self.next_save = global_step + broadcast(n)
         self._last = time.perf_counter()  # the save's time is not a step's

@@ -7,7 +7,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrator.core.manifest import CheckpointRecord, StopKind
 
 TIMEOUT_S = 300.0  # a coordinator restart, storage retries included, fits well inside
 
@@ -34,6 +37,66 @@ def send(method: Any, *args: Any) -> Any:
     """Fire and forget (an event the worker need not wait for), with a request id; returns
     the call's ObjectRef for a caller that reads the answer later, if it has arrived."""
     return method.remote(*args, uuid.uuid4().hex)
+
+
+class Coordinator:
+    """The run's coordinator (orchestrator/coordinator.py's actor) as a rank calls it: one
+    typed method per call, each with a request id and a timeout (call), or sent without
+    waiting where the answer is not needed now (send)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle  # the actor handle Ray ships to every worker
+
+    # -- an attempt, and what it restores
+    def start_attempt(self, world: int) -> dict[str, Any]:
+        return call(self.handle.start_attempt, world)  # type: ignore[no-any-return]
+
+    def next_restore(self, bad_id: str, why: str) -> dict[str, Any] | None:
+        """The next newest commit, after marking bad_id bad (a failed verification)."""
+        return call(self.handle.next_restore, bad_id, why)  # type: ignore[no-any-return]
+
+    def claim_chaos(self, key: str, pid: int) -> bool:
+        return bool(call(self.handle.claim_chaos, key, pid))
+
+    # -- checkpoints and metrics
+    def commit(self, record: CheckpointRecord) -> dict[str, list[str]]:
+        return call(self.handle.commit, record.model_dump())  # type: ignore[no-any-return]
+
+    def report_metrics(self, row: dict[str, Any]) -> None:
+        call(self.handle.report_metrics, row)
+
+    def event(self, kind: str, fields: dict[str, Any], timeout: float = TIMEOUT_S) -> None:
+        call(self.handle.event, kind, fields, timeout=timeout)
+
+    def note(self, kind: str, fields: dict[str, Any]) -> Any:
+        """An event not waited for."""
+        return send(self.handle.event, kind, fields)
+
+    def tick(self, position: dict[str, Any]) -> Any:
+        """Rank 0's position, not waited for; its answer (read later) says whether to stop."""
+        return send(self.handle.tick, position)
+
+    # -- stopping and ending
+    def stop_asked(self) -> bool:
+        return bool(call(self.handle.stop_asked))
+
+    def stop(self, reason: str, kind: StopKind) -> None:
+        call(self.handle.stop, reason, kind)
+
+    def request_stop(self, reason: str) -> None:
+        call(self.handle.request_stop, reason)
+
+    def gave_up(self) -> str | None:
+        return call(self.handle.gave_up)  # type: ignore[no-any-return]
+
+    def record_failure(self, sig: str, trace: str, attempt: int | None) -> None:
+        call(self.handle.record_failure, sig, trace, attempt, timeout=30)
+
+    def end_training(self) -> None:
+        call(self.handle.end_training)
+
+    def training_ended(self) -> bool:
+        return bool(call(self.handle.training_ended))
 
 
 class StepTicker:

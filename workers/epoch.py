@@ -10,7 +10,6 @@ import math
 
 import torch
 
-from workers.calls import call
 from workers.config import WorkerConfig
 from workers.metrics import EarlyStopping, RunningLoss, evaluate, metric_names
 from workers.session import Session, StopRun
@@ -43,4 +42,4 @@ def epoch_save_due(cfg: WorkerConfig, epoch: int, stopped_early: bool) -> bool:
 
 def note_early_stop(session: Session, epoch: int, stopper: EarlyStopping | None) -> None:
     if session.rank == 0:
-        call(session.coord.event, "early_stop", {"epoch": epoch, "best": stopper and stopper.best})
+        session.coord.event("early_stop", {"epoch": epoch, "best": stopper and stopper.best})

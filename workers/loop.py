@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
+from orchestrator.core.manifest import StopKind
 from orchestrator.core.tasks import TaskError, is_train_function, resolve_task, user_frames
 from workers.cadence import SaveClock
-from workers.calls import call
+from workers.calls import Coordinator
 from workers.config import WorkerConfig
 from workers.data import train_batches
 from workers.distributed import broadcast, gather, is_distributed
@@ -44,14 +45,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     cfg: WorkerConfig = config["worker"]
-    coord = config["coordinator"]
+    coord = Coordinator(config["coordinator"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     where = ["setup"]  # the position in training, for a failure's signature
     session: Session | None = None
     try:
         # The last attempts failed the same way: do not retry. Rank 0 asks, every rank hears.
-        if gave_up := broadcast(call(coord.gave_up) if rank == 0 or cfg.replicas else None):
+        if gave_up := broadcast(coord.gave_up() if rank == 0 or cfg.replicas else None):
             return stop_run(coord, rank, gave_up, "user_error", cfg.replicas)
         torch.set_num_threads(int(config.get("threads_per_worker", 1)))
         device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
@@ -83,7 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if not is_infrastructure(e):
             with contextlib.suppress(Exception):  # the original error matters more
                 attempt = session.attempt if session is not None and session.attempt else None
-                call(coord.record_failure, signature(e, where[0]), user_traceback(e), attempt, timeout=30)
+                coord.record_failure(signature(e, where[0]), user_traceback(e), attempt)
         raise
 
 
@@ -161,16 +162,18 @@ def _import_task(name: str, rank: int) -> tuple[Any, str | None]:
         )
 
 
-def stop_run(coord: Any, rank: int, reason: str, kind: str, replicas: bool = False) -> dict[str, Any]:
+def stop_run(
+    coord: Coordinator, rank: int, reason: str, kind: StopKind, replicas: bool = False
+) -> dict[str, Any]:
     """End the run on purpose, not as a failure Ray Train would retry: every rank reaches this
     at the same point (the metrics are all-reduced, the check is the same on every rank).
     Replica groups do not reach it together: a replica other than rank 0 that finds a reason
     of its own (not rank 0's interrupt) records it and asks rank 0 to stop, as a driver would."""
     if rank == 0:
-        call(coord.stop, reason, kind)
+        coord.stop(reason, kind)
     elif replicas and kind != "interrupt":
-        call(coord.stop, reason, kind)
-        call(coord.request_stop, f"rank {rank} stopped the run: {kind}")
+        coord.stop(reason, kind)
+        coord.request_stop(f"rank {rank} stopped the run: {kind}")
     return {"stopped": reason}
 
 

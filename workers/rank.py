@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
     from orchestrator.core.manifest import CheckpointRecord
     from orchestrator.core.storage import Storage
+    from workers.calls import Coordinator
     from workers.chaos import Chaos
     from workers.config import WorkerConfig
 
@@ -21,7 +22,7 @@ class Rank(Protocol):
     """This rank's place in the run."""
 
     cfg: WorkerConfig
-    coord: Any  # the run's coordinator actor
+    coord: Coordinator  # the run's coordinator, as a rank calls it
     storage: Storage
     rank: int
     world: int

@@ -33,7 +33,6 @@ from typing import Any, cast
 
 import torch
 
-from workers.calls import call
 from workers.data import rank_batches
 from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
 from workers.metrics import RunningLoss
@@ -128,7 +127,7 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
         manager.shutdown(wait=False)
         if ended and rank == 0:
             session.close()
-            call(session.coord.end_training)
+            session.coord.end_training()
     return {"global_step": live.global_step, **session.close()}
 
 
@@ -273,7 +272,7 @@ class Waiting:
         if self.over or time.monotonic() - self.asked < 1.0:
             return self.over
         self.asked = time.monotonic()
-        if ended := bool(call(self.session.coord.training_ended)):
+        if ended := self.session.coord.training_ended():
             print(f"[replicas] rank {self.session.rank}: rank 0 ended the run; nothing left", flush=True)
         self.over = ended
         return ended

@@ -18,7 +18,7 @@ from orchestrator.core.lease import LeaseLost
 from orchestrator.core.manifest import CheckpointRecord
 from orchestrator.core.storage import Storage
 from orchestrator.core.verify import VerificationError, read_verified
-from workers.calls import call
+from workers.calls import Coordinator
 from workers.distributed import broadcast
 from workers.format import MODEL_FILE, STATE_FILE, load_tensor_file
 from workers.metrics import RunningLoss
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def plan_restore(
-    coord: Any, storage: Storage, rank: int, world: int,
+    coord: Coordinator, storage: Storage, rank: int, world: int,
     on_local: Callable[[CheckpointRecord], object] | None = None,
 ) -> tuple[dict[str, Any], dict[str, bytes] | None]:  # fmt: skip
     """Rank 0 asks the coordinator to start an attempt and verifies the checkpoint it names,
@@ -41,7 +41,7 @@ def plan_restore(
     blobs: dict[str, bytes] | None = None
     if rank == 0:
         try:
-            plan = call(coord.start_attempt, world)
+            plan = coord.start_attempt(world)
         except LeaseLost as e:  # another driver took the run over: this attempt must not start
             return broadcast({"attempt": 0, "restore": None, "taken_over": str(e)}), None
         rec = plan["restore"]
@@ -51,7 +51,7 @@ def plan_restore(
                 break
             except VerificationError as e:
                 print(f"[restore] checkpoint {rec['id']} failed verification twice: {e}", flush=True)
-                rec = call(coord.next_restore, rec["id"], f"{e} (read twice)")
+                rec = coord.next_restore(rec["id"], f"{e} (read twice)")
         plan["restore"] = rec
     return broadcast(plan), blobs
 

@@ -38,11 +38,11 @@ from typing import Any
 import torch
 
 from orchestrator.core.heal import start_shared_check
-from orchestrator.core.manifest import CheckpointRecord
+from orchestrator.core.manifest import CheckpointRecord, StopKind
 from orchestrator.core.names import checkpoint_id
 from orchestrator.core.storage import Storage
 from orchestrator.core.verify import read_verified
-from workers.calls import StepTicker, call, send
+from workers.calls import Coordinator, StepTicker
 from workers.chaos import Chaos
 from workers.config import WorkerConfig
 from workers.distributed import broadcast, gather
@@ -58,10 +58,11 @@ SHARED_CHECK_WAIT_S = 120.0
 
 
 class StopRun(Exception):
-    """Raised inside a train function to end the run on purpose (kind: nan, input, interrupt);
+    """Raised inside a train function to end the run on purpose (kind: nan, input, interrupt,
+    user_error: orchestrator.core.manifest.StopKind);
     the orchestrator catches it, so Ray Train does not count it as a failure."""
 
-    def __init__(self, reason: str, kind: str) -> None:
+    def __init__(self, reason: str, kind: StopKind) -> None:
         super().__init__(reason)
         self.reason, self.kind = reason, kind
 
@@ -83,18 +84,18 @@ class Context:
 
 
 class Session:
-    def __init__(self, cfg: WorkerConfig, coord: Any, rank: int, world: int, local_rank: int,
+    def __init__(self, cfg: WorkerConfig, coord: Coordinator, rank: int, world: int, local_rank: int,
                  device: torch.device) -> None:  # fmt: skip
         self.cfg, self.coord = cfg, coord
         self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
         self.storage: Storage = cfg.open_storage(on_retry=_retry_reporter(coord, rank))
         seed_all(cfg.seed + rank)
         self.attempt = 0
-        self.chaos = Chaos(cfg.kills, rank, lambda key: call(coord.claim_chaos, key, os.getpid()))
-        commit = lambda r: call(coord.commit, r.model_dump())  # noqa: E731
+        self.chaos = Chaos(cfg.kills, rank, lambda key: coord.claim_chaos(key, os.getpid()))
+        commit = coord.commit
         self.writer = (CheckpointWriter(self.storage, commit, cfg.async_save, self.chaos.after_upload)
                        if rank == 0 else None)  # fmt: skip
-        self.ticker = StepTicker((lambda at: send(coord.tick, at)) if rank == 0 else None)
+        self.ticker = StepTicker(coord.tick if rank == 0 else None)
         self._asked = False  # the driver's stop request, as rank 0 last asked the coordinator
         self.stop_check = StopCheck(lambda: self._asked or self.ticker.stop_asked(), device)
         self._planned: tuple[CheckpointRecord | None, dict[str, bytes] | None] | None = None
@@ -179,7 +180,7 @@ class Session:
             self.save_files(epoch, in_epoch, global_step, end_of_epoch, metrics, files, sharded)
         if saving and self.rank == 0 and not self._asked:
             # A train function may not call step(), whose ticks carry the driver's request.
-            self._asked = bool(call(self.coord.stop_asked))
+            self._asked = self.coord.stop_asked()
         if saving and (why := self.stop_check(global_step, end_of_epoch=True)) != NONE:
             self.finish_stop(why, f"epoch {epoch} (global step {global_step})")
 
@@ -201,7 +202,7 @@ class Session:
         """Rank 0 restored from this node's copy: check (and heal) the shared copy, off the
         restore's path; what it finds goes into the run's event log."""
         coord = self.coord
-        report = lambda kind, fields: call(coord.event, kind, fields, timeout=60)  # noqa: E731
+        report = lambda kind, fields: coord.event(kind, fields, timeout=60)  # noqa: E731
         self._shared_check = start_shared_check(self.storage, record, report)
 
     @property
@@ -259,7 +260,7 @@ class Session:
         import ray.train
 
         if self.rank == 0:
-            call(self.coord.report_metrics, {**row, "attempt": self.attempt})
+            self.coord.report_metrics({**row, "attempt": self.attempt})
         if not self.cfg.replicas:  # there, report would wait for every replica: a dead one hangs it
             ray.train.report(row)
 
@@ -289,11 +290,11 @@ class Session:
         return out
 
 
-def _retry_reporter(coord: Any, rank: int) -> Any:
+def _retry_reporter(coord: Coordinator, rank: int) -> Any:
     """Storage retries on this rank become events in the run's log."""
 
     def report(what: str, exc: BaseException, attempt: int, delay: float) -> None:
-        send(coord.event, "storage_retry", {"op": what, "attempt": attempt, "delay_s": round(delay, 3),
+        coord.note("storage_retry", {"op": what, "attempt": attempt, "delay_s": round(delay, 3),
                                             "error": type(exc).__name__, "rank": rank})  # fmt: skip
 
     return report

@@ -187,9 +187,8 @@ def restore_shards(
 
 
 def _next_restore(session: Restoring, bad: str, why: str) -> dict[str, Any] | None:
-    from workers.calls import call
 
-    return call(session.coord.next_restore, bad, why)  # type: ignore[no-any-return]
+    return session.coord.next_restore(bad, why)
 
 
 def load_verified(

@@ -34,6 +34,7 @@ from ray.serve.exceptions import RayServeException
 from orchestrator.api import Run, RunNotFound, open_run
 from orchestrator.core.manifest import ManifestError
 from orchestrator.core.storage import StorageError
+from orchestrator.core.tasks import TaskError, is_train_function, resolve_task, serving_hook
 
 log = logging.getLogger("ray.serve")
 
@@ -224,6 +225,13 @@ def servable_run(given: str, uri: str, options: dict[str, Any]) -> Run:
             f"{where}: no committed checkpoint with a {run.monitor!r} value to serve yet "
             f"(status {run.status}); start the app after the run's first commit"
         )
+    task = (run.stored_spec().get("task") or {}).get("name", "digits")
+    try:  # a train function serves only through its serving_model hook: say so before any replica
+        fn = resolve_task(task)
+        if is_train_function(fn):
+            serving_hook(task, fn)
+    except TaskError as e:
+        raise NotServable(f"{where}: {e}") from None
     return run
 
 

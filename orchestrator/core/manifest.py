@@ -41,6 +41,12 @@ EVENT_KINDS = (
 )  # fmt: skip
 
 
+# Why the workers ended a run on purpose (Manifest.stopped["kind"]): a spec error found on the
+# workers, a non-finite metric with checkpoint.stop_on_nan, the driver's interrupt (Ctrl-C,
+# SIGTERM) after a checkpoint was committed, or the same user error twice.
+StopKind = Literal["input", "nan", "interrupt", "user_error"]
+
+
 class ManifestError(StorageProblem, RuntimeError):
     """The manifest (or a record) in storage cannot be read as one."""
 
@@ -109,7 +115,7 @@ class Manifest(BaseModel):
     # request id -> result of the latest mutating coordinator calls: a call retried after the
     # actor restarted gets the first answer instead of counting twice.
     requests: dict[str, Any] = Field(default_factory=dict)
-    stopped: dict[str, str] | None = None  # {reason, kind} when the workers stopped the run on purpose
+    stopped: dict[str, str] | None = None  # {reason, kind: a StopKind}: the workers stopped the run
     next_seq: int = 1
     checkpoints: list[CheckpointRecord] = Field(default_factory=list)  # committed, in commit order
     kept: dict[str, list[str]] = Field(default_factory=dict)  # id -> why it is kept
