@@ -16,12 +16,12 @@ class CoordinatorTimeout(TimeoutError):
     """The run's coordinator did not answer in time."""
 
 
-def call(method: Any, *args: Any, timeout: float = TIMEOUT_S) -> Any:
-    """method.remote(*args, request_id), waited for at most timeout seconds."""
+def call(method: Any, *args: Any, timeout: float = TIMEOUT_S, **kwargs: Any) -> Any:
+    """method.remote(*args, request_id, **kwargs), waited for at most timeout seconds."""
     import ray
 
     try:
-        return ray.get(method.remote(*args, uuid.uuid4().hex), timeout=timeout)
+        return ray.get(method.remote(*args, uuid.uuid4().hex, **kwargs), timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         name = getattr(method, "_method_name", "call")
         raise CoordinatorTimeout(
