@@ -33,6 +33,7 @@ from orchestrator.ray_compat import (
     keep_driver_sigint,
     preemption_listener,
     restart_recorder,
+    route_worker_output,
     use_token_auth,
 )
 from orchestrator.spec import JobSpec, SpecError, parse_spec
@@ -130,7 +131,9 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
 
     if ray.is_initialized():
         return False
-    quiet: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": True, "logging_level": "WARNING"}
+    # Worker output is forwarded, and filtered on the way: rank 0's own lines, not Ray's (all on --verbose).
+    route_worker_output(verbose)
+    quiet: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     address = address or os.environ.get("RAY_ADDRESS") or _running_cluster()
     if address and address != "local":
         preflight.check_address(address)  # something answers there, and takes our token

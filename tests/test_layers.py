@@ -30,6 +30,7 @@ ALLOWED_DOWN_INTO_DATA = {
     ("orchestrator.driver", "workers.loop"): "the train loop the driver hands to Ray Train",
     ("orchestrator.driver", "workers.config"): "the WorkerConfig the driver builds for the workers",
     ("orchestrator.ray_compat", "workers.stopping"): "the preemption handler Ray's worker start installs",
+    ("orchestrator.ray_compat", "workers.output"): "the label a rank's own output lines carry (one definition)",
 }
 
 
