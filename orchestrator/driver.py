@@ -145,6 +145,8 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
         return False
     from orchestrator import reaper
 
+    if warning := oversubscribed(num_cpus_hint, os.cpu_count() or 1):
+        print(warning, file=sys.stderr, flush=True)
     reaper.start(os.getpid())  # stops this Ray if the driver dies without stopping it
     ray.init(
         # "local": a new Ray, always. Without it ray.init joins whatever Ray's own discovery
@@ -156,6 +158,29 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
         **quiet,
     )
     return True
+
+
+def oversubscribed(cpus: int, cores: int) -> str | None:
+    """The warning for an embedded Ray whose workers ask for more CPUs than the machine has
+    cores: Ray is given as many as they ask, so they start, and share the cores."""
+    if cpus <= cores:
+        return None
+    return (f"[run] warning: the workers ask for {cpus} CPUs and this machine has {cores} cores: the "
+            f"embedded Ray is given {cpus} so that they all start, but they share {cores} cores and run "
+            "slower; fewer scaling.num_workers, or --address to join a bigger cluster")  # fmt: skip
+
+
+def ray_described(started_ray: bool) -> str:
+    """Which Ray this driver runs on, for the header: the embedded one it started (and its
+    CPUs), or the cluster it joined (its GCS address)."""
+    import ray
+
+    try:
+        if started_ray:
+            return f"on an embedded Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+        return f"on the Ray cluster at {ray.get_runtime_context().gcs_address}"
+    except Exception:  # noqa: BLE001  # only words for the header
+        return "on Ray"
 
 
 def _running_cluster() -> str | None:
@@ -341,7 +366,7 @@ def run(
 
     from workers.loop import train_loop_per_worker
 
-    preflight.before_ray(spec, address)  # the address and the storage, before any lease or Ray
+    preflight.before_ray(spec, address, monitor=not resume)  # address, storage, monitor: before lease, Ray
     tracking = checked_tracking(spec, resume)
     since = time.time()
     secrets = secrets_in(spec.storage.options)
@@ -377,7 +402,7 @@ def run(
         if not quiet:
             print(
                 f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
-                f"{spec.epochs} epochs",
+                f"{spec.epochs} epochs, {ray_described(started_ray)}",
                 flush=True,
             )
 

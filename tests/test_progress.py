@@ -131,3 +131,12 @@ def test_a_resume_carries_the_best_so_far_and_replays_no_earlier_restart():
                    {**base, "new": [row(7, 0.3, 3)], "next": 1, "notes": notes}])  # fmt: skip
     assert lines == ["[run] attempt 3 resumed from epoch0006-step0000060-a2",
                      "[run] epoch 7/10  val_loss 0.3000  best val_loss 0.2500 (epoch 5)"]  # fmt: skip
+
+
+def test_more_workers_than_cores_on_an_embedded_ray_is_a_warning():
+    from orchestrator.driver import oversubscribed
+
+    assert oversubscribed(2, 2) is None and oversubscribed(1, 16) is None
+    warning = oversubscribed(8, 2)
+    assert warning is not None and warning.startswith("[run] warning: the workers ask for 8 CPUs and this machine has 2")
+    assert "share 2 cores" in warning
