@@ -42,6 +42,7 @@ from orchestrator.core.manifest import (
 from orchestrator.core.names import attempt_of
 from orchestrator.core.retention import RetentionConfig
 from orchestrator.core.storage import CLOCK_PROBE, Conflict, Storage, StorageError
+from orchestrator.story import failure_cause, restart_cause
 from orchestrator.tracking import Trackers
 
 _REMEMBERED = 200  # request ids (and their answers) kept for retried calls
@@ -86,6 +87,11 @@ class RunLedger:
         self.metrics, self._journal_versions[METRICS] = read_journal(storage, METRICS)
         self.reported: list[dict[str, Any]] = []  # every report of this coordinator's life, in order
         self._reported_rids: set[str | None] = set()
+        # The console's story, in memory like `reported`: each restart (with its cause) and each
+        # attempt's start, placed by `at` (how many reports came before it), so the driver prints
+        # the rows, the restart and the resumed attempt in the order they happened.
+        self.notes: list[dict[str, Any]] = []
+        self._causes: list[tuple[int, str]] = []  # (attempt, cause) heard first hand since the last restart
         storage.on_retry = self._on_retry
         manifest, self._version = read_manifest_versioned(storage)
         self.manifest: Manifest = manifest or Manifest(run=run)
@@ -94,6 +100,8 @@ class RunLedger:
         elif self.manifest.retention != asdict(retention_cfg):
             self._save(self.manifest.model_copy(update={"retention": asdict(retention_cfg)}))
         self.trackers = Trackers(storage, tracking) if tracking is not None else None
+        best = self.best()  # the best committed before this coordinator: a resumed run's best so far
+        self.best_at_start = {"epoch": best.epoch, "metrics": best.metrics} if best else None
 
     def _claim(self, run: str, owner: str) -> None:
         """Make the manifest name this owner, by compare-and-swap, retried while a stale
@@ -227,6 +235,8 @@ class RunLedger:
         # The compare-and-swap first: a coordinator whose run was taken over is fenced here,
         # before it could take the new owner's commits for orphans.
         self._save(self._remember(self.manifest.model_copy(update=update), rid, result))
+        self.notes.append({"kind": "attempt", "at": len(self.reported), "attempt": attempt,
+                           "resumed_from": latest.id if latest else None})  # fmt: skip
         self.collect_orphans()
         return result
 
@@ -242,8 +252,15 @@ class RunLedger:
         if self._answered(rid)[0]:
             return
         m = self.manifest
-        self.event("restart", rid, restarts=m.restarts + 1, reason=reason[:2000])
+        # A cause heard first hand in the attempt that failed (a chaos kill, the user's exception)
+        # beats Ray's summary of it; a late one from an earlier attempt is not this restart's.
+        heard = [cause for attempt, cause in self._causes if attempt == m.attempts]
+        cause = heard[0] if heard else restart_cause(reason)
+        self._causes.clear()
+        self.event("restart", rid, restarts=m.restarts + 1, cause=cause, reason=reason[:2000])
         self._save(self._remember(m.model_copy(update={"restarts": m.restarts + 1}), rid, True))
+        self.notes.append({"kind": "restart", "at": len(self.reported), "restarts": m.restarts + 1,
+                           "cause": cause})  # fmt: skip
 
     def record_failure(
         self, sig: str, trace: str, attempt: int | None = None, rid: str | None = None
@@ -254,6 +271,7 @@ class RunLedger:
         if attempt is None:  # failed before its restore plan: Ray Train's restart count tells groups apart
             attempt = -1 - self.manifest.restarts
         self.event("worker_error", rid, signature=sig[:2000], restarts=attempt)
+        self._causes.append((self.manifest.attempts if attempt < 0 else attempt, failure_cause(sig)))
         attempts = self.failures.setdefault(sig, set())
         attempts.add(attempt)  # a set: a retried call (same rid) counts once
         if len(attempts) >= 2 and self.gave_up is None:
@@ -278,15 +296,19 @@ class RunLedger:
             return  # rank 0 stopping because a replica asked it to: the replica's reason stands
         self._save(self.manifest.model_copy(update={"stopped": {"reason": reason, "kind": kind}}))
 
-    def claim_chaos(self, key: str, pid: int | None = None, rid: str | None = None) -> bool:
+    def claim_chaos(
+        self, key: str, pid: int | None = None, rid: str | None = None, what: str | None = None
+    ) -> bool:
         """True exactly once per key per run (fault injection fires on the first attempt only),
-        and True again for a retry of that same claim, so the kill still fires."""
+        and True again for a retry of that same claim, so the kill still fires. `what` says it
+        for a person (`rank 1 (pid N) SIGKILLed by chaos.kills at epoch 5 step 0`)."""
         done, answer = self._answered(rid)
         if done:
             return bool(answer)
         if key in self.manifest.chaos_fired:
             return False
-        self.event("chaos_kill", rid, key=key, pid=pid)
+        self._causes.append((self.manifest.attempts, what or f"SIGKILLed by chaos.kills ({key}, pid {pid})"))
+        self.event("chaos_kill", rid, key=key, pid=pid, **({"what": what} if what else {}))
         m = self.manifest.model_copy(update={"chaos_fired": [*self.manifest.chaos_fired, key]})
         self._save(self._remember(m, rid, True))
         return True
@@ -500,6 +522,8 @@ class RunLedger:
             "resumed_from": self.manifest.resumed_from,
             # every_n_steps: auto's latest choice (events are few; the newest is near the end)
             "cadence": next((e for e in reversed(self.events[-200:]) if e.get("kind") == "cadence"), None),
+            "notes": self.notes,
+            "best_at_start": self.best_at_start,
         }
 
 
@@ -581,8 +605,10 @@ def coordinator_actor_class() -> Any:
         def gave_up(self, rid: str | None = None) -> str | None:
             return self.ledger.gave_up
 
-        def claim_chaos(self, key: str, pid: int | None = None, rid: str | None = None) -> bool:
-            return self.ledger.claim_chaos(key, pid, rid)
+        def claim_chaos(
+            self, key: str, pid: int | None = None, rid: str | None = None, what: str | None = None
+        ) -> bool:
+            return self.ledger.claim_chaos(key, pid, rid, what)
 
         def stop(self, reason: str, kind: StopKind, rid: str | None = None) -> None:
             self.ledger.stop(reason, kind, rid)

@@ -34,6 +34,7 @@ from orchestrator.ray_compat import (
     keep_driver_sigint,
     preemption_listener,
     restart_recorder,
+    route_worker_output,
     torchft_config,
     use_token_auth,
 )
@@ -132,7 +133,9 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
 
     if ray.is_initialized():
         return False
-    quiet: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": True, "logging_level": "WARNING"}
+    # Worker output is forwarded, and filtered on the way: rank 0's own lines, not Ray's (all on --verbose).
+    route_worker_output(verbose)
+    quiet: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     address = address or os.environ.get("RAY_ADDRESS") or _running_cluster()
     if address and address != "local":
         preflight.check_address(address)  # something answers there, and takes our token
@@ -144,6 +147,8 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
         return False
     from orchestrator import reaper
 
+    if warning := oversubscribed(num_cpus_hint, os.cpu_count() or 1):
+        print(warning, file=sys.stderr, flush=True)
     reaper.start(os.getpid())  # stops this Ray if the driver dies without stopping it
     ray.init(
         # "local": a new Ray, always. Without it ray.init joins whatever Ray's own discovery
@@ -155,6 +160,29 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
         **quiet,
     )
     return True
+
+
+def oversubscribed(cpus: int, cores: int) -> str | None:
+    """The warning for an embedded Ray whose workers ask for more CPUs than the machine has
+    cores: Ray is given as many as they ask, so they start, and share the cores."""
+    if cpus <= cores:
+        return None
+    return (f"[run] warning: the workers ask for {cpus} CPUs and this machine has {cores} cores: the "
+            f"embedded Ray is given {cpus} so that they all start, but they share {cores} cores and run "
+            "slower; fewer scaling.num_workers, or --address to join a bigger cluster")  # fmt: skip
+
+
+def ray_described(started_ray: bool) -> str:
+    """Which Ray this driver runs on, for the header: the embedded one it started (and its
+    CPUs), or the cluster it joined (its GCS address)."""
+    import ray
+
+    try:
+        if started_ray:
+            return f"on an embedded Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+        return f"on the Ray cluster at {ray.get_runtime_context().gcs_address}"
+    except Exception:  # noqa: BLE001  # only words for the header
+        return "on Ray"
 
 
 def _running_cluster() -> str | None:
@@ -333,7 +361,7 @@ def run(
     summary) when it cannot finish, LeaseLost when another driver took the run over."""
     import ray
 
-    preflight.before_ray(spec, address)  # the address and the storage, before any lease or Ray
+    preflight.before_ray(spec, address, monitor=not resume)  # address, storage, monitor: before lease, Ray
     tracking = checked_tracking(spec, resume)
     since = time.time()
     storage = spec.open_run_storage()
@@ -348,7 +376,7 @@ def run(
         coord = _start(spec, storage, lease, tracking, started)
         if not quiet:
             print(f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
-                  f"{spec.epochs} epochs", flush=True)  # fmt: skip
+                  f"{spec.epochs} epochs, {ray_described(started_ray)}", flush=True)  # fmt: skip
         interrupts = Interrupts(coord, spec.failure.stop_grace_s)
         fit_error = _fit(spec, coord, interrupts, quiet)
         try:

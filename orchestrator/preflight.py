@@ -7,8 +7,10 @@ in seconds with a message that names the storage, the address or the field and w
   new run that names one it cannot use; a resumed run is warned and goes on without it).
 - `workers_fit(spec, started_ray)`, once connected: the cluster can ever hold the workers the
   spec asks for (Ray Train would otherwise wait for them, 60 s at a time, forever).
+- `check_monitor(spec)` (a new run, before Ray): the task reports checkpoint.monitor; it builds
+  the user's task once in the driver (on the CPU) to see.
 
-driver.run() calls both; nothing here starts a worker or imports user code.
+driver.run() calls them; nothing here starts a worker.
 """
 
 from __future__ import annotations
@@ -32,10 +34,41 @@ class RayUnreachable(RayProblem, RuntimeError):
     """No Ray cluster answers at the address, or it refuses this process (exit 5)."""
 
 
-def before_ray(spec: JobSpec, address: str | None) -> None:
+def before_ray(spec: JobSpec, address: str | None, monitor: bool = False) -> None:
     check_address(address or os.environ.get("RAY_ADDRESS"))
     check_storage(spec)
     check_replicas(spec)
+    if monitor:
+        check_monitor(spec)
+
+
+def check_monitor(spec: JobSpec) -> None:
+    """checkpoint.monitor names a metric the task reports, in seconds and before Ray starts
+    (on the workers it is found only once Ray, the workers and their data are up). The task
+    is built here once, as rank 0 of the most workers the spec asks for, on the CPU, and one
+    validation batch evaluated, as each rank does before training (workers/epoch.py
+    check_monitor, which stays).
+    A train function reports what it likes (checked at its first report), and a task that
+    cannot be built here (its data only on the workers' machines, say) is left to the workers."""
+    import torch
+
+    from orchestrator.core.tasks import resolve_task
+    from workers.loop import is_train_function
+    from workers.metrics import metric_names
+    from workers.task import TaskContext
+
+    try:
+        build = resolve_task(spec.task.name)
+        if is_train_function(build):
+            return
+        cpu = torch.device("cpu")
+        task = build(dict(spec.task.options), TaskContext(0, spec.scaling.max_workers, spec.seed, cpu))
+        names = metric_names(task, task.model, cpu)
+    except Exception:  # noqa: BLE001  # the workers check it again, where the task must build
+        return
+    if spec.checkpoint.monitor not in names:
+        raise SpecError(f"checkpoint.monitor {spec.checkpoint.monitor!r} is not a metric of task "
+                        f"{spec.task.name!r}; it reports {sorted(names)}")  # fmt: skip
 
 
 def check_tracking(spec: JobSpec) -> str | None:

@@ -39,6 +39,8 @@ class ProgressView:
         self._restarts = 0
         self._attempts = 0
         self._cadence: float | None = None  # the time of the every_n_steps: auto choice last shown
+        self._notes = 0  # the coordinator's notes (restarts, attempts) already shown
+        self._seeded = False
         self._rate: tuple[float, int] | None = None  # (time, global step) of the first sample
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._display: Any = None
@@ -72,25 +74,21 @@ class ProgressView:
                 pass
 
     def update(self) -> None:
-        p = self._poll(self._next)
-        if p["next"] < self._next:  # the coordinator restarted: its report count began again
-            p = self._poll(0)
+        since = self._next
+        p = self._poll(since)
+        if p["next"] < since:  # the coordinator restarted: its report count began again
+            since, p = 0, self._poll(0)
+            self._notes = 0
         self._next = p["next"]
         if self.quiet:
             return
-        # Rows of earlier attempts, then the restart and the attempt after it, then its rows.
-        current = p["attempts"]
-        lines = [self._epoch_line(m) for m in p["new"] if m.get("attempt", current) < current]
-        if p["restarts"] > self._restarts:
-            self._restarts = p["restarts"]
-            what = "a failed worker replaced alone" if self.replicas else "worker group restarted"
-            lines.append(f"[run] {what} ({self._restarts} so far)")
-        if p["attempts"] > self._attempts:
-            if p["attempts"] > 1:
-                where = p.get("resumed_from") or "the start (nothing committed yet)"
-                lines.append(f"[run] attempt {p['attempts']} resumed from {where}")
-            self._attempts = p["attempts"]
-        lines += [self._epoch_line(m) for m in p["new"] if m.get("attempt", current) >= current]
+        if self._best is None and not self._seeded:  # a resumed run: the best committed before it
+            self._seeded = True
+            start = p.get("best_at_start")
+            v = (start or {}).get("metrics", {}).get(self.monitor)
+            if isinstance(v, float) and math.isfinite(v):
+                self._best = (v, start["epoch"])  # type: ignore[index]
+        lines = [self._epoch_line(m) if kind == "row" else m for _, _, kind, m in self._story(p, since)]
         if (c := p.get("cadence")) and c.get("ts") != self._cadence:  # every_n_steps: auto chose anew
             self._cadence = c.get("ts")
             lines.append(f"[run] checkpoint every {c['every_n_steps']} steps: {c.get('why', '')}")
@@ -101,6 +99,44 @@ class ProgressView:
                 print(line, file=self.out, flush=True)
         if self._display is not None:
             self._display.update(self._status(p.get("live")))
+
+    def _story(self, p: dict[str, Any], since: int) -> list[tuple[int, int, str, Any]]:
+        """This poll's rows, restarts and attempts, in the order they happened: each note says
+        how many reports came before it (`at`), so epoch 4's row, reported before the kill in
+        epoch 5, comes before the restart even when one poll brings both."""
+        items: list[tuple[int, int, str, Any]] = [(since + i, 1, "row", m) for i, m in enumerate(p["new"])]
+        notes = p.get("notes")
+        if notes is None:  # a coordinator without notes: the counters alone, placed after the rows
+            notes = self._notes_from_counters(p)
+        elif len(notes) < self._notes:
+            self._notes = 0  # a restarted coordinator's notes began again
+        for note in notes[self._notes:]:
+            at = max(int(note.get("at", 0)), since)
+            if note["kind"] == "restart":
+                self._restarts = max(self._restarts, int(note["restarts"]))
+                what = "a failed worker replaced alone" if self.replicas else "worker group restarted"
+                cause = f": {note['cause']}" if note.get("cause") else ""
+                items.append((at, 0, "line", f"[run] {what} ({note['restarts']} so far){cause}"))
+            elif note["kind"] == "attempt":
+                self._attempts = max(self._attempts, int(note["attempt"]))
+                if note["attempt"] > 1:
+                    where = note.get("resumed_from") or "the start (nothing committed yet)"
+                    items.append((at, 0, "line", f"[run] attempt {note['attempt']} resumed from {where}"))
+        self._notes = len(notes)
+        return sorted(items, key=lambda item: item[:2])  # stable: notes keep their order
+
+    def _notes_from_counters(self, p: dict[str, Any]) -> list[dict[str, Any]]:
+        """Notes from the counters alone: placed before the first row of the current attempt."""
+        notes: list[dict[str, Any]] = []
+        current = [i for i, m in enumerate(p["new"]) if m.get("attempt", p["attempts"]) >= p["attempts"]]
+        at = p["next"] - len(p["new"]) + (current[0] if current else len(p["new"]))
+        if p["restarts"] > self._restarts:
+            notes.append({"kind": "restart", "at": at, "restarts": p["restarts"]})
+        if p["attempts"] > self._attempts:
+            notes.append({"kind": "attempt", "at": at, "attempt": p["attempts"],
+                          "resumed_from": p.get("resumed_from")})  # fmt: skip
+        self._notes = 0
+        return notes
 
     def _epoch_line(self, m: dict[str, Any]) -> str:
         v = m.get(self.monitor)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import uuid
 from typing import Any
@@ -228,3 +229,72 @@ def exception_chain(exc: BaseException | None) -> list[BaseException]:
         todo.append(getattr(e, "controller_failure", None))
         todo += list(inner.values()) if isinstance(inner, dict) else []
     return [e for e in seen if isinstance(e, BaseException)]
+
+
+# A raylet's report of a dead worker process: Ray's paragraph about the OOM killer and
+# `ray stop --force`, printed on every restart; the driver's restart line names the cause.
+RAYLET_NOISE = re.compile(r"A worker died or was killed while executing a task by an unexpected system error")
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+_console = {"verbose": False}
+
+
+def console_lines(data: dict[str, Any], verbose: bool) -> list[str] | None:
+    """What the driver's console shows of one batch of lines Ray forwards from its processes:
+    None to print the batch as Ray would; else the lines to print as they are (maybe none).
+
+    Without --verbose: of a worker's lines, only those rank 0 labeled as its own
+    (workers/output.py), so a print() in the user's code reaches the console and Ray's own
+    worker logs do not; of the raylet's, all but its dead-worker paragraph. With it: all."""
+    from workers.output import LABEL
+
+    if verbose:
+        return None
+    lines = [str(line) for line in data.get("lines", [])]
+    if data.get("pid") == "raylet":
+        kept = [line for line in lines if not RAYLET_NOISE.search(line)]
+        return None if len(kept) == len(lines) else kept
+    if data.get("pid") == "autoscaler":
+        return None  # e.g. "no node can hold the requested resources": the user needs it
+    return [line for line in lines if (m := LABEL.match(line)) and m.group(1) == "0"]
+
+
+def route_worker_output(verbose: bool) -> None:
+    """Make the driver print what Ray forwards from its processes through `console_lines`, and
+    fold Ray's token-auth notice (an embedded Ray's, on every run) unless verbose. Call before
+    ray.init (with log_to_driver=True); calling again only changes `verbose`.
+
+    Private: Ray's driver prints forwarded worker lines and the raylet's error messages
+    through `ray._private.worker.print_to_stdstream` (ray.init binds the log handler to it);
+    no public option filters them: log_to_driver is all or nothing, and the raylet's errors are
+    printed even without it. The notice is logged by
+    `ray._private.authentication.authentication_token_setup`'s logger."""
+    import logging
+
+    import ray._private.worker as ray_worker
+
+    _console["verbose"] = verbose
+    if getattr(ray_worker.print_to_stdstream, "_orchestrator", False):
+        return
+    ray_prints = ray_worker.print_to_stdstream
+
+    def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = console_lines(data, _console["verbose"])
+        if lines is None:
+            ray_prints(data, ignore_prefix)
+            return
+        if data.get("pid") == "raylet":
+            if lines:
+                ray_prints({**data, "lines": lines}, ignore_prefix)
+            return
+        sink = sys.stderr if data.get("is_err") else sys.stdout
+        for line in lines:
+            print(line, file=sink, flush=True)
+
+    print_to_stdstream._orchestrator = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+    class FoldNotice(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return bool(_console["verbose"]) or TOKEN_NOTICE not in record.getMessage()
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(FoldNotice())

@@ -67,6 +67,8 @@ def test_a_deterministic_user_error_stops_after_its_second_time(tmp_path):
     assert "poisoned.py" in p.stderr  # the user's own traceback, with their file
     events = jsonl(tmp_path / "regression" / "events.jsonl")
     assert sum(e["kind"] == "restart" for e in events) == 2  # not 6
+    causes = [e["cause"] for e in events if e["kind"] == "restart"]  # the user's line, with file:line
+    assert all("training sample 123 is corrupt" in c and "poisoned.py:" in c for c in causes), causes
     assert [e["kind"] for e in events].count("deterministic_failure") == 1
 
 

@@ -49,6 +49,10 @@ def test_demo_survives_a_worker_kill_and_hands_back_the_best(tmp_path):
     assert not pid_alive(kill["pid"])
     restarts = [e for e in events if e["kind"] == "restart"]
     assert len(restarts) == 1 and "WorkerGroupError" in restarts[0]["reason"]
+    # ... and the restart names its cause, as the console's restart line does; Ray's token-auth
+    # notice and its dead-worker (OOM killer) paragraph stay off the console (--json: stderr)
+    assert restarts[0]["cause"] == f"rank 1 (pid {kill['pid']}) SIGKILLed by chaos.kills at epoch 5 step 0"
+    assert "Token authentication" not in p.stderr and "A worker died or was killed" not in p.stderr
     assert summary["restarts"] == 1 and summary["attempts"] == 2
 
     # Resumed from the latest committed checkpoint: the epoch after it, not from scratch.

@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -73,9 +73,16 @@ def test_stop_on_nan_stops_the_run_naming_epoch_and_metric(tmp_path):
 
 
 def test_a_monitor_the_task_does_not_report_fails_once_before_training(tmp_path):
-    p = run_cli("run", "configs/digits.yaml", "--address", "local", "--set", f"storage.root={tmp_path}",
-                "--set", "name=badmon", "--set", "chaos.kills=[]", "--set", "scaling.num_workers=1",
-                "--set", "checkpoint.monitor=val_f1", "--set", "failure.max_failures=3", timeout=400)  # fmt: skip
+    args = ["run", "configs/digits.yaml", "--address", "local", "--set", f"storage.root={tmp_path}",
+            "--set", "name=badmon", "--set", "chaos.kills=[]", "--set", "scaling.num_workers=1",
+            "--set", "checkpoint.monitor=val_f1", "--set", "failure.max_failures=3"]  # fmt: skip
+    # The driver builds the task before Ray starts: refused there, nothing stored.
+    p = run_cli(*args, timeout=400)
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "checkpoint.monitor 'val_f1'" in p.stderr and "val_acc" in p.stderr and "val_loss" in p.stderr
+    assert "[run] badmon:" not in p.stdout and not (tmp_path / "badmon" / "events.jsonl").exists()
+    # A task the driver cannot build (its data only on the workers): the workers check it.
+    p = run_cli(*args, "--set", f"task.name={ROOT}/tests/tasks/worker_only.py:build", timeout=400)
     assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
     assert "checkpoint.monitor 'val_f1'" in p.stderr and "val_acc" in p.stderr and "val_loss" in p.stderr
     events = [json.loads(line) for line in (tmp_path / "badmon" / "events.jsonl").read_text().splitlines()]

@@ -101,6 +101,23 @@ def test_a_finished_run_with_the_same_spec_is_reported_finished_without_ray(tmp_
     assert p.returncode == 0 and "already finished" in p.stdout and "nothing to do" in p.stdout, p.stdout
 
 
+def test_resume_of_a_finished_run_answers_from_storage_without_ray(tmp_path):
+    """`orchestrator resume` of a finished run used to start Ray (50 s here) and print a
+    replayed, wrong history; now storage answers, and no driver starts (no lease, no event).
+    More epochs than the run was asked for go on to train (here: to an address nothing
+    answers at, refused before Ray)."""
+    run_dir = _stored_run(tmp_path, "done", "finished")
+    before = (run_dir / "manifest.json").read_bytes()
+    p = run_cli("resume", str(run_dir), timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"[run] {run_dir} already finished (epochs: 10); nothing to do (Ray not started)" in p.stdout, p.stdout
+    p = run_cli("resume", str(run_dir), "--set", "epochs=8", "--json", timeout=300)
+    assert p.returncode == 0 and json.loads(p.stdout)["already_finished"] is True, p.stdout + p.stderr
+    _untouched(run_dir, before)
+    p = run_cli("resume", str(run_dir), "--set", "epochs=12", "--address", "127.0.0.1:9", timeout=300)
+    assert p.returncode == 5 and "no Ray cluster answers at 127.0.0.1:9" in p.stderr, p.stdout + p.stderr
+
+
 def test_without_the_flag_run_still_refuses_an_existing_run(tmp_path):
     _stored_run(tmp_path, "plain", "running")
     cmd = [a for a in _cmd(tmp_path, "plain") if a != FLAG]
@@ -157,6 +174,8 @@ def test_the_rayjob_entrypoint_run_again_after_a_driver_kill_continues_the_run(t
     second = run_cli(*cmd, timeout=600)  # the retry: the very same command
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     assert "[run] finished: 6 epochs" in second.stdout, second.stdout[-3000:]
+    header = next(line for line in second.stdout.splitlines() if line.startswith(f"[run] {spec.name}:"))
+    assert ", on an embedded Ray (" in header, header  # which Ray it runs on
     assert manifest(run_dir)["status"] == "finished"
     rows = [
         json.loads(line)

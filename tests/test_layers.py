@@ -30,6 +30,10 @@ ALLOWED_DOWN_INTO_DATA = {
     ("orchestrator.driver", "workers.loop"): "the train loop the driver hands to Ray Train",
     ("orchestrator.driver", "workers.config"): "the WorkerConfig the driver builds for the workers",
     ("orchestrator.ray_compat", "workers.stopping"): "the preemption handler Ray's worker start installs",
+    ("orchestrator.preflight", "workers.loop"): "is the task a train function (as the loop tells)",
+    ("orchestrator.preflight", "workers.metrics"): "the monitor check before Ray: the task's metric names",
+    ("orchestrator.preflight", "workers.task"): "the monitor check before Ray: the TaskContext it builds with",
+    ("orchestrator.ray_compat", "workers.output"): "the label a rank's own output lines carry (one definition)",
 }
 
 

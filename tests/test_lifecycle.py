@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from test_ledger import upload
 
 from orchestrator.coordinator import RetentionConfig, RunLedger
@@ -227,9 +227,14 @@ def test_run_still_refuses_a_run_with_checkpoints_naming_resume_and_delete(tmp_p
 
 @pytest.mark.e2e
 def test_a_wrong_monitor_then_the_corrected_spec_replaces_the_run_and_mlflow_gets_it(tmp_path, monkeypatch):
-    """The newcomer's path, for real: a run with a misspelt monitor fails before any commit;
-    `runs` says so and what to do; `run` of the corrected spec replaces it and trains, into an
-    MLflow run named after it, with its artifacts."""
+    """The newcomer's path, for real: a run with a misspelt monitor is refused before Ray starts,
+    leaving no run (it used to fail on the workers 24 s in, leaving a failed one); a failed run
+    with no commit (as those were left) is listed with what to do; `run` of the corrected spec
+    replaces it and trains, into an MLflow run named after it, with its artifacts."""
+    from orchestrator.core.manifest import Manifest, write_manifest
+    from orchestrator.driver import store_spec
+    from orchestrator.spec import load_spec
+
     pytest.importorskip("mlflow", reason="mlflow is an optional extra (the test extras carry it)")
     from conftest import cli_env, jsonl
 
@@ -241,6 +246,14 @@ def test_a_wrong_monitor_then_the_corrected_spec_replaces_the_run_and_mlflow_get
             "--set", "tracking.mlflow_experiment=newbie"]  # fmt: skip
     p = run_cli(*args, "--set", "checkpoint.monitor=val_los", env=env, timeout=300)
     assert p.returncode == 2 and "val_los" in p.stderr, p.stdout + p.stderr[-3000:]
+    assert "checkpoint.monitor 'val_los' is not a metric of task 'digits'" in p.stderr
+    assert "[run] newbie:" not in p.stdout and "newbie" not in runs_json(tmp_path)  # before Ray, nothing stored
+    overrides = [a for a in args[2:] if a != "--set"] + ["checkpoint.monitor=val_los"]
+    spec = load_spec(ROOT / "configs" / "digits.yaml", overrides)
+    storage = spec.open_run_storage()
+    store_spec(storage, spec)
+    stopped = {"reason": "checkpoint.monitor 'val_los' is not a metric of task 'digits'", "kind": "input"}
+    write_manifest(storage, Manifest(run="newbie", status="failed", stopped=stopped))
     row = runs_json(tmp_path)["newbie"]
     assert (row["state"], row["checkpoints"]) == ("failed", 0) and "replaces it" in row["next"]
     p = run_cli(*args, env=env, timeout=300)
@@ -250,9 +263,9 @@ def test_a_wrong_monitor_then_the_corrected_spec_replaces_the_run_and_mlflow_get
     started = [e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == "driver_started"]
     assert len(started) == 1 and "val_los" in started[0]["replaced"]  # the old run's events are gone
     assert runs_json(tmp_path)["newbie"]["state"] == "finished"
-    client, runs = _mlflow(uri, "newbie")  # the replaced run's MLflow run stays, as it ended
-    assert [(r.info.run_name, r.info.status) for r in runs] == [("newbie", "FAILED"), ("newbie", "FINISHED")]
-    arts = {a.path for a in client.list_artifacts(runs[1].info.run_id)}
+    client, runs = _mlflow(uri, "newbie")  # the refused run made none
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("newbie", "FINISHED")]
+    arts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"spec.yaml", "best_checkpoint.json", "curves.png"} <= arts
 
 

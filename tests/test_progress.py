@@ -94,3 +94,62 @@ def test_an_auto_cadence_choice_is_shown_once_each_time_it_changes():
         view.update()
     assert out.getvalue().splitlines() == ["[run] checkpoint every 40 steps: a save stalls training 2.0 ms",
                                            "[run] checkpoint every 80 steps: bigger"]  # fmt: skip
+
+
+def plain(payloads, epochs=10, replicas=False):
+    """The plain lines a view prints, fed these progress payloads one poll at a time."""
+    out, feed = io.StringIO(), iter(payloads)
+    view = ProgressView(lambda since: next(feed), epochs=epochs, monitor="val_loss", mode="min", out=out,
+                        live=False, replicas=replicas)  # fmt: skip
+    view._stop.set()
+    for _ in payloads:
+        view.update()
+    return [line for line in out.getvalue().splitlines() if line]
+
+
+def row(epoch, value, attempt=1):
+    return {"epoch": epoch, "global_step": 10 * epoch, "attempt": attempt, "val_loss": value}
+
+
+def test_a_restart_comes_after_the_rows_reported_before_it_even_in_one_poll():
+    """Fast epochs: one poll brings epochs 2-4 (reported before the kill in epoch 5) and the
+    restart; the restart line used to come first (3 of 6 demo runs)."""
+    base = {"live": None, "resumed_from": None}
+    attempt1 = {"kind": "attempt", "at": 0, "attempt": 1, "resumed_from": None}
+    restart = {"kind": "restart", "at": 4, "restarts": 1,
+               "cause": "rank 1 (pid 42) SIGKILLed by chaos.kills at epoch 5 step 0"}  # fmt: skip
+    attempt2 = {"kind": "attempt", "at": 4, "attempt": 2, "resumed_from": "epoch0004-step0000040-a1"}
+    lines = plain([
+        {**base, "new": [row(1, 0.9)], "next": 1, "restarts": 0, "attempts": 1, "notes": [attempt1]},
+        {**base, "new": [row(2, 0.8), row(3, 0.7), row(4, 0.6)], "next": 4, "restarts": 1, "attempts": 1,
+         "notes": [attempt1, restart]},
+        {**base, "new": [row(5, 0.5, 2)], "next": 5, "restarts": 1, "attempts": 2,
+         "notes": [attempt1, restart, attempt2]},
+    ])  # fmt: skip
+    assert [line.split("  ")[0] for line in lines] == [
+        "[run] epoch 1/10", "[run] epoch 2/10", "[run] epoch 3/10", "[run] epoch 4/10",
+        "[run] worker group restarted (1 so far): rank 1 (pid 42) SIGKILLed by chaos.kills at epoch 5 step 0",
+        "[run] attempt 2 resumed from epoch0004-step0000040-a1", "[run] epoch 5/10",
+    ]  # fmt: skip
+
+
+def test_a_resume_carries_the_best_so_far_and_replays_no_earlier_restart():
+    """A resumed run (this driver's coordinator is new) whose manifest counts a restart and two
+    attempts from before: no `worker group restarted` line of the past, no `attempt 2` line;
+    the best so far is the best committed before the resume, not the first new epoch's."""
+    notes = [{"kind": "attempt", "at": 0, "attempt": 3, "resumed_from": "epoch0006-step0000060-a2"}]
+    base = {"live": None, "resumed_from": "epoch0006-step0000060-a2", "restarts": 1, "attempts": 3,
+            "best_at_start": {"epoch": 5, "metrics": {"val_loss": 0.25}}}  # fmt: skip
+    lines = plain([{**base, "new": [], "next": 0, "notes": notes},
+                   {**base, "new": [row(7, 0.3, 3)], "next": 1, "notes": notes}])  # fmt: skip
+    assert lines == ["[run] attempt 3 resumed from epoch0006-step0000060-a2",
+                     "[run] epoch 7/10  val_loss 0.3000  best val_loss 0.2500 (epoch 5)"]  # fmt: skip
+
+
+def test_more_workers_than_cores_on_an_embedded_ray_is_a_warning():
+    from orchestrator.driver import oversubscribed
+
+    assert oversubscribed(2, 2) is None and oversubscribed(1, 16) is None
+    warning = oversubscribed(8, 2)
+    assert warning is not None and warning.startswith("[run] warning: the workers ask for 8 CPUs and this machine has 2")
+    assert "share 2 cores" in warning

@@ -20,6 +20,8 @@ PRIVATE = [
     ("ray.autoscaler.v2.sdk", "get_cluster_status"),
     ("ray._common.utils", "get_ray_address_file"),
     ("ray.train.v2.torch.torchft_config", "TorchftConfig"),
+    ("ray._private.worker", "print_to_stdstream"),
+    ("ray._private.authentication.authentication_token_setup", "logger"),
 ]
 
 
@@ -105,3 +107,20 @@ def test_current_cluster_reads_the_marker_ray_itself_reads(tmp_path, monkeypatch
     assert current_cluster() == (str(marker), "127.0.0.1:6379") and read_ray_address() == "127.0.0.1:6379"
     marker.write_text("")
     assert current_cluster() == (str(marker), None)
+
+
+def test_worker_lines_and_the_raylets_errors_go_through_the_printer_we_replace():
+    """route_worker_output replaces ray._private.worker.print_to_stdstream before ray.init; the
+    log handler ray.init installs binds it then, and the raylet's error listener looks it up
+    by name; the token-auth notice still comes from the logger we filter (its text too)."""
+    import inspect
+
+    import ray._private.authentication.authentication_token_setup as auth
+    import ray._private.worker as ray_worker
+
+    from orchestrator.ray_compat import TOKEN_NOTICE
+
+    assert "print_to_stdstream" in inspect.getsource(ray_worker.listen_error_messages)
+    assert "functools.partial(print_to_stdstream" in inspect.getsource(ray_worker.connect)
+    assert auth.logger.name == "ray._private.authentication.authentication_token_setup"
+    assert TOKEN_NOTICE in inspect.getsource(auth)

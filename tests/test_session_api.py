@@ -29,8 +29,19 @@ def test_session_example_survives_a_mid_epoch_kill_and_sees_every_sample_once(tm
     assert p.returncode == 0, p.stderr[-4000:]
     summary = json.loads(p.stdout)
     run_dir = tmp_path / "session-digits"
+
+    # The train function's print() reaches the console, rank 0's only (--json: on stderr), and
+    # Ray's own noise does not: the token-auth notice, the raylet's dead-worker paragraph.
+    said = [line for line in p.stderr.splitlines() if line.startswith("[rank 0] epoch ")]
+    assert said == [f"[rank 0] epoch {e}: 1438 samples seen, 0 twice" for e in (1, 2, 3, 4)], p.stderr[-4000:]
+    assert "[rank 1]" not in p.stderr and "RayTrainWorker pid=" not in p.stderr
+    assert "Token authentication" not in p.stderr and "A worker died or was killed" not in p.stderr
     events = jsonl(run_dir / "events.jsonl")
     assert [e["kind"] for e in events].count("chaos_kill") == 1 and summary["restarts"] == 1
+    # the restart names its cause, as the console's restart line does
+    kill = next(e for e in events if e["kind"] == "chaos_kill")
+    cause = next(e["cause"] for e in events if e["kind"] == "restart")
+    assert cause == f"rank 1 (pid {kill['pid']}) SIGKILLed by chaos.kills at epoch 2 step 13", cause
 
     # the restarted group resumed from a commit in the middle of epoch 2
     resumed_from = [e for e in events if e["kind"] == "attempt_started"][-1]["restore"]

@@ -19,12 +19,12 @@ class CoordinatorTimeout(TimeoutError):
     """The run's coordinator did not answer in time."""
 
 
-def call(method: Any, *args: Any, timeout: float = TIMEOUT_S) -> Any:
-    """method.remote(*args, request_id), waited for at most timeout seconds."""
+def call(method: Any, *args: Any, timeout: float = TIMEOUT_S, **kwargs: Any) -> Any:
+    """method.remote(*args, request_id, **kwargs), waited for at most timeout seconds."""
     import ray
 
     try:
-        return ray.get(method.remote(*args, uuid.uuid4().hex), timeout=timeout)
+        return ray.get(method.remote(*args, uuid.uuid4().hex, **kwargs), timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         name = getattr(method, "_method_name", "call")
         raise CoordinatorTimeout(
@@ -55,8 +55,9 @@ class Coordinator:
         """The next newest commit, after marking bad_id bad (a failed verification)."""
         return call(self.handle.next_restore, bad_id, why)  # type: ignore[no-any-return]
 
-    def claim_chaos(self, key: str, pid: int) -> bool:
-        return bool(call(self.handle.claim_chaos, key, pid))
+    def claim_chaos(self, key: str, pid: int, what: str | None = None) -> bool:
+        """True once per fault (`what` says it for a person, in the restart's cause)."""
+        return bool(call(self.handle.claim_chaos, key, pid, what=what))
 
     # -- checkpoints and metrics
     def commit(self, record: CheckpointRecord) -> dict[str, list[str]]:

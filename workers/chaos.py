@@ -16,7 +16,8 @@ from workers.config import Kill
 
 
 class Chaos:
-    def __init__(self, kills: Sequence[Kill], rank: int, claim: Callable[[str], bool]) -> None:
+    def __init__(self, kills: Sequence[Kill], rank: int, claim: Callable[[str, str], bool]) -> None:
+        """claim(key, what) is True once per kill per run; `what` says it for the console."""
         self.mine = [(f"kill-{i}", k) for i, k in enumerate(kills) if k.rank == rank]
         self.rank = rank
         self.claim = claim
@@ -38,7 +39,7 @@ class Chaos:
                            "checkpoint not yet recorded")  # fmt: skip
 
     def _fire(self, key: str, where: str) -> None:
-        if self.claim(key):
+        if self.claim(key, f"rank {self.rank} (pid {os.getpid()}) SIGKILLed by chaos.kills at {where}"):
             print(f"[chaos] SIGKILL rank {self.rank} (pid {os.getpid()}) at {where}", flush=True)
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)

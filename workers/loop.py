@@ -31,6 +31,7 @@ from workers.distributed import broadcast, gather, is_distributed
 from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
 from workers.failures import is_infrastructure, signature, user_traceback
 from workers.metrics import RunningLoss
+from workers.output import label_output
 from workers.resume import restore
 from workers.session import Session, StopRun, TakenOver
 from workers.state import Position, Saver, TrainState
@@ -48,6 +49,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     coord = Coordinator(config["coordinator"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    label_output(rank)  # the driver's console shows rank 0's own lines (workers/output.py)
     where = ["setup"]  # the position in training, for a failure's signature
     session: Session | None = None
     try:

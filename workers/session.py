@@ -91,7 +91,8 @@ class Session:
         self.storage: Storage = cfg.open_storage(on_retry=_retry_reporter(coord, rank))
         seed_all(cfg.seed + rank)
         self.attempt = 0
-        self.chaos = Chaos(cfg.kills, rank, lambda key: coord.claim_chaos(key, os.getpid()))
+        claim = lambda key, what: coord.claim_chaos(key, os.getpid(), what)  # noqa: E731
+        self.chaos = Chaos(cfg.kills, rank, claim)
         commit = coord.commit
         self.writer = (CheckpointWriter(self.storage, commit, cfg.async_save, self.chaos.after_upload)
                        if rank == 0 else None)  # fmt: skip

@@ -115,5 +115,8 @@ def train(session: Any) -> None:
                    "duplicate_samples": float(len(everything) - len(set(everything))),
                    "samples_expected": float(len(sampler) * ctx.world_size)}  # fmt: skip
         seen = []
+        # Every rank prints; rank 0's lines reach the console of `orchestrator run`, as
+        # `[rank 0] ...` (every rank's with --verbose; all are in Ray's session logs).
+        print(f"epoch {epoch}: {len(everything)} samples seen, {len(everything) - len(set(everything))} twice")
         session.report(metrics, epoch=epoch, step=global_step, state=checkpoint(False),
                        rank_state={"loader": None, "seen": []})

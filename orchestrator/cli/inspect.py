@@ -146,7 +146,7 @@ def events(
             rest = " ".join(
                 f"{k}={str(v).splitlines()[0] if str(v) else v}"
                 for k, v in e.items()
-                if k not in ("ts", "kind", "rid")
+                if k not in ("ts", "kind", "rid") and not (k == "reason" and "cause" in e)  # --json has it
             )
             ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("ts", 0)))
             typer.echo(f"{ts} {e.get('kind', '?'):<20} {rest}")

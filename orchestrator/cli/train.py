@@ -178,8 +178,9 @@ def _differ_message(spec: Any, status: str, differences: list[tuple[str, Any, An
     )
 
 
-def _report_finished(spec: Any, manifest: Any, as_json: bool) -> None:
-    """What `run` prints at the end, for a run that had already ended with this spec."""
+def _report_finished(spec: Any, manifest: Any, as_json: bool, said: str = ", with this spec") -> None:
+    """What `run` prints at the end, for a run that had already ended (`said`: how we know
+    there is nothing to do), read from storage alone."""
     from orchestrator.api import Run
     from orchestrator.driver import _best_entry
 
@@ -195,7 +196,7 @@ def _report_finished(spec: Any, manifest: Any, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
-    typer.echo(f"[run] {spec.run_uri} already finished, with this spec; nothing to do (Ray not started)")
+    typer.echo(f"[run] {spec.run_uri} already finished{said}; nothing to do (Ray not started)")
     _print_summary(summary, as_json)
     typer.echo(f"[run] more epochs: `orchestrator resume {spec.run_uri} --set epochs=N`; "
                "a new run: --set name=...")  # fmt: skip
@@ -220,13 +221,27 @@ def resume(
 
     try:
         check_resume_overrides(set_ or [])
-        spec = load_stored_spec(run_uri, parse_options(storage_option))
+        spec = load_stored_spec(run_uri, parse_options(storage_option), check_task=False)
+        stored_epochs = spec.epochs
         if set_:
-            spec = parse_spec(apply_overrides(spec.model_dump(), set_), source=f"{run_uri} --set")
+            data = apply_overrides(spec.model_dump(), set_)
+            spec = parse_spec(data, source=f"{run_uri} --set", check_task=False)
     except SpecError as e:
         die(str(e), EXIT_INPUT)
     except (StorageError, OSError) as e:
         die(f"{run_uri}: {e}", EXIT_STORAGE)
+    if spec.epochs <= stored_epochs:  # no more epochs asked: a finished run is answered from storage
+        from orchestrator.core.manifest import read_manifest
+
+        with _reading(spec):
+            existing = read_manifest(spec.open_run_storage())
+        if existing is not None and existing.status == "finished":
+            _report_finished(spec, existing, as_json, f" (epochs: {stored_epochs})")
+            raise typer.Exit(0)
+    try:  # the task is imported (checked) only for a run that goes on
+        spec = parse_spec(spec.model_dump(), source=f"{run_uri} --set" if set_ else f"{run_uri}/spec.yaml")
+    except SpecError as e:
+        die(str(e), EXIT_INPUT)
     _train(spec, address, as_json, quiet, resume=True, verbose=verbose)
 
 
