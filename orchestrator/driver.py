@@ -29,6 +29,7 @@ from orchestrator.core.storage import Storage, redact, redact_options, secrets_i
 from orchestrator.outcome import Outcome, decide_outcome, describe, lease_lost, root_cause
 from orchestrator.progress import ProgressView
 from orchestrator.ray_compat import (
+    controller_gave_up,
     controller_poll_env,
     current_cluster,
     keep_driver_sigint,
@@ -379,6 +380,10 @@ def run(
                   f"{spec.epochs} epochs, {ray_described(started_ray)}", flush=True)  # fmt: skip
         interrupts = Interrupts(coord, spec.failure.stop_grace_s)
         fit_error = _fit(spec, coord, interrupts, quiet)
+        relaunches = 0
+        while _group_restart_instead(spec, fit_error, interrupts, relaunches):
+            relaunches += 1
+            fit_error = _fit(spec, coord, interrupts, quiet)
         try:
             after, coord_error = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S), None
         except Exception as e:  # the coordinator is gone (its restart refused: taken over) or stuck
@@ -416,6 +421,28 @@ def _start(spec: JobSpec, storage: Storage, lease: Lease, tracking: Any, started
         coord.event.remote(ev.pop("kind"), ev, uuid.uuid4().hex)
     ray.get(coord.event.remote("driver_started", started, uuid.uuid4().hex), timeout=COORD_TIMEOUT_S)
     return coord
+
+
+def _group_restart_instead(
+    spec: JobSpec, fit_error: BaseException | None, interrupts: Interrupts, relaunches: int
+) -> bool:
+    """failure.mode replicas: Ray Train's controller gave up (ControllerError) replacing several
+    replica groups that failed at once (Ray 2.60 clears the result of one dead group while it
+    replaces another: docs/architecture.md). Then the whole group restarts from the latest
+    commit, as restart mode would, instead of a failed run; each such restart counts against
+    failure.max_failures. Recorded as a restart, with the cause."""
+    import ray
+
+    if spec.failure.mode != "replicas" or fit_error is None or interrupts.signum is not None:
+        return False
+    if not controller_gave_up(fit_error) or relaunches >= spec.failure.max_failures:
+        return False
+    coord = interrupts.coord
+    why = (f"Ray Train's controller gave up replacing failed replicas ({root_cause(describe(fit_error))}); "
+           "the whole group restarts from the latest commit")  # fmt: skip
+    ray.get(coord.note_restart.remote(why, uuid.uuid4().hex), timeout=COORD_TIMEOUT_S)
+    print(f"[run] {why}", file=sys.stderr, flush=True)
+    return True
 
 
 def _fit(spec: JobSpec, coord: Any, interrupts: Interrupts, quiet: bool) -> BaseException | None:

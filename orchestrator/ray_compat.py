@@ -209,6 +209,14 @@ def torchft_config(heartbeat_timeout_ms: int) -> Any:
                          backend="gloo")  # fmt: skip
 
 
+def controller_gave_up(exc: BaseException) -> bool:
+    """Ray Train's controller itself failed (its ControllerError, anywhere in the chain), as
+    opposed to the workers' failures (WorkerGroupError) it gave up retrying."""
+    from ray.train.v2.api.exceptions import ControllerError
+
+    return any(isinstance(e, ControllerError) for e in exception_chain(exc))
+
+
 def exception_chain(exc: BaseException | None) -> list[BaseException]:
     """Every exception an error from Ray carries, outermost first: Python's own chain
     (__cause__, __context__), the original exception of a RayTaskError (`.cause`: a task or an

@@ -158,3 +158,31 @@ def test_a_rank0_that_heals_after_the_early_stop_ends_the_run(monkeypatch):
                          stopper=stopper, reported=2)  # fmt: skip
     assert saver.fill_in(live) is True  # the early stop, saved though epoch 3 is not a save epoch
     assert calls == [("report", 3), ("save", 3), ("early_stop", 3)]
+
+
+@pytest.mark.e2e
+def test_two_replicas_killed_at_the_same_step_never_fail_the_run(tmp_path):
+    """Ray 2.60's worker group clears the other dead group's result while replacing the first,
+    and its controller gives up (ControllerError). The driver falls back to a whole-group
+    restart from the latest commit instead of a failed run. A run of its own: it needs three
+    workers, where the other replicas tests run two."""
+    out = run_cli(
+        "run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=two",
+        "--set", "failure.mode=replicas", "--set", "scaling.num_workers=3", "--set", "epochs=4",
+        "--set", "chaos.kills=[{rank: 1, epoch: 2, step: 3}, {rank: 2, epoch: 2, step: 3}]",
+        "--address", "local", "--verbose", timeout=500,
+    )  # fmt: skip
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    run_dir = tmp_path / "two"
+    assert manifest(run_dir)["status"] == "finished"
+    events = jsonl(run_dir / "events.jsonl")
+    assert len([e for e in events if e["kind"] == "chaos_kill"]) == 2
+    # the fallback, recorded as a restart with the controller's error as its reason, and said
+    fallback = [e for e in events if e["kind"] == "restart" and "controller gave up" in e.get("reason", "")]
+    assert fallback, [e for e in events if e["kind"] == "restart"]
+    assert "the whole group restarts from the latest commit" in log
+    attempts = [e["attempt"] for e in events if e["kind"] == "attempt_started"]
+    assert attempts == list(range(1, len(attempts) + 1)) and len(attempts) >= 2, attempts
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in metrics] == [1, 2, 3, 4]
