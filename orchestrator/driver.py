@@ -26,10 +26,9 @@ from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.lease import Lease, LeaseLost
 from orchestrator.core.manifest import BACKUP, EVENTS, MANIFEST, SPEC, read_jsonl, read_manifest
 from orchestrator.core.storage import Storage, redact, redact_options, secrets_in
-from orchestrator.outcome import Outcome, decide_outcome, describe, lease_lost, root_cause
+from orchestrator.outcome import Outcome, decide_outcome, describe, lease_lost, relaunch_group, root_cause
 from orchestrator.progress import ProgressView
 from orchestrator.ray_compat import (
-    controller_gave_up,
     controller_poll_env,
     current_cluster,
     keep_driver_sigint,
@@ -433,9 +432,8 @@ def _group_restart_instead(
     failure.max_failures. Recorded as a restart, with the cause."""
     import ray
 
-    if spec.failure.mode != "replicas" or fit_error is None or interrupts.signum is not None:
-        return False
-    if not controller_gave_up(fit_error) or relaunches >= spec.failure.max_failures:
+    interrupted, budget = interrupts.signum is not None, spec.failure.max_failures
+    if fit_error is None or not relaunch_group(spec.failure.mode, fit_error, interrupted, relaunches, budget):
         return False
     coord = interrupts.coord
     why = (f"Ray Train's controller gave up replacing failed replicas ({root_cause(describe(fit_error))}); "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from orchestrator.core.lease import LeaseLost
-from orchestrator.ray_compat import exception_chain
+from orchestrator.ray_compat import controller_gave_up, exception_chain
 
 Kind = Literal["taken_over", "input", "interrupted", "failed", "finished"]
 
@@ -70,6 +70,16 @@ def decide_outcome(
     if stopped:  # a stop of another kind (nan, a deterministic failure): the run failed
         return Outcome("failed", root_cause(stopped["reason"]))
     return Outcome("finished")
+
+
+def relaunch_group(mode: str, fit_error: BaseException, interrupted: bool, relaunches: int,
+                   max_failures: int) -> bool:  # fmt: skip
+    """failure.mode replicas: fit() ended because Ray Train's controller itself gave up (it
+    cannot replace several replica groups at once in Ray 2.60): restart the whole group from
+    the latest commit instead of failing, while failure.max_failures allows and no one asked
+    the run to stop."""
+    allowed = mode == "replicas" and not interrupted and relaunches < max_failures
+    return allowed and controller_gave_up(fit_error)
 
 
 _CAUSE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Failed)\w*): (.+)$")

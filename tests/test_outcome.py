@@ -12,7 +12,7 @@ from ray.exceptions import RayTaskError
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from orchestrator.core.lease import LeaseLost
-from orchestrator.outcome import Outcome, decide_outcome
+from orchestrator.outcome import Outcome, decide_outcome, relaunch_group
 from orchestrator.ray_compat import exception_chain
 
 
@@ -70,6 +70,19 @@ def test_decide_outcome(fit_error: Any, after: Any, coord_error: Any, lost: Any,
                                               ("interrupted", "failed"), ("input", "failed"), ("taken_over", None)])  # fmt: skip
 def test_what_each_outcome_records(kind: Any, status: Any) -> None:
     assert Outcome(kind).status == status
+
+
+@pytest.mark.parametrize(
+    ("mode", "error", "interrupted", "relaunches", "again"),
+    [("replicas", ControllerError(remote(RuntimeError("ActorDiedError"))), False, 0, True),
+     ("replicas", ControllerError(RuntimeError("x")), False, 3, False),  # max_failures (3) spent
+     ("replicas", ControllerError(RuntimeError("x")), True, 0, False),  # Ctrl-C: stop, do not relaunch
+     ("replicas", WorkerGroupError("w", {0: RuntimeError("x")}), False, 0, False),  # the workers' own failure
+     ("restart", ControllerError(RuntimeError("x")), False, 0, False)],  # restart mode: Ray Train decides
+)  # fmt: skip
+def test_a_whole_group_restart_only_when_the_replicas_controller_gave_up(mode, error, interrupted, relaunches,
+                                                                          again) -> None:  # fmt: skip
+    assert relaunch_group(mode, error, interrupted, relaunches, 3) is again
 
 
 def test_the_chain_walks_every_shape_ray_nests_errors_in() -> None:
