@@ -548,14 +548,8 @@ def coordinator_actor_class() -> Any:
 
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1)  # type: ignore[call-overload]
     class Coordinator:
-        def __init__(
-            self,
-            storage: Storage,
-            run: str,
-            cfg: RetentionConfig,
-            owner: str | None = None,
-            tracking: dict[str, Any] | None = None,
-        ) -> None:
+        def __init__(self, storage: Storage, run: str, cfg: RetentionConfig, owner: str | None = None,
+                     tracking: dict[str, Any] | None = None) -> None:  # fmt: skip
             self.ledger = RunLedger(storage, run, cfg, owner, tracking)
             self.ledger.event("coordinator_started", pid=_pid())
 
@@ -597,9 +591,8 @@ def coordinator_actor_class() -> Any:
         def training_ended(self, rid: str | None = None) -> bool:
             return self.ledger.training_ended or self.ledger.fenced is not None
 
-        def record_failure(
-        self, sig: str, trace: str, attempt: int | None = None, rid: str | None = None
-    ) -> None:
+        def record_failure(self, sig: str, trace: str, attempt: int | None = None,
+                           rid: str | None = None) -> None:  # fmt: skip
             self.ledger.record_failure(sig, trace, attempt, rid)
 
         def gave_up(self, rid: str | None = None) -> str | None:

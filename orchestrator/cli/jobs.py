@@ -221,6 +221,25 @@ def _storage_option_args(options: dict[str, Any]) -> list[str]:
 
 
 # -- commands ------------------------------------------------------------------------
+def _job_of(
+    spec: Any, data: dict[str, Any], wd: str | None, max_retries: int, verbose: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """The job's runtime_env (the shipped spec, the working dir) and its entrypoint: the
+    supervisor, which runs `orchestrator run` and reruns it as `resume` up to max_retries."""
+    # `orchestrator stop` (Ray's job stop) sends the driver SIGTERM, then SIGKILL after
+    # RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s): give the driver its stop grace to save.
+    stop_wait = str(int(spec.failure.stop_grace_s) + 30)
+    runtime_env: dict[str, Any] = {"env_vars": {SPEC_ENV: yaml.safe_dump(data, sort_keys=False),
+                                                "RAY_JOB_STOP_WAIT_TIME_S": stop_wait}}  # fmt: skip
+    if wd:
+        runtime_env["working_dir"] = wd
+    entry = ["orchestrator", "_supervise", "--max-retries", str(max_retries), "--run-uri", spec.run_uri,
+             *_storage_option_args(data["storage"]["options"])]  # fmt: skip
+    if verbose:
+        entry.append("--verbose")
+    return runtime_env, entry
+
+
 def submit(
     config: str = typer.Argument(..., help="Job spec YAML, e.g. configs/digits.yaml."),
     address: str = typer.Option(None, help=ADDRESS_HELP),
@@ -263,24 +282,7 @@ def submit(
         die(str(e), EXIT_INPUT)
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)
-    # `orchestrator stop` (Ray's job stop) sends the driver SIGTERM, then SIGKILL after
-    # RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s): give the driver its stop grace to save.
-    stop_wait = str(int(spec.failure.stop_grace_s) + 30)
-    runtime_env: dict[str, Any] = {"env_vars": {SPEC_ENV: yaml.safe_dump(data, sort_keys=False),
-                                                "RAY_JOB_STOP_WAIT_TIME_S": stop_wait}}  # fmt: skip
-    if wd:
-        runtime_env["working_dir"] = wd
-    entry = [
-        "orchestrator",
-        "_supervise",
-        "--max-retries",
-        str(max_retries),
-        "--run-uri",
-        spec.run_uri,
-        *_storage_option_args(data["storage"]["options"]),
-    ]
-    if verbose:
-        entry.append("--verbose")
+    runtime_env, entry = _job_of(spec, data, wd, max_retries, verbose)
     sid = submission_id or f"orchestrator-{spec.name}-{uuid.uuid4().hex[:8]}"
     c = client(address)
     job_id = _api(
@@ -295,18 +297,9 @@ def submit(
     )
     url = default_address(address)
     if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "job_id": job_id,
-                    "run_uri": spec.run_uri,
-                    "run": spec.name,
-                    "address": url,
-                    "max_retries": max_retries,
-                },
-                indent=2,
-            )
-        )
+        out = {"job_id": job_id, "run_uri": spec.run_uri, "run": spec.name, "address": url,
+               "max_retries": max_retries}  # fmt: skip
+        typer.echo(json.dumps(out, indent=2))
         return
     typer.echo(f"[submit] job {job_id}")
     typer.echo(f"[submit] RUN_URI {spec.run_uri}")
