@@ -43,8 +43,11 @@ def check_damage_is_caught(root: str, storage: Storage, how: str, file: str, env
     failed = [e for e in events if e["kind"] == "verification_failed"]
     assert [e["id"] for e in failed] == [latest.id]
     assert file in failed[0]["reason"]
-    resumed = [e for e in events if e["kind"] == "attempt_started"][-1]
-    assert resumed["restore"] == latest.id  # what the coordinator offered first...
+    # The resume's attempt (the second). Not the last one: a restart after the last commit is
+    # not this test's business and was seen under the full suite's load (Ray removed the live
+    # workers' placement group: CI, stop 24's check).
+    resumed = [e for e in events if e["kind"] == "attempt_started"][1]
+    assert resumed["attempt"] == 2 and resumed["restore"] == latest.id  # what the coordinator offered first...
     m = read_manifest(storage)
     assert [b.record.id for b in m.bad] == [latest.id]  # ...was refused, marked bad
     metrics = read_jsonl(storage, "metrics.jsonl")

@@ -3,6 +3,8 @@ error text as a real demo run recorded it, and the ledger that picks the cause).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orchestrator.coordinator import RetentionConfig, RunLedger
 from orchestrator.core.storage import Storage
 from orchestrator.story import failure_cause, restart_cause
@@ -85,3 +87,13 @@ def test_the_ledger_names_the_cause_it_heard_first_hand(tmp_path):
     assert [(n["kind"], n.get("cause")) for n in notes] == [
         ("attempt", None), ("restart", what), ("attempt", None), ("restart", restart_cause(KILLED)),
         ("restart", "ValueError: bad at /t.py:3 (epoch 6 step 2)")]  # fmt: skip
+
+
+def test_a_worker_ray_destroyed_with_its_placement_group_is_said_so():
+    """Seen in the full suite under load: Ray Train's placement-group cleaner judged the
+    controller dead and removed the live workers' group (the reason, as Ray Train wrote it)."""
+    reason = (Path(__file__).parent / "data" / "pg_removed_reason.txt").read_text()
+    assert restart_cause(reason) == (
+        "rank 0 (pid 5054) was destroyed by Ray: the workers' placement group was removed (Ray Train's "
+        "placement-group cleaner judged its controller dead)"
+    )
