@@ -316,8 +316,14 @@ class RunLedger:
     # -- commits and retention -----------------------------------------------
     def commit(self, record: CheckpointRecord) -> dict[str, list[str]]:
         m = self.manifest
-        if m.get(record.id) is not None:
-            return m.kept  # a retried call after the commit was durable
+        if (done := m.get(record.id)) is not None:  # a retried call after the commit was durable
+            if not any(e.get("kind") == "commit" and e.get("id") == done.id for e in self.events):
+                # The coordinator that made it durable died before its `commit` line (manifest
+                # first, then the event): the run's log names every commit, so log it now.
+                kept = list(m.kept.get(done.id, ()))
+                self.event("commit", id=done.id, epoch=done.epoch, global_step=done.global_step,
+                           metrics=done.metrics, kept=kept, logged="on a retry")  # fmt: skip
+            return m.kept
         if record.id in {b.record.id for b in m.bad}:
             raise CommitError(f"checkpoint {record.id} was marked bad; refusing to commit it again")
         if m.attempts and record.attempt != m.attempts:

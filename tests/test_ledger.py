@@ -170,3 +170,27 @@ def test_mid_epoch_checkpoints_do_not_compete_for_best(storage):
         "epoch0001-step0000010": ["best-k"],
         "epoch0002-step0000020": ["latest"],
     }
+
+
+def test_a_commit_retried_after_its_coordinator_died_before_logging_it_is_logged(tmp_path):
+    """The campaign's finding (stop 24's check): a coordinator SIGKILLed between a commit's
+    manifest write and its `commit` event; Ray retried the call on the restarted actor, which
+    found the checkpoint in the manifest and returned, so the run's log never named that
+    commit (and a later orphan sweep's words called it "never committed")."""
+    from test_export import make_run
+
+    from orchestrator.core.manifest import EVENTS, read_jsonl
+
+    storage = Storage(str(tmp_path / "r"))
+    make_run(storage, [0.9, 0.2])
+    events = read_jsonl(storage, EVENTS)
+    lost = next(e for e in events if e["kind"] == "commit" and e["epoch"] == 2)
+    storage.write_bytes(EVENTS, "".join(json.dumps(e) + "\n" for e in events if e is not lost).encode())
+    restarted = RunLedger(storage, "r", RetentionConfig("val_loss", "min", top_k=2, keep_latest=1))
+    record = restarted.manifest.get(lost["id"])
+    assert record is not None
+    restarted.commit(record)  # the retried call
+    again = [e for e in read_jsonl(storage, EVENTS) if e["kind"] == "commit" and e["id"] == lost["id"]]
+    assert len(again) == 1 and again[0]["logged"] == "on a retry" and again[0]["global_step"] == 2
+    restarted.commit(record)  # once
+    assert len([e for e in read_jsonl(storage, EVENTS) if e["kind"] == "commit" and e["id"] == lost["id"]]) == 1
