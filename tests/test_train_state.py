@@ -99,17 +99,25 @@ def _written(files: dict[str, Any]) -> dict[str, bytes]:
     return out
 
 
+def _state(seed: int, cfg: WorkerConfig) -> TrainState:
+    return TrainState((t := _task(seed)), t.model, cfg, torch.device("cpu"))
+
+
+def _round_trip(src: TrainState, at: Position, cfg: WorkerConfig) -> tuple[TrainState, Any, dict[str, bytes]]:
+    """src saved at `at` through the writer's path, then restored into a state with other
+    initial weights (seed 1) by workers/resume.py's restore."""
+    blobs = _written(src.files(at, [src.rank_part(at)]))
+    dst = _state(1, cfg)
+    session = SimpleNamespace(cfg=cfg, rank=0, world=1, attempt=2, restored_files=lambda: blobs)
+    return dst, restore(session, dst), blobs  # type: ignore[arg-type]
+
+
 def test_save_then_restore_puts_every_part_back_bitwise_ema_included() -> None:
     cfg = _cfg()
-    src = TrainState((t := _task(0)), t.model, cfg, torch.device("cpu"))
+    src = _state(0, cfg)
     _train(src, 5)
-    at = Position(1, 5, 5, False)
-    blobs = _written(src.files(at, [src.rank_part(at)]))
+    dst, resumed, blobs = _round_trip(src, Position(1, 5, 5, False), cfg)
     assert "ema" in load_tensor_file(blobs[STATE_FILE])  # the new part, with no edit to the engine
-
-    dst = TrainState((t2 := _task(1)), t2.model, cfg, torch.device("cpu"))  # other initial weights
-    session = SimpleNamespace(cfg=cfg, rank=0, world=1, attempt=2, restored_files=lambda: blobs)
-    resumed = restore(session, dst)  # type: ignore[arg-type]
     assert (resumed.start_epoch, resumed.start_step, resumed.restored) == (1, 5, True)
     _same(_full(src), _full(dst))
     assert dst.epoch_loss.state() == src.epoch_loss.state() and dst.global_step == 5
@@ -121,7 +129,7 @@ def test_a_heal_through_torchfts_transport_hands_on_every_part_bitwise() -> None
     from torchft.checkpointing.http_transport import HTTPTransport
 
     cfg = _cfg()
-    src = TrainState((t := _task(0)), t.model, cfg, torch.device("cpu"))
+    src = _state(0, cfg)
     src.epoch, src.reported = 2, 1
     _train(src, 3)
     sender, receiver = HTTPTransport(timedelta(seconds=10), 0), HTTPTransport(timedelta(seconds=10), 0)
@@ -131,7 +139,7 @@ def test_a_heal_through_torchfts_transport_hands_on_every_part_bitwise() -> None
     finally:
         sender.shutdown()
         receiver.shutdown()
-    dst = TrainState((t2 := _task(1)), t2.model, cfg, torch.device("cpu"))
+    dst = _state(1, cfg)
     dst.load_state_dict(got)
     _same(_full(src), _full(dst))
     assert (dst.epoch, dst.step, dst.global_step, dst.reported) == (2, 3, 3, 1)
@@ -140,26 +148,22 @@ def test_a_heal_through_torchfts_transport_hands_on_every_part_bitwise() -> None
 
 def test_an_end_of_epoch_save_resumes_at_the_next_epoch_with_a_fresh_running_loss() -> None:
     cfg = _cfg()
-    src = TrainState((t := _task(0)), t.model, cfg, torch.device("cpu"))
+    src = _state(0, cfg)
     _train(src, 4)
-    at = Position(1, 4, 4, True)
-    blobs = _written(src.files(at, [src.rank_part(at)]))
-    dst = TrainState((t2 := _task(1)), t2.model, cfg, torch.device("cpu"))
-    session = SimpleNamespace(cfg=cfg, rank=0, world=1, attempt=2, restored_files=lambda: blobs)
-    resumed = restore(session, dst)  # type: ignore[arg-type]
+    dst, resumed, _ = _round_trip(src, Position(1, 4, 4, True), cfg)
     assert (resumed.start_epoch, resumed.start_step, dst.reported) == (2, 0, 1)
     assert dst.epoch_loss.state() == {"loss_sum": 0.0, "steps": 0}
 
 
 def test_a_checkpoint_from_before_a_part_existed_leaves_that_part_fresh() -> None:
     cfg = _cfg()
-    src = TrainState((t := _task(0)), t.model, cfg, torch.device("cpu"))
+    src = _state(0, cfg)
     _train(src, 2)
     at = Position(1, 2, 2, False)
     files = src.files(at, [src.rank_part(at)])
     del files[STATE_FILE]["ema"]  # written before the task grew EMA weights
     blobs = _written(files)
-    dst = TrainState((t2 := _task(1)), t2.model, cfg, torch.device("cpu"))
+    dst = _state(1, cfg)
     fresh = {k: v.clone() for k, v in dst.task.state["ema"].state_dict().items()}
     restore(SimpleNamespace(cfg=cfg, rank=0, world=1, attempt=2, restored_files=lambda: blobs), dst)  # type: ignore[arg-type]
     _same(fresh, dst.task.state["ema"].state_dict())
