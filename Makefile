@@ -42,7 +42,7 @@ unit: setup
 	$(BIN)/pytest -q -m "not e2e"
 
 lint: setup
-	$(BIN)/ruff check orchestrator workers tests bench
+	$(BIN)/ruff check orchestrator workers tests bench harness
 	$(BIN)/mypy orchestrator workers
 
 # Side by side with bare Ray Train in one sitting (about 18 minutes, and about 20 more for the
@@ -55,7 +55,7 @@ bench: setup
 CAMPAIGN_RUNS ?= 30
 CAMPAIGN_SEED ?= 12
 campaign: setup
-	$(PY) -m bench.campaign --runs $(CAMPAIGN_RUNS) --seed $(CAMPAIGN_SEED) --json bench/results/campaign.json
+	$(PY) -m harness.campaign --runs $(CAMPAIGN_RUNS) --seed $(CAMPAIGN_SEED) --json bench/results/campaign.json
 
 clean:
 	rm -rf $(VENV) runs

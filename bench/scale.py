@@ -49,7 +49,6 @@ import os
 import pstats
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -58,12 +57,9 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from orchestrator.coordinator import RunLedger  # noqa: E402
-from orchestrator.core.lease import Lease  # noqa: E402
-from orchestrator.core.manifest import (  # noqa: E402
+from orchestrator.coordinator import RunLedger
+from orchestrator.core.lease import Lease
+from orchestrator.core.manifest import (
     BACKUP,
     CHECKPOINTS,
     EVENTS,
@@ -73,9 +69,9 @@ from orchestrator.core.manifest import (  # noqa: E402
     CheckpointRecord,
     FileEntry,
 )
-from orchestrator.core.names import checkpoint_id  # noqa: E402
-from orchestrator.core.retention import RetentionConfig  # noqa: E402
-from orchestrator.core.storage import Storage, sha256_hex  # noqa: E402
+from orchestrator.core.names import checkpoint_id
+from orchestrator.core.retention import RetentionConfig
+from orchestrator.core.storage import Storage, sha256_hex
 
 QUICK = {"sizes": [8, 64, 512, 4096], "commits": 3, "long_commits": 1_000, "wide_commits": 20}
 FULL = {"sizes": [8, 64, 512, 4096, 8192], "commits": 3, "long_commits": 10_000, "wide_commits": 100}
@@ -91,9 +87,10 @@ def say(msg: str) -> None:
 
 @contextlib.contextmanager
 def moto_s3(work: Path) -> Iterator[str]:
-    """moto's S3 server on loopback (tests/s3_support.py), a bucket, the environment s3fs reads."""
+    """moto's S3 server on loopback (harness/s3.py), a bucket, the environment s3fs reads."""
     import s3fs
-    from s3_support import CREDS, MotoServer
+
+    from harness.s3 import CREDS, MotoServer
 
     server = MotoServer.start(work / "moto.log")
     try:

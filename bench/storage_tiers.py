@@ -1,7 +1,7 @@
 """Restore from the node-local tier vs from shared storage, and the host memory a save adds.
 
-    python bench/storage_tiers.py                       # 128 MB state, local dir and moto S3
-    python bench/storage_tiers.py --mb 64 --repeats 3 --no-s3 --json out.json
+    python -m bench.storage_tiers                       # 128 MB state, local dir and moto S3
+    python -m bench.storage_tiers --mb 64 --repeats 3 --no-s3 --json out.json
 
 Restore: one checkpoint (model.pt + train_state.pt, --mb in all) is saved through the
 project's CheckpointWriter, then read back the way a resuming rank reads it
@@ -42,14 +42,13 @@ from unittest import mock
 import psutil
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry
+from orchestrator.core.node_cache import NodeCache
+from orchestrator.core.storage import Storage, sha256_hex
+from orchestrator.core.verify import read_verified
+from workers.writer import CheckpointWriter, SaveJob
 
-from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry  # noqa: E402
-from orchestrator.core.node_cache import NodeCache  # noqa: E402
-from orchestrator.core.storage import Storage, sha256_hex  # noqa: E402
-from orchestrator.core.verify import read_verified  # noqa: E402
-from workers.writer import CheckpointWriter, SaveJob  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MB = 1 << 20
 META = {"id": "epoch0001-step0000010-a1", "epoch": 1, "step_in_epoch": 0, "global_step": 10,
@@ -140,7 +139,7 @@ def measure_memory(variant: str, mb: int, uri: str, tier_dir: str) -> dict[str, 
 
 
 def memory_in_subprocess(variant: str, mb: int, uri: str, tier_dir: str) -> dict[str, float]:
-    code = f"import json, sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import storage_tiers as b; " \
+    code = "import json; from bench import storage_tiers as b; " \
            f"print(json.dumps(b.measure_memory({variant!r}, {mb}, {uri!r}, {tier_dir!r})))"  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -158,7 +157,7 @@ def timed_restore(storage: Storage, record: CheckpointRecord) -> float:
 
 @contextlib.contextmanager
 def moto_s3(workdir: Path) -> Any:
-    from s3_support import CREDS, MotoServer
+    from harness.s3 import CREDS, MotoServer
 
     server = MotoServer.start(workdir / "moto.log")
     try:

@@ -1,85 +1,16 @@
-"""Shared helpers for tests that run the real CLI, real Ray and real process kills."""
+"""The suite's fixtures, and its guard that no server it started outlives it. The helpers the
+tests, the fault campaign and the benchmarks share (the CLI as a subprocess, local Ray clusters,
+moto's S3 server) are the `harness` package."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "orchestrator"]
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def run_cli(
-    *args: str, timeout: float = 600, env: dict[str, str] | None = None, check: bool = False
-) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run(
-        [*CLI, *args],
-        cwd=ROOT,
-        env=env or cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and p.returncode != 0:
-        raise AssertionError(
-            f"orchestrator {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-        )
-    return p
-
-
-def start_cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """The CLI in the background, in its own process group, output to log."""
-    f = open(log, "wb")
-    return subprocess.Popen(
-        [*CLI, *args],
-        cwd=ROOT,
-        env=env or cli_env(),
-        stdout=f,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def manifest(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "manifest.json").read_text())
-
-
-def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.5) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def expected_kept(metrics: list[dict[str, Any]], monitor: str, mode: str, top_k: int) -> set[int]:
-    """Epochs best-k ∪ latest should leave, computed from the metrics history alone
-    (every epoch checkpointed; ties go to the newer)."""
-    sign = 1 if mode == "min" else -1
-    ranked = sorted(metrics, key=lambda r: (sign * r[monitor], -r["epoch"]))
-    return {r["epoch"] for r in ranked[:top_k]} | {max(r["epoch"] for r in metrics)}
 
 
 @pytest.fixture
@@ -101,7 +32,7 @@ def kill_group():
 @pytest.fixture(scope="session")
 def moto(tmp_path_factory):
     """moto's standalone S3 server on a free loopback port, stopped (by pid) at the end."""
-    from s3_support import MotoServer
+    from harness.s3 import MotoServer
 
     server = MotoServer.start(tmp_path_factory.mktemp("moto") / "moto.log")
     yield server
@@ -122,7 +53,7 @@ def bucket(moto, request):
 @pytest.fixture
 def s3_env(moto, monkeypatch):
     """AWS settings the way AWS tools take them, in this process and for CLI subprocesses."""
-    from s3_support import CREDS
+    from harness.s3 import CREDS
 
     env = {**CREDS, "AWS_ENDPOINT_URL": moto.endpoint}
     for k, v in env.items():
@@ -131,7 +62,7 @@ def s3_env(moto, monkeypatch):
 
 
 _SERVICE_NAMES = ("raylet", "gcs_server", "moto_server")
-# Every process this suite starts inherits this mark (cli_env copies os.environ), so the
+# Every process this suite starts inherits this mark (harness.cli.cli_env copies os.environ), so the
 # check below sees only this test process's servers: not another suite's running beside it,
 # and, under pytest-xdist, not another worker's (the controller sets the mark first and every
 # worker inherits it; a worker that finished early once killed the other's moto server).

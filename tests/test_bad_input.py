@@ -3,7 +3,7 @@ tests/test_spec_input.py): each a clear error that names the field, file or addr
 wrong, with its exit code, and nothing committed lost. One row per case.
 
 Rows that need no Ray fail before it starts. The rest share one cluster (a head and a worker
-node of 1 CPU each, token auth; tests/cluster_support.py) whose nodes, like the CLI, know the
+node of 1 CPU each, token auth; harness/cluster.py) whose nodes, like the CLI, know the
 test filesystem fullfs:// (a disk that fills up; tests/full_disk.py), and the session's moto.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 import fsspec
 import pytest
 import yaml
-from cluster_support import events, local_cluster
-from conftest import ROOT, cli_env, run_cli
 from full_disk import PROTOCOL, FullFS, plugin_dir
-from s3_support import CREDS, free_port
 
+from harness.cli import ROOT, cli_env, run_cli
+from harness.cluster import events, local_cluster
+from harness.s3 import CREDS, free_port
 from orchestrator.cli.exits import EXIT_API, EXIT_FAILED, EXIT_INPUT, EXIT_STORAGE
 from orchestrator.core.manifest import CHECKPOINTS, read_manifest
 from orchestrator.core.storage import Storage

@@ -3,13 +3,9 @@ run's marks become goodput and the split of the time lost. No timing is asserted
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from conftest import ROOT
 
-sys.path.insert(0, str(ROOT))
-from bench import goodput  # noqa: E402
+from bench import goodput
 
 
 def test_schedule_is_seeded_spread_and_kills_rank0() -> None:

@@ -1,4 +1,4 @@
-"""The fault campaign (bench/campaign.py): its plans, its checks (each must catch the defect it
+"""The fault campaign (harness/campaign.py): its plans, its checks (each must catch the defect it
 is for, on a run built by the real coordinator ledger), and a small seeded campaign end to end:
 three runs on a real multi-node Ray cluster (and a second one, for the partition) and moto S3
 behind the fault proxy, covering every fault kind (docs/reliability.md reports a larger one)."""
@@ -12,14 +12,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, cli_env
 
+from harness import campaign
+from harness.cli import ROOT, cli_env
 from orchestrator.coordinator import RetentionConfig, RunLedger
 from orchestrator.core.manifest import CHECKPOINTS, EVENTS, METRICS, RECORD, CheckpointRecord, FileEntry
 from orchestrator.core.storage import Storage, sha256_hex
-
-sys.path.insert(0, str(ROOT))
-from bench import campaign  # noqa: E402
 
 STEPS, EPOCHS = 10, 4
 CFG = {"top_k": 1, "keep_latest": 1, "keep_every_n_epochs": 2}
@@ -245,7 +243,7 @@ def test_what_a_partitions_stale_side_changed_is_judged(moto, bucket, tmp_path):
     A's coordinator rewrote is a note."""
     from types import SimpleNamespace
 
-    from s3_support import CREDS
+    from harness.s3 import CREDS
 
     st = Storage(f"s3://{bucket}/runs/r", {"endpoint_url": moto.endpoint, "key": CREDS["AWS_ACCESS_KEY_ID"],
                                            "secret": CREDS["AWS_SECRET_ACCESS_KEY"]})  # fmt: skip
@@ -335,7 +333,7 @@ def test_an_s3_retry_leaves_the_training_rng_streams_alone(moto, bucket, mode):
     import random
     import threading
 
-    from s3_support import CREDS, FaultProxy
+    from harness.s3 import CREDS, FaultProxy
 
     proxy = FaultProxy(moto.port)
     proxy.server.handle_error = lambda *a: None  # the resets it makes
@@ -363,7 +361,7 @@ def test_a_small_seeded_campaign(tmp_path):
     """Seed 5: three runs, two or three fault kinds each and a partition in one of them, every
     kind at least once (see make_plans)."""
     out = tmp_path / "campaign.json"
-    p = subprocess.run([sys.executable, "-m", "bench.campaign", "--runs", "3", "--seed", "5", "--specs", "midepoch",
+    p = subprocess.run([sys.executable, "-m", "harness.campaign", "--runs", "3", "--seed", "5", "--specs", "midepoch",
                         "--json", str(out), "--workdir", str(tmp_path / "work")],
                        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=900)  # fmt: skip
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]

@@ -6,9 +6,9 @@ import json
 import re
 
 import pytest
-from conftest import run_cli
 from test_ledger import upload
 
+from harness.cli import run_cli
 from orchestrator.coordinator import RetentionConfig, RunLedger
 from orchestrator.core.manifest import FileEntry
 from orchestrator.core.storage import Storage, sha256_hex

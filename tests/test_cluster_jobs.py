@@ -1,7 +1,7 @@
 """Runs on a multi-node Ray cluster and the Jobs API path, with real processes.
 
 One cluster (a head plus worker nodes on this machine, free ports, token auth; see
-cluster_support) serves the module; it is shut down at the end and no process it started may
+harness.cluster) serves the module; it is shut down at the end and no process it started may
 survive. On it: a run submitted over the Jobs API, a driver killed under --max-retries, a
 driver killed and resumed by hand, and a node (raylet) killed under a training worker.
 """
@@ -19,7 +19,9 @@ from typing import Any
 
 import psutil
 import pytest
-from cluster_support import (
+
+from harness.cli import ROOT, expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
+from harness.cluster import (
     LocalCluster,
     alive_actors,
     committed,
@@ -29,8 +31,6 @@ from cluster_support import (
     node_states,
     stop,
 )
-from conftest import ROOT, expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
-
 from orchestrator.cli import jobs
 
 RUN_SETS = ["--set", "chaos.kills=[]", "--set", "scaling.num_workers=2"]

@@ -9,10 +9,10 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import jsonl, manifest, run_cli
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from harness.cli import jsonl, manifest, run_cli
 from workers.data import train_batches
 from workers.task import Task, check_train_loader
 

@@ -521,8 +521,8 @@ def test_every_cluster_deploy_starts_sees_a_lost_node_fast(dockerfile: list[str]
         assert hasattr(Config, name.removeprefix("RAY_")), f"Ray has no config entry {name}"
     env = " ".join(i for i in dockerfile if i.startswith("ENV "))
     script = LOCAL_CLUSTER.read_text()
-    support = (ROOT / "tests" / "cluster_support.py").read_text()
+    support = (ROOT / "harness" / "cluster.py").read_text()
     for name, value in want.items():
         assert f"{name}={value}" in env, f"deploy/Dockerfile does not set {name}={value}"
         assert f'export {name}="${{{name}:-{value}}}"' in script, f"local-cluster.sh does not set {name}"
-        assert f'"{name}": "{value}"' in support, f"tests/cluster_support.py does not set {name}"
+        assert f'"{name}": "{value}"' in support, f"harness/cluster.py does not set {name}"

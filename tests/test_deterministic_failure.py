@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch.distributed as dist
-from conftest import ROOT, jsonl, run_cli
 
+from harness.cli import ROOT, jsonl, run_cli
 from orchestrator.coordinator import RetentionConfig, RunLedger
 from orchestrator.core.storage import Storage, StorageError
 from workers.calls import CoordinatorTimeout

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import jsonl, manifest, run_cli, start_cli, wait_until
+
+from harness.cli import jsonl, manifest, run_cli, start_cli, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import jsonl, run_cli
 
+from harness.cli import jsonl, run_cli
 from orchestrator.core.manifest import CheckpointRecord, read_manifest
 from orchestrator.core.storage import Storage
 from orchestrator.core.verify import read_verified

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import jsonl, manifest, run_cli
 
+from harness.cli import jsonl, manifest, run_cli
 from orchestrator.core.procs import pid_alive
 
 pytestmark = pytest.mark.e2e

@@ -12,8 +12,8 @@ import signal
 
 import pytest
 import torch
-from conftest import expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
 
+from harness.cli import expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
 from orchestrator.core.manifest import CheckpointRecord
 from orchestrator.core.procs import pid_alive
 from orchestrator.core.storage import Storage

@@ -8,7 +8,8 @@ import json
 import math
 
 import pytest
-from conftest import ROOT, run_cli
+
+from harness.cli import ROOT, run_cli
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli_env, run_cli
 
+from harness.cli import cli_env, run_cli
 from orchestrator.core.manifest import read_jsonl, read_manifest
 from orchestrator.core.storage import Storage
 from orchestrator.core.verify import copy_verified

@@ -12,8 +12,8 @@ import signal
 import time
 
 import pytest
-from conftest import cli_env, start_cli, wait_until
 
+from harness.cli import cli_env, start_cli, wait_until
 from orchestrator.core.manifest import read_manifest
 from orchestrator.core.storage import Storage
 from orchestrator.core.verify import read_verified

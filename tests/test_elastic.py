@@ -4,8 +4,9 @@ lost and grows back when a node returns, resuming from committed checkpoints eac
 from __future__ import annotations
 
 import pytest
-from cluster_support import committed, events, local_cluster, stop
-from conftest import expected_kept, jsonl, manifest, start_cli, wait_until
+
+from harness.cli import expected_kept, jsonl, manifest, start_cli, wait_until
+from harness.cluster import committed, events, local_cluster, stop
 
 pytestmark = pytest.mark.e2e
 

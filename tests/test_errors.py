@@ -9,9 +9,9 @@ import inspect
 import pkgutil
 
 import pytest
-from conftest import run_cli
 
 import orchestrator
+from harness.cli import run_cli
 from orchestrator.core.errors import OrchestratorError
 
 # Exceptions that are not errors a user sees, each with why.

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cli
 
+from harness.cli import run_cli
 from orchestrator.api import load_best
 from orchestrator.coordinator import RetentionConfig, RunLedger
 from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry

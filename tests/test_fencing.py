@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from s3_support import CREDS
 
+from harness.s3 import CREDS
 from orchestrator.coordinator import CommitError, RetentionConfig, RunLedger
 from orchestrator.core import repair as repair_mod
 from orchestrator.core import verify
@@ -399,7 +399,7 @@ def test_our_own_landed_write_is_not_a_takeover_at_the_ownership_check(tmp_path)
 
 def test_a_run_whose_manifest_is_gone_but_its_backup_is_there_is_not_started_over(tmp_path):
     """Starting over would take the run's committed checkpoints for orphans and delete them."""
-    from conftest import run_cli
+    from harness.cli import run_cli
 
     storage = Storage(str(tmp_path / "runs" / "r"))
     led = RunLedger(storage, "r", CFG)

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT, jsonl, run_cli
+
+from harness.cli import ROOT, jsonl, run_cli
 
 pytestmark = pytest.mark.e2e
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster_support import committed
-from conftest import ROOT, jsonl, manifest, run_cli, start_cli, wait_until
 
+from harness.cli import ROOT, jsonl, manifest, run_cli, start_cli, wait_until
+from harness.cluster import committed
 from orchestrator.core.manifest import Manifest, write_manifest
 from orchestrator.driver import store_spec
 from orchestrator.spec import load_spec

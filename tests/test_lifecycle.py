@@ -12,9 +12,9 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, run_cli
 from test_ledger import upload
 
+from harness.cli import ROOT, run_cli
 from orchestrator.coordinator import RetentionConfig, RunLedger
 from orchestrator.core.lease import LEASE, Lease
 from orchestrator.core.procs import pid_namespace
@@ -236,7 +236,7 @@ def test_a_wrong_monitor_then_the_corrected_spec_replaces_the_run_and_mlflow_get
     from orchestrator.spec import load_spec
 
     pytest.importorskip("mlflow", reason="mlflow is an optional extra (the test extras carry it)")
-    from conftest import cli_env, jsonl
+    from harness.cli import cli_env, jsonl
 
     uri = f"file://{tmp_path / 'mlruns'}"
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store, for the test (and its reader)

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
 
+from harness.cli import ROOT, run_cli
 from orchestrator.api import Run, load_best
 from orchestrator.coordinator import RetentionConfig, RunLedger
 from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry

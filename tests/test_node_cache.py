@@ -22,8 +22,8 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, wait_until
 
+from harness.cli import ROOT, wait_until
 from orchestrator.coordinator import RetentionConfig, RunLedger
 from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, read_manifest
 from orchestrator.core.node_cache import NodeCache, cache_root
@@ -310,8 +310,7 @@ def test_no_save_after_a_failed_one_is_committed(tmp_path):
 
 
 CHILD = """
-import os, sys, time
-sys.path[:0] = [{root!r}, {tests!r}]
+import os, time
 from orchestrator.core.storage import Storage
 from orchestrator.core.node_cache import NodeCache
 from orchestrator.coordinator import RunLedger
@@ -343,9 +342,11 @@ writer.close()
 
 def test_a_writer_killed_mid_upload_loses_nothing_committed(tmp_path):
     marker = tmp_path / "uploading"
-    code = CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), stuck=meta(3)["id"], marker=str(marker),
+    code = CHILD.format(stuck=meta(3)["id"], marker=str(marker),
                         run=str(tmp_path / "run"), cache=str(tmp_path / "cache"))  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT)
+    # from the repository root (the package under test), with tests/ on its path (this module)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
     try:
         wait_until(lambda: marker.exists() or proc.poll() is not None, 300, "the upload to start", 0.1)
         assert proc.poll() is None, f"the writer exited ({proc.returncode}) before its upload"

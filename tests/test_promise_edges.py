@@ -13,9 +13,9 @@ import threading
 import time
 
 import pytest
-from conftest import run_cli
-from s3_support import CREDS
 
+from harness.cli import run_cli
+from harness.s3 import CREDS
 from orchestrator.coordinator import CommitError, RetentionConfig, RunLedger
 from orchestrator.core.lease import Lease, LeaseHeld, LeaseLost
 from orchestrator.core.manifest import (

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli_env, run_cli
-from s3_support import free_port
 
+from harness.cli import cli_env, run_cli
+from harness.s3 import free_port
 from orchestrator.ray_compat import current_cluster
 
 SMALL = {"chaos": {"kills": []}, "epochs": 1, "scaling": {"num_workers": 1}}

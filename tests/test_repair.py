@@ -8,8 +8,8 @@ import json
 import os
 
 import pytest
-from conftest import cli_env, run_cli
 
+from harness.cli import cli_env, run_cli
 from orchestrator.coordinator import RetentionConfig, RunLedger
 from orchestrator.core.lease import Lease
 from orchestrator.core.manifest import (

@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import expected_kept, jsonl, manifest, run_cli
 
+from harness.cli import expected_kept, jsonl, manifest, run_cli
 from orchestrator import preflight
 from orchestrator.core.manifest import CheckpointRecord
 from orchestrator.core.storage import Storage

@@ -6,9 +6,9 @@ import json
 import time
 
 import pytest
-from conftest import cli_env, expected_kept, run_cli, start_cli, wait_until
-from s3_support import FaultProxy
 
+from harness.cli import cli_env, expected_kept, run_cli, start_cli, wait_until
+from harness.s3 import FaultProxy
 from orchestrator.core.manifest import CHECKPOINTS, CheckpointRecord, FileEntry, read_manifest
 from orchestrator.core.storage import Storage, sha256_hex
 from orchestrator.core.verify import VerificationError, read_verified

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli_env, run_cli
 
+from harness.cli import cli_env, run_cli
 from orchestrator.api import open_run
 from orchestrator.cli.see import curves_figure, restarts_of, summarize
 from orchestrator.coordinator import RetentionConfig, RunLedger

@@ -26,10 +26,10 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import ROOT, cli_env, manifest, wait_until
-from s3_support import free_port
 from sklearn.datasets import load_digits
 
+from harness.cli import ROOT, cli_env, manifest, wait_until
+from harness.s3 import free_port
 from orchestrator.api import load_best
 from orchestrator.coordinator import RunLedger
 from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry

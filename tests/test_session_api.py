@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import expected_kept, jsonl, manifest, run_cli
 
+from harness.cli import expected_kept, jsonl, manifest, run_cli
 from workers.loop import is_train_function
 
 pytestmark = pytest.mark.e2e

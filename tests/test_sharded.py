@@ -11,9 +11,9 @@ import pickle
 
 import pytest
 import torch
-from conftest import jsonl, manifest, run_cli
 from torch import nn
 
+from harness.cli import jsonl, manifest, run_cli
 from orchestrator.coordinator import CommitError, RunLedger
 from orchestrator.core.manifest import RECORD, CheckpointRecord, FileEntry
 from orchestrator.core.retention import RetentionConfig

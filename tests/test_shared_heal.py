@@ -19,9 +19,9 @@ import sys
 import threading
 
 import pytest
-from conftest import run_cli
 from test_node_cache import CFG, FILES, local_file, meta, open_run, save_all, shared
 
+from harness.cli import run_cli
 from orchestrator.coordinator import RunLedger
 from orchestrator.core.heal import check_and_heal, start_shared_check
 from orchestrator.core.manifest import CHECKPOINTS, RECORD, FileEntry, read_manifest, write_manifest

@@ -4,8 +4,8 @@ flag, the field and what is wrong, before Ray starts (a table: one row per mista
 from __future__ import annotations
 
 import pytest
-from conftest import run_cli
 
+from harness.cli import run_cli
 from orchestrator.spec import SpecError, load_spec, read_value
 
 

@@ -94,10 +94,8 @@ def test_concurrent_reader_never_sees_a_partial_manifest(tmp_path):
 
 
 WRITER = """
-import sys
 from orchestrator.core.storage import Storage
 from orchestrator.core.manifest import write_manifest, read_manifest
-sys.path.insert(0, {tests!r})
 from test_storage import big_manifest
 s = Storage({root!r})
 m = write_manifest(s, big_manifest(3000))
@@ -109,9 +107,10 @@ while True:
 
 def test_sigkilled_writer_leaves_a_whole_manifest(tmp_path):
     root = str(tmp_path / "run")
-    code = WRITER.format(tests=os.path.dirname(__file__), root=root)
+    code = WRITER.format(root=root)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}  # this module, for big_manifest
     for delay in (0.05, 0.13, 0.31):
-        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
         assert p.stdout.readline().strip() == "ready"
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT
+from harness.cli import ROOT
 
 NESTED_CONFTEST = f"""
 import importlib.util

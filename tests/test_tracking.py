@@ -188,7 +188,7 @@ def test_mlflow_preflight_names_the_uri_the_error_and_the_fix_in_seconds(
 
 def test_run_refuses_an_mlflow_uri_it_cannot_use_before_ray_starts(tmp_path):
     pytest.importorskip("mlflow", reason="mlflow is an optional extra (the test extras carry it)")
-    from conftest import cli_env, run_cli
+    from harness.cli import cli_env, run_cli
 
     env = cli_env()
     env.pop("MLFLOW_ALLOW_FILE_STORE", None)

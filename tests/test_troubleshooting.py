@@ -7,8 +7,7 @@ from __future__ import annotations
 import ast
 import re
 
-from conftest import ROOT
-
+from harness.cli import ROOT
 from orchestrator.cli import exits
 
 DOC = ROOT / "docs" / "troubleshooting.md"

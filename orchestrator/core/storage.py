@@ -212,7 +212,7 @@ class _PrivateJitter(tenacity.wait_random_exponential):
     """tenacity's full-jitter backoff, drawn from a generator of its own. tenacity draws from
     the global `random`, the stream a training loop seeds and every checkpoint captures: a
     storage retry on a rank changed that rank's Python RNG state, so a run with an S3 hiccup
-    no longer equalled one without (found by bench/campaign.py)."""
+    no longer equalled one without (found by harness/campaign.py)."""
 
     _rng = random.Random()
 
@@ -225,7 +225,7 @@ def _single_retry_owner(uri: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Turn botocore's own retries off for S3 (unless the user set them): this layer retries,
     with one budget, and logs every retry. Layered retries multiply (botocore 5 x s3fs 5 x ours).
     One attempt in all: botocore's `max_attempts` counts retries, so 1 was one more request, with
-    a delay drawn from the global `random` a checkpoint captures (found by bench/campaign.py)."""
+    a delay drawn from the global `random` a checkpoint captures (found by harness/campaign.py)."""
     opts = dict(options)
     if uri.startswith(("s3://", "s3a://")):
         config = dict(opts.get("config_kwargs") or {})

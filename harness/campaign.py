@@ -1,11 +1,11 @@
 """A seeded fault campaign: short digits runs under random schedules of real faults, each
 checked against a fault-free run of the same spec.
 
-    python -m bench.campaign --runs 30 --seed 12 --json bench/results/campaign.json
+    python -m harness.campaign --runs 30 --seed 12 --json bench/results/campaign.json
     make campaign                                   # the campaign docs/reliability.md reports
 
-One Ray cluster (a head and two worker nodes on this machine: tests/cluster_support.py) and
-one moto S3 server behind a fault-injecting proxy (tests/s3_support.py) serve every run;
+One Ray cluster (a head and two worker nodes on this machine: harness/cluster.py) and
+one moto S3 server behind a fault-injecting proxy (harness/s3.py) serve every run;
 each run is `orchestrator run SPEC --address CLUSTER`, storage on the S3 server through the
 proxy. For the first partition a second cluster like the first is started, with a proxy of
 its own in front of the same S3 server (its own network path to S3), and kept. A run's
@@ -121,11 +121,9 @@ import psutil
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the test suite's cluster and S3 helpers
-
-from orchestrator.core.lease import LEASE, holder  # noqa: E402
-from orchestrator.core.manifest import (  # noqa: E402
+from harness.cli import ROOT
+from orchestrator.core.lease import LEASE, holder
+from orchestrator.core.manifest import (
     CHECKPOINTS,
     EVENTS,
     METRICS,
@@ -135,8 +133,8 @@ from orchestrator.core.manifest import (  # noqa: E402
     read_jsonl,
     read_manifest,
 )
-from orchestrator.core.storage import Storage  # noqa: E402
-from orchestrator.core.verify import VerificationError, read_verified  # noqa: E402
+from orchestrator.core.storage import Storage
+from orchestrator.core.verify import VerificationError, read_verified
 
 DECK = ("worker_kill", "after_upload", "raylet_kill", "driver_kill", "coordinator_restart", "s3_outage")
 KINDS = (*DECK, "partition")
@@ -197,7 +195,7 @@ class Driver:
     proc: subprocess.Popen[bytes]
     out: Path
     err: Path
-    cluster: Any  # cluster_support.LocalCluster
+    cluster: Any  # harness.cluster.LocalCluster
     started: float
 
 
@@ -599,8 +597,8 @@ class Campaign:
         self._drivers: list[Driver] = []  # the current run's, to stop if the campaign is interrupted
 
     def __enter__(self) -> Campaign:
-        from cluster_support import local_cluster
-        from s3_support import CREDS, FaultProxy, MotoServer
+        from harness.cluster import local_cluster
+        from harness.s3 import CREDS, FaultProxy, MotoServer
 
         self.moto = MotoServer.start(self.workdir / "moto.log")
         self._stack.callback(self.moto.stop)
@@ -633,8 +631,8 @@ class Campaign:
         through the first proxy after a partition is driver A's side, and only A's); started
         the first time it is asked for, then kept for the rest of the campaign."""
         if self.second is None:
-            from cluster_support import local_cluster
-            from s3_support import CREDS, FaultProxy
+            from harness.cluster import local_cluster
+            from harness.s3 import CREDS, FaultProxy
 
             t0 = time.time()
             self.proxy2 = FaultProxy(self.moto.port)
@@ -1295,7 +1293,7 @@ def table(results: list[RunResult], totals: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.campaign", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m harness.campaign", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=30, help="faulted runs (default 30)")
     ap.add_argument("--seed", type=int, default=12, help="seeds every schedule (default 12)")
     ap.add_argument("--epochs", type=int, default=8, help="epochs per run (default 8)")
@@ -1347,7 +1345,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, totals), flush=True)
     if args.json_path:
         out = {
-            "command": f"python -m bench.campaign --runs {args.runs} --seed {args.seed} "
+            "command": f"python -m harness.campaign --runs {args.runs} --seed {args.seed} "
             f"--epochs {args.epochs} --specs {args.specs}" + (f" --only {args.only}" if args.only else ""),
             "seed": args.seed,
             "epochs": args.epochs,

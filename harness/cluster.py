@@ -26,8 +26,8 @@ from typing import Any
 from unittest import mock
 
 import psutil
-from conftest import cli_env, jsonl, manifest, wait_until
 
+from harness.cli import cli_env, jsonl, manifest, wait_until
 from orchestrator.core.procs import pid_alive
 
 MARK = "ORCH_TEST_NODE"
