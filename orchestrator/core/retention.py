@@ -13,6 +13,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from orchestrator.core.errors import InputError
+
+
+class RetentionError(InputError, ValueError):
+    """A retention argument no policy can hold (a count below 1, an unknown mode): refused as the
+    policy is built, whoever builds it (the spec checks the same first, in its own words)."""
+
+
+def _at_least_one(name: str, value: object) -> None:
+    # bool is an int, but True as a count is a mistake; 0 would keep nothing or divide by zero
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RetentionError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _a_mode(value: object) -> None:
+    if value not in ("min", "max"):
+        raise RetentionError(f"mode must be 'min' or 'max', got {value!r}")
+
 
 @dataclass(frozen=True)
 class Ckpt:
@@ -41,10 +59,8 @@ class BestK:
     reason: str = "best-k"
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.k}")
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        _at_least_one("top_k", self.k)
+        _a_mode(self.mode)
 
     def keep(self, ckpts: Sequence[Ckpt]) -> list[str]:
         return [c.id for c in rank_best(ckpts, self.mode)[: self.k]]
@@ -57,8 +73,7 @@ class LatestN:
 
     def __post_init__(self) -> None:
         # 0 would keep nothing new: the latest commit, the one a resume needs, would be dropped.
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"keep_latest must be an integer >= 1, got {self.n!r}")
+        _at_least_one("keep_latest", self.n)
 
     def keep(self, ckpts: Sequence[Ckpt]) -> list[str]:
         return [c.id for c in sorted(ckpts, key=lambda c: c.seq, reverse=True)[: self.n]]
@@ -70,8 +85,7 @@ class EveryNEpochs:
     reason: str = "milestone"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:  # 0 would divide by zero in keep()
-            raise ValueError(f"keep_every_n_epochs must be an integer >= 1, got {self.n!r}")
+        _at_least_one("keep_every_n_epochs", self.n)  # 0 would divide by zero in keep()
 
     def keep(self, ckpts: Sequence[Ckpt]) -> list[str]:
         # One milestone per epoch: the newest end-of-epoch save of it.
@@ -103,10 +117,9 @@ class RetentionConfig:
     keep_every_n_epochs: int | None = None  # milestones
 
     def __post_init__(self) -> None:
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
-        if self.top_k < 1 or self.keep_latest < 1:
-            raise ValueError(f"top_k and keep_latest must be >= 1, got {self.top_k}, {self.keep_latest}")
+        _a_mode(self.mode)
+        _at_least_one("top_k", self.top_k)
+        _at_least_one("keep_latest", self.keep_latest)
 
     def policies(self, pinned: Iterable[str] = ()) -> list[Policy]:
         return policies_for(self.top_k, self.mode, self.keep_latest, self.keep_every_n_epochs, pinned)
