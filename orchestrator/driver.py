@@ -8,9 +8,9 @@ the manifest. The driver only wires them together and watches.
 from __future__ import annotations
 
 import _thread
+import logging
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -41,6 +41,8 @@ from orchestrator.ray_compat import (
 from orchestrator.spec import JobSpec, SpecError, parse_spec
 from orchestrator.tracking import MLFLOW_ENV
 from workers.config import Kill, WorkerConfig
+
+log = logging.getLogger(__name__)
 
 NAMESPACE = "orchestrator"
 COORD_TIMEOUT_S = 300.0  # every wait on the coordinator ends, with the storage retry budget inside it
@@ -96,11 +98,9 @@ class Interrupts:
             raise KeyboardInterrupt(f"{name} again")
         self.signum = signum
         self.coord.request_stop.remote(f"{name} on the driver")
-        print(
+        log.warning(
             f"[run] {name}: the workers save a checkpoint and stop (up to {self.grace_s:.0f}s); "
-            f"{name if signum == signal.SIGINT else 'a signal'} again stops at once",
-            file=sys.stderr,
-            flush=True,
+            f"{name if signum == signal.SIGINT else 'a signal'} again stops at once"
         )
         self._timer = threading.Timer(self.grace_s, _thread.interrupt_main)
         self._timer.daemon = True
@@ -148,7 +148,7 @@ def connect(address: str | None, num_cpus_hint: int = 0, verbose: bool = False) 
     from orchestrator import reaper
 
     if warning := oversubscribed(num_cpus_hint, os.cpu_count() or 1):
-        print(warning, file=sys.stderr, flush=True)
+        log.warning(warning)
     reaper.start(os.getpid())  # stops this Ray if the driver dies without stopping it
     ray.init(
         # "local": a new Ray, always. Without it ray.init joins whatever Ray's own discovery
@@ -203,12 +203,10 @@ def _running_cluster() -> str | None:
             return address
     except (OSError, ValueError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-        print(
+        log.warning(
             f"[run] note: {marker} names a Ray cluster at {address!r} that does not answer ({why}; "
             "a head stopped without `ray stop`): ignored it, starting an embedded Ray; "
-            "--address HOST:PORT joins a cluster, --address local always starts a new one",
-            file=sys.stderr,
-            flush=True,
+            "--address HOST:PORT joins a cluster, --address local always starts a new one"
         )
         return None
 
@@ -303,7 +301,7 @@ def checked_tracking(spec: JobSpec, resume: bool) -> dict[str, Any]:
         return settings
     if not resume:
         raise SpecError(problem)
-    print(f"[run] warning: {problem}. Going on without MLflow", file=sys.stderr, flush=True)
+    log.warning(f"[run] warning: {problem}. Going on without MLflow")
     return {**settings, "mlflow_uri": None}
 
 
@@ -317,8 +315,8 @@ def say_trackers_off(storage: Storage, since: float, settings: dict[str, Any]) -
         return
     for e in off:
         where = f" at {settings.get('mlflow_uri')}" if e.get("tracker") == "mlflow" else ""
-        print(f"[run] warning: tracker {e.get('tracker')}{where} was switched off: {e.get('error')}; "
-              f"the run's own metrics.jsonl has every epoch", file=sys.stderr, flush=True)  # fmt: skip
+        log.warning(f"[run] warning: tracker {e.get('tracker')}{where} was switched off: {e.get('error')}; "
+                    f"the run's own metrics.jsonl has every epoch")  # fmt: skip
 
 
 def spec_record(spec: JobSpec) -> dict[str, Any]:
@@ -375,8 +373,8 @@ def run(
         started = {"pid": os.getpid(), "resume": resume, **({"replaced": replaced} if replaced else {})}
         coord = _start(spec, storage, lease, tracking, started)
         if not quiet:
-            print(f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
-                  f"{spec.epochs} epochs, {ray_described(started_ray)}", flush=True)  # fmt: skip
+            log.info(f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
+                     f"{spec.epochs} epochs, {ray_described(started_ray)}")  # fmt: skip
         interrupts = Interrupts(coord, spec.failure.stop_grace_s)
         fit_error = _fit(spec, coord, interrupts, quiet)
         relaunches = 0
@@ -411,10 +409,9 @@ def _start(spec: JobSpec, storage: Storage, lease: Lease, tracking: Any, started
     lease.on_lost = lambda why: coord.fence.remote(why)  # the coordinator stops writing at once
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if storage.is_local and nodes > 1:
-        print(
+        log.info(
             f"[run] warning: storage {spec.run_uri} is a local path and the cluster has {nodes} "
-            "nodes; every node must see the same directory (NFS, or one machine), or use s3://",
-            flush=True,
+            "nodes; every node must see the same directory (NFS, or one machine), or use s3://"
         )
     for ev in lease.events:
         coord.event.remote(ev.pop("kind"), ev, uuid.uuid4().hex)
@@ -439,7 +436,7 @@ def _group_restart_instead(
     why = (f"Ray Train's controller gave up replacing failed replicas ({root_cause(describe(fit_error))}); "
            "the whole group restarts from the latest commit")  # fmt: skip
     ray.get(coord.note_restart.remote(why, uuid.uuid4().hex), timeout=COORD_TIMEOUT_S)
-    print(f"[run] {why}", file=sys.stderr, flush=True)
+    log.warning(f"[run] {why}")
     return True
 
 
@@ -577,7 +574,7 @@ def claim_run(spec: JobSpec, storage: Storage, resume: bool) -> tuple[Lease, str
                 f"(`orchestrator delete {spec.run_uri}`)"
             )
         if why is not None:
-            print(f"[run] {spec.run_uri} held {why}: replacing it with this run", file=sys.stderr, flush=True)
+            log.warning(f"[run] {spec.run_uri} held {why}: replacing it with this run")
             lifecycle.clear_run(storage)
     except BaseException:
         lease.release()

@@ -16,6 +16,7 @@ driver.run() calls them; nothing here starts a worker.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import socket
@@ -28,6 +29,8 @@ import tenacity
 from orchestrator.core.errors import RayProblem
 from orchestrator.core.storage import Storage, StorageError, _s3_error, is_transient
 from orchestrator.spec import JobSpec, SpecError
+
+log = logging.getLogger(__name__)
 
 
 class RayUnreachable(RayProblem, RuntimeError):
@@ -328,4 +331,4 @@ def workers_fit(spec: JobSpec, started_ray: bool) -> None:
             "or scaling.resources_per_worker, or add nodes"
         )
     how = "its autoscaler may add nodes" if grows else "if no autoscaler adds nodes, Ray Train waits forever"
-    print(f"[run] warning: scaling.num_workers: {what} now; {how}", flush=True)
+    log.info(f"[run] warning: scaling.num_workers: {what} now; {how}")

@@ -7,11 +7,14 @@ there, by name, instead of deep inside a run.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
 import uuid
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 TOKEN_PATH = "~/.ray/auth_token"
 
@@ -163,10 +166,12 @@ def preemption_listener() -> Any:
 
     class PreemptionListener(WorkerCallback):  # type: ignore[misc]
         def after_init_train_context(self) -> None:
+            from orchestrator.core import console
             from workers.stopping import install_preemption_handler
 
+            console.configure()  # before the train loop's own call: this line is one of them
             if not install_preemption_handler():
-                print("[preempt] not on the main thread: SIGTERM ends this worker at once", flush=True)
+                log.info("[preempt] not on the main thread: SIGTERM ends this worker at once")
 
     return PreemptionListener()
 
@@ -276,8 +281,6 @@ def route_worker_output(verbose: bool) -> None:
     no public option filters them: log_to_driver is all or nothing, and the raylet's errors are
     printed even without it. The notice is logged by
     `ray._private.authentication.authentication_token_setup`'s logger."""
-    import logging
-
     import ray._private.worker as ray_worker
 
     _console["verbose"] = verbose

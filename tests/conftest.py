@@ -13,6 +13,15 @@ import psutil
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def project_console():
+    """The project's `[tag] message` lines on stdout and stderr, as the CLI's main and the
+    workers configure them (tests read them with capsys)."""
+    from orchestrator.core import console
+
+    console.configure()
+
+
 @pytest.fixture
 def kill_group():
     """Processes started with start_cli; whatever is still running at the end is killed."""

@@ -6,6 +6,7 @@ before the signal is sent, so the restarted attempt does not kill itself again.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -13,6 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from workers.config import Kill
+
+log = logging.getLogger(__name__)
 
 
 class Chaos:
@@ -40,6 +43,6 @@ class Chaos:
 
     def _fire(self, key: str, where: str) -> None:
         if self.claim(key, f"rank {self.rank} (pid {os.getpid()}) SIGKILLed by chaos.kills at {where}"):
-            print(f"[chaos] SIGKILL rank {self.rank} (pid {os.getpid()}) at {where}", flush=True)
+            log.info(f"[chaos] SIGKILL rank {self.rank} (pid {os.getpid()}) at {where}")
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)

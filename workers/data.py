@@ -12,6 +12,7 @@ other loader is read from the epoch's start and its first `step` batches dropped
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 
 from workers.task import Batch, Task, collate, is_loader, sampler_of, to_device
+
+log = logging.getLogger(__name__)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
@@ -78,8 +81,8 @@ def _loader_batches(
         why = f"{type(data).__name__} keeps no position (torchdata's StatefulDataLoader does)"
         if hasattr(data, "load_state_dict"):
             why = "its saved position was for another world size"
-        print(f"[data] resuming epoch {epoch} at step {first}: {why}, so the epoch's first {first} "
-              "batches are read and dropped", flush=True)  # fmt: skip
+        log.info(f"[data] resuming epoch {epoch} at step {first}: {why}, so the epoch's first {first} "
+                 "batches are read and dropped")  # fmt: skip
     for i, batch in enumerate(data):
         if i >= skip:
             yield first + i - skip, to_device(batch, device)

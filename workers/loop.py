@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.core import console
 from orchestrator.core.manifest import StopKind
 from orchestrator.core.tasks import TaskError, is_train_function, resolve_task, user_frames
 from workers.cadence import SaveClock
@@ -50,6 +51,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     label_output(rank)  # the driver's console shows rank 0's own lines (workers/output.py)
+    console.configure()  # this project's `[tag] message` lines, unlabeled (orchestrator/core/console.py)
     where = ["setup"]  # the position in training, for a failure's signature
     session: Session | None = None
     try:

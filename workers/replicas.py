@@ -42,6 +42,8 @@ from workers.state import Position, Saver, TrainState
 from workers.stopping import NONE
 from workers.task import Dataset, Task, TaskContext, collate, is_loader
 
+log = logging.getLogger(__name__)
+
 TIMEOUT = timedelta(seconds=30)  # a collective, a heal's transfer, a commit vote
 QUORUM_TIMEOUT = timedelta(seconds=120)  # a replacement's first quorum waits for its start-up
 WAIT_S = 0.1  # a waiting replica's pause between quorums
@@ -162,8 +164,8 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
     def load_state_dict(sd: dict[str, Any]) -> None:
         live.load_state_dict(sd)
         healed.append(True)
-        print(f"[replicas] rank {rank} healed from a live peer: epoch {live.epoch} step {live.step} "
-              f"(global step {live.global_step})", flush=True)  # fmt: skip
+        log.info(f"[replicas] rank {rank} healed from a live peer: epoch {live.epoch} step {live.step} "
+                 f"(global step {live.global_step})")  # fmt: skip
 
     # torchft logs every quorum and commit at INFO; its warnings and errors still show.
     logging.getLogger("torchft").setLevel(logging.WARNING)
@@ -249,8 +251,8 @@ class EpochSaver:
         saved = restored is not None and restored.epoch == epoch and restored.end_of_epoch
         report, save = live.reported < epoch, epoch_save_due(cfg, epoch, stopped_early) and not saved
         if report or save:
-            print(f"[replicas] rank 0 records the end of epoch {epoch}, which the rank 0 it replaces did "
-                  "not", flush=True)  # fmt: skip
+            log.info(f"[replicas] rank 0 records the end of epoch {epoch}, which the rank 0 it replaces did "
+                     "not")  # fmt: skip
             steps = len(rank_batches(len(self.task.train_data), self.task.batch_size, cfg.seed, epoch,
                                      self.session.world, 0))  # fmt: skip
             at = Position(epoch, steps, live.global_step, True)
@@ -273,7 +275,7 @@ class Waiting:
             return self.over
         self.asked = time.monotonic()
         if ended := self.session.coord.training_ended():
-            print(f"[replicas] rank {self.session.rank}: rank 0 ended the run; nothing left", flush=True)
+            log.info(f"[replicas] rank {self.session.rank}: rank 0 ended the run; nothing left")
         self.over = ended
         return ended
 

@@ -10,6 +10,7 @@ another world size (elastic runs).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ from workers.rng import restore_rng, seed_all
 if TYPE_CHECKING:
     from workers.rank import Restoring
     from workers.state import TrainState
+
+log = logging.getLogger(__name__)
 
 
 def plan_restore(
@@ -50,7 +53,7 @@ def plan_restore(
                 blobs = _read_twice(storage, CheckpointRecord.model_validate(rec), on_local)
                 break
             except VerificationError as e:
-                print(f"[restore] checkpoint {rec['id']} failed verification twice: {e}", flush=True)
+                log.info(f"[restore] checkpoint {rec['id']} failed verification twice: {e}")
                 rec = coord.next_restore(rec["id"], f"{e} (read twice)")
         plan["restore"] = rec
     return broadcast(plan), blobs
@@ -64,7 +67,7 @@ def _read_twice(
     try:
         return read_verified(storage, record, on_local)
     except VerificationError as e:
-        print(f"[restore] checkpoint {record.id} failed verification ({e}); reading it again", flush=True)
+        log.info(f"[restore] checkpoint {record.id} failed verification ({e}); reading it again")
         return read_verified(storage, record, on_local)
 
 

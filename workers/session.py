@@ -29,6 +29,7 @@ plan its restore, to save (`save_files`), to report metrics and to agree on stop
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -51,6 +52,8 @@ from workers.rng import seed_all
 from workers.state import MODEL_FILE, STATE_FILE, load_tensor_file
 from workers.stopping import NONE, PREEMPT, Preempted, StopCheck
 from workers.writer import CheckpointWriter
+
+log = logging.getLogger(__name__)
 
 # How long the end of an attempt waits for rank 0's background check of the shared copy it
 # restored from (orchestrator/core/heal.py): a preempted one does not wait at all.
@@ -227,8 +230,8 @@ class Session:
         if blobs is None:
             blobs = read_verified(self.storage, record)
         if self.rank == 0:
-            print(f"[restore] attempt {self.attempt}: resumed from {record.id} "
-                  f"(epoch {record.epoch}, step {record.global_step})", flush=True)  # fmt: skip
+            log.info(f"[restore] attempt {self.attempt}: resumed from {record.id} "
+                     f"(epoch {record.epoch}, step {record.global_step})")  # fmt: skip
         self._planned = (record, None)  # the bytes are not kept alive past the restore
         return blobs
 
@@ -286,7 +289,7 @@ class Session:
         if (check := self._shared_check) is not None:
             check.join(check_wait_s)
             if check.is_alive():
-                print("[restore] the shared copy's check is still running; not waited for", flush=True)
+                log.info("[restore] the shared copy's check is still running; not waited for")
             self._shared_check = None
         return out
 

@@ -30,6 +30,7 @@ pickled values are read weights-only (a pickle that names code is refused, never
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Generator
@@ -59,6 +60,8 @@ from workers.format import (  # noqa: F401  # load_metadata, consolidate: re-exp
 
 if TYPE_CHECKING:
     from workers.rank import Restoring, Saving
+
+log = logging.getLogger(__name__)
 
 
 
@@ -180,9 +183,9 @@ def restore_shards(
     if found is not None:
         apply_state_dict(targets, sd)
         if session.rank == 0:
-            print(f"[restore] attempt {session.attempt}: resumed from {found.id} (epoch {found.epoch}, "
-                  f"step {found.global_step}; sharded, saved by {found.world_size} ranks, loaded by "
-                  f"{session.world})", flush=True)  # fmt: skip
+            log.info(f"[restore] attempt {session.attempt}: resumed from {found.id} (epoch {found.epoch}, "
+                     f"step {found.global_step}; sharded, saved by {found.world_size} ranks, loaded by "
+                     f"{session.world})")  # fmt: skip
     return found, state
 
 
@@ -221,11 +224,11 @@ def load_verified(
         if record.id not in second_look:  # every rank gathered the same failures: all retry
             second_look.add(record.id)
             if rank == 0:
-                print(f"[restore] checkpoint {record.id} failed verification ({failed[0]}); reading it "
-                      "again before marking it bad", flush=True)  # fmt: skip
+                log.info(f"[restore] checkpoint {record.id} failed verification ({failed[0]}); reading it "
+                         "again before marking it bad")  # fmt: skip
             continue
         if rank == 0:
-            print(f"[restore] checkpoint {record.id} failed verification twice: {failed[0]}", flush=True)
+            log.info(f"[restore] checkpoint {record.id} failed verification twice: {failed[0]}")
         nxt = broadcast(next_restore(record.id, f"{failed[0]} (read twice)") if rank == 0 else None)
         record = CheckpointRecord.model_validate(nxt) if nxt else None
     return None, None

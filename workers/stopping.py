@@ -15,6 +15,7 @@ Ranks must stop at the same step (a save is a collective), so they agree every
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 
 from workers.distributed import all_reduce_max
+
+log = logging.getLogger(__name__)
 
 SYNC_EVERY = 10  # steps between agreements: one 1-element all-reduce each
 
@@ -49,7 +52,7 @@ def install_preemption_handler() -> bool:
             os.kill(os.getpid(), signal.SIGTERM)
             return
         PREEMPTED.set()
-        print("[preempt] SIGTERM: checkpoint at the next sync point, then stop", flush=True)
+        log.info("[preempt] SIGTERM: checkpoint at the next sync point, then stop")
 
     signal.signal(signal.SIGTERM, on_sigterm)
     return True

@@ -24,6 +24,7 @@ written, never into memory whole.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -36,6 +37,8 @@ import torch
 from orchestrator.core.manifest import CHECKPOINTS, RECORD, CheckpointRecord, FileEntry
 from orchestrator.core.storage import Storage
 from workers.host_buffers import HostBuffers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -162,7 +165,7 @@ class CheckpointWriter:
             try:
                 near.promote(cid)  # committed: this node's copy from now on
             except OSError as e:  # the commit stands; the next restore here reads shared storage
-                print(f"[checkpoint] could not keep {cid} in {near.dir}: {e}", flush=True)
+                log.info(f"[checkpoint] could not keep {cid} in {near.dir}: {e}")
 
     def _stream(self, cid: str, name: str, tree: Any) -> FileEntry:
         rel = f"{CHECKPOINTS}/{cid}/{name}"
@@ -177,8 +180,8 @@ class CheckpointWriter:
                 for name, tree in payload.items()
             ]
         except OSError as e:
-            print(f"[checkpoint] node-local staging in {near.dir} failed ({e}); writing {cid} "
-                  f"straight to {self.storage.uri}", flush=True)  # fmt: skip
+            log.info(f"[checkpoint] node-local staging in {near.dir} failed ({e}); writing {cid} "
+                     f"straight to {self.storage.uri}")  # fmt: skip
             near.discard(cid)
             return None
 

@@ -64,8 +64,10 @@ delete.register(app)
 
 
 def main() -> None:
+    from orchestrator.core import console
     from orchestrator.core.errors import OrchestratorError
 
+    console.configure()  # the project's log records: `[tag] message` lines on stdout / stderr
     try:
         app(prog_name="orchestrator")
     except OrchestratorError as e:  # the one handler: what no command said more about

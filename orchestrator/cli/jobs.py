@@ -27,6 +27,7 @@ Exit codes (besides those of `orchestrator run`): 2 bad input or unknown job,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import signal
@@ -42,6 +43,8 @@ import typer
 import yaml
 
 from orchestrator.cli.exits import EXIT_API, EXIT_INPUT, EXIT_LEASE, die, parse_options
+
+log = logging.getLogger(__name__)
 
 SPEC_ENV = "ORCHESTRATOR_SPEC_YAML"
 META_URI, META_RUN, META_RETRIES = "orchestrator_run_uri", "orchestrator_run", "orchestrator_max_retries"
@@ -444,20 +447,19 @@ def supervise(
     rc = 1
     try:
         for attempt in range(max_retries + 1):
-            print(
-                f"[supervise] {'starting' if attempt == 0 else 'resuming'}: {shlex.join(cmd[2:])}", flush=True
+            log.info(
+                f"[supervise] {'starting' if attempt == 0 else 'resuming'}: {shlex.join(cmd[2:])}"
             )
             child = subprocess.Popen(cmd)
             rc = child.wait()
             if rc == 0 or stopping or rc in NOT_RETRIED:
                 break
             if attempt == max_retries:
-                print(f"[supervise] driver {_describe(rc)}; no retries left ({max_retries})", flush=True)
+                log.info(f"[supervise] driver {_describe(rc)}; no retries left ({max_retries})")
                 break
-            print(
+            log.info(
                 f"[supervise] driver {_describe(rc)}; resuming {run_uri} "
-                f"(retry {attempt + 1}/{max_retries}) in {retry_delay:g}s",
-                flush=True,
+                f"(retry {attempt + 1}/{max_retries}) in {retry_delay:g}s"
             )
             time.sleep(retry_delay)
             if stopping:

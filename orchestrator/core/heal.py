@@ -27,6 +27,7 @@ checkpoint is marked bad and the previous one used (workers/resume.py).
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.manifest import RECORD, CheckpointRecord, read_manifest
 from orchestrator.core.storage import Storage, StorageError
 from orchestrator.core.verify import Damage, check_stored
+
+log = logging.getLogger(__name__)
 
 # (kind, fields): an event in the run's log (on the workers: the coordinator's `event`).
 Report = Callable[[str, dict[str, Any]], object]
@@ -56,10 +59,10 @@ def start_shared_check(storage: Storage, record: CheckpointRecord, report: Repor
 def _check_quietly(storage: Storage, record: CheckpointRecord, report: Report) -> None:
     try:
         outcome = check_and_heal(storage, record, report)
-        print(f"[restore] {record.id}: shared copy checked in the background: {outcome}", flush=True)
+        log.info(f"[restore] {record.id}: shared copy checked in the background: {outcome}")
     except Exception as e:  # storage down, manifest unreadable: the restore is not affected
-        print(f"[restore] {record.id}: checking the shared copy failed, left as it is: "
-              f"{type(e).__name__}: {e}", flush=True)  # fmt: skip
+        log.info(f"[restore] {record.id}: checking the shared copy failed, left as it is: "
+                 f"{type(e).__name__}: {e}")  # fmt: skip
 
 
 def check_and_heal(storage: Storage, record: CheckpointRecord, report: Report) -> str:
@@ -87,7 +90,7 @@ def _heal_file(
 ) -> bool:
     fields = {"id": record.id, "file": d.file, "why": d.why, "epoch": record.epoch}
     send("shared_copy_damaged", fields)
-    print(f"[restore] {record.id}: shared copy of {d.file} damaged ({d.why}); healing it", flush=True)
+    log.info(f"[restore] {record.id}: shared copy of {d.file} damaged ({d.why}); healing it")
     try:
         if source is None:
             raise Unhealable("this node holds no copy of it")
@@ -99,10 +102,10 @@ def _heal_file(
             raise Unhealable(f"rewritten, and still {again[0].why}")
     except (Unhealable, OSError, StorageError) as e:
         send("shared_copy_damaged", {**fields, "healed": False, "error": str(e)})
-        print(f"[restore] {record.id}: shared copy of {d.file} not healed: {e}", flush=True)
+        log.info(f"[restore] {record.id}: shared copy of {d.file} not healed: {e}")
         return False
     send("shared_copy_healed", {**fields, "source": f"node-local copy on {socket.gethostname()}"})
-    print(f"[restore] {record.id}: shared copy of {d.file} healed from this node's copy", flush=True)
+    log.info(f"[restore] {record.id}: shared copy of {d.file} healed from this node's copy")
     return True
 
 
@@ -138,6 +141,6 @@ def _logged(report: Report, cid: str) -> Report:
         try:
             report(kind, fields)
         except Exception as e:
-            print(f"[restore] {cid}: could not log {kind} while checking the shared copy: {e}", flush=True)
+            log.info(f"[restore] {cid}: could not log {kind} while checking the shared copy: {e}")
 
     return send

@@ -18,6 +18,7 @@ overwriting the new owner's lease.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -29,6 +30,8 @@ from typing import Any
 from orchestrator.core.errors import OwnedElsewhere
 from orchestrator.core.procs import pid_alive, pid_namespace, start_time
 from orchestrator.core.storage import Conflict, Storage
+
+log = logging.getLogger(__name__)
 
 LEASE = "lease.json"
 
@@ -163,16 +166,16 @@ class Lease:
             try:
                 self.beat()
                 if failing:
-                    print("[lease] heartbeat restored", flush=True)
+                    log.info("[lease] heartbeat restored")
                 failing = False
             except LeaseLost as e:
-                print(f"[lease] {e}; this driver no longer owns the run", flush=True)
+                log.info(f"[lease] {e}; this driver no longer owns the run")
                 if self.on_lost is not None:
                     self.on_lost(str(e))
                 return
             except Exception as e:  # storage trouble: the next beat tries again
                 if not failing:
-                    print(f"[lease] heartbeat failing ({type(e).__name__}); retrying", flush=True)
+                    log.info(f"[lease] heartbeat failing ({type(e).__name__}); retrying")
                 failing = True
 
     def stop_heartbeat(self) -> None:

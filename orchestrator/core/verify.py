@@ -7,6 +7,7 @@ the data plane's business, so this module needs neither torch nor Ray.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.manifest import CHECKPOINTS, CheckpointRecord, FileEntry
 from orchestrator.core.storage import LocalIOError, Storage, StorageError, sha256_hex
+
+log = logging.getLogger(__name__)
 
 
 class VerificationError(OrchestratorError, RuntimeError):
@@ -50,22 +53,22 @@ def read_verified(
     if near is not None and near.has(record.id):
         try:
             blobs = _read_verified(near.storage, record)
-            print(f"[restore] {record.id}: node-local copy matches its record ({near.dir})", flush=True)
+            log.info(f"[restore] {record.id}: node-local copy matches its record ({near.dir})")
         except (VerificationError, OSError, StorageError) as e:
-            print(f"[restore] {record.id}: node-local copy not used ({e}); reading {storage.uri}", flush=True)
+            log.info(f"[restore] {record.id}: node-local copy not used ({e}); reading {storage.uri}")
         else:
             if on_local is not None:
                 try:
                     on_local(record)
                 except Exception as e:  # the restore has its verified bytes: it goes on
-                    print(f"[restore] {record.id}: could not start checking the shared copy: {e}", flush=True)
+                    log.info(f"[restore] {record.id}: could not start checking the shared copy: {e}")
             return blobs
     blobs = _read_verified(storage, record)
     if near is not None:
         try:
             near.keep(record, blobs)
         except (OSError, StorageError) as e:  # a full local disk costs the next restore a download
-            print(f"[restore] could not keep a node-local copy in {near.dir}: {e}", flush=True)
+            log.info(f"[restore] could not keep a node-local copy in {near.dir}: {e}")
     return blobs
 
 
