@@ -151,8 +151,9 @@ class Coordinator:
         self.signals.live = position
         return self.signals.stop_requested is not None
 
-    def request_stop(self, reason: str) -> None:
-        """The driver was interrupted: the workers save, wait for the commit and stop."""
+    def request_stop(self, reason: str, rid: str | None = None) -> None:
+        """The driver was interrupted (or a replica stopped for a reason of its own): the workers
+        save, wait for the commit and stop. Idempotent without rid: the first reason stands."""
         if self.signals.ask_stop(reason):
             self.log.event("stop_requested", reason=reason)
 
