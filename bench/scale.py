@@ -4,9 +4,10 @@
     python -m bench.scale --quick --json out.json
     python -m bench --only scale                  # the same, through the suite's entry point
 
-No torch, no Ray, no training: the coordinator's logic is a plain class (`RunLedger`) over the
-one storage layer (`Storage`), so this drives them directly, the way the coordinator actor
-does, with simulated ranks.
+No torch, no Ray, no training: the coordinator is a plain class (`Coordinator`, which Ray
+hosts as is; `RunLedger` is the same class outside an actor) over the one storage layer
+(`Storage`), so this drives them directly, the way the coordinator actor runs, with
+simulated ranks.
 
 Commit, per world size N (moto's S3 server on loopback, the project's `MotoServer`):
   every rank writes its shard file of a sharded checkpoint (`__<rank>_0.distcp`, rank 0 also
@@ -15,7 +16,7 @@ Commit, per world size N (moto's S3 server on loopback, the project's `MotoServe
   Then, timed: rank 0, holding every rank's file list (the gather of workers/sharded.py),
   builds the record and writes checkpoint.json; the record goes to the coordinator as a dict
   (as over Ray) and is validated there; `RunLedger.commit` reads checkpoint.json back, lists
-  the checkpoint's prefix (`Storage.list_sizes`, the fencing issue's `_check_files`), applies
+  the checkpoint's prefix (`Storage.list_sizes`, the fencing issue's `Commits._check_files`), applies
   retention and replaces manifest.json by compare-and-swap. **commit_s** is that span: the
   last rank's record in rank 0's hands -> the manifest PUT answered (durable). The call goes
   on (manifest.backup.json, the commit event, deleting what retention dropped); its whole

@@ -40,9 +40,10 @@ def send(method: Any, *args: Any) -> Any:
 
 
 class Coordinator:
-    """The run's coordinator (orchestrator/coordinator.py's actor) as a rank calls it: one
-    typed method per call, each with a request id and a timeout (call), or sent without
-    waiting where the answer is not needed now (send)."""
+    """The run's coordinator (the actor of orchestrator/coordinator/api.py's Coordinator) as a
+    rank calls it: one typed method per call, each with a request id and a timeout (call), or
+    sent without waiting where the answer is not needed now (send). tests/test_coordinator_api.py
+    binds each of these calls to the Coordinator's signatures."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle  # the actor handle Ray ships to every worker

@@ -5,7 +5,8 @@ failure: Ray Train restarts the group, up to `failure.max_failures` times. An ex
 raised by the user's own code at the same place twice (the same type and message from
 the same line, at the same epoch and step, in two attempts) is deterministic: the third
 attempt would fail the same way, so the run stops there with the user's traceback
-instead of spending every restart (the coordinator decides, see `RunLedger.record_failure`).
+instead of spending every restart (the coordinator decides, see `Coordinator.record_failure` in
+orchestrator/coordinator/api.py).
 """
 
 from __future__ import annotations
