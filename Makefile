@@ -32,11 +32,13 @@ demo: setup
 	@echo "  $(DEMO_SERVE)   # POST /predict at 127.0.0.1:8000; Ctrl-C stops it"
 	@echo "  make demo DEMO_NAME=digits2                      # the demo again, as a new run (runs/digits2)"
 
-# Two test processes (pytest-xdist), a file each at a time: most of an end-to-end test is
-# waiting on process start-up and Ray's restarts, not computing, so two overlap well on 2 cores.
+# Test processes (pytest-xdist), each test its own unit of work except tests that share a
+# module's Ray cluster (--dist loadgroup), longest first (tests/conftest.py, tests/durations.json).
+# An end-to-end test keeps about 1.4 cores busy (process start-ups, Ray's actors, training), so
+# on 2 cores more than two processes mostly share the same CPU.
 TEST_PROCS ?= 2
 test: setup
-	$(BIN)/pytest -q -ra -n $(TEST_PROCS) --dist loadfile --durations=30
+	$(BIN)/pytest -q -ra -n $(TEST_PROCS) --dist loadgroup --durations=30
 
 unit: setup
 	$(BIN)/pytest -q -m "not e2e"
