@@ -44,7 +44,8 @@ unit: setup
 	$(BIN)/pytest -q -m "not e2e"
 
 lint: setup
-	$(BIN)/ruff check orchestrator workers tests bench harness
+	$(BIN)/ruff check orchestrator workers tests bench harness deploy examples
+	$(BIN)/ruff format --check orchestrator workers tests bench harness deploy examples
 	$(BIN)/mypy orchestrator workers
 
 # Side by side with bare Ray Train in one sitting (about 18 minutes, and about 20 more for the

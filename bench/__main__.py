@@ -201,9 +201,13 @@ def main() -> None:
     from bench import goodput, recovery, scale, side_by_side
 
     if args.only == "scale":
-        scale.main([*(["--quick"] if args.quick else []),
-                    *(["--json", args.json_path] if args.json_path else []),
-                    *(["--results", args.results] if args.results else [])])  # fmt: skip
+        scale.main(
+            [
+                *(["--quick"] if args.quick else []),
+                *(["--json", args.json_path] if args.json_path else []),
+                *(["--results", args.results] if args.results else []),
+            ]
+        )
         return
     t_start = time.time()
     gp_cfg = goodput.QUICK if args.quick else goodput.FULL
@@ -312,8 +316,9 @@ def machine_info(quick: bool, t_start: float) -> dict[str, Any]:
     return machine
 
 
-def write(args: argparse.Namespace, details: dict[str, Any], ratios: dict[str, Any],
-          default_results: Path | None) -> None:  # fmt: skip
+def write(
+    args: argparse.Namespace, details: dict[str, Any], ratios: dict[str, Any], default_results: Path | None
+) -> None:
     """--results (default: bench/results.json for the full suite) gets every sample, --json the ratios."""
     results = args.results or default_results
     if results:
@@ -343,8 +348,10 @@ def tables(d: dict[str, Any]) -> str:
         "| step time, s/step, median (min-max) | rounds | no saves | this project | Ray ASYNC | ours/none |",
         "|---|---|---|---|---|---|",
     ]
-    for key, what in (("step_time_epoch", f"once an epoch ({c['epoch_steps']} steps)"),
-                      ("step_time", f"every {c['every']} steps")):  # fmt: skip
+    for key, what in (
+        ("step_time_epoch", f"once an epoch ({c['epoch_steps']} steps)"),
+        ("step_time", f"every {c['every']} steps"),
+    ):
         st = sbs[key]
         lines.append(
             f"| a save {what} | {len(st['none'])} | {spread(st['none'])} | {spread(st['ours'])} | "
@@ -357,9 +364,7 @@ def tables(d: dict[str, Any]) -> str:
         "bare Ray Train | bare Ray Train, a 0.25 s poll |",
         "|---|---|---|---|",
         *(
-            f"| {label} | "
-            + " | ".join(", ".join(f"{x[key]:.1f}" for x in rec[k]) for k in rec)
-            + " |"
+            f"| {label} | " + " | ".join(", ".join(f"{x[key]:.1f}" for x in rec[k]) for k in rec) + " |"
             for label, key in (
                 ("kill to the first step after the restore, s", "recovery_s"),
                 (
@@ -369,17 +374,17 @@ def tables(d: dict[str, Any]) -> str:
                 ("of which: restore and the first step", "restore_and_first_step_s"),
             )
         ),
-        "| steps redone | "
-        + " | ".join(", ".join(str(x["steps_lost"]) for x in rec[k]) for k in rec)
-        + " |",
+        "| steps redone | " + " | ".join(", ".join(str(x["steps_lost"]) for x in rec[k]) for k in rec) + " |",
     ]
     if pauses := d.get("replicas_pause"):
         lines += [
             "",
             "| failure.mode replicas (2 replica groups), the same kill | training stood still, s |",
             "|---|---|",
-            *(f"| {VICTIMS[v]} | " + ", ".join(f"{x['pause_s']:.1f}" for x in runs) + " |"
-              for v, runs in pauses.items()),  # fmt: skip
+            *(
+                f"| {VICTIMS[v]} | " + ", ".join(f"{x['pause_s']:.1f}" for x in runs) + " |"
+                for v, runs in pauses.items()
+            ),
         ]
     up, down, rs = store["upload_s"], store["download_s"], store["restore_s"]
     lines += [

@@ -47,8 +47,15 @@ def train(mode: str, args: argparse.Namespace, uri: str) -> dict[str, float]:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         if writer is not None and step % args.every == 0:
-            meta = {"id": f"{mode}-{step}", "epoch": 1, "step_in_epoch": step, "global_step": step,
-                    "end_of_epoch": False, "world_size": 1, "attempt": 1}  # fmt: skip
+            meta = {
+                "id": f"{mode}-{step}",
+                "epoch": 1,
+                "step_in_epoch": step,
+                "global_step": step,
+                "end_of_epoch": False,
+                "world_size": 1,
+                "attempt": 1,
+            }
             writer.save(
                 meta, {"model.pt": model.state_dict(), "train_state.pt": {"optimizer": opt.state_dict()}}
             )
@@ -100,7 +107,7 @@ def main() -> None:
             m: round(statistics.median(x["blocked_s_per_save"] for x in rs) * 1e3, 1)
             for m, rs in results.items()
             if m != "none"
-        },  # fmt: skip
+        },
     }
     print(json.dumps(report, indent=2))
 

@@ -72,8 +72,16 @@ KEYS = (
 # 1536 training samples, 32 a rank, 2 ranks: 24 steps an epoch; a save every 12 steps (two an
 # epoch, one at its end). A step takes ~0.15 s on a quiet 2-core machine: 12 epochs (288 steps)
 # ~ 45 s of training with 2 kills in --quick; 40 epochs (960 steps) ~ 150 s with 3 in the full run.
-QUICK = {"width": 2048, "batch": 32, "world": 2, "every": 12, "epochs": 12, "failures": 2, "seed": 0,
-         "rounds": 1}  # fmt: skip
+QUICK = {
+    "width": 2048,
+    "batch": 32,
+    "world": 2,
+    "every": 12,
+    "epochs": 12,
+    "failures": 2,
+    "seed": 0,
+    "rounds": 1,
+}
 FULL = {**QUICK, "epochs": 40, "failures": 3}
 TRAIN = 1536  # samples trained on; the rest of the 1797 are held out
 
@@ -93,8 +101,10 @@ def schedule(seed: int, steps: int, per_epoch: int, failures: int, world: int) -
     ranks = [rng.randrange(world) for _ in at]
     if 0 not in ranks:
         ranks[rng.randrange(failures)] = 0
-    return [{"step": k, "rank": r, "epoch": k // per_epoch + 1, "in_epoch": k % per_epoch}
-            for k, r in zip(at, ranks, strict=True)]  # fmt: skip
+    return [
+        {"step": k, "rank": r, "epoch": k // per_epoch + 1, "in_epoch": k % per_epoch}
+        for k, r in zip(at, ranks, strict=True)
+    ]
 
 
 def described(kills: list[dict[str, int]]) -> str:
@@ -207,8 +217,14 @@ def build(options: dict[str, Any], ctx: Any) -> Any:
         marks.step(idx)
         return nn.functional.cross_entropy(model(x), y)
 
-    return Task(model=model, optimizer=opt, train_data=data, val_data=val, batch_size=options["batch"],
-                train_step=step)  # fmt: skip
+    return Task(
+        model=model,
+        optimizer=opt,
+        train_data=data,
+        val_data=val,
+        batch_size=options["batch"],
+        train_step=step,
+    )
 
 
 def run_ours(workdir: Path, cfg: dict[str, Any], mode: str, kills: list[dict[str, int]]) -> list[float]:
@@ -216,12 +232,23 @@ def run_ours(workdir: Path, cfg: dict[str, Any], mode: str, kills: list[dict[str
     spec = {
         "name": "bench-goodput",
         "storage": {"root": str(workdir / "ours-storage")},
-        "task": {"name": f"{ROOT / 'bench' / 'goodput.py'}:build",
-                 "options": {"width": cfg["width"], "batch": cfg["batch"], "workdir": str(workdir),
-                             "loader": mode == "restart"}},  # fmt: skip
+        "task": {
+            "name": f"{ROOT / 'bench' / 'goodput.py'}:build",
+            "options": {
+                "width": cfg["width"],
+                "batch": cfg["batch"],
+                "workdir": str(workdir),
+                "loader": mode == "restart",
+            },
+        },
         "scaling": {"num_workers": cfg["world"]},
-        "checkpoint": {"monitor": "val_loss", "mode": "min", "top_k": 1, "keep_latest": 1,
-                       "every_n_steps": cfg["every"]},  # fmt: skip
+        "checkpoint": {
+            "monitor": "val_loss",
+            "mode": "min",
+            "top_k": 1,
+            "keep_latest": 1,
+            "every_n_steps": cfg["every"],
+        },
         "epochs": cfg["epochs"],
         "seed": cfg["seed"],
         "failure": {"max_failures": len(kills) + 1, "mode": mode},
@@ -243,8 +270,15 @@ def run_side(side: str, cfg: dict[str, Any], kills: list[dict[str, int]]) -> dic
         if side in ("ray", "ray_tuned"):
             tuned = side == "ray_tuned"
             config = {**cfg, "workdir": tmp, "kills": kills, "async_upload": tuned}
-            ray_fit(ray_train, config, workdir, "bench-goodput", cfg["world"], max(len(kills), 1),
-                    0.25 if tuned else None)  # fmt: skip
+            ray_fit(
+                ray_train,
+                config,
+                workdir,
+                "bench-goodput",
+                cfg["world"],
+                max(len(kills), 1),
+                0.25 if tuned else None,
+            )
             kill_ts = [json.loads((workdir / f"kill-{i}.json").read_text())["t"] for i in range(len(kills))]
         else:
             kill_ts = run_ours(workdir, cfg, side, kills)
@@ -253,8 +287,12 @@ def run_side(side: str, cfg: dict[str, Any], kills: list[dict[str, int]]) -> dic
         starts = {r: read_starts(workdir / f"marks-{r}.jsonl") for r in range(cfg["world"])}
     if len(kill_ts) != len(kills):
         raise RuntimeError(f"{side}: {len(kill_ts)} of {len(kills)} kills fired")
-    out = analyse(steps, starts, [(t, k["rank"]) for t, k in zip(kill_ts, kills, strict=True)],
-                  cfg["epochs"] * TRAIN // (cfg["world"] * cfg["batch"]))  # fmt: skip
+    out = analyse(
+        steps,
+        starts,
+        [(t, k["rank"]) for t, k in zip(kill_ts, kills, strict=True)],
+        cfg["epochs"] * TRAIN // (cfg["world"] * cfg["batch"]),
+    )
     return {"end_to_end_s": end_to_end, **out}
 
 
@@ -291,14 +329,16 @@ def analyse(
         resumed = None if restart is None else next((t for t, _, _ in steps[victim] if t > restart), None)
         stood, _ = stood_still(every, kill, until)
         others = [t for r, rows in steps.items() if r != victim for t, _, _ in rows]
-        failures.append({
-            "rank": victim,
-            "restart_s": None if restart is None else restart - kill,
-            "restore_s": None if restart is None or resumed is None else resumed - restart,
-            "stood_still_s": stood,
-            # steps the other ranks started while the victim was away (replicas keep training)
-            "degraded_steps": sum(kill < t < (resumed or until) for t in others),
-        })  # fmt: skip
+        failures.append(
+            {
+                "rank": victim,
+                "restart_s": None if restart is None else restart - kill,
+                "restore_s": None if restart is None or resumed is None else resumed - restart,
+                "stood_still_s": stood,
+                # steps the other ranks started while the victim was away (replicas keep training)
+                "degraded_steps": sum(kill < t < (resumed or until) for t in others),
+            }
+        )
     return {
         "wall_s": every[-1] - every[0],
         "step_s": statistics.median(gaps) if gaps else 0.0,
@@ -361,8 +401,10 @@ def run(cfg: dict[str, Any], say: Any = print, sides: tuple[str, ...] = SIDES) -
                     say(f"goodput {side} {kind}: not run ({not_run[side]})")
                     continue
                 x = runs[side][kind][-1]
-                say(f"goodput {side} {kind} round {r + 1}: wall {x['wall_s']:.1f}s, "
-                    f"{x['redone_steps']} steps redone, step {x['step_s'] * 1e3:.0f} ms")  # fmt: skip
+                say(
+                    f"goodput {side} {kind} round {r + 1}: wall {x['wall_s']:.1f}s, "
+                    f"{x['redone_steps']} steps redone, step {x['step_s'] * 1e3:.0f} ms"
+                )
     return summarize(runs, not_run, kills, cfg, steps)
 
 
@@ -370,16 +412,29 @@ def _median_run(xs: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(xs, key=lambda x: x["wall_s"])[len(xs) // 2]
 
 
-def summarize(runs: dict[str, Any], not_run: dict[str, str], kills: list[dict[str, int]],
-              cfg: dict[str, Any], steps: int) -> dict[str, Any]:  # fmt: skip
+def summarize(
+    runs: dict[str, Any],
+    not_run: dict[str, str],
+    kills: list[dict[str, int]],
+    cfg: dict[str, Any],
+    steps: int,
+) -> dict[str, Any]:
     ok = {s: r for s, r in runs.items() if s not in not_run and r["clean"] and r["failed"]}
     if "ray_tuned" not in ok:
-        return {"config": cfg, "kills": kills, "steps": steps, "not_run": not_run, "sides": {},
-                "ratios": dict.fromkeys(KEYS), "runs": runs}  # fmt: skip
+        return {
+            "config": cfg,
+            "kills": kills,
+            "steps": steps,
+            "not_run": not_run,
+            "sides": {},
+            "ratios": dict.fromkeys(KEYS),
+            "runs": runs,
+        }
     ref = _median_run(ok["ray_tuned"]["clean"])["wall_s"]
     sides = {s: split(_median_run(r["clean"]), _median_run(r["failed"]), ref) for s, r in ok.items()}
-    ratios: dict[str, float | None] = {f"goodput_{s}": sides[s]["goodput"] if s in sides else None
-                                       for s in SIDES}  # fmt: skip
+    ratios: dict[str, float | None] = {
+        f"goodput_{s}": sides[s]["goodput"] if s in sides else None for s in SIDES
+    }
     ours = [s for s in ("restart", "replicas") if s in sides]
     best: str | None = min(ours, key=lambda s: sides[s]["lost_s"]) if ours else None
     for key, base in (("lost_vs_ray_tuned", "ray_tuned"), ("lost_vs_ray", "ray")):
@@ -388,15 +443,22 @@ def summarize(runs: dict[str, Any], not_run: dict[str, str], kills: list[dict[st
             ratios[key] = sides[best]["lost_s"] / sides[base]["lost_s"]
     ratios["clean_vs_ray_tuned"] = sides["restart"]["clean_s"] / ref if "restart" in sides else None
     ratios["step_time_replicas_vs_restart"] = (
-        sides["replicas"]["step_s"] / sides["restart"]["step_s"] if {"replicas", "restart"} <= sides.keys()
+        sides["replicas"]["step_s"] / sides["restart"]["step_s"]
+        if {"replicas", "restart"} <= sides.keys()
         else None
-    )  # fmt: skip
+    )
     # Recovery alone, two workers on every side, the same kills, the poll matched: how long
     # training stood still, ours over tuned bare Ray's (docs/benchmarks.md leads with these).
     beside: dict[str, float] = {}
     if "ray_tuned" in sides:
-        by_rank = {r: sum(f["stood_still_s"] for f in _median_run(ok["ray_tuned"]["failed"])["failures"]
-                       if f["rank"] == r) for r in range(cfg["world"])}  # fmt: skip
+        by_rank = {
+            r: sum(
+                f["stood_still_s"]
+                for f in _median_run(ok["ray_tuned"]["failed"])["failures"]
+                if f["rank"] == r
+            )
+            for r in range(cfg["world"])
+        }
         for s in ours:
             fs = _median_run(ok[s]["failed"])["failures"]
             stood = sides[s]["stood_still_s"] / sides["ray_tuned"]["stood_still_s"]
@@ -456,8 +518,11 @@ def table(g: dict[str, Any]) -> str:
             f"| {x['samples_skipped']} | {x['step_s'] * 1e3:.0f} |"
         )
     if any(x["lost_s"] <= 0 for x in g["sides"].values()):
-        lines += ["", "A time lost <= 0: that side's run with failures was faster than the reference's "
-                  "without; the machine's noise outweighed the failures (a ratio over it is not given)."]
+        lines += [
+            "",
+            "A time lost <= 0: that side's run with failures was faster than the reference's "
+            "without; the machine's noise outweighed the failures (a ratio over it is not given).",
+        ]
     lines += ["", "| goodput ratio | value |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in g["ratios"].items()]
     lines += [f"| `{k}` (beside) | {v} |" for k, v in g.get("ratios_beside", {}).items()]

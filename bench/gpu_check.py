@@ -114,8 +114,9 @@ def setup_group() -> tuple[int, int, torch.device]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
     dist.init_process_group("nccl")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
@@ -126,9 +127,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params-m", type=int, default=64, help="model size in millions of parameters")
     ap.add_argument("--repeats", type=int, default=5, help="saves timed per variant (median reported)")
-    ap.add_argument("--every", type=int, default=0,
-                    help="a save every this many steps (default: the fewest steps that take twice "
-                         "as long as serializing one checkpoint, the fastest cadence a writer keeps up with)")
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=0,
+        help="a save every this many steps (default: the fewest steps that take twice "
+        "as long as serializing one checkpoint, the fastest cadence a writer keeps up with)",
+    )
     ap.add_argument("--saves", type=int, default=4, help="saves per step-time round")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
@@ -152,8 +157,12 @@ def main() -> int:
         o.step()
         return loss.detach()
 
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "world_size": world,
-                           "torch": torch.__version__, "params_m": args.params_m}
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device),
+        "world_size": world,
+        "torch": torch.__version__,
+        "params_m": args.params_m,
+    }
 
     # 1. DDP trains
     losses = [step(i).item() for i in range(10)]
@@ -169,8 +178,12 @@ def main() -> int:
     host.copy(state)  # allocate the buffers once, as a run does
     host.wait()
     pinned.copy(state)
-    rounds: dict[str, list[float]] = {"cpu": [], "pinned_blocking": [], "project_enqueue": [],
-                                      "project_landed": []}
+    rounds: dict[str, list[float]] = {
+        "cpu": [],
+        "pinned_blocking": [],
+        "project_enqueue": [],
+        "project_landed": [],
+    }
     for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
         rounds["cpu"].append(timed(lambda: cpu_copy(state)))
         rounds["pinned_blocking"].append(timed(lambda: pinned.copy(state)))
@@ -194,6 +207,7 @@ def main() -> int:
     t0 = time.perf_counter()
     serialize(host.copy(state))
     out["serialize_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+
     def ten_steps() -> None:
         for i in range(10):
             step(i)
@@ -244,7 +258,8 @@ def main() -> int:
     live, back = tensors(state_of(model, opt)), tensors(state_of(model2, opt2))
     out["restore_tensors"] = len(live)
     out["restore_bitwise_equal"] = len(live) == len(back) and all(
-        a.device == b.device and torch.equal(a, b) for a, b in zip(live, back, strict=True))
+        a.device == b.device and torch.equal(a, b) for a, b in zip(live, back, strict=True)
+    )
     torch.backends.cudnn.deterministic = True
     nxt = [step(100 + i).item() for i in range(3)]
     nxt2 = [step(100 + i, model2, opt2).item() for i in range(3)]
@@ -268,8 +283,10 @@ def main() -> int:
         out["rng_restore_with_cuda_map_location"] = f"{type(e).__name__}: {e}"[:200]
 
     if rank == 0:
-        print(f"device {out['device']} x{world}, torch {out['torch']}, state {out['state_mb']} MB "
-              f"({args.params_m}M params + Adam)")
+        print(
+            f"device {out['device']} x{world}, torch {out['torch']}, state {out['state_mb']} MB "
+            f"({args.params_m}M params + Adam)"
+        )
         print(f"DDP loss {losses[0]:.4f} -> {losses[-1]:.4f} over 10 steps")
         print(f"{'stall per save':32} {'median ms':>10} {'ms/MB':>9} {'min..max ms':>18}")
         for k, v in stall.items():
@@ -277,12 +294,18 @@ def main() -> int:
             print(f"{k:32} {v:10.2f} {v / mb:9.4f} {lo:8.2f}..{hi:8.2f}")
         print(f"device-to-host copy {out['copy_gb_per_s']} GB/s into pinned buffers")
         print(f"serializing one checkpoint (torch.save of the host copy): {out['serialize_ms']} ms")
-        print(f"step {out['step_ms_no_ckpt']} ms without saves, {out['step_ms_with_ckpt']} ms with a save "
-              f"every {every} steps: {out['step_time_vs_no_ckpt']}x")
-        print(f"restore to cuda: {out['restore_tensors']} tensors bitwise equal: "
-              f"{out['restore_bitwise_equal']}; next 3 losses equal: {out['next_losses_equal']}")
-        print(f"RNG streams restored (state file loaded to cpu): {out['rng_restore_equal']}; "
-              f"with map_location=cuda: {out['rng_restore_with_cuda_map_location']}")
+        print(
+            f"step {out['step_ms_no_ckpt']} ms without saves, {out['step_ms_with_ckpt']} ms with a save "
+            f"every {every} steps: {out['step_time_vs_no_ckpt']}x"
+        )
+        print(
+            f"restore to cuda: {out['restore_tensors']} tensors bitwise equal: "
+            f"{out['restore_bitwise_equal']}; next 3 losses equal: {out['next_losses_equal']}"
+        )
+        print(
+            f"RNG streams restored (state file loaded to cpu): {out['rng_restore_equal']}; "
+            f"with map_location=cuda: {out['rng_restore_with_cuda_map_location']}"
+        )
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
     dist.destroy_process_group()

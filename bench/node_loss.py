@@ -75,8 +75,11 @@ def main() -> None:
     out = {}
     for name, env in (("ray_defaults", {}), ("deploy", FAST)):
         out[name] = {"env": env, **measure(env)}
-        print(f"{name}: node dead after {out[name]['node_dead_s']:.1f} s, a call to its actor fails "
-              f"after {out[name]['actor_call_fails_s']:.1f} s", flush=True)  # fmt: skip
+        print(
+            f"{name}: node dead after {out[name]['node_dead_s']:.1f} s, a call to its actor fails "
+            f"after {out[name]['actor_call_fails_s']:.1f} s",
+            flush=True,
+        )
     json.dump(out, sys.stdout, indent=1)
     print()
 

@@ -199,8 +199,9 @@ def replicas_task(options: dict[str, Any], ctx: Any) -> Any:
         return classification_step(model, batch)
 
     val = TensorDataset(x[:64], y[:64])
-    return Task(model=model, optimizer=opt, train_data=data, val_data=val, batch_size=32,
-                train_step=train_step)  # fmt: skip
+    return Task(
+        model=model, optimizer=opt, train_data=data, val_data=val, batch_size=32, train_step=train_step
+    )
 
 
 def run_replicas(workdir: Path, opts: dict[str, Any], rank: int) -> dict[str, float]:
@@ -208,11 +209,18 @@ def run_replicas(workdir: Path, opts: dict[str, Any], rank: int) -> dict[str, fl
     spec = {
         "name": "bench-replicas",
         "storage": {"root": str(workdir / "ours-storage")},
-        "task": {"name": f"{ROOT / 'bench' / 'recovery.py'}:replicas_task",
-                 "options": {**opts, "workdir": str(workdir)}},  # fmt: skip
+        "task": {
+            "name": f"{ROOT / 'bench' / 'recovery.py'}:replicas_task",
+            "options": {**opts, "workdir": str(workdir)},
+        },
         "scaling": {"num_workers": 2},
-        "checkpoint": {"monitor": "val_loss", "mode": "min", "top_k": 1, "keep_latest": 1,
-                       "every_n_steps": opts["every"]},  # fmt: skip
+        "checkpoint": {
+            "monitor": "val_loss",
+            "mode": "min",
+            "top_k": 1,
+            "keep_latest": 1,
+            "every_n_steps": opts["every"],
+        },
         "epochs": 1,
         "failure": {"max_failures": 2, "mode": "replicas"},
         "chaos": {"kills": [{"rank": rank, "epoch": 1, "step": opts["kill_at"]}]},
@@ -265,8 +273,9 @@ def measure(side: str, opts: dict[str, Any]) -> dict[str, float]:
             run_ours(workdir, opts)
         else:
             run_ray(workdir, opts, poll_s=RAY_SIDES[side])
-        killed, restarted, resumed = (json.loads((workdir / f"{name}.json").read_text())
-                                      for name in ("killed", "restarted", "resumed"))  # fmt: skip
+        killed, restarted, resumed = (
+            json.loads((workdir / f"{name}.json").read_text()) for name in ("killed", "restarted", "resumed")
+        )
     return {
         "recovery_s": resumed["t"] - killed["t"],
         "to_restarted_function_s": restarted["t"] - killed["t"],

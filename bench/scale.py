@@ -115,8 +115,17 @@ class Ops:
         self.count: Counter[str] = Counter()
         self.secs: Counter[str] = Counter()
         self.manifest_durable_at = 0.0
-        for name in ("read_bytes", "read_versioned", "write_if", "write_bytes", "list_sizes",
-                     "list_dirs", "delete", "exists", "append"):  # fmt: skip
+        for name in (
+            "read_bytes",
+            "read_versioned",
+            "write_if",
+            "write_bytes",
+            "list_sizes",
+            "list_dirs",
+            "delete",
+            "exists",
+            "append",
+        ):
             setattr(storage, name, self._wrap(name, getattr(storage, name)))
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -173,13 +182,27 @@ def shard_files(world: int, attempt: int) -> list[tuple[str, bytes, int]]:
 
 
 def meta(epoch: int, world: int, attempt: int, loss: float) -> dict[str, Any]:
-    return {"id": checkpoint_id(epoch, epoch * 100, attempt), "epoch": epoch, "step_in_epoch": 0,
-            "global_step": epoch * 100, "end_of_epoch": True, "metrics": {"val_loss": loss},
-            "world_size": world, "attempt": attempt, "sharded": True}  # fmt: skip
+    return {
+        "id": checkpoint_id(epoch, epoch * 100, attempt),
+        "epoch": epoch,
+        "step_in_epoch": 0,
+        "global_step": epoch * 100,
+        "end_of_epoch": True,
+        "metrics": {"val_loss": loss},
+        "world_size": world,
+        "attempt": attempt,
+        "sharded": True,
+    }
 
 
-def one_commit(storage: Storage, ledger: RunLedger, ops: Ops, m: dict[str, Any], files: list[FileEntry],
-               profile: cProfile.Profile | None = None) -> dict[str, float]:  # fmt: skip
+def one_commit(
+    storage: Storage,
+    ledger: RunLedger,
+    ops: Ops,
+    m: dict[str, Any],
+    files: list[FileEntry],
+    profile: cProfile.Profile | None = None,
+) -> dict[str, float]:
     """Rank 0 holds every rank's file list: record -> checkpoint.json -> the coordinator's commit."""
     ledger.report_metrics({"epoch": m["epoch"], "global_step": m["global_step"], **m["metrics"]})
     ops.reset()
@@ -225,14 +248,20 @@ def commit_at(root: str, world: int, commits: int, profile: bool) -> dict[str, A
         requests.count.clear()
         last = c == commits
         row = one_commit(storage, ledger, ops, m, files, prof if last else None)
-        row |= {"ranks_write_s": write_s, "s3_requests": dict(requests.count),
-                "storage_ops": dict(ops.count), "storage_s": {k: round(v, 4) for k, v in ops.secs.items()},
-                "manifest_bytes": len(storage.read_bytes(MANIFEST)),
-                "kept": len(ledger.manifest.checkpoints)}  # fmt: skip
+        row |= {
+            "ranks_write_s": write_s,
+            "s3_requests": dict(requests.count),
+            "storage_ops": dict(ops.count),
+            "storage_s": {k: round(v, 4) for k, v in ops.secs.items()},
+            "manifest_bytes": len(storage.read_bytes(MANIFEST)),
+            "kept": len(ledger.manifest.checkpoints),
+        }
         out["commits"].append(row)
-        say(f"{world} ranks, commit {c}: {row['commit_s'] * 1e3:.0f} ms to a durable manifest "
+        say(
+            f"{world} ranks, commit {c}: {row['commit_s'] * 1e3:.0f} ms to a durable manifest "
             f"({row['call_s'] * 1e3:.0f} ms the whole call), manifest {row['manifest_bytes'] / 1e3:.0f} kB, "
-            f"{sum(row['s3_requests'].values())} S3 requests; ranks' upload {write_s:.1f}s")  # fmt: skip
+            f"{sum(row['s3_requests'].values())} S3 requests; ranks' upload {write_s:.1f}s"
+        )
     steady = out["commits"][1:] or out["commits"]  # the first has nothing to drop yet
     out["commit_s"] = statistics.median(r["commit_s"] for r in steady)
     out["call_s"] = statistics.median(r["call_s"] for r in steady)
@@ -284,8 +313,9 @@ class _SimulatedData(Storage):
 
 def long_run(work: Path, world: int, commits: int, milestones: int | None) -> dict[str, Any]:
     """`commits` commits of a `world`-rank run, 10 per epoch; the manifest's size as it grows."""
-    cfg = RetentionConfig(monitor="val_loss", mode="min", top_k=3, keep_latest=1,
-                          keep_every_n_epochs=milestones)  # fmt: skip
+    cfg = RetentionConfig(
+        monitor="val_loss", mode="min", top_k=3, keep_latest=1, keep_every_n_epochs=milestones
+    )
     storage = _SimulatedData(str(work / f"long-w{world}-m{milestones}"))
     lease, ledger = owned_ledger(storage, cfg)
     attempt = ledger.start_attempt(world)["attempt"]
@@ -299,9 +329,18 @@ def long_run(work: Path, world: int, commits: int, milestones: int | None) -> di
         epoch, step = (c - 1) // per_epoch + 1, c
         end = c % per_epoch == 0
         loss = 1.0 / epoch + rng.random() * 0.1
-        m = {"id": checkpoint_id(epoch, step, attempt), "epoch": epoch, "step_in_epoch": 0 if end else step,
-             "global_step": step, "end_of_epoch": end, "metrics": {"val_loss": loss}, "metrics_fresh": end,
-             "world_size": world, "attempt": attempt, "sharded": True}  # fmt: skip
+        m = {
+            "id": checkpoint_id(epoch, step, attempt),
+            "epoch": epoch,
+            "step_in_epoch": 0 if end else step,
+            "global_step": step,
+            "end_of_epoch": end,
+            "metrics": {"val_loss": loss},
+            "metrics_fresh": end,
+            "world_size": world,
+            "attempt": attempt,
+            "sharded": True,
+        }
         record = CheckpointRecord(files=files, **m)
         storage.write_bytes(f"{CHECKPOINTS}/{m['id']}/{RECORD}", json.dumps(record.model_dump()).encode())
         ledger.report_metrics({"epoch": epoch, "global_step": step, "val_loss": loss})
@@ -309,18 +348,31 @@ def long_run(work: Path, world: int, commits: int, milestones: int | None) -> di
         ledger.commit(record)
         dt = time.perf_counter() - t0
         if c in (1, 10, 100, 1_000, 10_000) or c == commits:
-            samples.append({"commits": c, "call_s": dt, "kept": len(ledger.manifest.checkpoints),
-                            "manifest_bytes": os.path.getsize(storage.path(MANIFEST)),
-                            "backup_bytes": os.path.getsize(storage.path(BACKUP)),
-                            "events_bytes": os.path.getsize(storage.path(EVENTS)),
-                            "metrics_bytes": os.path.getsize(storage.path(METRICS))})  # fmt: skip
-    out = {"world": world, "commits": commits, "keep_every_n_epochs": milestones, "samples": samples,
-           "seconds": time.perf_counter() - t_start}  # fmt: skip
+            samples.append(
+                {
+                    "commits": c,
+                    "call_s": dt,
+                    "kept": len(ledger.manifest.checkpoints),
+                    "manifest_bytes": os.path.getsize(storage.path(MANIFEST)),
+                    "backup_bytes": os.path.getsize(storage.path(BACKUP)),
+                    "events_bytes": os.path.getsize(storage.path(EVENTS)),
+                    "metrics_bytes": os.path.getsize(storage.path(METRICS)),
+                }
+            )
+    out = {
+        "world": world,
+        "commits": commits,
+        "keep_every_n_epochs": milestones,
+        "samples": samples,
+        "seconds": time.perf_counter() - t_start,
+    }
     s = samples[-1]
-    say(f"{commits} commits of {world} ranks, milestones {milestones}: manifest "
+    say(
+        f"{commits} commits of {world} ranks, milestones {milestones}: manifest "
         f"{s['manifest_bytes'] / 1e3:.1f} kB "
         f"({s['kept']} kept), events.jsonl {s['events_bytes'] / 1e6:.2f} MB, metrics.jsonl "
-        f"{s['metrics_bytes'] / 1e3:.0f} kB, {out['seconds']:.0f}s")  # fmt: skip
+        f"{s['metrics_bytes'] / 1e3:.0f} kB, {out['seconds']:.0f}s"
+    )
     return out
 
 
@@ -337,8 +389,14 @@ def calls_per_step(world: int, steps: int = 500, step_s: float = 0.2) -> dict[st
                 t(1, step, steps, step)
             now[0] += step_s
     total = sum(sent.values())
-    return {"world": world, "steps": steps, "step_s": step_s, "calls": total, "per_step": total / steps,
-            "ranks_calling": len(sent)}  # fmt: skip
+    return {
+        "world": world,
+        "steps": steps,
+        "step_s": step_s,
+        "calls": total,
+        "per_step": total / steps,
+        "ranks_calling": len(sent),
+    }
 
 
 # Calls to the coordinator per checkpoint, read from the code: rank 0's report_metrics
@@ -350,8 +408,13 @@ CALLS_PER_COMMIT = {"rank 0": ["report_metrics", "commit", "stop_asked"], "other
 
 def run(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Any] = {"config": cfg, "commit": [], "long": [], "per_step": [],
-                           "calls_per_commit": CALLS_PER_COMMIT}  # fmt: skip
+    out: dict[str, Any] = {
+        "config": cfg,
+        "commit": [],
+        "long": [],
+        "per_step": [],
+        "calls_per_commit": CALLS_PER_COMMIT,
+    }
     with moto_s3(work) as root:
         for world in cfg["sizes"]:
             try:
@@ -388,39 +451,60 @@ def tables(d: dict[str, Any]) -> str:
         )
     if b := d.get("broke"):
         lines.append(f"| {b['world']} | broke: {b['error'][:200]} | | | | | |")
-    lines += ["", "| ranks | commits (10 per epoch) | retention | kept | manifest.json | events.jsonl "
-              "| metrics.jsonl | whole commit call, ms |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| ranks | commits (10 per epoch) | retention | kept | manifest.json | events.jsonl "
+        "| metrics.jsonl | whole commit call, ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for lr in d["long"]:
         every = lr["keep_every_n_epochs"]
         ret = "top_k 3, keep_latest 1" + (f", every {every} epochs" if every else "")
         for s in lr["samples"]:
-            lines.append(f"| {lr['world']} | {s['commits']:,} | {ret} | {s['kept']} "
-                         f"| {s['manifest_bytes'] / 1e3:.1f} kB "
-                         f"| {s['events_bytes'] / 1e3:.0f} kB | {s['metrics_bytes'] / 1e3:.0f} kB "
-                         f"| {s['call_s'] * 1e3:.1f} |")  # fmt: skip
-    lines += ["", "| ranks | coordinator calls per step (0.2 s steps, 500 steps) | ranks that call |",
-              "|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"| {lr['world']} | {s['commits']:,} | {ret} | {s['kept']} "
+                f"| {s['manifest_bytes'] / 1e3:.1f} kB "
+                f"| {s['events_bytes'] / 1e3:.0f} kB | {s['metrics_bytes'] / 1e3:.0f} kB "
+                f"| {s['call_s'] * 1e3:.1f} |"
+            )
+    lines += [
+        "",
+        "| ranks | coordinator calls per step (0.2 s steps, 500 steps) | ranks that call |",
+        "|---|---|---|",
+    ]
     lines += [f"| {p['world']} | {p['per_step']:.2f} | {p['ranks_calling']} |" for p in d["per_step"]]
-    lines += ["", "| ranks | the listing check alone (list_sizes), ms | pages of 1,000 | moto's server time "
-              "for the first page, ms |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['world']} | {r['listing']['list_sizes_s'] * 1e3:.0f} | {r['listing']['pages']} | "
-              f"{r['listing']['server_first_page_s'] * 1e3:.0f} |" for r in d["commit"]]  # fmt: skip
+    lines += [
+        "",
+        "| ranks | the listing check alone (list_sizes), ms | pages of 1,000 | moto's server time "
+        "for the first page, ms |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['world']} | {r['listing']['list_sizes_s'] * 1e3:.0f} | {r['listing']['pages']} | "
+        f"{r['listing']['server_first_page_s'] * 1e3:.0f} |"
+        for r in d["commit"]
+    ]
     big = next((r for r in d["commit"] if "profile" in r), None)
     if big:
         last = big["commits"][-1]
         lines += ["", f"Storage operations of one {big['world']}-rank commit (count, seconds):", ""]
-        lines += [f"- {k}: {n}, {last['storage_s'].get(k, 0):.3f}s"
-                  for k, n in sorted(last["storage_ops"].items())]  # fmt: skip
+        lines += [
+            f"- {k}: {n}, {last['storage_s'].get(k, 0):.3f}s" for k, n in sorted(last["storage_ops"].items())
+        ]
         lines += [f"- S3 requests: {', '.join(f'{k} {v}' for k, v in sorted(last['s3_requests'].items()))}"]
         lines += ["", "cProfile, the same commit, by cumulative time:", "", "```", *big["profile"], "```"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--quick", action="store_true",
-                    help=f"sizes {QUICK['sizes']}, {QUICK['long_commits']} commits")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help=f"sizes {QUICK['sizes']}, {QUICK['long_commits']} commits"
+    )
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], help="world sizes, e.g. 8,4096")
     ap.add_argument("--long-commits", type=int, help="commits of the run-length simulation")
     ap.add_argument("--json", dest="json_path", help="write commit_s_at_4096_ranks here")

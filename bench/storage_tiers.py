@@ -51,8 +51,15 @@ from workers.writer import CheckpointWriter, SaveJob
 ROOT = Path(__file__).resolve().parent.parent
 
 MB = 1 << 20
-META = {"id": "epoch0001-step0000010-a1", "epoch": 1, "step_in_epoch": 0, "global_step": 10,
-        "end_of_epoch": True, "world_size": 1, "attempt": 1}  # fmt: skip
+META = {
+    "id": "epoch0001-step0000010-a1",
+    "epoch": 1,
+    "step_in_epoch": 0,
+    "global_step": 10,
+    "end_of_epoch": True,
+    "world_size": 1,
+    "attempt": 1,
+}
 
 
 def make_state(mb: int) -> dict[str, Any]:
@@ -62,8 +69,10 @@ def make_state(mb: int) -> dict[str, Any]:
     def tensors() -> list[torch.Tensor]:
         return [torch.randn(2 * MB) for _ in range(n)]
 
-    return {"model.pt": {f"w{i}": t for i, t in enumerate(tensors())},
-            "train_state.pt": {"exp_avg": tensors(), "exp_avg_sq": tensors(), "step": 10}}  # fmt: skip
+    return {
+        "model.pt": {f"w{i}": t for i, t in enumerate(tensors())},
+        "train_state.pt": {"exp_avg": tensors(), "exp_avg_sq": tensors(), "step": 10},
+    }
 
 
 def state_bytes(tree: Any) -> int:
@@ -139,8 +148,10 @@ def measure_memory(variant: str, mb: int, uri: str, tier_dir: str) -> dict[str, 
 
 
 def memory_in_subprocess(variant: str, mb: int, uri: str, tier_dir: str) -> dict[str, float]:
-    code = "import json; from bench import storage_tiers as b; " \
-           f"print(json.dumps(b.measure_memory({variant!r}, {mb}, {uri!r}, {tier_dir!r})))"  # fmt: skip
+    code = (
+        "import json; from bench import storage_tiers as b; "
+        f"print(json.dumps(b.measure_memory({variant!r}, {mb}, {uri!r}, {tier_dir!r})))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -207,8 +218,11 @@ def main() -> None:
                 variant, args.mb, str(work / f"mem-{variant}"), str(work / "mem-tier")
             )
             m = memory[variant]
-            print(f"memory {variant}: +{m['added_mb']:.0f} MB over a {m['state_mb']:.0f} MB state "
-                  f"({m['ratio']:.2f}x)", flush=True)  # fmt: skip
+            print(
+                f"memory {variant}: +{m['added_mb']:.0f} MB over a {m['state_mb']:.0f} MB state "
+                f"({m['ratio']:.2f}x)",
+                flush=True,
+            )
 
     report: dict[str, Any] = {
         "state_mb": round(size / MB, 1),

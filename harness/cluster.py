@@ -105,9 +105,17 @@ class LocalCluster:
         name, args = f"worker-{len(self.nodes)}", {"dashboard_agent_listen_port": agent_port}
         if not self.nodes:
             gcs, dash = free_ports(2)
-            name, args = "head", dict(gcs_server_port=gcs, include_dashboard=True, dashboard_host="127.0.0.1",
-                                      dashboard_port=dash, dashboard_agent_listen_port=agent_port,
-                                      temp_dir=f"{self.temp_dir}/ray")  # fmt: skip
+            name, args = (
+                "head",
+                dict(
+                    gcs_server_port=gcs,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=dash,
+                    dashboard_agent_listen_port=agent_port,
+                    temp_dir=f"{self.temp_dir}/ray",
+                ),
+            )
         # Ray starts a node's processes with this process's environment.
         with mock.patch.dict(os.environ, {**self._node_env, MARK: f"{self.id}:{name}"}, clear=True):
             _reload_ray_config()
@@ -208,8 +216,13 @@ print(json.dumps(rows))
 
 def _ray_state(c: LocalCluster, what: str) -> list[dict[str, Any]]:
     """Ray's state API, asked from a subprocess with the cluster's token-auth environment."""
-    p = subprocess.run([sys.executable, "-c", _STATE, c.dashboard, what], env=c.env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-c", _STATE, c.dashboard, what],
+        env=c.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return list(json.loads(p.stdout.strip().splitlines()[-1]))
 

@@ -54,8 +54,12 @@ class MotoServer:
     def start(cls, log: Path) -> MotoServer:
         port = free_port()
         exe = Path(sys.executable).with_name("moto_server")
-        proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "wb"),
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(exe), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_port(port)
         except RuntimeError:
@@ -75,11 +79,15 @@ class MotoServer:
     def client(self):  # noqa: ANN201
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, **{
-            "aws_access_key_id": CREDS["AWS_ACCESS_KEY_ID"],
-            "aws_secret_access_key": CREDS["AWS_SECRET_ACCESS_KEY"],
-            "region_name": CREDS["AWS_DEFAULT_REGION"],
-        })  # fmt: skip
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            **{
+                "aws_access_key_id": CREDS["AWS_ACCESS_KEY_ID"],
+                "aws_secret_access_key": CREDS["AWS_SECRET_ACCESS_KEY"],
+                "region_name": CREDS["AWS_DEFAULT_REGION"],
+            },
+        )
 
 
 class FaultProxy:
@@ -135,8 +143,10 @@ class FaultProxy:
                     self.close_connection = True
                     return
                 if fault:
-                    xml = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
-                           b"<Message>Please reduce your request rate.</Message></Error>")  # fmt: skip
+                    xml = (
+                        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                        b"<Message>Please reduce your request rate.</Message></Error>"
+                    )
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(xml)))

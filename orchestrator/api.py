@@ -206,8 +206,10 @@ class Run:
         if is_train_function(fn):
             built = serving_hook(name, fn)(options)
             if not (isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.nn.Module)):
-                raise TaskError(f"task {name!r}: serving_model(options) returned a {type(built).__name__}; "
-                                "it returns (model, example_input), the model an nn.Module")  # fmt: skip
+                raise TaskError(
+                    f"task {name!r}: serving_model(options) returned a {type(built).__name__}; "
+                    "it returns (model, example_input), the model an nn.Module"
+                )
             return Servable(*built)
         ctx = TaskContext(rank=0, world_size=1, seed=int(spec.get("seed", 0)), device=torch.device("cpu"))
         return fn(options, ctx)
@@ -250,9 +252,11 @@ class Run:
         return self.verified_best(rank).checkpoint
 
     def verified_best(
-        self, rank: int = 1, into: str | None = None,
+        self,
+        rank: int = 1,
+        into: str | None = None,
         only: set[str] | Callable[[CheckpointRecord], set[str]] | None = None,
-    ) -> Verified:  # fmt: skip
+    ) -> Verified:
         """The rank-th best checkpoint whose files verify (streamed and hashed, never whole in
         memory), copied into the directory `into` when given (`only` these files). A damaged
         one is skipped and listed; one that retention deleted while it was read (a live run)

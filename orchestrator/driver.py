@@ -167,9 +167,11 @@ def oversubscribed(cpus: int, cores: int) -> str | None:
     cores: Ray is given as many as they ask, so they start, and share the cores."""
     if cpus <= cores:
         return None
-    return (f"[run] warning: the workers ask for {cpus} CPUs and this machine has {cores} cores: the "
-            f"embedded Ray is given {cpus} so that they all start, but they share {cores} cores and run "
-            "slower; fewer scaling.num_workers, or --address to join a bigger cluster")  # fmt: skip
+    return (
+        f"[run] warning: the workers ask for {cpus} CPUs and this machine has {cores} cores: the "
+        f"embedded Ray is given {cpus} so that they all start, but they share {cores} cores and run "
+        "slower; fewer scaling.num_workers, or --address to join a bigger cluster"
+    )
 
 
 def ray_described(started_ray: bool) -> str:
@@ -283,11 +285,22 @@ def start_coordinator(
 
 def tracking_settings(spec: JobSpec) -> dict[str, Any]:
     t = spec.tracking
-    params = {"task": spec.task.name, **{f"task.{k}": v for k, v in spec.task.options.items()},
-              "seed": spec.seed, "epochs": spec.epochs, "num_workers": spec.scaling.num_workers}  # fmt: skip
+    params = {
+        "task": spec.task.name,
+        **{f"task.{k}": v for k, v in spec.task.options.items()},
+        "seed": spec.seed,
+        "epochs": spec.epochs,
+        "num_workers": spec.scaling.num_workers,
+    }
     env = {k: os.environ[k] for k in MLFLOW_ENV if k in os.environ}  # e.g. MLFLOW_ALLOW_FILE_STORE
-    return {"tensorboard": t.tensorboard, "mlflow_uri": t.mlflow_uri, "experiment": t.mlflow_experiment,
-            "params": params, "run_name": spec.name, "env": env}  # fmt: skip
+    return {
+        "tensorboard": t.tensorboard,
+        "mlflow_uri": t.mlflow_uri,
+        "experiment": t.mlflow_experiment,
+        "params": params,
+        "run_name": spec.name,
+        "env": env,
+    }
 
 
 def checked_tracking(spec: JobSpec, resume: bool) -> dict[str, Any]:
@@ -315,8 +328,10 @@ def say_trackers_off(storage: Storage, since: float, settings: dict[str, Any]) -
         return
     for e in off:
         where = f" at {settings.get('mlflow_uri')}" if e.get("tracker") == "mlflow" else ""
-        log.warning(f"[run] warning: tracker {e.get('tracker')}{where} was switched off: {e.get('error')}; "
-                    f"the run's own metrics.jsonl has every epoch")  # fmt: skip
+        log.warning(
+            f"[run] warning: tracker {e.get('tracker')}{where} was switched off: {e.get('error')}; "
+            f"the run's own metrics.jsonl has every epoch"
+        )
 
 
 def spec_record(spec: JobSpec) -> dict[str, Any]:
@@ -373,8 +388,10 @@ def run(
         started = {"pid": os.getpid(), "resume": resume, **({"replaced": replaced} if replaced else {})}
         coord = _start(spec, storage, lease, tracking, started)
         if not quiet:
-            log.info(f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
-                     f"{spec.epochs} epochs, {ray_described(started_ray)}")  # fmt: skip
+            log.info(
+                f"[run] {spec.name}: storage {spec.run_uri}, {spec.scaling.num_workers} workers, "
+                f"{spec.epochs} epochs, {ray_described(started_ray)}"
+            )
         interrupts = Interrupts(coord, spec.failure.stop_grace_s)
         fit_error = _fit(spec, coord, interrupts, quiet)
         relaunches = 0
@@ -433,8 +450,10 @@ def _group_restart_instead(
     if fit_error is None or not relaunch_group(spec.failure.mode, fit_error, interrupted, relaunches, budget):
         return False
     coord = interrupts.coord
-    why = (f"Ray Train's controller gave up replacing failed replicas ({root_cause(describe(fit_error))}); "
-           "the whole group restarts from the latest commit")  # fmt: skip
+    why = (
+        f"Ray Train's controller gave up replacing failed replicas ({root_cause(describe(fit_error))}); "
+        "the whole group restarts from the latest commit"
+    )
     ray.get(coord.note_restart.remote(why, uuid.uuid4().hex), timeout=COORD_TIMEOUT_S)
     log.warning(f"[run] {why}")
     return True
@@ -488,9 +507,14 @@ def _fit(spec: JobSpec, coord: Any, interrupts: Interrupts, quiet: bool) -> Base
 
 
 def _conclude(
-    spec: JobSpec, storage: Storage, coord: Any, outcome: Outcome, interrupts: Interrupts, since: float,
+    spec: JobSpec,
+    storage: Storage,
+    coord: Any,
+    outcome: Outcome,
+    interrupts: Interrupts,
+    since: float,
     tracking: Any,
-) -> Summary:  # fmt: skip
+) -> Summary:
     """Act on the outcome: record the run's end and say it (a summary, or the error to raise)."""
     import ray
 

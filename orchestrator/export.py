@@ -55,8 +55,15 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
             else:
                 batch = torch.export.Dim("batch")
                 # external_data=False: one self-contained file, not model.onnx + model.onnx.data
-                torch.onnx.export(model, (sample,), target, input_names=["input"], output_names=["output"],
-                                  dynamic_shapes=({0: batch},), external_data=False)  # fmt: skip
+                torch.onnx.export(
+                    model,
+                    (sample,),
+                    target,
+                    input_names=["input"],
+                    output_names=["output"],
+                    dynamic_shapes=({0: batch},),
+                    external_data=False,
+                )
     config = {
         "format": fmt,
         "file": FORMATS[fmt],

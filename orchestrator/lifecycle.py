@@ -66,8 +66,10 @@ def run_state(storage: Storage, manifest: Manifest) -> RunState:
         if stopped.get("kind") == "interrupt":
             return RunState("interrupted", "failed", why, resume, n)
         if n == 0:
-            fix = (f"nothing committed: `orchestrator run` of the corrected spec replaces it, "
-                   f"or `orchestrator delete {uri}`")  # fmt: skip
+            fix = (
+                f"nothing committed: `orchestrator run` of the corrected spec replaces it, "
+                f"or `orchestrator delete {uri}`"
+            )
             return RunState("failed", "failed", why, fix, n)
         return RunState("failed", "failed", why, f"when the cause is fixed, {resume}", n)
     gone = driver_gone(storage, manifest)

@@ -72,8 +72,9 @@ def decide_outcome(
     return Outcome("finished")
 
 
-def relaunch_group(mode: str, fit_error: BaseException, interrupted: bool, relaunches: int,
-                   max_failures: int) -> bool:  # fmt: skip
+def relaunch_group(
+    mode: str, fit_error: BaseException, interrupted: bool, relaunches: int, max_failures: int
+) -> bool:
     """failure.mode replicas: fit() ended because Ray Train's controller itself gave up (it
     cannot replace several replica groups at once in Ray 2.60): restart the whole group from
     the latest commit instead of failing, while failure.max_failures allows and no one asked

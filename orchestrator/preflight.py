@@ -70,8 +70,10 @@ def check_monitor(spec: JobSpec) -> None:
     except Exception:  # noqa: BLE001  # the workers check it again, where the task must build
         return
     if spec.checkpoint.monitor not in names:
-        raise SpecError(f"checkpoint.monitor {spec.checkpoint.monitor!r} is not a metric of task "
-                        f"{spec.task.name!r}; it reports {sorted(names)}")  # fmt: skip
+        raise SpecError(
+            f"checkpoint.monitor {spec.checkpoint.monitor!r} is not a metric of task "
+            f"{spec.task.name!r}; it reports {sorted(names)}"
+        )
 
 
 def check_tracking(spec: JobSpec) -> str | None:

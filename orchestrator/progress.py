@@ -110,7 +110,7 @@ class ProgressView:
             notes = self._notes_from_counters(p)
         elif len(notes) < self._notes:
             self._notes = 0  # a restarted coordinator's notes began again
-        for note in notes[self._notes:]:
+        for note in notes[self._notes :]:
             at = max(int(note.get("at", 0)), since)
             if note["kind"] == "restart":
                 self._restarts = max(self._restarts, int(note["restarts"]))
@@ -133,8 +133,9 @@ class ProgressView:
         if p["restarts"] > self._restarts:
             notes.append({"kind": "restart", "at": at, "restarts": p["restarts"]})
         if p["attempts"] > self._attempts:
-            notes.append({"kind": "attempt", "at": at, "attempt": p["attempts"],
-                          "resumed_from": p.get("resumed_from")})  # fmt: skip
+            notes.append(
+                {"kind": "attempt", "at": at, "attempt": p["attempts"], "resumed_from": p.get("resumed_from")}
+            )
         self._notes = 0
         return notes
 

@@ -210,8 +210,9 @@ def torchft_config(heartbeat_timeout_ms: int) -> Any:
     exported from no public module, so imported here (tests/test_ray_compat.py names it)."""
     from ray.train.v2.torch.torchft_config import TorchftConfig
 
-    return TorchftConfig(lighthouse_kwargs={"min_replicas": 1, "heartbeat_timeout_ms": heartbeat_timeout_ms},
-                         backend="gloo")  # fmt: skip
+    return TorchftConfig(
+        lighthouse_kwargs={"min_replicas": 1, "heartbeat_timeout_ms": heartbeat_timeout_ms}, backend="gloo"
+    )
 
 
 def controller_gave_up(exc: BaseException) -> bool:

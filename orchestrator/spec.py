@@ -367,15 +367,19 @@ class JobSpec(_Model):
             return self
         why = None
         if not isinstance(self.scaling.num_workers, int) or self.scaling.num_workers < 2:
-            why = ("scaling.num_workers must be one number >= 2: each worker is a replica group, and "
-                   "a failed one heals from a live peer")  # fmt: skip
+            why = (
+                "scaling.num_workers must be one number >= 2: each worker is a replica group, and "
+                "a failed one heals from a live peer"
+            )
         elif self.scaling.use_gpu:
             why = "scaling.use_gpu: replica groups talk over gloo on CPU here; GPU is not supported yet"
         elif self.checkpoint.every_n_steps == "auto":
             why = "checkpoint.every_n_steps: auto is not supported with replicas yet; give a number of steps"
         elif self.failure.checkpoint_on_preempt:
-            why = ("failure.checkpoint_on_preempt: not needed and not supported with replicas (a "
-                   "preempted replica is replaced and heals from its peers)")  # fmt: skip
+            why = (
+                "failure.checkpoint_on_preempt: not needed and not supported with replicas (a "
+                "preempted replica is replaced and heals from its peers)"
+            )
         if why:
             raise ValueError(f"failure.mode replicas: {why}")
         return self
@@ -449,11 +453,25 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 # What `resume --set` may change: how long and how the run goes on, never what it computes
 # (seed, task, monitor) or where it lives (name, storage.root). docs/operations.md lists them.
-RESUME_SAFE = ("epochs", "failure.", "scaling.", "early_stopping", "chaos.", "checkpoint.top_k",
-               "checkpoint.keep_latest", "checkpoint.keep_every_n_epochs", "checkpoint.every_n_epochs",
-               "checkpoint.every_n_steps", "checkpoint.overhead_budget", "checkpoint.async_save",
-               "checkpoint.stop_on_nan", "checkpoint.local_cache", "storage.options", "storage.retry",
-               "tracking.")  # fmt: skip
+RESUME_SAFE = (
+    "epochs",
+    "failure.",
+    "scaling.",
+    "early_stopping",
+    "chaos.",
+    "checkpoint.top_k",
+    "checkpoint.keep_latest",
+    "checkpoint.keep_every_n_epochs",
+    "checkpoint.every_n_epochs",
+    "checkpoint.every_n_steps",
+    "checkpoint.overhead_budget",
+    "checkpoint.async_save",
+    "checkpoint.stop_on_nan",
+    "checkpoint.local_cache",
+    "storage.options",
+    "storage.retry",
+    "tracking.",
+)
 
 
 def check_resume_overrides(overrides: Sequence[str]) -> None:

@@ -15,11 +15,13 @@ import re
 _SNIPPET = re.compile(r"^\[Rank (\d+) Error Snippet\]:\s*$", re.MULTILINE)
 _EXCEPTION = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Failed|Interrupt|Exit)\w*): (.+)$")
 # What a collective raises when a peer died: a consequence, never the cause (workers/failures.py).
-_PEER_GONE = re.compile(r"gloo|nccl|connection (?:reset|closed|refused)|closed by peer|broken pipe",
-                        re.IGNORECASE)  # fmt: skip
+_PEER_GONE = re.compile(
+    r"gloo|nccl|connection (?:reset|closed|refused)|closed by peer|broken pipe", re.IGNORECASE
+)
 _PG_REMOVED = "Destroying worker since its placement group was removed"
-_DIED = re.compile(r"actor died unexpectedly|health check failed|worker (?:process )?(?:died|exited)",
-                   re.IGNORECASE)  # fmt: skip
+_DIED = re.compile(
+    r"actor died unexpectedly|health check failed|worker (?:process )?(?:died|exited)", re.IGNORECASE
+)
 MAX = 300
 
 
@@ -44,11 +46,17 @@ def restart_cause(reason: str) -> str:
             pid = re.search(r"\bpid=(\d+)", text)
             who = f"rank {rank} (pid {pid.group(1)})" if pid else f"rank {rank}"
             if _PG_REMOVED in text:  # Ray destroyed it on purpose: say so, not "killed from outside"
-                return (f"{who} was destroyed by Ray: the workers' placement group was removed (Ray "
-                        "Train's placement-group cleaner judged its controller dead)")  # fmt: skip
+                return (
+                    f"{who} was destroyed by Ray: the workers' placement group was removed (Ray "
+                    "Train's placement-group cleaner judged its controller dead)"
+                )
             return f"{who} died (killed from outside, out of memory, or crashed)"
-    found = [(rank, line.strip()) for rank, text in snippets
-             for line in text.splitlines() if _EXCEPTION.match(line)]  # fmt: skip
+    found = [
+        (rank, line.strip())
+        for rank, text in snippets
+        for line in text.splitlines()
+        if _EXCEPTION.match(line)
+    ]
     own = [f for f in found if not _PEER_GONE.search(f[1])]
     for rank, line in own or found:
         return _short(f"rank {rank}: {line}")

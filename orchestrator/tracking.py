@@ -65,8 +65,12 @@ class TensorBoard:
 
 # Environment the driver hands on to the coordinator's MLflow client (it may run in another
 # process or on a cluster that did not inherit the driver's environment). No credentials.
-MLFLOW_ENV = ("MLFLOW_ALLOW_FILE_STORE", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-              "MLFLOW_TRACKING_INSECURE_TLS")  # fmt: skip
+MLFLOW_ENV = (
+    "MLFLOW_ALLOW_FILE_STORE",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+)
 _DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # mlflow's SQLAlchemy store schemes
 
 
@@ -78,15 +82,19 @@ def mlflow_problem(uri: str, experiment: str) -> str | None:
         import mlflow
         from mlflow.tracking import MlflowClient
     except ImportError as e:
-        return (f"tracking.mlflow_uri {uri}: mlflow is not installed here ({e}); `pip install "
-                "mlflow-skinny` (the project's `mlflow` extra), "
-                "or --set tracking.mlflow_uri=null")  # fmt: skip
+        return (
+            f"tracking.mlflow_uri {uri}: mlflow is not installed here ({e}); `pip install "
+            "mlflow-skinny` (the project's `mlflow` extra), "
+            "or --set tracking.mlflow_uri=null"
+        )
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme in _DATABASES and importlib.util.find_spec("sqlalchemy") is None:
-        return (f"tracking.mlflow_uri {uri}: a {scheme} store needs sqlalchemy, which is not installed "
-                f"here (mlflow-skinny leaves it out); `pip install mlflow` (the full package), or log to "
-                f"a tracking server (--set tracking.mlflow_uri=http://HOST:5000), or "
-                f"--set tracking.mlflow_uri=null")  # fmt: skip
+        return (
+            f"tracking.mlflow_uri {uri}: a {scheme} store needs sqlalchemy, which is not installed "
+            f"here (mlflow-skinny leaves it out); `pip install mlflow` (the full package), or log to "
+            f"a tracking server (--set tracking.mlflow_uri=http://HOST:5000), or "
+            f"--set tracking.mlflow_uri=null"
+        )
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
     try:
@@ -106,14 +114,18 @@ def _mlflow_error(uri: str, version: str, e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     off = "or --set tracking.mlflow_uri=null to train without MLflow"
     if "maintenance mode" in text:
-        return (f"tracking.mlflow_uri {uri}: mlflow {version} refuses a file store (its file backend "
-                f"is in maintenance mode); use sqlite:///PATH/mlflow.db (`pip install mlflow`, for "
-                f"sqlalchemy), a tracking server (http://HOST:5000, `mlflow server`), or set "
-                f"MLFLOW_ALLOW_FILE_STORE=true where you run orchestrator; {off}")  # fmt: skip
+        return (
+            f"tracking.mlflow_uri {uri}: mlflow {version} refuses a file store (its file backend "
+            f"is in maintenance mode); use sqlite:///PATH/mlflow.db (`pip install mlflow`, for "
+            f"sqlalchemy), a tracking server (http://HOST:5000, `mlflow server`), or set "
+            f"MLFLOW_ALLOW_FILE_STORE=true where you run orchestrator; {off}"
+        )
     if "unsupported URI" in text:
-        return (f"tracking.mlflow_uri {uri}: mlflow {version} has no store for this URI scheme; use "
-                f"http(s)://HOST:PORT (a tracking server), sqlite:///PATH (`pip install mlflow`), "
-                f"file:///PATH (with MLFLOW_ALLOW_FILE_STORE=true), {off}")  # fmt: skip
+        return (
+            f"tracking.mlflow_uri {uri}: mlflow {version} has no store for this URI scheme; use "
+            f"http(s)://HOST:PORT (a tracking server), sqlite:///PATH (`pip install mlflow`), "
+            f"file:///PATH (with MLFLOW_ALLOW_FILE_STORE=true), {off}"
+        )
     where = " (is the tracking server running, and is this its address?)" if uri.startswith("http") else ""
     errno = re.search(r"\[Errno -?\d+\] [^\"')]+", text)  # urllib3's long wrapping, down to its cause
     said = f"cannot connect: {errno.group(0).strip()}" if errno else f"{type(e).__name__}: {text[:400]}"
@@ -126,8 +138,15 @@ class MLflow:
     storage (a new run, or one `orchestrator run` replaced) gets a new one. At the end, its
     artifacts: the spec, the best checkpoint's record and the curves figure."""
 
-    def __init__(self, uri: str, experiment: str, storage: Storage, params: dict[str, Any],
-                 run_name: str | None = None, env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        storage: Storage,
+        params: dict[str, Any],
+        run_name: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         for k, v in (env or {}).items():
@@ -138,9 +157,16 @@ class MLflow:
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
         run_uri = storage.uri
         fresh = not (storage.exists(EVENTS) or storage.exists(METRICS))
-        found = [] if fresh else self.client.search_runs(
-            [exp_id], filter_string=f"tags.`orchestrator.run_uri` = '{run_uri}'",
-            order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+        found = (
+            []
+            if fresh
+            else self.client.search_runs(
+                [exp_id],
+                filter_string=f"tags.`orchestrator.run_uri` = '{run_uri}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+        )
         if found:
             self.run_id = found[0].info.run_id
             return
@@ -179,10 +205,17 @@ class MLflow:
         ranked = run.ranked()
         if ranked:
             best = ranked[0]
-            record = {"id": best.id, "uri": best.uri, "epoch": best.epoch, "global_step": best.global_step,
-                      "monitor": run.monitor, "mode": run.mode, "value": best.metrics.get(run.monitor),
-                      "metrics": best.metrics,
-                      "files": [f.model_dump() for f in best.record.files]}  # fmt: skip
+            record = {
+                "id": best.id,
+                "uri": best.uri,
+                "epoch": best.epoch,
+                "global_step": best.global_step,
+                "monitor": run.monitor,
+                "mode": run.mode,
+                "value": best.metrics.get(run.monitor),
+                "metrics": best.metrics,
+                "files": [f.model_dump() for f in best.record.files],
+            }
             client.log_dict(rid, record, "best_checkpoint.json")
             client.set_tag(rid, "orchestrator.best_checkpoint", best.uri)
             client.log_metric(rid, f"best_{run.monitor}", float(best.metrics[run.monitor]), step=best.epoch)
@@ -217,11 +250,15 @@ class Trackers:
         if settings.get("mlflow_uri"):
             self._start(
                 lambda: MLflow(
-                    settings["mlflow_uri"], settings.get("experiment", "orchestrator"), storage,
-                    settings.get("params") or {}, settings.get("run_name"), settings.get("env"),
+                    settings["mlflow_uri"],
+                    settings.get("experiment", "orchestrator"),
+                    storage,
+                    settings.get("params") or {},
+                    settings.get("run_name"),
+                    settings.get("env"),
                 ),
                 "mlflow",
-            )  # fmt: skip
+            )
         self._thread = threading.Thread(target=self._drain, name="trackers", daemon=True)
         self._thread.start()
 

@@ -55,12 +55,16 @@ _measured: dict[str, float] = {}
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if os.environ.get("ORCHESTRATOR_STORE_DURATIONS"):
-        _measured[report.nodeid.split("@")[0]] = _measured.get(report.nodeid.split("@")[0], 0.0) + report.duration
+        _measured[report.nodeid.split("@")[0]] = (
+            _measured.get(report.nodeid.split("@")[0], 0.0) + report.duration
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if _measured and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller sees every report
-        DURATIONS.write_text(json.dumps({k: round(v, 1) for k, v in sorted(_measured.items())}, indent=0) + "\n")
+        DURATIONS.write_text(
+            json.dumps({k: round(v, 1) for k, v in sorted(_measured.items())}, indent=0) + "\n"
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -33,8 +33,14 @@ from orchestrator.spec import SpecError, load_spec
 SMALL = {"chaos": {"kills": []}, "epochs": 1, "scaling": {"num_workers": 1}}
 
 
-def job(tmp_path: Path, name: str = "x", root: str | None = None, options: dict[str, Any] | None = None,
-        retry: dict[str, Any] | None = None, **fields: Any) -> Path:  # fmt: skip
+def job(
+    tmp_path: Path,
+    name: str = "x",
+    root: str | None = None,
+    options: dict[str, Any] | None = None,
+    retry: dict[str, Any] | None = None,
+    **fields: Any,
+) -> Path:
     """A small digits spec in tmp_path/job.yaml."""
     spec: dict[str, Any] = {"name": name, **SMALL, **fields}
     spec["storage"] = {"root": root or str(tmp_path / "runs"), "options": options or {}}
@@ -52,10 +58,17 @@ def unreachable(tmp_path: Path, moto: Any) -> tuple[Path, list[str]]:
     # A closed port, and a retry budget that would take minutes to spend: nothing answers, so
     # the run is refused after a few quick tries.
     port = free_port()
-    f = job(tmp_path, root="s3://unreachable/runs", options={"endpoint_url": f"http://127.0.0.1:{port}"},
-            retry={"attempts": 30, "initial_s": 1.0, "max_s": 5.0})  # fmt: skip
-    return f, ["storage s3://unreachable/runs/x", f"nothing answers at http://127.0.0.1:{port}",
-               "storage.options.endpoint_url"]  # fmt: skip
+    f = job(
+        tmp_path,
+        root="s3://unreachable/runs",
+        options={"endpoint_url": f"http://127.0.0.1:{port}"},
+        retry={"attempts": 30, "initial_s": 1.0, "max_s": 5.0},
+    )
+    return f, [
+        "storage s3://unreachable/runs/x",
+        f"nothing answers at http://127.0.0.1:{port}",
+        "storage.options.endpoint_url",
+    ]
 
 
 def missing_bucket(tmp_path: Path, moto: Any) -> tuple[Path, list[str]]:
@@ -68,8 +81,22 @@ def write_denied(tmp_path: Path, moto: Any) -> tuple[Path, list[str]]:
     name = f"denied-{uuid.uuid4().hex[:8]}"
     s3 = moto.client()
     s3.create_bucket(Bucket=name)
-    s3.put_bucket_policy(Bucket=name, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
-        {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{name}/*"}]}))  # fmt: skip
+    s3.put_bucket_policy(
+        Bucket=name,
+        Policy=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Deny",
+                        "Principal": "*",
+                        "Action": "s3:PutObject",
+                        "Resource": f"arn:aws:s3:::{name}/*",
+                    }
+                ],
+            }
+        ),
+    )
     f = job(tmp_path, root=f"s3://{name}/runs", options={"endpoint_url": moto.endpoint})
     return f, [f"storage s3://{name}/runs/x", "no permission to write", "s3:PutObject"]
 
@@ -154,20 +181,26 @@ def without_token(c: Any, home: Path, **extra: str) -> dict[str, str]:
             {},
             ["uses token authentication", "RAY_AUTH_MODE=token", "~/.ray/auth_token"],
             id="no-token-no-mode",
-        ),  # fmt: skip
+        ),
         pytest.param(
             {"RAY_AUTH_MODE": "token"},
             ["uses token authentication", "~/.ray/auth_token"],
             id="no-token-mode-token",
-        ),  # fmt: skip
+        ),
         pytest.param(
             {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, ["refused the token"], id="wrong-token"
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_a_token_cluster_reached_without_its_token_says_how_to_give_it(cluster, tmp_path, extra, fragments):
-    p = run_cli("run", str(job(tmp_path)), "--address", cluster.address, timeout=120,
-                env=without_token(cluster, tmp_path, **extra))  # fmt: skip
+    p = run_cli(
+        "run",
+        str(job(tmp_path)),
+        "--address",
+        cluster.address,
+        timeout=120,
+        env=without_token(cluster, tmp_path, **extra),
+    )
     assert p.returncode == EXIT_API, p.stdout + p.stderr
     assert f"the Ray cluster at {cluster.address}" in p.stderr, p.stderr
     for text in fragments:
@@ -187,17 +220,17 @@ def test_a_token_cluster_reached_without_its_token_says_how_to_give_it(cluster, 
                 "cannot grow",
             ],
             id="too-many-workers",
-        ),  # fmt: skip
+        ),
         pytest.param(
             ["scaling.num_workers=2", "scaling.use_gpu=true"],
             ["2 workers x {CPU: 1, GPU: 1} do not fit", "needs 2 GPU, it has 0 GPU"],
             id="gpus",
-        ),  # fmt: skip
+        ),
         pytest.param(
             ["scaling.num_workers=1", "scaling.resources_per_worker={CPU: 2}"],
             ["1 worker x {CPU: 2} does not fit", "no node can hold one worker"],
             id="too-big-a-worker",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_workers_the_cluster_can_never_hold_are_refused_before_ray_train_waits(
@@ -225,8 +258,7 @@ from workers.tasks.digits import build, check_options  # noqa: F401,E402
 def test_a_task_a_remote_node_cannot_import_shows_the_users_error_without_restarts(cluster, tmp_path):
     task = tmp_path / "remote_task.py"
     task.write_text(REMOTE_TASK)
-    f = job(tmp_path, task={"name": f"{task}:build"}, scaling={"num_workers": 2},
-            failure={"max_failures": 3})  # fmt: skip
+    f = job(tmp_path, task={"name": f"{task}:build"}, scaling={"num_workers": 2}, failure={"max_failures": 3})
     p = run_cli("run", str(f), "--address", cluster.address, env=cluster.env, timeout=300)
     assert p.returncode == EXIT_INPUT, p.stdout + p.stderr
     assert "No module named 'package_only_on_the_head'" in p.stderr, p.stderr
@@ -245,8 +277,14 @@ def test_a_full_disk_fails_the_run_clearly_keeps_every_commit_and_resume_goes_on
     uri = f"{PROTOCOL}://{disk}/runs/full"
     # Two checkpoints of the digits CNN (about 310 KB each) fit, the third does not.
     options = {"disk": str(disk), "quota_bytes": 800_000}
-    f = job(tmp_path, name="full", root=f"{PROTOCOL}://{disk}/runs", options=options, epochs=3,
-            failure={"max_failures": 0})  # fmt: skip
+    f = job(
+        tmp_path,
+        name="full",
+        root=f"{PROTOCOL}://{disk}/runs",
+        options=options,
+        epochs=3,
+        failure={"max_failures": 0},
+    )
     env = {**cluster.env, "PYTHONPATH": plugins}
     p = run_cli("run", str(f), "--address", cluster.address, env=env, timeout=300)
     assert p.returncode == EXIT_FAILED, p.stdout + p.stderr
@@ -260,8 +298,19 @@ def test_a_full_disk_fails_the_run_clearly_keeps_every_commit_and_resume_goes_on
         read_verified(store, c)
 
     # Space is back. Reading the run needs its storage options, as an S3 run needs its endpoint.
-    p = run_cli("resume", uri, "--storage-option", f"disk={disk}", "--storage-option", "quota_bytes=100000000",
-                "--address", cluster.address, "--json", env=env, timeout=300)  # fmt: skip
+    p = run_cli(
+        "resume",
+        uri,
+        "--storage-option",
+        f"disk={disk}",
+        "--storage-option",
+        "quota_bytes=100000000",
+        "--address",
+        cluster.address,
+        "--json",
+        env=env,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     after = read_manifest(Storage(uri, {**options, "quota_bytes": 100_000_000}))
     assert after.status == "finished" and max(c.epoch for c in after.checkpoints) == 3

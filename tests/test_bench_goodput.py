@@ -49,8 +49,10 @@ def test_analyse_splits_a_group_restart() -> None:
 
 def test_analyse_counts_steps_a_replica_missed() -> None:
     # rank 1 killed at t=2.5; rank 0 trains on (steps at 3, 4, 5); rank 1 back at t=5.5.
-    steps = {0: _rows(100, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
-             1: _rows(200, [0.0, 1.0, 2.0]) + _rows(201, [6.0])}  # fmt: skip
+    steps = {
+        0: _rows(100, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+        1: _rows(200, [0.0, 1.0, 2.0]) + _rows(201, [6.0]),
+    }
     starts = {0: [-1.0], 1: [-1.0, 5.5]}
     out = goodput.analyse(steps, starts, [(2.5, 1)], job_steps=7)
     (f,) = out["failures"]
@@ -65,7 +67,9 @@ def test_split_adds_up_and_counts_skipped_samples() -> None:
         "wall_s": 20.0,
         "redone_steps": 4,
         "samples": {0: 3, 1: 2, 2: 1},  # sample 0 once more (redone), sample 2 once short
-        "failures": [{"rank": 0, "restart_s": 3.0, "restore_s": 1.0, "stood_still_s": 4.5, "degraded_steps": 0}],
+        "failures": [
+            {"rank": 0, "restart_s": 3.0, "restore_s": 1.0, "stood_still_s": 4.5, "degraded_steps": 0}
+        ],
     }
     x = goodput.split(clean, failed, ref_clean_s=10.0)
     assert x["goodput"] == pytest.approx(0.5)

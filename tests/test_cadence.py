@@ -27,7 +27,7 @@ def tuned(budget: float, step_s: float, stall_s: float, drain_s: float | None = 
         (0.01, 0.200, 0.00001, 0.0, 1, "budget"),  # a near-free save: every step
         (0.01, 1e-6, 10.0, None, MAX_INTERVAL, "budget"),  # capped
     ],
-)  # fmt: skip
+)
 def test_the_cadence_is_the_shortest_within_budget_and_never_faster_than_the_writer(
     budget: float, step_s: float, stall_s: float, drain_s: float | None, n: int, bound: str
 ) -> None:
@@ -63,12 +63,20 @@ def test_the_spec_takes_auto_and_a_budget_and_names_the_field_when_wrong() -> No
     spec = parse_spec({**BASE, "checkpoint": {"every_n_steps": "auto", "overhead_budget": 0.02}})
     assert spec.checkpoint.every_n_steps == "auto" and spec.checkpoint.overhead_budget == 0.02
     assert parse_spec({**BASE, "checkpoint": {"every_n_steps": 5}}).checkpoint.every_n_steps == 5
-    for bad, field in [({"every_n_steps": 0}, "checkpoint.every_n_steps"),
-                       ({"every_n_steps": "often"}, "checkpoint.every_n_steps"),
-                       ({"overhead_budget": 0}, "checkpoint.overhead_budget"),
-                       ({"overhead_budget": 2}, "checkpoint.overhead_budget")]:  # fmt: skip
+    for bad, field in [
+        ({"every_n_steps": 0}, "checkpoint.every_n_steps"),
+        ({"every_n_steps": "often"}, "checkpoint.every_n_steps"),
+        ({"overhead_budget": 0}, "checkpoint.overhead_budget"),
+        ({"overhead_budget": 2}, "checkpoint.overhead_budget"),
+    ]:
         with pytest.raises(SpecError, match=field.replace(".", r"\.")):
             parse_spec({**BASE, "checkpoint": bad})
     with pytest.raises(SpecError, match="every_n_steps: auto is not supported with replicas"):
-        parse_spec({**BASE, "checkpoint": {"every_n_steps": "auto"}, "failure": {"mode": "replicas"},
-                    "scaling": {"num_workers": 2}})  # fmt: skip
+        parse_spec(
+            {
+                **BASE,
+                "checkpoint": {"every_n_steps": "auto"},
+                "failure": {"mode": "replicas"},
+                "scaling": {"num_workers": 2},
+            }
+        )

@@ -72,9 +72,17 @@ def _upload(storage: Storage, epoch: int, loss: float, weight: float) -> Checkpo
         torch.save(tree, buf)
         storage.write_bytes(f"{CHECKPOINTS}/{cid}/{name}", buf.getvalue())
         files.append(FileEntry(path=name, size=len(buf.getvalue()), sha256=sha256_hex(buf.getvalue())))
-    rec = CheckpointRecord(id=cid, epoch=epoch, step_in_epoch=STEPS, global_step=epoch * STEPS,
-                           end_of_epoch=True, metrics={"val_loss": loss}, files=files, world_size=2,
-                           attempt=1)  # fmt: skip
+    rec = CheckpointRecord(
+        id=cid,
+        epoch=epoch,
+        step_in_epoch=STEPS,
+        global_step=epoch * STEPS,
+        end_of_epoch=True,
+        metrics={"val_loss": loss},
+        files=files,
+        world_size=2,
+        attempt=1,
+    )
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", json.dumps(rec.model_dump()).encode())
     return rec
 
@@ -82,8 +90,9 @@ def _upload(storage: Storage, epoch: int, loss: float, weight: float) -> Checkpo
 def _run(tmp_path, name: str) -> Storage:
     """A finished 4-epoch run, committed and retained by the coordinator's own ledger."""
     storage = Storage(str(tmp_path / name))
-    led = RunLedger(storage, name, RetentionConfig("val_loss", "min", top_k=1, keep_latest=1,
-                                                   keep_every_n_epochs=2))  # fmt: skip
+    led = RunLedger(
+        storage, name, RetentionConfig("val_loss", "min", top_k=1, keep_latest=1, keep_every_n_epochs=2)
+    )
     led.start_attempt(2)
     for epoch, loss in enumerate(LOSSES, 1):
         led.report_metrics({"epoch": epoch, "global_step": epoch * STEPS, "attempt": 1, "val_loss": loss})
@@ -214,8 +223,12 @@ def test_a_delete_without_its_event_is_accounted_for_only_by_a_coordinator_that_
     early = next(
         i for i, e in enumerate(without) if e["kind"] == "commit" and e["id"].startswith("epoch0003")
     )
-    st.write_bytes(EVENTS, "".join(json.dumps(e) + "\n" for e in [*without[: early + 1], restarted,
-                                                                  *without[early + 1 :]]).encode())  # fmt: skip
+    st.write_bytes(
+        EVENTS,
+        "".join(
+            json.dumps(e) + "\n" for e in [*without[: early + 1], restarted, *without[early + 1 :]]
+        ).encode(),
+    )
     assert _check(st, ref).lost == [
         "epoch0003-step0000030-a1 committed, gone, and no delete of it can be accounted for"
     ]
@@ -245,26 +258,39 @@ def test_what_a_partitions_stale_side_changed_is_judged(moto, bucket, tmp_path):
 
     from harness.s3 import CREDS
 
-    st = Storage(f"s3://{bucket}/runs/r", {"endpoint_url": moto.endpoint, "key": CREDS["AWS_ACCESS_KEY_ID"],
-                                           "secret": CREDS["AWS_SECRET_ACCESS_KEY"]})  # fmt: skip
+    st = Storage(
+        f"s3://{bucket}/runs/r",
+        {
+            "endpoint_url": moto.endpoint,
+            "key": CREDS["AWS_ACCESS_KEY_ID"],
+            "secret": CREDS["AWS_SECRET_ACCESS_KEY"],
+        },
+    )
     b_commit = "epoch0005-step0000100-a3"
     st.write_bytes(EVENTS, json.dumps({"ts": 9.0, "kind": "commit", "id": b_commit}).encode() + b"\n")
     c = campaign.Campaign(tmp_path, EPOCHS, print)
     ck = f"/{bucket}/runs/r/{CHECKPOINTS}"
-    c.proxy = SimpleNamespace(writes=[
-        (1.0, "PUT", f"/{bucket}/runs/r/manifest.json", 200),  # before the freeze (the mark)
-        (5.0, "PUT", f"/{bucket}/runs/r/lease.json", 200),  # A's heartbeat in flight at the freeze
-        (6.0, "PUT", f"{ck}/epoch0005-step0000100-a2/model.pt", 200),  # A's writer, frozen side
-        (10.0, "DELETE", f"{ck}/{b_commit}/model.pt", 204),
-        (10.0, "DELETE", f"{ck}/{b_commit}/checkpoint.json", 204),
-        (10.0, "DELETE", f"{ck}/epoch0005-step0000110-a3/model.pt", 204),  # B's, not committed yet
-        (10.0, "DELETE", f"{ck}/epoch0004-step0000092-a1/model.pt", 204),  # A's commit, B's manifest keeps
-        (10.0, "DELETE", f"{ck}/epoch0005-step0000100-a2/model.pt", 204),  # A's own upload
-        (12.0, "PUT", f"/{bucket}/runs/r/manifest.json", 412),  # the compare-and-swap refused
-        (12.0, "PUT", f"/{bucket}/runs/r/{METRICS}", 200),
-        (13.0, "DELETE", f"/{bucket}/runs/r/lease.json", 204),
-        (13.0, "PUT", f"/{bucket}/other/{CHECKPOINTS}/x-a9/model.pt", 200),  # not this run
-    ])  # fmt: skip
+    c.proxy = SimpleNamespace(
+        writes=[
+            (1.0, "PUT", f"/{bucket}/runs/r/manifest.json", 200),  # before the freeze (the mark)
+            (5.0, "PUT", f"/{bucket}/runs/r/lease.json", 200),  # A's heartbeat in flight at the freeze
+            (6.0, "PUT", f"{ck}/epoch0005-step0000100-a2/model.pt", 200),  # A's writer, frozen side
+            (10.0, "DELETE", f"{ck}/{b_commit}/model.pt", 204),
+            (10.0, "DELETE", f"{ck}/{b_commit}/checkpoint.json", 204),
+            (10.0, "DELETE", f"{ck}/epoch0005-step0000110-a3/model.pt", 204),  # B's, not committed yet
+            (
+                10.0,
+                "DELETE",
+                f"{ck}/epoch0004-step0000092-a1/model.pt",
+                204,
+            ),  # A's commit, B's manifest keeps
+            (10.0, "DELETE", f"{ck}/epoch0005-step0000100-a2/model.pt", 204),  # A's own upload
+            (12.0, "PUT", f"/{bucket}/runs/r/manifest.json", 412),  # the compare-and-swap refused
+            (12.0, "PUT", f"/{bucket}/runs/r/{METRICS}", 200),
+            (13.0, "DELETE", f"/{bucket}/runs/r/lease.json", 204),
+            (13.0, "PUT", f"/{bucket}/other/{CHECKPOINTS}/x-a9/model.pt", 200),  # not this run
+        ]
+    )
     f = campaign.Fault("partition", 3, mode="training", at=4.0)
     res = campaign.RunResult(campaign.Plan(1, "epochs", [f]))
     t = campaign.Thawed(None, None, f, res, 3, {"epoch0004-step0000092-a1": None}, 1, 11.0, 0.0)  # type: ignore[arg-type]
@@ -303,8 +329,11 @@ def test_a_storage_retry_leaves_the_training_rng_streams_alone(tmp_path):
     from orchestrator.core.storage import RetryPolicy
 
     retries = []
-    st = Storage(str(tmp_path / "run"), retry=RetryPolicy(attempts=4, initial_s=0.001, max_s=0.002),
-                 on_retry=lambda *a: retries.append(a))  # fmt: skip
+    st = Storage(
+        str(tmp_path / "run"),
+        retry=RetryPolicy(attempts=4, initial_s=0.001, max_s=0.002),
+        on_retry=lambda *a: retries.append(a),
+    )
     st.write_bytes("x", b"data")
     failures = [ConnectionResetError(104, "Connection reset by peer"), TimeoutError("timed out")]
     real = st.fs.cat_file
@@ -339,8 +368,15 @@ def test_an_s3_retry_leaves_the_training_rng_streams_alone(moto, bucket, mode):
     proxy.server.handle_error = lambda *a: None  # the resets it makes
     retries = []
     try:
-        st = Storage(f"s3://{bucket}/run", {"endpoint_url": proxy.endpoint, "key": CREDS["AWS_ACCESS_KEY_ID"],
-                     "secret": CREDS["AWS_SECRET_ACCESS_KEY"]}, on_retry=lambda *a: retries.append(a))  # fmt: skip
+        st = Storage(
+            f"s3://{bucket}/run",
+            {
+                "endpoint_url": proxy.endpoint,
+                "key": CREDS["AWS_ACCESS_KEY_ID"],
+                "secret": CREDS["AWS_SECRET_ACCESS_KEY"],
+            },
+            on_retry=lambda *a: retries.append(a),
+        )
         st.write_bytes("x", b"before")
         proxy.mode = mode
         threading.Timer(0.5, lambda: setattr(proxy, "mode", "ok")).start()
@@ -361,9 +397,28 @@ def test_a_small_seeded_campaign(tmp_path):
     """Seed 5: three runs, two or three fault kinds each and a partition in one of them, every
     kind at least once (see make_plans)."""
     out = tmp_path / "campaign.json"
-    p = subprocess.run([sys.executable, "-m", "harness.campaign", "--runs", "3", "--seed", "5", "--specs", "midepoch",
-                        "--json", str(out), "--workdir", str(tmp_path / "work")],
-                       cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness.campaign",
+            "--runs",
+            "3",
+            "--seed",
+            "5",
+            "--specs",
+            "midepoch",
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
     result = json.loads(out.read_text())
     t = result["totals"]

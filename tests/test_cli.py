@@ -121,8 +121,9 @@ def test_best_download_is_weights_only_unless_asked(tmp_path):
     led = RunLedger(storage, "r", RetentionConfig("val_loss", "min", top_k=1, keep_latest=1))
     rec = upload(storage, 1, 0.5)
     storage.write_bytes(f"checkpoints/{rec.id}/train_state.pt", b"state")
-    rec = rec.model_copy(update={"files": [*rec.files, FileEntry(path="train_state.pt", size=5,
-                                                                  sha256=sha256_hex(b"state"))]})  # fmt: skip
+    rec = rec.model_copy(
+        update={"files": [*rec.files, FileEntry(path="train_state.pt", size=5, sha256=sha256_hex(b"state"))]}
+    )
     storage.write_bytes(f"checkpoints/{rec.id}/checkpoint.json", rec.model_dump_json().encode())
     led.commit(rec)
     run_cli("best", str(tmp_path / "r"), "--download", str(tmp_path / "w"), check=True)

@@ -38,9 +38,21 @@ RUN_SETS = ["--set", "chaos.kills=[]", "--set", "scaling.num_workers=2"]
 
 def submit(c: LocalCluster, root: Path, name: str, *extra: str) -> dict[str, Any]:
     """`orchestrator submit configs/digits.yaml` to the test cluster, storage under root."""
-    p = run_cli("submit", "configs/digits.yaml", "--address", c.dashboard, "--json",
-                "--set", f"storage.root={root}", "--set", f"name={name}", *RUN_SETS, *extra,
-                env=c.env, timeout=120)  # fmt: skip
+    p = run_cli(
+        "submit",
+        "configs/digits.yaml",
+        "--address",
+        c.dashboard,
+        "--json",
+        "--set",
+        f"storage.root={root}",
+        "--set",
+        f"name={name}",
+        *RUN_SETS,
+        *extra,
+        env=c.env,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     return dict(json.loads(p.stdout))
 
@@ -153,8 +165,16 @@ def test_submit_to_a_head_whose_job_agent_cannot_serve(tmp_path):
         held.bind(("0.0.0.0", 0))
         held.listen()
         with local_cluster(workers=0, head_agent_port=held.getsockname()[1]) as c:
-            p = run_cli("submit", "configs/digits.yaml", "--address", c.dashboard, "--set",
-                        f"storage.root={tmp_path}", env=c.env, timeout=180)  # fmt: skip
+            p = run_cli(
+                "submit",
+                "configs/digits.yaml",
+                "--address",
+                c.dashboard,
+                "--set",
+                f"storage.root={tmp_path}",
+                env=c.env,
+                timeout=180,
+            )
     assert p.returncode == jobs.EXIT_API, p.stdout + p.stderr
     assert "job agent is not up yet" in p.stderr, p.stderr
     assert "dashboard agent" in p.stderr and "dashboard_agent.log" in p.stderr and "port conflict" in p.stderr
@@ -192,12 +212,32 @@ def test_plain_ray_job_submit_with_a_relative_root_is_refused_clearly(ray_cluste
     (wd / "configs").mkdir(parents=True)
     (wd / "configs" / "digits.yaml").write_text((ROOT / "configs" / "digits.yaml").read_text())
     ray = str(Path(sys.executable).parent / "ray")
-    p = subprocess.run([ray, "job", "submit", "--address", c.dashboard, "--working-dir", str(wd), "--",
-                        sys.executable, "-m", "orchestrator", "run", "configs/digits.yaml"],
-                       env=c.env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    p = subprocess.run(
+        [
+            ray,
+            "job",
+            "submit",
+            "--address",
+            c.dashboard,
+            "--working-dir",
+            str(wd),
+            "--",
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            "configs/digits.yaml",
+        ],
+        env=c.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     out = p.stdout + p.stderr
     assert p.returncode != 0, out[-3000:]
-    assert "storage.root" in out and "'runs' is relative" in out and "deletes after the job" in out, out[-3000:]
+    assert "storage.root" in out and "'runs' is relative" in out and "deletes after the job" in out, out[
+        -3000:
+    ]
     assert not list(wd.rglob("manifest.json"))
 
 
@@ -213,8 +253,18 @@ def test_submit_ships_a_file_task_in_the_working_dir(ray_cluster, tmp_path):
         "    return _build(*args, **kwargs)\n"
     )
     name = f"filetask-{os.getpid()}-{int(time.time())}"
-    job_id = submit(c, tmp_path, name, "--verbose", "--working-dir", str(wd),
-                    "--set", f"task.name={wd / 'mytask.py'}:build", "--set", "epochs=1")["job_id"]  # fmt: skip
+    job_id = submit(
+        c,
+        tmp_path,
+        name,
+        "--verbose",
+        "--working-dir",
+        str(wd),
+        "--set",
+        f"task.name={wd / 'mytask.py'}:build",
+        "--set",
+        "epochs=1",
+    )["job_id"]
     try:
         st = _wait_job(c, job_id)
         logs = run_cli("logs", job_id, "--address", c.dashboard, env=c.env, timeout=60).stdout

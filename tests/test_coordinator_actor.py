@@ -25,8 +25,13 @@ pytestmark = pytest.mark.e2e
 def ray_local():
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, namespace="test-coordinator", logging_level="ERROR",
-             log_to_driver=False)  # fmt: skip
+    ray.init(
+        num_cpus=1,
+        include_dashboard=False,
+        namespace="test-coordinator",
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     yield ray
     ray.shutdown()
 

@@ -21,8 +21,11 @@ CALLERS = ["orchestrator/driver.py", "orchestrator/ray_compat.py"]  # besides wo
 
 
 def public_methods(cls: type) -> dict[str, inspect.Signature]:
-    return {name: inspect.signature(fn) for name, fn in inspect.getmembers(cls, inspect.isfunction)
-            if not name.startswith("_")}  # fmt: skip
+    return {
+        name: inspect.signature(fn)
+        for name, fn in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_")
+    }
 
 
 class Anything:
@@ -54,7 +57,9 @@ class FakeHandle:
 
 
 def client_methods() -> list[str]:
-    return sorted(n for n, _ in inspect.getmembers(calls.Coordinator, inspect.isfunction) if not n.startswith("_"))
+    return sorted(
+        n for n, _ in inspect.getmembers(calls.Coordinator, inspect.isfunction) if not n.startswith("_")
+    )
 
 
 def run_client_method(name: str, handle: FakeHandle, monkeypatch: pytest.MonkeyPatch) -> None:

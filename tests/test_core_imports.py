@@ -22,8 +22,13 @@ print(",".join(heavy))
 
 
 def test_core_modules_are_all_checked():
-    assert {"orchestrator.core.storage", "orchestrator.core.manifest", "orchestrator.core.retention",
-            "orchestrator.core.verify", "orchestrator.core.lease"} <= set(CORE)  # fmt: skip
+    assert {
+        "orchestrator.core.storage",
+        "orchestrator.core.manifest",
+        "orchestrator.core.retention",
+        "orchestrator.core.verify",
+        "orchestrator.core.lease",
+    } <= set(CORE)
 
 
 def test_core_imports_neither_ray_nor_torch():

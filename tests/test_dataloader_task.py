@@ -35,8 +35,9 @@ class Counted(Dataset):
 
 def task_over(loader: DataLoader) -> Task:
     model = torch.nn.Linear(1, 1)
-    return Task(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=loader,
-                val_data=loader)  # fmt: skip
+    return Task(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=loader, val_data=loader
+    )
 
 
 def indices(batches) -> list[int]:
@@ -60,8 +61,16 @@ def test_a_stateful_loader_resumes_at_the_next_batch_without_rereading(workers):
     assert indices(head) == indices(whole[:6])
 
     data = Counted(40)
-    _, rest = train_batches(task_over(loader(data)), seed=0, epoch=2, world_size=1, rank=0, device=CPU,
-                            first=6, loader_state=state)  # fmt: skip
+    _, rest = train_batches(
+        task_over(loader(data)),
+        seed=0,
+        epoch=2,
+        world_size=1,
+        rank=0,
+        device=CPU,
+        first=6,
+        loader_state=state,
+    )
     resumed = list(rest)
     assert [s for s, _ in resumed] == [6, 7, 8, 9]
     assert indices(resumed) == indices(whole[6:])
@@ -115,8 +124,17 @@ def test_a_loader_without_a_length_is_refused():
 def test_the_dataloader_example_survives_a_mid_epoch_kill_and_trains_on_every_sample_once(tmp_path):
     log = tmp_path / "samples"
     log.mkdir()
-    p = run_cli("run", "examples/dataloader_task/job.yaml", "--set", f"storage.root={tmp_path}",
-                "--set", f"task.options.sample_log={log}", "--address", "local", "--json")  # fmt: skip
+    p = run_cli(
+        "run",
+        "examples/dataloader_task/job.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        f"task.options.sample_log={log}",
+        "--address",
+        "local",
+        "--json",
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     assert json.loads(p.stdout)["restarts"] == 1
     run_dir = tmp_path / "dataloader-digits"
@@ -139,8 +157,11 @@ def test_the_dataloader_example_survives_a_mid_epoch_kill_and_trains_on_every_sa
             trained[i // steps + 1] += r["index"]
         # The restarted loader read only what it trained on: it picked up at the next batch
         # instead of reading the epoch's head again (which would train the same samples).
-        reads = [int(i) for owner, i in (line.split() for line in (log / f"reads{rank}.log").read_text().splitlines())
-                 if int(owner) == pids[1]]  # fmt: skip
+        reads = [
+            int(i)
+            for owner, i in (line.split() for line in (log / f"reads{rank}.log").read_text().splitlines())
+            if int(owner) == pids[1]
+        ]
         assert sorted(reads) == sorted(i for r in again for i in r["index"]), (len(reads), rank)
     for epoch in (1, 2, 3):  # the killed epoch too: nothing skipped, nothing twice
         assert sorted(trained[epoch]) == list(range(1438)), epoch

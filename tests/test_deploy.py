@@ -409,12 +409,23 @@ def local_cluster_sh(tmp_path: Path) -> Any:
     stub.write_text(RAY_STUB.format(python=sys.executable))
     stub.chmod(0o755)
     base = {k: v for k, v in os.environ.items() if k not in ("N", "RAY_AUTH_MODE")}
-    env = {**base, "RAY": str(stub), "HOME": str(tmp_path), "STATE_DIR": str(tmp_path / "state"),
-           "STUB_LOG": str(tmp_path / "calls.jsonl"), "GRACE": "5"}  # fmt: skip
+    env = {
+        **base,
+        "RAY": str(stub),
+        "HOME": str(tmp_path),
+        "STATE_DIR": str(tmp_path / "state"),
+        "STUB_LOG": str(tmp_path / "calls.jsonl"),
+        "GRACE": "5",
+    }
 
     def sh(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", str(LOCAL_CLUSTER), *args], env={**env, **extra},
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        return subprocess.run(
+            ["bash", str(LOCAL_CLUSTER), *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     yield sh
     if (tmp_path / "calls.jsonl").exists():  # whatever a failed test left running, by pid
@@ -442,9 +453,14 @@ def _session_alive(sid: int) -> bool:
     ],
 )
 def test_local_cluster_script_starts_and_stops_exactly_its_nodes(
-    local_cluster_sh: Any, tmp_path: Path, args: list[str], env: dict[str, str], workers: int, cpus: str,
+    local_cluster_sh: Any,
+    tmp_path: Path,
+    args: list[str],
+    env: dict[str, str],
+    workers: int,
+    cpus: str,
     head_cpus: str,
-) -> None:  # fmt: skip
+) -> None:
     port, dash = _free_ports(2)
     p = local_cluster_sh("up", *args, "--port", str(port), "--dashboard-port", str(dash), **env)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -493,8 +509,14 @@ def test_local_cluster_script_rejects_bad_usage(local_cluster_sh: Any, tmp_path:
         assert p.returncode == 2 and "Usage:" in p.stderr
     p = local_cluster_sh("--help")
     assert p.returncode == 0 and "Usage:" in p.stdout and "ray start" not in p.stderr
-    for args in (["up", "--bogus", "1"], ["up", "--port"], ["up", "--num-cpus", "x"], ["down", "now"],
-                 ["status", "--json"], ["kill-node"]):  # fmt: skip
+    for args in (
+        ["up", "--bogus", "1"],
+        ["up", "--port"],
+        ["up", "--num-cpus", "x"],
+        ["down", "now"],
+        ["status", "--json"],
+        ["kill-node"],
+    ):
         p = local_cluster_sh(*args)
         assert p.returncode == 2 and p.stderr.startswith("error: "), (args, p.stderr)
     assert not (tmp_path / "calls.jsonl").exists() and not (tmp_path / "state").exists()  # nothing started

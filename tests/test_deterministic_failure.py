@@ -21,16 +21,30 @@ def _raised(exc: BaseException) -> BaseException:
         return e
 
 
-@pytest.mark.parametrize("exc", [
-    Preempted("notice"), CoordinatorTimeout("slow"), StorageError("s3 gone"), ConnectionResetError(),
-    dist.DistBackendError("NCCL error"), RuntimeError("[gloo] Connection closed by peer [10.0.0.2]:4242"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "exc",
+    [
+        Preempted("notice"),
+        CoordinatorTimeout("slow"),
+        StorageError("s3 gone"),
+        ConnectionResetError(),
+        dist.DistBackendError("NCCL error"),
+        RuntimeError("[gloo] Connection closed by peer [10.0.0.2]:4242"),
+    ],
+)
 def test_infrastructure_failures_are_not_counted(exc):
     assert is_infrastructure(exc)
 
 
-@pytest.mark.parametrize("exc", [ValueError("bad sample"), KeyError("label"), ZeroDivisionError(),
-                                 RuntimeError("mat1 and mat2 shapes cannot be multiplied")])  # fmt: skip
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("bad sample"),
+        KeyError("label"),
+        ZeroDivisionError(),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+    ],
+)
 def test_user_code_failures_are_counted(exc):
     assert not is_infrastructure(exc)
 
@@ -43,8 +57,9 @@ def test_signature_tells_places_apart():
 
 
 def test_the_same_error_in_two_attempts_gives_up_and_one_attempt_does_not(tmp_path):
-    ledger = RunLedger(Storage(str(tmp_path)), "r", RetentionConfig(monitor="val_loss", mode="min", top_k=1,
-                                                                    keep_latest=1))  # fmt: skip
+    ledger = RunLedger(
+        Storage(str(tmp_path)), "r", RetentionConfig(monitor="val_loss", mode="min", top_k=1, keep_latest=1)
+    )
     sig = signature(_raised(ValueError("bad")), "epoch 1 step 3")
     ledger.record_failure(sig, "Traceback: rank 0", 1, "a")
     ledger.note_restart("ValueError: bad", "r1")  # Ray Train decides before a slow rank's report lands
@@ -59,11 +74,25 @@ def test_the_same_error_in_two_attempts_gives_up_and_one_attempt_does_not(tmp_pa
 @pytest.mark.e2e
 def test_a_deterministic_user_error_stops_after_its_second_time(tmp_path):
     task = f"{ROOT}/tests/tasks/poisoned.py:build"
-    p = run_cli("run", "examples/custom_task/job.yaml", "--set", f"storage.root={tmp_path}",
-                "--set", f"task.name={task}", "--set", "failure.max_failures=6", "--set", "epochs=3",
-                "--address", "local", "--quiet")  # fmt: skip
+    p = run_cli(
+        "run",
+        "examples/custom_task/job.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        f"task.name={task}",
+        "--set",
+        "failure.max_failures=6",
+        "--set",
+        "epochs=3",
+        "--address",
+        "local",
+        "--quiet",
+    )
     assert p.returncode == 1, p.stderr[-3000:]
-    assert "a restart cannot fix it" in p.stderr and "training sample 123 is corrupt" in p.stderr, p.stderr[-3000:]
+    assert "a restart cannot fix it" in p.stderr and "training sample 123 is corrupt" in p.stderr, p.stderr[
+        -3000:
+    ]
     assert "poisoned.py" in p.stderr  # the user's own traceback, with their file
     events = jsonl(tmp_path / "regression" / "events.jsonl")
     assert sum(e["kind"] == "restart" for e in events) == 2  # not 6

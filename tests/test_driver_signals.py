@@ -19,8 +19,17 @@ pytestmark = pytest.mark.e2e
 
 
 def _run_args(tmp_path: Path, name: str, *sets: str) -> list[str]:
-    return ["run", "configs/digits.yaml", "--set", f"name={name}", "--set", f"storage.root={tmp_path}",
-            "--set", "chaos.kills=[]", *(a for s in sets for a in ("--set", s))]  # fmt: skip
+    return [
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"name={name}",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "chaos.kills=[]",
+        *(a for s in sets for a in ("--set", s)),
+    ]
 
 
 def _training(tmp_path: Path, name: str, kill_group, *sets: str) -> tuple[subprocess.Popen, Path, Path]:  # noqa: ANN001
@@ -41,7 +50,9 @@ def _alive(p: psutil.Process) -> bool:
 
 def test_the_embedded_ray_goes_away_with_a_sigkilled_driver(tmp_path, kill_group):
     p, run_dir, _ = _training(tmp_path, "reap", kill_group, "epochs=40")
-    ray_procs = [c for c in psutil.Process(p.pid).children(recursive=True) if "reaper" not in " ".join(c.cmdline())]
+    ray_procs = [
+        c for c in psutil.Process(p.pid).children(recursive=True) if "reaper" not in " ".join(c.cmdline())
+    ]
     assert any(c.name() == "raylet" for c in ray_procs), [c.name() for c in ray_procs]
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=10)
@@ -66,7 +77,9 @@ def _events(run_dir: Path, kind: str) -> list[dict]:
 # finished before the stop landed); a run stopped early costs nothing for the epochs it did
 # not train. Replica groups never wait on Ray Train's poll between epochs: shorter epochs.
 @pytest.mark.parametrize(("mode", "epochs"), [("restart", 20), ("replicas", 30)])
-def test_sigterm_on_the_driver_commits_a_checkpoint_stops_and_resume_continues(tmp_path, kill_group, mode, epochs):
+def test_sigterm_on_the_driver_commits_a_checkpoint_stops_and_resume_continues(
+    tmp_path, kill_group, mode, epochs
+):
     p, run_dir, log = _training(tmp_path, "term", kill_group, f"epochs={epochs}", f"failure.mode={mode}")
     os.kill(p.pid, signal.SIGTERM)
     assert p.wait(timeout=150) == 128 + signal.SIGTERM, log.read_text()[-3000:]

@@ -19,9 +19,19 @@ pytestmark = pytest.mark.e2e
 def test_custom_task_from_a_file_runs_and_stops_early(tmp_path):
     # min_delta so large that nothing after epoch 1 counts as improvement: with patience 2
     # every rank must stop together after epoch 3 of 30.
-    p = run_cli("run", "examples/custom_task/job.yaml", "--set", f"storage.root={tmp_path}",
-                "--set", "early_stopping={patience: 2, min_delta: 1000}", "--set", "epochs=30",
-                "--address", "local", "--json")  # fmt: skip
+    p = run_cli(
+        "run",
+        "examples/custom_task/job.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "early_stopping={patience: 2, min_delta: 1000}",
+        "--set",
+        "epochs=30",
+        "--address",
+        "local",
+        "--json",
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     summary = json.loads(p.stdout)
     run_dir = tmp_path / "regression"

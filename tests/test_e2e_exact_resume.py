@@ -14,12 +14,16 @@ from orchestrator.core.procs import pid_alive
 pytestmark = pytest.mark.e2e
 
 COMMON = [
-    "--set", "epochs=4",
-    "--set", "checkpoint.every_n_steps=10",
-    "--set", "checkpoint.top_k=1",
-    "--address", "local",
+    "--set",
+    "epochs=4",
+    "--set",
+    "checkpoint.every_n_steps=10",
+    "--set",
+    "checkpoint.top_k=1",
+    "--address",
+    "local",
     "--json",
-]  # fmt: skip
+]
 
 
 def final_state(run_dir):
@@ -33,14 +37,32 @@ def final_state(run_dir):
 
 
 def test_killed_twice_equals_never_killed(tmp_path):
-    clean = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=clean",
-                    "--set", "chaos.kills=[]", *COMMON)  # fmt: skip
+    clean = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=clean",
+        "--set",
+        "chaos.kills=[]",
+        *COMMON,
+    )
     assert clean.returncode == 0, clean.stderr[-4000:]
     # Rank 0 dies mid-epoch 2 (23 steps an epoch, a checkpoint every 10 global steps);
     # rank 1 dies at the start of epoch 4.
     kills = "[{rank: 0, epoch: 2, step: 12}, {rank: 1, epoch: 4, step: 0}]"
-    faulty = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=faulty",
-                     "--set", f"chaos.kills={kills}", *COMMON)  # fmt: skip
+    faulty = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=faulty",
+        "--set",
+        f"chaos.kills={kills}",
+        *COMMON,
+    )
     assert faulty.returncode == 0, faulty.stderr[-4000:]
     assert json.loads(faulty.stdout)["restarts"] == 2, faulty.stdout[-2000:] + faulty.stderr[-6000:]
 
@@ -72,15 +94,30 @@ def test_killed_twice_equals_never_killed(tmp_path):
     # checkpoint.every_n_steps: auto saves at whatever steps its measurements choose; the same
     # kills, resumed from those saves, still end bitwise where the clean run ended. (One more
     # run in this test rather than a new test: it is compared with the clean run above.)
-    auto = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=auto",
-                   "--set", f"chaos.kills={kills}", *COMMON, "--set", "checkpoint.every_n_steps=auto")  # fmt: skip
+    auto = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=auto",
+        "--set",
+        f"chaos.kills={kills}",
+        *COMMON,
+        "--set",
+        "checkpoint.every_n_steps=auto",
+    )
     assert auto.returncode == 0, auto.stderr[-4000:]
     chose = [e for e in jsonl(tmp_path / "auto" / "events.jsonl") if e["kind"] == "cadence"]
     # tuned from measurements at every attempt's first save (the restarts' too), never before
-    assert chose and all(e["bound"] in ("budget", "drain") and e["step_ms"] > 0 and e["why"] for e in chose), chose
+    assert chose and all(
+        e["bound"] in ("budget", "drain") and e["step_ms"] > 0 and e["why"] for e in chose
+    ), chose
     commits = [e["id"] for e in jsonl(tmp_path / "auto" / "events.jsonl") if e["kind"] == "commit"]
     assert "epoch0001-step0000010-a1" in commits, commits  # the first save, at step 10, measures
     a_rec, a_model, _ = final_state(tmp_path / "auto")
     assert a_rec["global_step"] == 4 * 23
     assert all(torch.equal(c_model[k], a_model[k]) for k in c_model)
-    assert strip(jsonl(tmp_path / "clean" / "metrics.jsonl")) == strip(jsonl(tmp_path / "auto" / "metrics.jsonl"))
+    assert strip(jsonl(tmp_path / "clean" / "metrics.jsonl")) == strip(
+        jsonl(tmp_path / "auto" / "metrics.jsonl")
+    )

@@ -26,8 +26,19 @@ def damage(storage: Storage, rel: str, how: str) -> None:
 def check_damage_is_caught(root: str, storage: Storage, how: str, file: str, env: dict[str, str]) -> None:
     # No node-local tier: a valid local copy would be restored instead, and the damage in shared
     # storage, which this test is about, would not be read (tests/test_node_cache.py covers the tier).
-    base = ["--set", f"storage.root={root}", "--set", "name=integrity", "--set", "chaos.kills=[]",
-            "--set", "checkpoint.local_cache=false", "--address", "local", "--json"]  # fmt: skip
+    base = [
+        "--set",
+        f"storage.root={root}",
+        "--set",
+        "name=integrity",
+        "--set",
+        "chaos.kills=[]",
+        "--set",
+        "checkpoint.local_cache=false",
+        "--address",
+        "local",
+        "--json",
+    ]
     p = run_cli("run", "configs/digits.yaml", "--set", "epochs=3", *base, env=env)
     assert p.returncode == 0, p.stderr[-4000:]
     m = read_manifest(storage)
@@ -47,7 +58,9 @@ def check_damage_is_caught(root: str, storage: Storage, how: str, file: str, env
     # not this test's business and was seen under the full suite's load (Ray removed the live
     # workers' placement group: CI, stop 24's check).
     resumed = [e for e in events if e["kind"] == "attempt_started"][1]
-    assert resumed["attempt"] == 2 and resumed["restore"] == latest.id  # what the coordinator offered first...
+    assert (
+        resumed["attempt"] == 2 and resumed["restore"] == latest.id
+    )  # what the coordinator offered first...
     m = read_manifest(storage)
     assert [b.record.id for b in m.bad] == [latest.id]  # ...was refused, marked bad
     metrics = read_jsonl(storage, "metrics.jsonl")

@@ -117,8 +117,17 @@ def test_killing_the_coordinator_mid_run_loses_no_committed_checkpoint(tmp_path,
     # Asked as soon as the lease exists, with the whole run still ahead: asked after the
     # kill below it raced the last epochs, and a finished run is refused for that instead.
     wait_until(lambda: (run_dir / "lease.json").exists() or proc.poll() is not None, 120, "the lease")
-    second = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=coordkill",
-                     "--address", "local", timeout=120)  # fmt: skip
+    second = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=coordkill",
+        "--address",
+        "local",
+        timeout=120,
+    )
     assert second.returncode == 3, second.stdout + second.stderr
     assert f"in use by driver pid {proc.pid}" in second.stderr and "since" in second.stderr
 

@@ -41,10 +41,27 @@ def evals_per_epoch(task, ctx):
 def _run(tmp_path, name, *extra):
     task = tmp_path / "nantask.py"
     task.write_text(NAN_TASK)
-    return run_cli("run", "configs/digits.yaml", "--json", "--address", "local",
-                   "--set", f"storage.root={tmp_path}", "--set", f"name={name}", "--set", "chaos.kills=[]",
-                   "--set", "scaling.num_workers=1", "--set", "epochs=4", "--set", f"task.name={task}:build",
-                   *extra, timeout=400)  # fmt: skip
+    return run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--json",
+        "--address",
+        "local",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        f"name={name}",
+        "--set",
+        "chaos.kills=[]",
+        "--set",
+        "scaling.num_workers=1",
+        "--set",
+        "epochs=4",
+        "--set",
+        f"task.name={task}:build",
+        *extra,
+        timeout=400,
+    )
 
 
 def test_a_nan_epoch_leaves_a_readable_run_whose_best_is_finite(tmp_path):
@@ -74,9 +91,24 @@ def test_stop_on_nan_stops_the_run_naming_epoch_and_metric(tmp_path):
 
 
 def test_a_monitor_the_task_does_not_report_fails_once_before_training(tmp_path):
-    args = ["run", "configs/digits.yaml", "--address", "local", "--set", f"storage.root={tmp_path}",
-            "--set", "name=badmon", "--set", "chaos.kills=[]", "--set", "scaling.num_workers=1",
-            "--set", "checkpoint.monitor=val_f1", "--set", "failure.max_failures=3"]  # fmt: skip
+    args = [
+        "run",
+        "configs/digits.yaml",
+        "--address",
+        "local",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=badmon",
+        "--set",
+        "chaos.kills=[]",
+        "--set",
+        "scaling.num_workers=1",
+        "--set",
+        "checkpoint.monitor=val_f1",
+        "--set",
+        "failure.max_failures=3",
+    ]
     # The driver builds the task before Ray starts: refused there, nothing stored.
     p = run_cli(*args, timeout=400)
     assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]

@@ -37,9 +37,22 @@ def test_a_damaged_shared_copy_is_healed_from_the_tier_or_marked_bad_without_it(
     # without the copy, read shared storage, and (correctly) mark the checkpoint bad instead.
     env, storage = cli_env(), Storage(str(tmp_path / "heal"))
     base = ["--set", "checkpoint.top_k=10", "--json", "--address", "local"]  # every epoch stays kept
-    p = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=heal",
-                "--set", "chaos.kills=[]", "--set", f"checkpoint.local_cache={tmp_path / 'cache'}",
-                "--set", "epochs=3", *base, env=env)  # fmt: skip
+    p = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=heal",
+        "--set",
+        "chaos.kills=[]",
+        "--set",
+        f"checkpoint.local_cache={tmp_path / 'cache'}",
+        "--set",
+        "epochs=3",
+        *base,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     epoch3 = latest_id(storage)
     flip_byte(storage, f"checkpoints/{epoch3}/model.pt")
@@ -52,7 +65,9 @@ def test_a_damaged_shared_copy_is_healed_from_the_tier_or_marked_bad_without_it(
     assert not [e for e in events if e["kind"] == "verification_failed"]
     found = [e for e in events if e["kind"] in ("shared_copy_damaged", "shared_copy_healed")]
     assert [(e["kind"], e["id"], e["file"]) for e in found] == [
-        ("shared_copy_damaged", epoch3, "model.pt"), ("shared_copy_healed", epoch3, "model.pt")]  # fmt: skip
+        ("shared_copy_damaged", epoch3, "model.pt"),
+        ("shared_copy_healed", epoch3, "model.pt"),
+    ]
     assert "sha256" in found[0]["why"]
     m = read_manifest(storage)
     assert m.get(epoch3) is not None and not m.bad  # still kept, never marked bad
@@ -65,8 +80,9 @@ def test_a_damaged_shared_copy_is_healed_from_the_tier_or_marked_bad_without_it(
     # previous checkpoint (epoch 3, healed above) restored from shared storage.
     epoch4 = latest_id(storage)
     flip_byte(storage, f"checkpoints/{epoch4}/model.pt")
-    p = run_cli("resume", storage.uri, "--set", "epochs=5", "--set", "checkpoint.local_cache=false",
-                *base, env=env)  # fmt: skip
+    p = run_cli(
+        "resume", storage.uri, "--set", "epochs=5", "--set", "checkpoint.local_cache=false", *base, env=env
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     events = read_jsonl(storage, "events.jsonl")
     failed = [e for e in events if e["kind"] == "verification_failed"]

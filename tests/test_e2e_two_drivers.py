@@ -24,9 +24,25 @@ pytestmark = pytest.mark.e2e
 def test_two_drivers_then_a_takeover_after_a_stall(s3_env, bucket, tmp_path, kill_group):
     env = cli_env(**s3_env)
     uri = f"s3://{bucket}/runs/duel"
-    args = ("configs/digits.yaml", "--address", "local", "--set", f"storage.root=s3://{bucket}/runs",
-            "--set", "name=duel", "--set", "chaos.kills=[]", "--set", "scaling.num_workers=1",
-            "--set", "epochs=14", "--set", "failure.lease_ttl_s=3", "--set", "failure.max_failures=1")  # fmt: skip
+    args = (
+        "configs/digits.yaml",
+        "--address",
+        "local",
+        "--set",
+        f"storage.root=s3://{bucket}/runs",
+        "--set",
+        "name=duel",
+        "--set",
+        "chaos.kills=[]",
+        "--set",
+        "scaling.num_workers=1",
+        "--set",
+        "epochs=14",
+        "--set",
+        "failure.lease_ttl_s=3",
+        "--set",
+        "failure.max_failures=1",
+    )
     first = [start_cli("run", *args, log=tmp_path / f"d{i}.log", env=env) for i in range(2)]
     for p in first:
         kill_group(p)
@@ -44,10 +60,22 @@ def test_two_drivers_then_a_takeover_after_a_stall(s3_env, bucket, tmp_path, kil
     time.sleep(6)  # past the 3 s TTL by the storage's clock
     b = start_cli("resume", uri, "--address", "local", "--json", log=tmp_path / "b.log", env=env)
     kill_group(b)
-    wait_until(lambda: b"attempt" in (tmp_path / "b.log").read_bytes() or b.poll() is not None
-               or _events(direct, "lease_taken_over"), 180, "B took over")  # fmt: skip
-    wait_until(lambda: b.poll() is not None or any(e.get("attempt", 0) > 1
-               for e in _events(direct, "attempt_started")), 240, "B's first attempt")  # fmt: skip
+    wait_until(
+        lambda: (
+            b"attempt" in (tmp_path / "b.log").read_bytes()
+            or b.poll() is not None
+            or _events(direct, "lease_taken_over")
+        ),
+        180,
+        "B took over",
+    )
+    wait_until(
+        lambda: (
+            b.poll() is not None or any(e.get("attempt", 0) > 1 for e in _events(direct, "attempt_started"))
+        ),
+        240,
+        "B's first attempt",
+    )
     os.kill(a.pid, signal.SIGCONT)  # A wakes up to a run that is no longer its own
     assert a.wait(timeout=300) == 3, (tmp_path / f"d{first.index(a)}.log").read_text()[-4000:]
     a_log = (tmp_path / f"d{first.index(a)}.log").read_text()

@@ -41,13 +41,21 @@ def test_every_error_the_control_plane_defines_is_an_orchestrator_error() -> Non
 
 @pytest.mark.parametrize(
     ("path", "code"),
-    [("orchestrator.spec.SpecError", 2), ("orchestrator.core.tasks.TaskError", 2),
-     ("orchestrator.api.RunNotFound", 2), ("orchestrator.core.repair.NotARun", 2),
-     ("orchestrator.core.lease.LeaseHeld", 3), ("orchestrator.core.lease.LeaseLost", 3),
-     ("orchestrator.core.storage.StorageError", 4), ("orchestrator.core.manifest.ManifestError", 4),
-     ("orchestrator.preflight.RayUnreachable", 5), ("orchestrator.driver.RunFailed", 1),
-     ("orchestrator.api.NoCheckpoint", 1), ("orchestrator.core.verify.VerificationError", 1)],
-)  # fmt: skip
+    [
+        ("orchestrator.spec.SpecError", 2),
+        ("orchestrator.core.tasks.TaskError", 2),
+        ("orchestrator.api.RunNotFound", 2),
+        ("orchestrator.core.repair.NotARun", 2),
+        ("orchestrator.core.lease.LeaseHeld", 3),
+        ("orchestrator.core.lease.LeaseLost", 3),
+        ("orchestrator.core.storage.StorageError", 4),
+        ("orchestrator.core.manifest.ManifestError", 4),
+        ("orchestrator.preflight.RayUnreachable", 5),
+        ("orchestrator.driver.RunFailed", 1),
+        ("orchestrator.api.NoCheckpoint", 1),
+        ("orchestrator.core.verify.VerificationError", 1),
+    ],
+)
 def test_each_kind_carries_its_exit_code(path: str, code: int) -> None:
     module, _, name = path.rpartition(".")
     assert getattr(importlib.import_module(module), name).exit_code == code

@@ -42,9 +42,17 @@ def make_run(storage: Storage, losses: list[float], task: str = "digits") -> Non
         torch.save(DigitsCNN().state_dict(), buf)
         data, cid = buf.getvalue(), f"epoch{epoch:04d}-step{epoch:07d}-a1"
         storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", data)
-        rec = CheckpointRecord(id=cid, epoch=epoch, step_in_epoch=1, global_step=epoch, end_of_epoch=True,
-                               metrics={"val_loss": loss}, world_size=1, attempt=1,
-                               files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))])  # fmt: skip
+        rec = CheckpointRecord(
+            id=cid,
+            epoch=epoch,
+            step_in_epoch=1,
+            global_step=epoch,
+            end_of_epoch=True,
+            metrics={"val_loss": loss},
+            world_size=1,
+            attempt=1,
+            files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))],
+        )
         storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", rec.model_dump_json().encode())
         led.commit(rec)
     led.finish("finished")
@@ -91,10 +99,20 @@ def test_safetensors_export_loads_without_this_package(run_uri, tmp_path):
     assert set(config["source_sha256"]) == {"model.pt"}
     assert json.loads((tmp_path / "exp" / "config.json").read_text()) == config
     out = subprocess.run(
-        [sys.executable, "-I", "-c", INFERENCE, inspect.getsource(DigitsCNN), str(tmp_path / "exp" / "model.safetensors"),
-         json.dumps(digits_inputs().tolist())],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            INFERENCE,
+            inspect.getsource(DigitsCNN),
+            str(tmp_path / "exp" / "model.safetensors"),
+            json.dumps(digits_inputs().tolist()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["leaked"] == []
@@ -184,7 +202,10 @@ def test_a_train_functions_model_gets_out_through_its_serving_model(tmp_path):
     p = run_cli("export", uri, "--format", "torchscript", "--out", str(tmp_path / "ts"))
     assert p.returncode == 0, p.stderr
     config = json.loads((tmp_path / "ts" / "config.json").read_text())
-    assert config["model_class"].endswith("session_api/train.py:DigitsCNN") or config["model_class"] == "workers.tasks.digits.DigitsCNN"
+    assert (
+        config["model_class"].endswith("session_api/train.py:DigitsCNN")
+        or config["model_class"] == "workers.tasks.digits.DigitsCNN"
+    )
     assert config["input_shape"] == ["batch", 1, 8, 8]
     traced = torch.jit.load(str(tmp_path / "ts" / "model.ts"))
     x = digits_inputs(16)
@@ -197,4 +218,6 @@ def test_a_train_functions_model_gets_out_through_its_serving_model(tmp_path):
     with pytest.raises(TaskError, match="is a train function.*def serving_model"):
         load_best(uri2, build=True)
     p = run_cli("export", uri2, "--format", "onnx", "--out", str(tmp_path / "onnx"))
-    assert p.returncode == 2 and "def serving_model(options)" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 2 and "def serving_model(options)" in p.stderr and "Traceback" not in p.stderr, (
+        p.stderr
+    )

@@ -52,15 +52,25 @@ def upload(storage: Storage, epoch: int, loss: float, attempt: int, record: bool
     cid = f"epoch{epoch:04d}-step{epoch * 10:07d}-a{attempt}"
     data = f"weights of epoch {epoch}, attempt {attempt}".encode()
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", data)
-    rec = CheckpointRecord(id=cid, epoch=epoch, step_in_epoch=10, global_step=epoch * 10, end_of_epoch=True,
-                           metrics={"val_loss": loss}, world_size=1, attempt=attempt,
-                           files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))])  # fmt: skip
+    rec = CheckpointRecord(
+        id=cid,
+        epoch=epoch,
+        step_in_epoch=10,
+        global_step=epoch * 10,
+        end_of_epoch=True,
+        metrics={"val_loss": loss},
+        world_size=1,
+        attempt=attempt,
+        files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))],
+    )
     if record:
         storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", rec.model_dump_json().encode())
     return rec
 
 
-def stall_inside(storage: Storage, methods: tuple[str, ...], rel: str, during: Callable[[], None]) -> list[str]:
+def stall_inside(
+    storage: Storage, methods: tuple[str, ...], rel: str, during: Callable[[], None]
+) -> list[str]:
     """The next call of one of these Storage methods on `rel` stalls: `during` runs (the world
     goes on without this process), then the call goes ahead as if nothing had happened."""
     fired: list[str] = []
@@ -245,8 +255,14 @@ def test_lease_staleness_is_judged_by_the_storage_clock_not_the_readers(tmp_path
 
 
 def write_lease(storage: Storage, **fields: object) -> None:
-    body = {"host": Lease(storage).host, "token": "theirs", "since": time.time(), "heartbeat": time.time(),
-            "ttl_s": 30, **fields}  # fmt: skip
+    body = {
+        "host": Lease(storage).host,
+        "token": "theirs",
+        "since": time.time(),
+        "heartbeat": time.time(),
+        "ttl_s": 30,
+        **fields,
+    }
     storage.write_bytes(LEASE, json.dumps(body).encode())
 
 
@@ -407,8 +423,15 @@ def test_a_run_whose_manifest_is_gone_but_its_backup_is_there_is_not_started_ove
     rec = upload(storage, 1, 0.5, attempt=1)
     led.commit(rec)
     storage.delete(MANIFEST)
-    p = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path / 'runs'}", "--set", "name=r",
-                timeout=120)  # fmt: skip
+    p = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path / 'runs'}",
+        "--set",
+        "name=r",
+        timeout=120,
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     assert "manifest.json is missing but manifest.backup.json is there" in p.stderr
     assert "orchestrator repair" in p.stderr

@@ -55,12 +55,44 @@ WILD = st.recursive(
 # YAML text a user might type for one value: tags, anchors, dates, huge literals, nesting.
 YAML_VALUES = st.sampled_from(
     [
-        ".nan", ".inf", "-.inf", "1e999", "1e-3", "0x1F", "0o17", "1_000", "~", "null", "yes", "no",
-        "2020-01-01", "2020-01-01T10:00:00", "!!binary aGVsbG8=", "!!python/object:os.system {}",
-        "!!set {a, b}", "&a [1, *a]", "*nope", "[1, 2, 3]", "{a: 1}", "'quoted'", '"\\u00e9"',
-        "9" * 5000, "-" + "9" * 5000, "[" * 3000 + "]" * 3000, "{a: " * 2000 + "1" + "}" * 2000,
-        "'unterminated", "{", "]", ": :", "\t", "\x00", "|\n  block", ">-", "!!float nan", "!!int x",
-    ]  # fmt: skip
+        ".nan",
+        ".inf",
+        "-.inf",
+        "1e999",
+        "1e-3",
+        "0x1F",
+        "0o17",
+        "1_000",
+        "~",
+        "null",
+        "yes",
+        "no",
+        "2020-01-01",
+        "2020-01-01T10:00:00",
+        "!!binary aGVsbG8=",
+        "!!python/object:os.system {}",
+        "!!set {a, b}",
+        "&a [1, *a]",
+        "*nope",
+        "[1, 2, 3]",
+        "{a: 1}",
+        "'quoted'",
+        '"\\u00e9"',
+        "9" * 5000,
+        "-" + "9" * 5000,
+        "[" * 3000 + "]" * 3000,
+        "{a: " * 2000 + "1" + "}" * 2000,
+        "'unterminated",
+        "{",
+        "]",
+        ": :",
+        "\t",
+        "\x00",
+        "|\n  block",
+        ">-",
+        "!!float nan",
+        "!!int x",
+    ]
 ) | st.text(max_size=20)
 
 
@@ -87,8 +119,11 @@ SPEC_DICTS = st.fixed_dictionaries(
                     "retry": valid_or(
                         st.fixed_dictionaries(
                             {},
-                            optional={"attempts": valid_or(POS_INT), "initial_s": valid_or(POS_FLOAT),
-                                      "max_s": valid_or(POS_FLOAT)},  # fmt: skip
+                            optional={
+                                "attempts": valid_or(POS_INT),
+                                "initial_s": valid_or(POS_FLOAT),
+                                "max_s": valid_or(POS_FLOAT),
+                            },
                         )
                     ),
                 },
@@ -97,8 +132,10 @@ SPEC_DICTS = st.fixed_dictionaries(
         "task": valid_or(
             st.fixed_dictionaries(
                 {},
-                optional={"name": valid_or(st.just("digits")),
-                          "options": valid_or(st.dictionaries(TEXT, WILD, max_size=3))},  # fmt: skip
+                optional={
+                    "name": valid_or(st.just("digits")),
+                    "options": valid_or(st.dictionaries(TEXT, WILD, max_size=3)),
+                },
             )
         ),
         "scaling": valid_or(
@@ -128,8 +165,10 @@ SPEC_DICTS = st.fixed_dictionaries(
         "failure": valid_or(
             st.fixed_dictionaries(
                 {},
-                optional={"max_failures": valid_or(st.integers(-1, 10)),
-                          "lease_ttl_s": valid_or(st.floats(1, 100))},  # fmt: skip
+                optional={
+                    "max_failures": valid_or(st.integers(-1, 10)),
+                    "lease_ttl_s": valid_or(st.floats(1, 100)),
+                },
             )
         ),
         "early_stopping": valid_or(
@@ -161,11 +200,29 @@ SPEC_DICTS = st.fixed_dictionaries(
 # Dotted keys a user passes to --set: real fields, typos, paths through lists and scalars.
 SET_KEYS = st.sampled_from(
     [
-        "epochs", "seed", "name", "task.options.lr", "task.options.batch_size", "task.name",
-        "checkpoint.top_k", "checkpoint.mode", "scaling.num_workers", "failure.lease_ttl_s",
-        "storage.retry.initial_s", "chaos.kills", "chaos.kills.0.rank", "name.x", "epochs.x",
-        "", ".", "..", "a..b", "checkpoint.", "é.ü", "x" * 200,
-    ]  # fmt: skip
+        "epochs",
+        "seed",
+        "name",
+        "task.options.lr",
+        "task.options.batch_size",
+        "task.name",
+        "checkpoint.top_k",
+        "checkpoint.mode",
+        "scaling.num_workers",
+        "failure.lease_ttl_s",
+        "storage.retry.initial_s",
+        "chaos.kills",
+        "chaos.kills.0.rank",
+        "name.x",
+        "epochs.x",
+        "",
+        ".",
+        "..",
+        "a..b",
+        "checkpoint.",
+        "é.ü",
+        "x" * 200,
+    ]
 ) | st.text(max_size=15)
 SETS = st.lists(st.tuples(SET_KEYS, YAML_VALUES).map(lambda kv: f"{kv[0]}={kv[1]}") | TEXT, max_size=3)
 DIGITS_OPTIONS = st.dictionaries(
@@ -225,9 +282,20 @@ def test_spec_shaped_documents_load_or_say_what_is_wrong(tmp_path, data):
 
 
 @FUZZ
-@given(field=st.sampled_from(["epochs", "seed", "name", "task.options.lr", "storage.root",
-                              "failure.lease_ttl_s", "scaling.resources_per_worker.CPU"]),  # fmt: skip
-       value=YAML_VALUES)
+@given(
+    field=st.sampled_from(
+        [
+            "epochs",
+            "seed",
+            "name",
+            "task.options.lr",
+            "storage.root",
+            "failure.lease_ttl_s",
+            "scaling.resources_per_worker.CPU",
+        ]
+    ),
+    value=YAML_VALUES,
+)
 def test_any_yaml_value_in_any_field(tmp_path, field, value):
     *parents, leaf = field.split(".")
     lines, indent = ["name: fuzz"] if field != "name" else [], ""
@@ -247,8 +315,11 @@ def test_set_overrides_apply_or_are_blamed_on_set(tmp_path, sets):
 @FUZZ
 @given(options=DIGITS_OPTIONS)
 def test_builtin_task_options_are_checked_before_ray(tmp_path, options):
-    load_text(tmp_path, yaml.safe_dump({"name": "fuzz", "task": {"name": "digits", "options": options}}),
-              check_task=True)  # fmt: skip
+    load_text(
+        tmp_path,
+        yaml.safe_dump({"name": "fuzz", "task": {"name": "digits", "options": options}}),
+        check_task=True,
+    )
 
 
 # -- the manifest reader -------------------------------------------------------------------
@@ -280,8 +351,11 @@ RECORDS = st.fixed_dictionaries(
         "files": valid_or(
             st.lists(
                 st.fixed_dictionaries(
-                    {"path": valid_or(st.just("model.pt")), "size": valid_or(st.integers(0, 99)),
-                     "sha256": valid_or(SHA)}  # fmt: skip
+                    {
+                        "path": valid_or(st.just("model.pt")),
+                        "size": valid_or(st.integers(0, 99)),
+                        "sha256": valid_or(SHA),
+                    }
                 ),
                 max_size=2,
             )
@@ -390,10 +464,18 @@ LAUGHS = "name: x\ntask:\n  options:\n    l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
     "text, sets, says",
     [
         (b"name: x\nseed: \xff\n", [], "not UTF-8"),
-        ("name: x\nseed: " + "9" * 5000 + "\n", [], 'cannot read this value: Exceeds the limit (4300 digits)'),
+        (
+            "name: x\nseed: " + "9" * 5000 + "\n",
+            [],
+            "cannot read this value: Exceeds the limit (4300 digits)",
+        ),
         ("name: x\ntask: {options: {a: " + "[" * 5000 + "]" * 5000 + "}}\n", [], "nested too deeply"),
         ("name: x\n", ["task.options.a=" + "[" * 5000 + "]" * 5000], "--set task.options.a="),
-        ("name: x\nfailure: {lease_ttl_s: .inf}\n", [], "failure.lease_ttl_s: Input should be a finite number"),
+        (
+            "name: x\nfailure: {lease_ttl_s: .inf}\n",
+            [],
+            "failure.lease_ttl_s: Input should be a finite number",
+        ),
         ("name: x\nscaling: {resources_per_worker: {CPU: .nan}}\n", [], "scaling.resources_per_worker.CPU"),
         ("name: x\nseed: 18446744073709551616\n", [], "seed: Input should be less than"),
         ("name: x\nseed: -1\n", [], "seed: Input should be greater than or equal to 0"),

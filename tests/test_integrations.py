@@ -35,8 +35,17 @@ def run_killed_and_resumed(job: str, root: Path, name: str) -> tuple[dict[str, A
     all-reduces with rank 0, which has then committed epoch 1. With background saves (the
     default) a kill this early may beat that commit, and the run restarts from scratch
     instead: also correct, but not the resume this test is about."""
-    p = run_cli("run", job, "--set", f"storage.root={root}", "--set", "checkpoint.async_save=false",
-                "--address", "local", "--json")  # fmt: skip
+    p = run_cli(
+        "run",
+        job,
+        "--set",
+        f"storage.root={root}",
+        "--set",
+        "checkpoint.async_save=false",
+        "--address",
+        "local",
+        "--json",
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     summary = json.loads(p.stdout)
     run_dir = root / name

@@ -31,8 +31,18 @@ FLAG = "--resume-if-exists"
 
 
 def _cmd(tmp_path: Path, name: str, *sets: str) -> list[str]:
-    return ["run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", f"name={name}",
-            *(a for s in sets for a in ("--set", s)), FLAG, "--address", "local"]  # fmt: skip
+    return [
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        f"name={name}",
+        *(a for s in sets for a in ("--set", s)),
+        FLAG,
+        "--address",
+        "local",
+    ]
 
 
 def _stored_run(tmp_path: Path, name: str, status: str, *sets: str) -> Path:
@@ -81,8 +91,10 @@ def test_redacted_secrets_are_not_a_difference(tmp_path):
     assert "already finished" in p.stdout, p.stdout
     _untouched(run_dir, before)
     # A non-secret option is compared like any field.
-    p = run_cli(*_cmd(tmp_path, "secret", "storage.options.password=x", "storage.options.auto_mkdir=true"),
-                timeout=120)  # fmt: skip
+    p = run_cli(
+        *_cmd(tmp_path, "secret", "storage.options.password=x", "storage.options.auto_mkdir=true"),
+        timeout=120,
+    )
     assert p.returncode == 2 and "storage.options.auto_mkdir: (not set) -> true" in p.stderr, p.stderr
 
 
@@ -110,7 +122,9 @@ def test_resume_of_a_finished_run_answers_from_storage_without_ray(tmp_path):
     before = (run_dir / "manifest.json").read_bytes()
     p = run_cli("resume", str(run_dir), timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert f"[run] {run_dir} already finished (epochs: 10); nothing to do (Ray not started)" in p.stdout, p.stdout
+    assert f"[run] {run_dir} already finished (epochs: 10); nothing to do (Ray not started)" in p.stdout, (
+        p.stdout
+    )
     p = run_cli("resume", str(run_dir), "--set", "epochs=8", "--json", timeout=300)
     assert p.returncode == 0 and json.loads(p.stdout)["already_finished"] is True, p.stdout + p.stderr
     _untouched(run_dir, before)
@@ -164,8 +178,11 @@ def test_the_rayjob_entrypoint_run_again_after_a_driver_kill_continues_the_run(t
     kill_group(first)
     reported = lambda: [r["epoch"] for r in jsonl(run_dir / "metrics.jsonl")]  # noqa: E731
     latest = lambda: max((c["epoch"] for c in committed(run_dir)), default=0)  # noqa: E731
-    wait_until(lambda: (3 in reported() and latest() >= 2) or first.poll() is not None,
-               400, "epoch 3, and a commit of epoch 2")  # fmt: skip
+    wait_until(
+        lambda: (3 in reported() and latest() >= 2) or first.poll() is not None,
+        400,
+        "epoch 3, and a commit of epoch 2",
+    )
     assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
     os.kill(first.pid, signal.SIGKILL)  # the driver only, as a lost head pod takes it
     first.wait(timeout=30)

@@ -32,8 +32,14 @@ ALLOWED_DOWN_INTO_DATA = {
     ("orchestrator.ray_compat", "workers.stopping"): "the preemption handler Ray's worker start installs",
     ("orchestrator.preflight", "workers.loop"): "is the task a train function (as the loop tells)",
     ("orchestrator.preflight", "workers.metrics"): "the monitor check before Ray: the task's metric names",
-    ("orchestrator.preflight", "workers.task"): "the monitor check before Ray: the TaskContext it builds with",
-    ("orchestrator.ray_compat", "workers.output"): "the label a rank's own output lines carry (one definition)",
+    (
+        "orchestrator.preflight",
+        "workers.task",
+    ): "the monitor check before Ray: the TaskContext it builds with",
+    (
+        "orchestrator.ray_compat",
+        "workers.output",
+    ): "the label a rank's own output lines carry (one definition)",
 }
 
 
@@ -111,7 +117,8 @@ def test_no_import_cycle_among_the_projects_modules():
     graph = imports(modules())
     found = cycles(graph)
     assert not found, "import cycles:\n" + "\n".join(
-        " <-> ".join(c) + "\n  " + "\n  ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c) for c in found
+        " <-> ".join(c) + "\n  " + "\n  ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c)
+        for c in found
     )
 
 

@@ -38,8 +38,19 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
     held = Lease(s)
     # As a driver of this version writes it: with its pid namespace (a lease that does not
     # say whose namespace its pid is in waits for its TTL: tests/test_fencing.py).
-    s.write_bytes(LEASE, json.dumps({"host": held.host, "pid": dead, "pid_ns": held.pid_ns, "token": "x",
-                                     "since": time.time(), "heartbeat": time.time()}).encode())  # fmt: skip
+    s.write_bytes(
+        LEASE,
+        json.dumps(
+            {
+                "host": held.host,
+                "pid": dead,
+                "pid_ns": held.pid_ns,
+                "token": "x",
+                "since": time.time(),
+                "heartbeat": time.time(),
+            }
+        ).encode(),
+    )
     held.acquire()
     try:
         assert held.events[0]["kind"] == "lease_taken_over"
@@ -50,8 +61,12 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
 
 def test_lease_without_heartbeat_past_ttl_is_taken_over(tmp_path):
     s = Storage(str(tmp_path))
-    s.write_bytes(LEASE, json.dumps({"host": "other-host", "pid": 1, "token": "x", "since": 0,
-                                     "heartbeat": time.time() - 120}).encode())  # fmt: skip
+    s.write_bytes(
+        LEASE,
+        json.dumps(
+            {"host": "other-host", "pid": 1, "token": "x", "since": 0, "heartbeat": time.time() - 120}
+        ).encode(),
+    )
     old = time.time() - 120  # staleness is the object's age by the storage's clock
     os.utime(tmp_path / LEASE, (old, old))
     lease = Lease(s, ttl_s=30)
@@ -65,8 +80,12 @@ def test_lease_without_heartbeat_past_ttl_is_taken_over(tmp_path):
 
 def test_live_lease_on_another_host_is_respected(tmp_path):
     s = Storage(str(tmp_path))
-    s.write_bytes(LEASE, json.dumps({"host": "other-host", "pid": 1, "token": "x", "since": 0,
-                                     "heartbeat": time.time()}).encode())  # fmt: skip
+    s.write_bytes(
+        LEASE,
+        json.dumps(
+            {"host": "other-host", "pid": 1, "token": "x", "since": 0, "heartbeat": time.time()}
+        ).encode(),
+    )
     with pytest.raises(LeaseHeld, match="on other-host"):
         Lease(s, ttl_s=30).acquire()
 

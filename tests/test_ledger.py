@@ -193,4 +193,6 @@ def test_a_commit_retried_after_its_coordinator_died_before_logging_it_is_logged
     again = [e for e in read_jsonl(storage, EVENTS) if e["kind"] == "commit" and e["id"] == lost["id"]]
     assert len(again) == 1 and again[0]["logged"] == "on a retry" and again[0]["global_step"] == 2
     restarted.commit(record)  # once
-    assert len([e for e in read_jsonl(storage, EVENTS) if e["kind"] == "commit" and e["id"] == lost["id"]]) == 1
+    assert (
+        len([e for e in read_jsonl(storage, EVENTS) if e["kind"] == "commit" and e["id"] == lost["id"]]) == 1
+    )

@@ -40,8 +40,17 @@ def leased_run(tmp_path, name="r", epochs=(1, 2)):
 
 
 def hand_written_lease(storage, age_s=0.0, **fields):
-    body = {"host": "elsewhere", "pid": 4242, "pid_ns": None, "pid_start": None, "token": "t",
-            "since": time.time() - age_s, "heartbeat": time.time() - age_s, "ttl_s": 30, **fields}  # fmt: skip
+    body = {
+        "host": "elsewhere",
+        "pid": 4242,
+        "pid_ns": None,
+        "pid_start": None,
+        "token": "t",
+        "since": time.time() - age_s,
+        "heartbeat": time.time() - age_s,
+        "ttl_s": 30,
+        **fields,
+    }
     storage.write_bytes(LEASE, json.dumps(body).encode())
     then = time.time() - age_s
     os.utime(storage.path(LEASE), (then, then))
@@ -241,13 +250,28 @@ def test_a_wrong_monitor_then_the_corrected_spec_replaces_the_run_and_mlflow_get
     uri = f"file://{tmp_path / 'mlruns'}"
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store, for the test (and its reader)
     env = cli_env()
-    args = ["run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=newbie",
-            "--set", "chaos.kills=[]", "--set", "epochs=2", "--set", f"tracking.mlflow_uri={uri}",
-            "--set", "tracking.mlflow_experiment=newbie"]  # fmt: skip
+    args = [
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=newbie",
+        "--set",
+        "chaos.kills=[]",
+        "--set",
+        "epochs=2",
+        "--set",
+        f"tracking.mlflow_uri={uri}",
+        "--set",
+        "tracking.mlflow_experiment=newbie",
+    ]
     p = run_cli(*args, "--set", "checkpoint.monitor=val_los", env=env, timeout=300)
     assert p.returncode == 2 and "val_los" in p.stderr, p.stdout + p.stderr[-3000:]
     assert "checkpoint.monitor 'val_los' is not a metric of task 'digits'" in p.stderr
-    assert "[run] newbie:" not in p.stdout and "newbie" not in runs_json(tmp_path)  # before Ray, nothing stored
+    assert "[run] newbie:" not in p.stdout and "newbie" not in runs_json(
+        tmp_path
+    )  # before Ray, nothing stored
     overrides = [a for a in args[2:] if a != "--set"] + ["checkpoint.monitor=val_los"]
     spec = load_spec(ROOT / "configs" / "digits.yaml", overrides)
     storage = spec.open_run_storage()

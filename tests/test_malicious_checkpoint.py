@@ -52,8 +52,17 @@ def planted(tmp_path):
         data = malicious(marker)
         storage.write_bytes(f"{CHECKPOINTS}/{cid}/{name}", data)
         files.append(FileEntry(path=name, size=len(data), sha256=sha256_hex(data)))
-    rec = CheckpointRecord(id=cid, epoch=1, step_in_epoch=10, global_step=10, end_of_epoch=True,
-                           metrics={"val_loss": 0.1}, files=files, world_size=1, attempt=1)  # fmt: skip
+    rec = CheckpointRecord(
+        id=cid,
+        epoch=1,
+        step_in_epoch=10,
+        global_step=10,
+        end_of_epoch=True,
+        metrics={"val_loss": 0.1},
+        files=files,
+        world_size=1,
+        attempt=1,
+    )
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", rec.model_dump_json().encode())
     led.commit(rec)
     return storage.uri, marker

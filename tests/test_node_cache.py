@@ -44,16 +44,26 @@ def open_run(tmp_path, tier=True, cls=Storage):
 
 
 def meta(i: int) -> dict:
-    return {"id": f"epoch{i:04d}-step{i * 10:07d}-a1", "epoch": i, "step_in_epoch": 0, "global_step": i * 10,
-            "end_of_epoch": True, "metrics": {"val_loss": 1.0 / i}, "metrics_fresh": True, "world_size": 1,
-            "attempt": 1}  # fmt: skip
+    return {
+        "id": f"epoch{i:04d}-step{i * 10:07d}-a1",
+        "epoch": i,
+        "step_in_epoch": 0,
+        "global_step": i * 10,
+        "end_of_epoch": True,
+        "metrics": {"val_loss": 1.0 / i},
+        "metrics_fresh": True,
+        "world_size": 1,
+        "attempt": 1,
+    }
 
 
 def state(i: int) -> dict:
     """Every checkpoint's files have the same sizes and different bytes."""
     g = torch.Generator().manual_seed(i)
-    return {"model.pt": {"w": torch.randn(128, 64, generator=g)},
-            "train_state.pt": {"m": torch.randn(300, generator=g), "step": i * 10}}  # fmt: skip
+    return {
+        "model.pt": {"w": torch.randn(128, 64, generator=g)},
+        "train_state.pt": {"m": torch.randn(300, generator=g), "step": i * 10},
+    }
 
 
 def save_all(storage, n: int, start: int = 1) -> RunLedger:
@@ -199,8 +209,18 @@ def test_spec_and_worker_config_open_the_tier(tmp_path):
     assert cache_root(True) and cache_root(False) is None and cache_root("/x") == "/x"
     with pytest.raises(ValueError, match="absolute path"):
         CheckpointSpec(local_cache="relative/dir")
-    cfg = dict(run_uri=str(tmp_path / "r"), storage_options={}, retry=None, task="digits", task_options={},
-               seed=0, epochs=1, use_gpu=False, monitor="val_loss", mode="min")  # fmt: skip
+    cfg = dict(
+        run_uri=str(tmp_path / "r"),
+        storage_options={},
+        retry=None,
+        task="digits",
+        task_options={},
+        seed=0,
+        epochs=1,
+        use_gpu=False,
+        monitor="val_loss",
+        mode="min",
+    )
     assert WorkerConfig(**cfg, local_cache=False).open_storage().node_cache is None
     near = WorkerConfig(**cfg, local_cache=str(tmp_path / "c")).open_storage().node_cache
     assert near.dir.startswith(str(tmp_path / "c")) and os.path.basename(near.dir).startswith("r-")
@@ -342,11 +362,15 @@ writer.close()
 
 def test_a_writer_killed_mid_upload_loses_nothing_committed(tmp_path):
     marker = tmp_path / "uploading"
-    code = CHILD.format(stuck=meta(3)["id"], marker=str(marker),
-                        run=str(tmp_path / "run"), cache=str(tmp_path / "cache"))  # fmt: skip
+    code = CHILD.format(
+        stuck=meta(3)["id"], marker=str(marker), run=str(tmp_path / "run"), cache=str(tmp_path / "cache")
+    )
     # from the repository root (the package under test), with tests/ on its path (this module)
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+    )
     try:
         wait_until(lambda: marker.exists() or proc.poll() is not None, 300, "the upload to start", 0.1)
         assert proc.poll() is None, f"the writer exited ({proc.returncode}) before its upload"

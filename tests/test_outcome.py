@@ -23,10 +23,15 @@ def remote(exc: BaseException) -> BaseException:
 
 
 LOST = LeaseLost("lease of run r was taken over by driver host:42")
-STOP = {"user_error": {"reason": "Traceback (most recent call last):\n ...\nValueError: bad batch", "kind": "user_error"},
-        "input": {"reason": "checkpoint.monitor 'val_f1' is not a metric", "kind": "input"},
-        "interrupt": {"reason": "stopped at epoch 2 step 3", "kind": "interrupt"},
-        "nan": {"reason": "epoch 3: val_loss not finite (stop_on_nan)", "kind": "nan"}}  # fmt: skip
+STOP = {
+    "user_error": {
+        "reason": "Traceback (most recent call last):\n ...\nValueError: bad batch",
+        "kind": "user_error",
+    },
+    "input": {"reason": "checkpoint.monitor 'val_f1' is not a metric", "kind": "input"},
+    "interrupt": {"reason": "stopped at epoch 2 step 3", "kind": "interrupt"},
+    "nan": {"reason": "epoch 3: val_loss not finite (stop_on_nan)", "kind": "nan"},
+}
 
 
 @pytest.mark.parametrize(
@@ -37,51 +42,103 @@ STOP = {"user_error": {"reason": "Traceback (most recent call last):\n ...\nValu
         # taken over: the lease said so, the coordinator was fenced, or a LeaseLost came back
         (None, {}, None, "lease expired", "taken_over", "lease expired"),
         (None, {"fenced": "taken over by driver b"}, None, None, "taken_over", "taken over by driver b"),
-        (WorkerGroupError("rank 0 failed", {0: remote(LOST)}), {}, None, None, "taken_over",
-         "lease of run r was taken over by driver host:42"),
+        (
+            WorkerGroupError("rank 0 failed", {0: remote(LOST)}),
+            {},
+            None,
+            None,
+            "taken_over",
+            "lease of run r was taken over by driver host:42",
+        ),
         (None, None, remote(LOST), None, "taken_over", "lease of run r was taken over by driver host:42"),
-        (ControllerError(RuntimeError("x")), None, RuntimeError("wrapped") , None, "failed", None),
+        (ControllerError(RuntimeError("x")), None, RuntimeError("wrapped"), None, "failed", None),
         # the workers stopped the run, each kind
         (None, {"stopped": STOP["input"]}, None, None, "input", STOP["input"]["reason"]),
         (None, {"stopped": STOP["interrupt"]}, None, None, "interrupted", STOP["interrupt"]["reason"]),
         (None, {"stopped": STOP["user_error"]}, None, None, "failed", STOP["user_error"]["reason"]),
         (None, {"stopped": STOP["nan"]}, None, None, "failed", STOP["nan"]["reason"]),
         # Ray Train gave up: the root cause, not Ray's header
-        (WorkerGroupError("Worker 1 failed:\nTraceback ...\nRuntimeError: CUDA out of memory", {1: RuntimeError("oom")}),
-         {}, None, None, "failed", "RuntimeError: CUDA out of memory"),
+        (
+            WorkerGroupError(
+                "Worker 1 failed:\nTraceback ...\nRuntimeError: CUDA out of memory", {1: RuntimeError("oom")}
+            ),
+            {},
+            None,
+            None,
+            "failed",
+            "RuntimeError: CUDA out of memory",
+        ),
         # a user error's traceback beats the error fit() raised with it
-        (WorkerGroupError("x", {0: ValueError("bad batch")}), {"stopped": STOP["user_error"]}, None, None, "failed",
-         STOP["user_error"]["reason"]),
+        (
+            WorkerGroupError("x", {0: ValueError("bad batch")}),
+            {"stopped": STOP["user_error"]},
+            None,
+            None,
+            "failed",
+            STOP["user_error"]["reason"],
+        ),
         # the coordinator did not answer at the end
-        (None, None, TimeoutError("GetTimeoutError"), None, "failed",
-         "the run's coordinator did not answer: TimeoutError: GetTimeoutError"),
+        (
+            None,
+            None,
+            TimeoutError("GetTimeoutError"),
+            None,
+            "failed",
+            "the run's coordinator did not answer: TimeoutError: GetTimeoutError",
+        ),
         # text is not a type: an error that only mentions LeaseLost is a failure
-        (RuntimeError("user code printed LeaseLost"), {}, None, None, "failed", "RuntimeError: user code printed LeaseLost"),
+        (
+            RuntimeError("user code printed LeaseLost"),
+            {},
+            None,
+            None,
+            "failed",
+            "RuntimeError: user code printed LeaseLost",
+        ),
     ],
-)  # fmt: skip
-def test_decide_outcome(fit_error: Any, after: Any, coord_error: Any, lost: Any, kind: str, reason: Any) -> None:
+)
+def test_decide_outcome(
+    fit_error: Any, after: Any, coord_error: Any, lost: Any, kind: str, reason: Any
+) -> None:
     out = decide_outcome(fit_error, after, coord_error, lost)
     assert out.kind == kind
     if reason is not None or kind == "finished":
         assert out.reason == reason
 
 
-@pytest.mark.parametrize(("kind", "status"), [("finished", "finished"), ("failed", "failed"),
-                                              ("interrupted", "failed"), ("input", "failed"), ("taken_over", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        ("finished", "finished"),
+        ("failed", "failed"),
+        ("interrupted", "failed"),
+        ("input", "failed"),
+        ("taken_over", None),
+    ],
+)
 def test_what_each_outcome_records(kind: Any, status: Any) -> None:
     assert Outcome(kind).status == status
 
 
 @pytest.mark.parametrize(
     ("mode", "error", "interrupted", "relaunches", "again"),
-    [("replicas", ControllerError(remote(RuntimeError("ActorDiedError"))), False, 0, True),
-     ("replicas", ControllerError(RuntimeError("x")), False, 3, False),  # max_failures (3) spent
-     ("replicas", ControllerError(RuntimeError("x")), True, 0, False),  # Ctrl-C: stop, do not relaunch
-     ("replicas", WorkerGroupError("w", {0: RuntimeError("x")}), False, 0, False),  # the workers' own failure
-     ("restart", ControllerError(RuntimeError("x")), False, 0, False)],  # restart mode: Ray Train decides
-)  # fmt: skip
-def test_a_whole_group_restart_only_when_the_replicas_controller_gave_up(mode, error, interrupted, relaunches,
-                                                                          again) -> None:  # fmt: skip
+    [
+        ("replicas", ControllerError(remote(RuntimeError("ActorDiedError"))), False, 0, True),
+        ("replicas", ControllerError(RuntimeError("x")), False, 3, False),  # max_failures (3) spent
+        ("replicas", ControllerError(RuntimeError("x")), True, 0, False),  # Ctrl-C: stop, do not relaunch
+        (
+            "replicas",
+            WorkerGroupError("w", {0: RuntimeError("x")}),
+            False,
+            0,
+            False,
+        ),  # the workers' own failure
+        ("restart", ControllerError(RuntimeError("x")), False, 0, False),
+    ],  # restart mode: Ray Train decides
+)
+def test_a_whole_group_restart_only_when_the_replicas_controller_gave_up(
+    mode, error, interrupted, relaunches, again
+) -> None:
     assert relaunch_group(mode, error, interrupted, relaunches, 3) is again
 
 

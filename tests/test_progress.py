@@ -13,18 +13,35 @@ def payloads():
     base = {"restarts": 0, "attempts": 1, "resumed_from": None, "live": None, "new": [], "next": 0}
     row = lambda e, v: {"epoch": e, "global_step": 10 * e, "attempt": 1, "val_loss": v}  # noqa: E731
     yield {**base, "live": {"epoch": 1, "step": 5, "steps": 10, "global_step": 5, "ts": 100.0}}
-    yield {**base, "new": [row(1, 0.5)], "next": 1,
-           "live": {"epoch": 2, "step": 5, "steps": 10, "global_step": 15, "ts": 102.0}}  # fmt: skip
+    yield {
+        **base,
+        "new": [row(1, 0.5)],
+        "next": 1,
+        "live": {"epoch": 2, "step": 5, "steps": 10, "global_step": 15, "ts": 102.0},
+    }
     yield {**base, "next": 1, "restarts": 1}
-    yield {**base, "next": 2, "restarts": 1, "attempts": 2, "resumed_from": "epoch0001-step0000010-a1",
-           "new": [row(2, float("nan"))], "live": {"epoch": 3, "step": 10, "steps": 10, "global_step": 30, "ts": 106.0}}  # fmt: skip
+    yield {
+        **base,
+        "next": 2,
+        "restarts": 1,
+        "attempts": 2,
+        "resumed_from": "epoch0001-step0000010-a1",
+        "new": [row(2, float("nan"))],
+        "live": {"epoch": 3, "step": 10, "steps": 10, "global_step": 30, "ts": 106.0},
+    }
 
 
 def run_view(live: bool, replicas: bool = False) -> str:
     out = io.StringIO()
     feed = payloads()
     view = ProgressView(
-        lambda since: next(feed), epochs=3, monitor="val_loss", mode="min", out=out, live=live, replicas=replicas
+        lambda since: next(feed),
+        epochs=3,
+        monitor="val_loss",
+        mode="min",
+        out=out,
+        live=live,
+        replicas=replicas,
     )
     view._stop.set()  # drive it by hand, not from its thread
     if live:
@@ -68,8 +85,18 @@ def test_live_line_on_a_terminal_shows_step_rate_eta_and_best():
 
 def test_a_restart_is_shown_between_the_attempts_epochs_even_in_one_poll():
     row = lambda e, a: {"epoch": e, "global_step": e, "attempt": a, "val_loss": 1.0 / e}  # noqa: E731
-    feed = iter([{"restarts": 1, "attempts": 2, "resumed_from": "epoch0001-a1", "live": None, "next": 3,
-                  "new": [row(1, 1), row(2, 2), row(3, 2)]}])  # fmt: skip
+    feed = iter(
+        [
+            {
+                "restarts": 1,
+                "attempts": 2,
+                "resumed_from": "epoch0001-a1",
+                "live": None,
+                "next": 3,
+                "new": [row(1, 1), row(2, 2), row(3, 2)],
+            }
+        ]
+    )
     out = io.StringIO()
     ProgressView(
         lambda since: next(feed), epochs=3, monitor="val_loss", mode="min", out=out, live=False
@@ -86,21 +113,37 @@ def test_a_restart_is_shown_between_the_attempts_epochs_even_in_one_poll():
 def test_an_auto_cadence_choice_is_shown_once_each_time_it_changes():
     base = {"restarts": 0, "attempts": 1, "resumed_from": None, "live": None, "new": [], "next": 0}
     chose = {"kind": "cadence", "ts": 5.0, "every_n_steps": 40, "why": "a save stalls training 2.0 ms"}
-    feed = iter([{**base, "cadence": chose}, {**base, "cadence": chose},
-                 {**base, "cadence": {**chose, "ts": 9.0, "every_n_steps": 80, "why": "bigger"}}])  # fmt: skip
+    feed = iter(
+        [
+            {**base, "cadence": chose},
+            {**base, "cadence": chose},
+            {**base, "cadence": {**chose, "ts": 9.0, "every_n_steps": 80, "why": "bigger"}},
+        ]
+    )
     out = io.StringIO()
-    view = ProgressView(lambda since: next(feed), epochs=3, monitor="val_loss", mode="min", out=out, live=False)
+    view = ProgressView(
+        lambda since: next(feed), epochs=3, monitor="val_loss", mode="min", out=out, live=False
+    )
     for _ in range(3):
         view.update()
-    assert out.getvalue().splitlines() == ["[run] checkpoint every 40 steps: a save stalls training 2.0 ms",
-                                           "[run] checkpoint every 80 steps: bigger"]  # fmt: skip
+    assert out.getvalue().splitlines() == [
+        "[run] checkpoint every 40 steps: a save stalls training 2.0 ms",
+        "[run] checkpoint every 80 steps: bigger",
+    ]
 
 
 def plain(payloads, epochs=10, replicas=False):
     """The plain lines a view prints, fed these progress payloads one poll at a time."""
     out, feed = io.StringIO(), iter(payloads)
-    view = ProgressView(lambda since: next(feed), epochs=epochs, monitor="val_loss", mode="min", out=out,
-                        live=False, replicas=replicas)  # fmt: skip
+    view = ProgressView(
+        lambda since: next(feed),
+        epochs=epochs,
+        monitor="val_loss",
+        mode="min",
+        out=out,
+        live=False,
+        replicas=replicas,
+    )
     view._stop.set()
     for _ in payloads:
         view.update()
@@ -116,21 +159,43 @@ def test_a_restart_comes_after_the_rows_reported_before_it_even_in_one_poll():
     restart; the restart line used to come first (3 of 6 demo runs)."""
     base = {"live": None, "resumed_from": None}
     attempt1 = {"kind": "attempt", "at": 0, "attempt": 1, "resumed_from": None}
-    restart = {"kind": "restart", "at": 4, "restarts": 1,
-               "cause": "rank 1 (pid 42) SIGKILLed by chaos.kills at epoch 5 step 0"}  # fmt: skip
+    restart = {
+        "kind": "restart",
+        "at": 4,
+        "restarts": 1,
+        "cause": "rank 1 (pid 42) SIGKILLed by chaos.kills at epoch 5 step 0",
+    }
     attempt2 = {"kind": "attempt", "at": 4, "attempt": 2, "resumed_from": "epoch0004-step0000040-a1"}
-    lines = plain([
-        {**base, "new": [row(1, 0.9)], "next": 1, "restarts": 0, "attempts": 1, "notes": [attempt1]},
-        {**base, "new": [row(2, 0.8), row(3, 0.7), row(4, 0.6)], "next": 4, "restarts": 1, "attempts": 1,
-         "notes": [attempt1, restart]},
-        {**base, "new": [row(5, 0.5, 2)], "next": 5, "restarts": 1, "attempts": 2,
-         "notes": [attempt1, restart, attempt2]},
-    ])  # fmt: skip
+    lines = plain(
+        [
+            {**base, "new": [row(1, 0.9)], "next": 1, "restarts": 0, "attempts": 1, "notes": [attempt1]},
+            {
+                **base,
+                "new": [row(2, 0.8), row(3, 0.7), row(4, 0.6)],
+                "next": 4,
+                "restarts": 1,
+                "attempts": 1,
+                "notes": [attempt1, restart],
+            },
+            {
+                **base,
+                "new": [row(5, 0.5, 2)],
+                "next": 5,
+                "restarts": 1,
+                "attempts": 2,
+                "notes": [attempt1, restart, attempt2],
+            },
+        ]
+    )
     assert [line.split("  ")[0] for line in lines] == [
-        "[run] epoch 1/10", "[run] epoch 2/10", "[run] epoch 3/10", "[run] epoch 4/10",
+        "[run] epoch 1/10",
+        "[run] epoch 2/10",
+        "[run] epoch 3/10",
+        "[run] epoch 4/10",
         "[run] worker group restarted (1 so far): rank 1 (pid 42) SIGKILLed by chaos.kills at epoch 5 step 0",
-        "[run] attempt 2 resumed from epoch0004-step0000040-a1", "[run] epoch 5/10",
-    ]  # fmt: skip
+        "[run] attempt 2 resumed from epoch0004-step0000040-a1",
+        "[run] epoch 5/10",
+    ]
 
 
 def test_a_resume_carries_the_best_so_far_and_replays_no_earlier_restart():
@@ -138,12 +203,23 @@ def test_a_resume_carries_the_best_so_far_and_replays_no_earlier_restart():
     attempts from before: no `worker group restarted` line of the past, no `attempt 2` line;
     the best so far is the best committed before the resume, not the first new epoch's."""
     notes = [{"kind": "attempt", "at": 0, "attempt": 3, "resumed_from": "epoch0006-step0000060-a2"}]
-    base = {"live": None, "resumed_from": "epoch0006-step0000060-a2", "restarts": 1, "attempts": 3,
-            "best_at_start": {"epoch": 5, "metrics": {"val_loss": 0.25}}}  # fmt: skip
-    lines = plain([{**base, "new": [], "next": 0, "notes": notes},
-                   {**base, "new": [row(7, 0.3, 3)], "next": 1, "notes": notes}])  # fmt: skip
-    assert lines == ["[run] attempt 3 resumed from epoch0006-step0000060-a2",
-                     "[run] epoch 7/10  val_loss 0.3000  best val_loss 0.2500 (epoch 5)"]  # fmt: skip
+    base = {
+        "live": None,
+        "resumed_from": "epoch0006-step0000060-a2",
+        "restarts": 1,
+        "attempts": 3,
+        "best_at_start": {"epoch": 5, "metrics": {"val_loss": 0.25}},
+    }
+    lines = plain(
+        [
+            {**base, "new": [], "next": 0, "notes": notes},
+            {**base, "new": [row(7, 0.3, 3)], "next": 1, "notes": notes},
+        ]
+    )
+    assert lines == [
+        "[run] attempt 3 resumed from epoch0006-step0000060-a2",
+        "[run] epoch 7/10  val_loss 0.3000  best val_loss 0.2500 (epoch 5)",
+    ]
 
 
 def test_more_workers_than_cores_on_an_embedded_ray_is_a_warning():
@@ -151,5 +227,7 @@ def test_more_workers_than_cores_on_an_embedded_ray_is_a_warning():
 
     assert oversubscribed(2, 2) is None and oversubscribed(1, 16) is None
     warning = oversubscribed(8, 2)
-    assert warning is not None and warning.startswith("[run] warning: the workers ask for 8 CPUs and this machine has 2")
+    assert warning is not None and warning.startswith(
+        "[run] warning: the workers ask for 8 CPUs and this machine has 2"
+    )
     assert "share 2 cores" in warning

@@ -41,10 +41,17 @@ def upload(storage: Storage, epoch: int, loss: float, attempt: int = 1) -> Check
     cid = f"epoch{epoch:04d}-step{epoch * 10:07d}-a{attempt}"
     data = f"weights {epoch}".encode()
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", data)
-    rec = CheckpointRecord(id=cid, epoch=epoch, step_in_epoch=10, global_step=epoch * 10, end_of_epoch=True,
-                           metrics={"val_loss": loss, "val_acc": 1 - loss if math.isfinite(loss) else loss},
-                           files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))],
-                           world_size=1, attempt=attempt)  # fmt: skip
+    rec = CheckpointRecord(
+        id=cid,
+        epoch=epoch,
+        step_in_epoch=10,
+        global_step=epoch * 10,
+        end_of_epoch=True,
+        metrics={"val_loss": loss, "val_acc": 1 - loss if math.isfinite(loss) else loss},
+        files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))],
+        world_size=1,
+        attempt=attempt,
+    )
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", json.dumps(rec.model_dump()).encode())
     return rec
 
@@ -84,8 +91,12 @@ def test_nan_and_inf_metrics_round_trip_and_are_never_best(storage):
 
 @pytest.mark.parametrize("mode", ["min", "max"])
 def test_non_finite_values_are_not_ranked(mode):
-    ckpts = [Ckpt("nan", 1, 1, True, NAN), Ckpt("inf", 2, 2, True, INF), Ckpt("-inf", 3, 3, True, -INF),
-             Ckpt("ok", 4, 4, True, 0.5)]  # fmt: skip
+    ckpts = [
+        Ckpt("nan", 1, 1, True, NAN),
+        Ckpt("inf", 2, 2, True, INF),
+        Ckpt("-inf", 3, 3, True, -INF),
+        Ckpt("ok", 4, 4, True, 0.5),
+    ]
     assert [c.id for c in rank_best(ckpts, mode)] == ["ok"]
 
 
@@ -109,8 +120,10 @@ def test_best_uses_the_monitor_stored_in_the_manifest_not_a_guess(tmp_path):
     for epoch, loss in [(1, 0.2), (2, 0.6), (3, 0.4)]:
         led.commit(upload(storage, epoch, loss))  # val_acc = 1 - loss: epoch 1 is the best
     # The task file the run was started with is not on this machine.
-    storage.write_bytes("spec.yaml", b"name: run\ntask: {name: /nowhere/task.py:build}\n"
-                                     b"checkpoint: {monitor: val_acc, mode: max}\n")  # fmt: skip
+    storage.write_bytes(
+        "spec.yaml",
+        b"name: run\ntask: {name: /nowhere/task.py:build}\ncheckpoint: {monitor: val_acc, mode: max}\n",
+    )
     assert read_manifest(storage).retention["monitor"] == "val_acc"
     p = run_cli("best", str(tmp_path / "run"), "--json", timeout=60)
     assert p.returncode == 0, p.stderr
@@ -261,8 +274,19 @@ def test_run_refuses_an_existing_unfinished_run(tmp_path):
     RunLedger(storage, "existing", CFG).commit(upload(storage, 1, 0.5))
     spec_before = b"name: existing\n"
     storage.write_bytes("spec.yaml", spec_before)
-    p = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=existing",
-                "--set", "epochs=1", "--set", "chaos.kills=[]", timeout=120)  # fmt: skip
+    p = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=existing",
+        "--set",
+        "epochs=1",
+        "--set",
+        "chaos.kills=[]",
+        timeout=120,
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     assert (
         "already holds a running run" in p.stderr
@@ -304,12 +328,20 @@ def test_temp_files_of_an_interrupted_write_are_collected(tmp_path):
 def test_every_credential_spelling_is_kept_out_of_the_spec_events_and_errors(tmp_path):
     from orchestrator.core.storage import redact_options, secrets_in
 
-    canaries = {"aws_access_key_id": "CANARY-AKID-1", "aws_secret_access_key": "CANARY-SAK-2",
-                "key": "CANARY-KEY-3", "secret": "CANARY-SECRET-4", "token": "CANARY-TOKEN-5",
-                "aws_session_token": "CANARY-SESSION-6", "session_token": "CANARY-SESSION-7",
-                "password": "CANARY-PASSWORD-8"}  # fmt: skip
-    options = {**{k: v for k, v in canaries.items() if not k.startswith("aws_")},
-               "client_kwargs": {k: v for k, v in canaries.items() if k.startswith("aws_")}}  # fmt: skip
+    canaries = {
+        "aws_access_key_id": "CANARY-AKID-1",
+        "aws_secret_access_key": "CANARY-SAK-2",
+        "key": "CANARY-KEY-3",
+        "secret": "CANARY-SECRET-4",
+        "token": "CANARY-TOKEN-5",
+        "aws_session_token": "CANARY-SESSION-6",
+        "session_token": "CANARY-SESSION-7",
+        "password": "CANARY-PASSWORD-8",
+    }
+    options = {
+        **{k: v for k, v in canaries.items() if not k.startswith("aws_")},
+        "client_kwargs": {k: v for k, v in canaries.items() if k.startswith("aws_")},
+    }
     shown = json.dumps(redact_options(options))
     assert not [v for v in canaries.values() if v in shown], shown
     assert set(canaries.values()) <= set(secrets_in(options))
@@ -391,8 +423,11 @@ def test_a_write_whose_answer_was_lost_is_not_mistaken_for_a_takeover(moto, buck
     """The PUT lands, its response does not (a reset): the retry meets our own write."""
     from orchestrator.core.storage import RetryPolicy
 
-    storage = Storage(f"s3://{bucket}/runs/run", {"endpoint_url": moto.endpoint, **S3_OPTS},
-                      retry=RetryPolicy(attempts=3, initial_s=0.01, max_s=0.02))  # fmt: skip
+    storage = Storage(
+        f"s3://{bucket}/runs/run",
+        {"endpoint_url": moto.endpoint, **S3_OPTS},
+        retry=RetryPolicy(attempts=3, initial_s=0.01, max_s=0.02),
+    )
     lease = Lease(storage, heartbeat_s=3600)
     lease.acquire()
     led = RunLedger(storage, "run", CFG, owner=lease.token)

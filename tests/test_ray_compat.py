@@ -13,7 +13,10 @@ PRIVATE = [
     ("ray.train.v2._internal.execution.callback", "WorkerCallback"),
     ("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer"),
     ("ray.train.v2._internal.execution.controller.state", "TrainControllerStateType"),
-    ("ray._private.authentication.grpc_authentication_client_interceptor", "_get_authentication_metadata_tuple"),
+    (
+        "ray._private.authentication.grpc_authentication_client_interceptor",
+        "_get_authentication_metadata_tuple",
+    ),
     ("ray.core.generated.gcs_service_pb2", "GetClusterIdRequest"),
     ("ray.core.generated.gcs_service_pb2_grpc", "NodeInfoGcsServiceStub"),
     ("ray.experimental.internal_kv", "_internal_kv_get"),

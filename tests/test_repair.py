@@ -27,7 +27,9 @@ from orchestrator.core.manifest import (
 from orchestrator.core.storage import Storage, sha256_hex
 
 CFG = RetentionConfig(monitor="val_loss", mode="min", top_k=1, keep_latest=1)
-BROKEN = b'{"format": 1, "run": "r", "checkpoints": [ {"id": "epoch0001-step0000010"'  # cut short by an editor
+BROKEN = (
+    b'{"format": 1, "run": "r", "checkpoints": [ {"id": "epoch0001-step0000010"'  # cut short by an editor
+)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -46,9 +48,17 @@ def upload(storage, epoch, loss, attempt=1, record=True):
     cid = f"epoch{epoch:04d}-step{epoch * 10:07d}-a{attempt}"
     data = f"weights of epoch {epoch}".encode()
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", data)
-    rec = CheckpointRecord(id=cid, epoch=epoch, step_in_epoch=10, global_step=epoch * 10, end_of_epoch=True,
-                           metrics={"val_loss": loss}, files=[FileEntry(path="model.pt", size=len(data),
-                           sha256=sha256_hex(data))], world_size=1, attempt=attempt)  # fmt: skip
+    rec = CheckpointRecord(
+        id=cid,
+        epoch=epoch,
+        step_in_epoch=10,
+        global_step=epoch * 10,
+        end_of_epoch=True,
+        metrics={"val_loss": loss},
+        files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))],
+        world_size=1,
+        attempt=attempt,
+    )
     if record:
         storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", rec.model_dump_json().encode())
     return rec
@@ -96,7 +106,11 @@ def test_repair_restores_the_manifest_and_verifies_its_checkpoints(run):
 
     p, plan = repair(uri, env, "--dry-run", "--json")
     assert p.returncode == 0, p.stderr
-    assert plan["action"] == "restore" and plan["dry_run"] and plan["verified"] == [c.id for c in before.checkpoints]
+    assert (
+        plan["action"] == "restore"
+        and plan["dry_run"]
+        and plan["verified"] == [c.id for c in before.checkpoints]
+    )
     assert storage.read_bytes(MANIFEST) == BROKEN  # a dry run writes nothing
 
     p = run_cli("repair", uri, env=env, timeout=120)
@@ -107,7 +121,9 @@ def test_repair_restores_the_manifest_and_verifies_its_checkpoints(run):
     assert [c.id for c in after.checkpoints] == [c.id for c in before.checkpoints]
     assert after.kept == before.kept and after.generation == before.generation + 1
     assert storage.read_bytes("manifest.damaged.json") == BROKEN  # what the hand edit left is kept
-    assert [e for e in read_jsonl(storage, EVENTS) if e["kind"] == "repaired"][0]["backup_generation"] == before.generation
+    assert [e for e in read_jsonl(storage, EVENTS) if e["kind"] == "repaired"][0][
+        "backup_generation"
+    ] == before.generation
     p = run_cli("checkpoints", uri, "--json", env=env, timeout=120)
     assert p.returncode == 0 and len(json.loads(p.stdout)["checkpoints"]) == 2, p.stderr
 

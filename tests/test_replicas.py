@@ -25,9 +25,14 @@ BASE = {"name": "r", "task": {"name": "digits"}, "failure": {"mode": "replicas"}
         ({"scaling": {"num_workers": [1, 2]}}, "scaling.num_workers must be one number >= 2"),
         ({"scaling": {"num_workers": 2, "use_gpu": True}}, "scaling.use_gpu"),
         ({"failure": {"mode": "replicas", "checkpoint_on_preempt": True}}, "failure.checkpoint_on_preempt"),
-        ({"chaos": {"kills": [{"rank": 0, "epoch": 1, "point": "after_upload"}]}},
-         "chaos.kills.0.point: after_upload needs failure.mode restart"),  # fmt: skip
-        ({"failure": {"mode": "replicas", "replica_heartbeat_timeout_s": 0.1}}, "replica_heartbeat_timeout_s"),
+        (
+            {"chaos": {"kills": [{"rank": 0, "epoch": 1, "point": "after_upload"}]}},
+            "chaos.kills.0.point: after_upload needs failure.mode restart",
+        ),
+        (
+            {"failure": {"mode": "replicas", "replica_heartbeat_timeout_s": 0.1}},
+            "replica_heartbeat_timeout_s",
+        ),
     ],
 )
 def test_a_spec_replicas_cannot_run_is_refused_naming_the_field(change, says):
@@ -44,8 +49,12 @@ def test_without_torchft_the_run_is_refused_before_ray(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchft" else real(name, *a))
-    with pytest.raises(SpecError, match=r"failure.mode: replicas needs torchft.*pip install 'torchft>=0.2,<0.3'"):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchft" else real(name, *a)
+    )
+    with pytest.raises(
+        SpecError, match=r"failure.mode: replicas needs torchft.*pip install 'torchft>=0.2,<0.3'"
+    ):
         preflight.check_replicas(JobSpec.model_validate(BASE))
     preflight.check_replicas(JobSpec.model_validate({"name": "r"}))  # restart mode never asks
 
@@ -56,11 +65,25 @@ def test_a_killed_replica_heals_from_a_live_peer_and_a_killed_rank0_loses_no_ste
     # start) joins and heals many epochs before rank 0 is killed.
     epochs, kill0 = 24, {"epoch": 20, "step": 5}
     out = run_cli(
-        "run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=rep",
-        "--set", "failure.mode=replicas", "--set", f"epochs={epochs}", "--set", "task.options.batch_size=8",
-        "--set", f"chaos.kills=[{{rank: 1, epoch: 2}}, {{rank: 0, epoch: {kill0['epoch']}, step: {kill0['step']}}}]",
-        "--address", "local", "--verbose", timeout=400,
-    )  # fmt: skip
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=rep",
+        "--set",
+        "failure.mode=replicas",
+        "--set",
+        f"epochs={epochs}",
+        "--set",
+        "task.options.batch_size=8",
+        "--set",
+        f"chaos.kills=[{{rank: 1, epoch: 2}}, {{rank: 0, epoch: {kill0['epoch']}, step: {kill0['step']}}}]",
+        "--address",
+        "local",
+        "--verbose",
+        timeout=400,
+    )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-5000:]
     run_dir = tmp_path / "rep"
@@ -83,8 +106,10 @@ def test_a_killed_replica_heals_from_a_live_peer_and_a_killed_rank0_loses_no_ste
     healed = re.search(r"rank 0 healed from a live peer: epoch (\d+) step (\d+) \(global step (\d+)\)", log)
     assert healed, log[-5000:]
     assert tuple(map(int, healed.groups())) == (
-        kill0["epoch"], kill0["step"], (kill0["epoch"] - 1) * steps + kill0["step"]
-    )  # fmt: skip
+        kill0["epoch"],
+        kill0["step"],
+        (kill0["epoch"] - 1) * steps + kill0["step"],
+    )
     assert attempts[1]["restore_epoch"] == kill0["epoch"] - 1
 
     # Every epoch reported once, by rank 0, in order; what is kept is the top-k plus the
@@ -108,7 +133,9 @@ def test_a_killed_replica_heals_from_a_live_peer_and_a_killed_rank0_loses_no_ste
         (2, 2, False, False),  # nothing missing
     ],
 )
-def test_a_rank0_that_heals_past_an_epoch_end_records_what_is_missing(reported, restored_epoch, reports, saves):
+def test_a_rank0_that_heals_past_an_epoch_end_records_what_is_missing(
+    reported, restored_epoch, reports, saves
+):
     """Rank 0 died at epoch 2's end, after the others moved on: its replacement heals at
     (3, 0) and records, from the handed-on state, what the old rank 0 did not."""
     from types import SimpleNamespace
@@ -118,16 +145,27 @@ def test_a_rank0_that_heals_past_an_epoch_end_records_what_is_missing(reported, 
 
     calls = []
     session = SimpleNamespace(
-        cfg=SimpleNamespace(seed=0, every_n_epochs=1, epochs=5), world=2, rank=0,
+        cfg=SimpleNamespace(seed=0, every_n_epochs=1, epochs=5),
+        world=2,
+        rank=0,
         report_metrics=lambda row: calls.append(("report", row["epoch"], row["global_step"])),
         restored_record=lambda: SimpleNamespace(epoch=restored_epoch, end_of_epoch=True),
-    )  # fmt: skip
+    )
     task = SimpleNamespace(train_data=list(range(100)), batch_size=10)
     saver = replicas.EpochSaver.__new__(replicas.EpochSaver)
     saver.task, saver.session, saver.last_saved = task, session, None
-    saver.saver = SimpleNamespace(save=lambda at, *a: calls.append(("save", at.epoch, at.step_in_epoch, at.end_of_epoch)))
-    live = SimpleNamespace(epoch=3, step=0, global_step=10, epoch_loss=None, metrics={"val_loss": 0.5},
-                         stopper=EarlyStopping("min", 3, 0.0), reported=reported)  # fmt: skip
+    saver.saver = SimpleNamespace(
+        save=lambda at, *a: calls.append(("save", at.epoch, at.step_in_epoch, at.end_of_epoch))
+    )
+    live = SimpleNamespace(
+        epoch=3,
+        step=0,
+        global_step=10,
+        epoch_loss=None,
+        metrics={"val_loss": 0.5},
+        stopper=EarlyStopping("min", 3, 0.0),
+        reported=reported,
+    )
     assert saver.fill_in(live) is False
     assert (("report", 2, 10) in calls) == reports
     assert (("save", 2, 5, True) in calls) == saves  # 100 samples, 2 ranks, batches of 10: 5 steps
@@ -146,16 +184,29 @@ def test_a_rank0_that_heals_after_the_early_stop_ends_the_run(monkeypatch):
     calls = []
     monkeypatch.setattr(replicas, "note_early_stop", lambda s, epoch, st: calls.append(("early_stop", epoch)))
     session = SimpleNamespace(
-        cfg=SimpleNamespace(seed=0, every_n_epochs=5, epochs=9), world=2, rank=0,
+        cfg=SimpleNamespace(seed=0, every_n_epochs=5, epochs=9),
+        world=2,
+        rank=0,
         report_metrics=lambda row: calls.append(("report", row["epoch"])),
         restored_record=lambda: None,
-    )  # fmt: skip
+    )
     saver = replicas.EpochSaver.__new__(replicas.EpochSaver)
-    saver.task, saver.session, saver.last_saved = SimpleNamespace(train_data=list(range(100)), batch_size=10), session, None
+    saver.task, saver.session, saver.last_saved = (
+        SimpleNamespace(train_data=list(range(100)), batch_size=10),
+        session,
+        None,
+    )
     saver.saver = SimpleNamespace(save=lambda at, *a: calls.append(("save", at.epoch)))
     stopper = EarlyStopping("min", 2, 0.0, {"best": 0.1, "bad_epochs": 2})  # it said stop at epoch 3
-    live = SimpleNamespace(epoch=4, step=0, global_step=20, epoch_loss=None, metrics={"val_loss": 0.5},
-                         stopper=stopper, reported=2)  # fmt: skip
+    live = SimpleNamespace(
+        epoch=4,
+        step=0,
+        global_step=20,
+        epoch_loss=None,
+        metrics={"val_loss": 0.5},
+        stopper=stopper,
+        reported=2,
+    )
     assert saver.fill_in(live) is True  # the early stop, saved though epoch 3 is not a save epoch
     assert calls == [("report", 3), ("save", 3), ("early_stop", 3)]
 
@@ -167,11 +218,25 @@ def test_two_replicas_killed_at_the_same_step_never_fail_the_run(tmp_path):
     restart from the latest commit instead of a failed run. A run of its own: it needs three
     workers, where the other replicas tests run two."""
     out = run_cli(
-        "run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=two",
-        "--set", "failure.mode=replicas", "--set", "scaling.num_workers=3", "--set", "epochs=4",
-        "--set", "chaos.kills=[{rank: 1, epoch: 2, step: 3}, {rank: 2, epoch: 2, step: 3}]",
-        "--address", "local", "--verbose", timeout=500,
-    )  # fmt: skip
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=two",
+        "--set",
+        "failure.mode=replicas",
+        "--set",
+        "scaling.num_workers=3",
+        "--set",
+        "epochs=4",
+        "--set",
+        "chaos.kills=[{rank: 1, epoch: 2, step: 3}, {rank: 2, epoch: 2, step: 3}]",
+        "--address",
+        "local",
+        "--verbose",
+        timeout=500,
+    )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-6000:]
     run_dir = tmp_path / "two"

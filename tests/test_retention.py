@@ -111,9 +111,13 @@ def test_bad_policy_arguments(k, mode):
 
 @pytest.mark.parametrize(
     "make, field",
-    [(lambda: LatestN(0), "keep_latest"), (lambda: EveryNEpochs(0), "keep_every_n_epochs"),
-     (lambda: LatestN(-2), "keep_latest"), (lambda: EveryNEpochs(1.5), "keep_every_n_epochs")],
-)  # fmt: skip
+    [
+        (lambda: LatestN(0), "keep_latest"),
+        (lambda: EveryNEpochs(0), "keep_every_n_epochs"),
+        (lambda: LatestN(-2), "keep_latest"),
+        (lambda: EveryNEpochs(1.5), "keep_every_n_epochs"),
+    ],
+)
 def test_a_policy_refuses_what_would_keep_nothing_or_divide_by_zero(make, field):
     """The invariants live in the policies, not only in the spec that builds them."""
     with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
@@ -122,11 +126,15 @@ def test_a_policy_refuses_what_would_keep_nothing_or_divide_by_zero(make, field)
 
 @pytest.mark.parametrize(
     "make, argument, value",
-    [(lambda: LatestN(0), "keep_latest", "0"), (lambda: EveryNEpochs(0), "keep_every_n_epochs", "0"),
-     (lambda: BestK(0, "min"), "top_k", "0"), (lambda: BestK(1.5, "min"), "top_k", "1.5"),
-     (lambda: BestK(1, "avg"), "mode", "'avg'"),
-     (lambda: RetentionConfig("val_loss", "min", top_k=1, keep_latest=0), "keep_latest", "0")],
-)  # fmt: skip
+    [
+        (lambda: LatestN(0), "keep_latest", "0"),
+        (lambda: EveryNEpochs(0), "keep_every_n_epochs", "0"),
+        (lambda: BestK(0, "min"), "top_k", "0"),
+        (lambda: BestK(1.5, "min"), "top_k", "1.5"),
+        (lambda: BestK(1, "avg"), "mode", "'avg'"),
+        (lambda: RetentionConfig("val_loss", "min", top_k=1, keep_latest=0), "keep_latest", "0"),
+    ],
+)
 def test_a_bad_policy_argument_is_an_input_error_naming_it_and_its_value(make, argument, value):
     """Within the project's error hierarchy: exit 2 at the command line, and still a ValueError."""
     with pytest.raises(InputError) as e:

@@ -24,9 +24,16 @@ def s3_objects(moto, bucket, prefix=""):
 
 def committed(storage, cid="c1", data=b"0123456789" * 100):
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", data)
-    return CheckpointRecord(id=cid, epoch=1, step_in_epoch=1, global_step=1, end_of_epoch=True,
-                            files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))],
-                            world_size=1, attempt=1)  # fmt: skip
+    return CheckpointRecord(
+        id=cid,
+        epoch=1,
+        step_in_epoch=1,
+        global_step=1,
+        end_of_epoch=True,
+        files=[FileEntry(path="model.pt", size=len(data), sha256=sha256_hex(data))],
+        world_size=1,
+        attempt=1,
+    )
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -80,10 +87,24 @@ def test_digits_on_s3_survives_kills_collects_orphans_and_keeps_secrets(moto, bu
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         env.pop(k, None)
     kills = "[{rank: 0, epoch: 3, point: after_upload}, {rank: 1, epoch: 5}]"
-    p = run_cli("run", "configs/digits.yaml", "--set", f"storage.root=s3://{bucket}/runs", "--set", "name=s3demo",
-                "--set", f"storage.options={{key: {CANARY_KEY}, secret: {CANARY_SECRET}}}",
-                "--set", f"chaos.kills={kills}", "--set", "epochs=7", "--address", "local", "--verbose",
-                env=env)  # fmt: skip
+    p = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root=s3://{bucket}/runs",
+        "--set",
+        "name=s3demo",
+        "--set",
+        f"storage.options={{key: {CANARY_KEY}, secret: {CANARY_SECRET}}}",
+        "--set",
+        f"chaos.kills={kills}",
+        "--set",
+        "epochs=7",
+        "--address",
+        "local",
+        "--verbose",
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-5000:]
     prefix = "runs/s3demo/"
     objs = s3_objects(moto, bucket, prefix)
@@ -112,8 +133,11 @@ def test_digits_on_s3_survives_kills_collects_orphans_and_keeps_secrets(moto, bu
     assert second["restore_epoch"] == 2  # epoch 3 was uploaded but never committed, so never loaded
 
     # The canary credentials are nowhere: output, events, stored spec, any object.
-    everything = p.stdout + p.stderr + "".join(get(k[len(prefix):]).decode("latin-1") for k in objs
-                                                if not k.endswith(".pt"))  # fmt: skip
+    everything = (
+        p.stdout
+        + p.stderr
+        + "".join(get(k[len(prefix) :]).decode("latin-1") for k in objs if not k.endswith(".pt"))
+    )
     assert CANARY_SECRET not in everything and CANARY_KEY not in everything
     assert "***" in get("spec.yaml").decode()
 
@@ -121,15 +145,34 @@ def test_digits_on_s3_survives_kills_collects_orphans_and_keeps_secrets(moto, bu
 @pytest.mark.e2e
 def test_transient_storage_faults_are_retried_and_training_goes_on(moto, bucket, tmp_path, kill_group):
     proxy = FaultProxy(moto.port)
-    env = cli_env(AWS_ENDPOINT_URL=proxy.endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                  AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    env = cli_env(
+        AWS_ENDPOINT_URL=proxy.endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     try:
-        proc = start_cli("run", "configs/digits.yaml", "--set", f"storage.root=s3://{bucket}/runs",
-                         "--set", "name=flaky", "--set", "chaos.kills=[]", "--set", "epochs=6",
-                         "--address", "local", log=tmp_path / "run.log", env=env)  # fmt: skip
+        proc = start_cli(
+            "run",
+            "configs/digits.yaml",
+            "--set",
+            f"storage.root=s3://{bucket}/runs",
+            "--set",
+            "name=flaky",
+            "--set",
+            "chaos.kills=[]",
+            "--set",
+            "epochs=6",
+            "--address",
+            "local",
+            log=tmp_path / "run.log",
+            env=env,
+        )
         kill_group(proc)
-        s = Storage(f"s3://{bucket}/runs/flaky", {"endpoint_url": moto.endpoint, "key": "testing",
-                                                   "secret": "testing"})  # fmt: skip
+        s = Storage(
+            f"s3://{bucket}/runs/flaky",
+            {"endpoint_url": moto.endpoint, "key": "testing", "secret": "testing"},
+        )
         wait_until(lambda: (m := read_manifest(s)) is not None and len(m.checkpoints) >= 1, 240, "a commit")
         for mode in ("flaky", "reset", "flaky"):  # 503 SlowDown on every other request; then resets
             proxy.mode = mode
@@ -157,12 +200,28 @@ def test_persistent_outage_fails_clearly_keeps_commits_and_resume_continues(
     uri = f"s3://{bucket}/runs/outage"
     direct = Storage(uri, {"endpoint_url": moto.endpoint, "key": "testing", "secret": "testing"})
     try:
-        proc = start_cli("run", "configs/digits.yaml", "--set", f"storage.root=s3://{bucket}/runs",
-                         "--set", "name=outage", "--set", "chaos.kills=[]", "--set", "epochs=8",
-                         "--set", f"storage.options={{endpoint_url: '{proxy.endpoint}'}}",
-                         "--set", "storage.retry={attempts: 3, initial_s: 0.2, max_s: 1}",
-                         "--set", "failure.max_failures=1", "--address", "local",
-                         log=tmp_path / "run.log", env=env)  # fmt: skip
+        proc = start_cli(
+            "run",
+            "configs/digits.yaml",
+            "--set",
+            f"storage.root=s3://{bucket}/runs",
+            "--set",
+            "name=outage",
+            "--set",
+            "chaos.kills=[]",
+            "--set",
+            "epochs=8",
+            "--set",
+            f"storage.options={{endpoint_url: '{proxy.endpoint}'}}",
+            "--set",
+            "storage.retry={attempts: 3, initial_s: 0.2, max_s: 1}",
+            "--set",
+            "failure.max_failures=1",
+            "--address",
+            "local",
+            log=tmp_path / "run.log",
+            env=env,
+        )
         kill_group(proc)
         wait_until(
             lambda: (m := read_manifest(direct)) is not None and len(m.checkpoints) >= 2, 240, "2 commits"
@@ -182,8 +241,16 @@ def test_persistent_outage_fails_clearly_keeps_commits_and_resume_continues(
 
         proxy.mode = "ok"
         # No AWS_ENDPOINT_URL in this environment: the endpoint is needed to read the run at all.
-        p = run_cli("resume", uri, "--storage-option", f"endpoint_url={proxy.endpoint}", "--address", "local",
-                    "--json", env=env)  # fmt: skip
+        p = run_cli(
+            "resume",
+            uri,
+            "--storage-option",
+            f"endpoint_url={proxy.endpoint}",
+            "--address",
+            "local",
+            "--json",
+            env=env,
+        )
         assert p.returncode == 0, p.stderr[-4000:]
     finally:
         proxy.close()
@@ -200,8 +267,16 @@ def test_persistent_outage_fails_clearly_keeps_commits_and_resume_continues(
 
 def test_missing_bucket_is_a_clear_storage_error(s3_env):
     env = cli_env(**s3_env)
-    p = run_cli("run", "configs/digits.yaml", "--set", "storage.root=s3://no-such-bucket-here/runs",
-                "--address", "local", env=env, timeout=120)  # fmt: skip
+    p = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        "storage.root=s3://no-such-bucket-here/runs",
+        "--address",
+        "local",
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 4, p.stdout + p.stderr
     assert "storage s3://no-such-bucket-here/runs/digits" in p.stderr and "bucket" in p.stderr.lower()
     assert "Traceback" not in p.stderr

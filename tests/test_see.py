@@ -21,9 +21,15 @@ from orchestrator.core.storage import Storage, sha256_hex
 
 # epoch, train_loss, val_loss, val_acc; attempt 1 ends after epoch 4, attempt 2 resumes from it
 HISTORY = [
-    (1, 2.10, 1.60, 0.40), (2, 1.20, 0.90, 0.70), (3, 0.60, 0.45, 0.85), (4, 0.35, 0.30, 0.90),
-    (5, 0.25, 0.21, 0.93), (6, 0.18, 0.12, 0.96), (7, 0.12, 0.15, 0.95), (8, 0.09, 0.17, 0.97),
-]  # fmt: skip
+    (1, 2.10, 1.60, 0.40),
+    (2, 1.20, 0.90, 0.70),
+    (3, 0.60, 0.45, 0.85),
+    (4, 0.35, 0.30, 0.90),
+    (5, 0.25, 0.21, 0.93),
+    (6, 0.18, 0.12, 0.96),
+    (7, 0.12, 0.15, 0.95),
+    (8, 0.09, 0.17, 0.97),
+]
 BEST = "best epoch 6: val_loss 0.12"
 KEPT = [6, 7, 8]  # best-2 (6, 7) and the latest (8)
 # Ray Train's reason, with markup that must reach the page as text, never as markup
@@ -42,9 +48,18 @@ def upload(
     step, end = (epoch - 1) * 10 + steps, steps == 10
     cid = f"epoch{epoch:04d}-step{step:07d}-a{attempt}"
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", b"weights")
-    rec = CheckpointRecord(id=cid, epoch=epoch, step_in_epoch=steps, global_step=step, end_of_epoch=end,
-                           metrics=metrics, metrics_fresh=end, world_size=2, attempt=attempt,
-                           files=[FileEntry(path="model.pt", size=7, sha256=sha256_hex(b"weights"))])  # fmt: skip
+    rec = CheckpointRecord(
+        id=cid,
+        epoch=epoch,
+        step_in_epoch=steps,
+        global_step=step,
+        end_of_epoch=end,
+        metrics=metrics,
+        metrics_fresh=end,
+        world_size=2,
+        attempt=attempt,
+        files=[FileEntry(path="model.pt", size=7, sha256=sha256_hex(b"weights"))],
+    )
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", rec.model_dump_json().encode())
     return rec
 
@@ -194,19 +209,39 @@ def test_plot_reads_a_run_on_s3(moto, bucket, s3_env, tmp_path):
     env = cli_env()
     env.pop("AWS_ENDPOINT_URL")  # the endpoint comes from --storage-option
     out = tmp_path / "s3.png"
-    p = run_cli("plot", f"s3://{bucket}/runs/see-demo", "--out", str(out), "--json",
-                "--storage-option", f"endpoint_url={moto.endpoint}", env=env, check=True)  # fmt: skip
+    p = run_cli(
+        "plot",
+        f"s3://{bucket}/runs/see-demo",
+        "--out",
+        str(out),
+        "--json",
+        "--storage-option",
+        f"endpoint_url={moto.endpoint}",
+        env=env,
+        check=True,
+    )
     assert json.loads(p.stdout)["best_epoch"] == 6 and png_size(out.read_bytes())[0] >= 900
-    p = run_cli("report", f"s3://{bucket}/runs/see-demo", "--out", str(tmp_path / "s3.html"),
-                "--storage-option", f"endpoint_url={moto.endpoint}", env=env, check=True)  # fmt: skip
+    p = run_cli(
+        "report",
+        f"s3://{bucket}/runs/see-demo",
+        "--out",
+        str(tmp_path / "s3.html"),
+        "--storage-option",
+        f"endpoint_url={moto.endpoint}",
+        env=env,
+        check=True,
+    )
     assert BEST in (tmp_path / "s3.html").read_text()
 
 
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["plot", "{run}", "--out", "{tmp}/x.png", "--metric", "val_f1"], 2,
-         "--metric val_f1: not a metric of this run; its metrics are: train_loss, val_acc, val_loss"),
+        (
+            ["plot", "{run}", "--out", "{tmp}/x.png", "--metric", "val_f1"],
+            2,
+            "--metric val_f1: not a metric of this run; its metrics are: train_loss, val_acc, val_loss",
+        ),
         (["plot", "{empty}", "--out", "{tmp}/x.png"], 1, "no metrics yet"),
         (["report", "{empty}", "--out", "{tmp}/x.html"], 1, "no metrics yet"),
         (["plot", "{tmp}/nope", "--out", "{tmp}/x.png"], 2, "no manifest.json; is this a run directory"),
@@ -215,7 +250,7 @@ def test_plot_reads_a_run_on_s3(moto, bucket, s3_env, tmp_path):
         (["plot", "{run}", "--out", "{tmp}/x.jpeg"], 2, "name a file ending in one of .pdf, .png, .svg"),
         (["plot", "{run}"], 2, "Missing option '--out'"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_exits_with_a_clear_message(run_dir, tmp_path, args, code, message):
     empty = Storage(str(tmp_path / "empty"))
     RunLedger(empty, "empty", RetentionConfig("val_loss", "min", top_k=1, keep_latest=1)).start_attempt(1)
@@ -245,9 +280,22 @@ def chromium(page: Path, tmp: Path, *args: str) -> tuple[str, list[str]]:
     """Open page in headless Chromium (a fresh profile, nothing phoning home); its stdout, and
     the page's console messages."""
     profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *args, page.as_uri()]  # fmt: skip
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
+        page.as_uri(),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout, [line for line in p.stderr.splitlines() if CONSOLE.search(line)]
@@ -266,7 +314,9 @@ def test_report_is_one_self_contained_escaped_page(report):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page, re.I)  # nothing to fetch
     assert "<script" not in page and "<link" not in page and page.count("<img ") == 1
     # escaped (Jinja2 writes ' as &#39;, Python's html.escape as &#x27;: either is the same character)
-    assert re.search(r"&lt;script&gt;console.error\((&#39;|&#x27;)injected script ran(&#39;|&#x27;)\)&lt;/script&gt;", page)
+    assert re.search(
+        r"&lt;script&gt;console.error\((&#39;|&#x27;)injected script ran(&#39;|&#x27;)\)&lt;/script&gt;", page
+    )
     assert "see-demo &lt;b&gt;&amp;&lt;/b&gt;" in page
 
 

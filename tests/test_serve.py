@@ -304,8 +304,11 @@ def test_a_run_that_cannot_be_served_is_one_line_saying_what_to_do(tmp_path, mon
     assert "`make demo` writes runs/digits" in msg and "args.run_uri in deploy/serve/config.yaml" in msg, msg
 
     Trainer(tmp_path / "runs" / "digits")  # a run, started, with nothing committed yet
-    with pytest.raises(RayServeException, match=r"^run_uri runs/digits \(.*\): no committed checkpoint "
-                       r"with a 'val_loss' value to serve yet \(status running\); start the app after"):  # fmt: skip
+    with pytest.raises(
+        RayServeException,
+        match=r"^run_uri runs/digits \(.*\): no committed checkpoint "
+        r"with a 'val_loss' value to serve yet \(status running\); start the app after",
+    ):
         build({"run_uri": "runs/digits"})
 
     (tmp_path / "runs" / "digits" / "manifest.json").write_text("{not json")  # and no backup
@@ -323,8 +326,11 @@ def test_a_run_that_cannot_be_served_is_one_line_saying_what_to_do(tmp_path, mon
 
     (tmp_path / "bare.py").write_text("def train(session):\n    pass\n")
     make_run(Storage(str(tmp_path / "runs" / "fn")), [0.5], task=f"{tmp_path / 'bare.py'}:train")
-    with pytest.raises(RayServeException, match=r"^run_uri runs/fn \(.*\): task .* is a train function.*"
-                       r"def serving_model\(options\)") as e:  # fmt: skip
+    with pytest.raises(
+        RayServeException,
+        match=r"^run_uri runs/fn \(.*\): task .* is a train function.*"
+        r"def serving_model\(options\)",
+    ) as e:
         build({"run_uri": "runs/fn"})
     assert "\n" not in str(e.value), str(e.value)
 
@@ -341,10 +347,13 @@ def test_serve_run_of_a_missing_run_fails_once_in_one_line(tmp_path: Path) -> No
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         [SERVE, "run", "--address", "local", str(tmp_path / "serve.yaml")],
-        cwd=ROOT, env=cli_env(PYTHONDONTWRITEBYTECODE="1", RAY_USAGE_STATS_ENABLED="0"),
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT,
+        env=cli_env(PYTHONDONTWRITEBYTECODE="1", RAY_USAGE_STATS_ENABLED="0"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see the test above
-    )  # fmt: skip
+    )
     started: set[tuple[int, float]] = set()
     try:
 

@@ -24,8 +24,15 @@ def test_train_functions_and_task_builders_are_told_apart():
 
 
 def test_session_example_survives_a_mid_epoch_kill_and_sees_every_sample_once(tmp_path):
-    p = run_cli("run", "examples/session_api/job.yaml", "--set", f"storage.root={tmp_path}",
-                "--address", "local", "--json")  # fmt: skip
+    p = run_cli(
+        "run",
+        "examples/session_api/job.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--address",
+        "local",
+        "--json",
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     summary = json.loads(p.stdout)
     run_dir = tmp_path / "session-digits"

@@ -27,8 +27,17 @@ CFG = RetentionConfig("val_loss", "min", top_k=3, keep_latest=1)
 
 
 def meta(cid: str, epoch: int, world: int = 1) -> dict:
-    return {"id": cid, "epoch": epoch, "step_in_epoch": 0, "global_step": epoch, "end_of_epoch": True,
-            "metrics": {"val_loss": 1.0 / epoch}, "world_size": world, "attempt": 1, "sharded": True}  # fmt: skip
+    return {
+        "id": cid,
+        "epoch": epoch,
+        "step_in_epoch": 0,
+        "global_step": epoch,
+        "end_of_epoch": True,
+        "metrics": {"val_loss": 1.0 / epoch},
+        "world_size": world,
+        "attempt": 1,
+        "sharded": True,
+    }
 
 
 def trained(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -122,8 +131,9 @@ def test_fsdp_run_killed_mid_save_resumes_2_to_2_then_reshards_2_to_1_and_export
     """examples/fsdp: rank 1 is SIGKILLed in the middle of the epoch-2 save; the restarted group
     (2 ranks) loads epoch 1's commit, never the half-written save, which is collected; a resume
     on 1 worker loads the 2 ranks' shards; export consolidates them into one safetensors file."""
-    p = run_cli("run", "examples/fsdp/job.yaml", "--set", f"storage.root={tmp_path}",
-                "--address", "local", "--json")  # fmt: skip
+    p = run_cli(
+        "run", "examples/fsdp/job.yaml", "--set", f"storage.root={tmp_path}", "--address", "local", "--json"
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     run_dir = tmp_path / "fsdp-digits"
     events = jsonl(run_dir / "events.jsonl")
@@ -142,8 +152,19 @@ def test_fsdp_run_killed_mid_save_resumes_2_to_2_then_reshards_2_to_1_and_export
     for record in manifest(run_dir)["checkpoints"]:  # each lists both ranks' shards
         assert record["sharded"] and {f["rank"] for f in record["files"]} == {0, 1, None}, record
 
-    p = run_cli("resume", str(run_dir), "--set", "epochs=4", "--set", "scaling.num_workers=1",
-                "--set", "chaos.kills=[]", "--address", "local", "--json")  # fmt: skip
+    p = run_cli(
+        "resume",
+        str(run_dir),
+        "--set",
+        "epochs=4",
+        "--set",
+        "scaling.num_workers=1",
+        "--set",
+        "chaos.kills=[]",
+        "--address",
+        "local",
+        "--json",
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     start = [e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == "attempt_started"][-1]
     assert start["world_size"] == 1 and commits[start["restore"]]["epoch"] == 3

@@ -144,8 +144,15 @@ def test_a_save_never_holds_the_serialized_checkpoint_in_memory(tmp_path, tier):
         storage.node_cache = NodeCache(str(tmp_path / "cache"), storage.uri)
     writer = CheckpointWriter(storage, commit=lambda r: None, async_save=False)
     state = {"model.pt": {"w": torch.randn(2 * MB)}, "train_state.pt": {"m": torch.randn(2 * MB)}}
-    meta = {"id": "epoch0001-step0000001-a1", "epoch": 1, "step_in_epoch": 0, "global_step": 1,
-            "end_of_epoch": True, "world_size": 1, "attempt": 1}  # fmt: skip
+    meta = {
+        "id": "epoch0001-step0000001-a1",
+        "epoch": 1,
+        "step_in_epoch": 0,
+        "global_step": 1,
+        "end_of_epoch": True,
+        "world_size": 1,
+        "attempt": 1,
+    }
     tracemalloc.start()
     try:
         writer.save(meta, state)

@@ -63,7 +63,10 @@ def test_other_errors_give_their_last_exception_line_or_first_line():
 
 
 def test_a_user_failure_signature_is_one_line_with_its_place():
-    assert failure_cause("ValueError: bad at /t.py:3 (epoch 1 step 2)") == "ValueError: bad at /t.py:3 (epoch 1 step 2)"
+    assert (
+        failure_cause("ValueError: bad at /t.py:3 (epoch 1 step 2)")
+        == "ValueError: bad at /t.py:3 (epoch 1 step 2)"
+    )
     two = "KeyError: 'a\nb' at /t.py:9 (epoch 2 step 0)"
     assert failure_cause(two) == "KeyError: 'a ... at /t.py:9 (epoch 2 step 0)"
 
@@ -77,7 +80,9 @@ def test_the_ledger_names_the_cause_it_heard_first_hand(tmp_path):
     assert led.claim_chaos("kill-0", 7, None, what) is True
     led.note_restart(KILLED, "r1")
     led.start_attempt(2)
-    led.record_failure("ValueError: late at /t.py:3 (epoch 5 step 1)", "tb", 1, "late")  # attempt 1's rank, late
+    led.record_failure(
+        "ValueError: late at /t.py:3 (epoch 5 step 1)", "tb", 1, "late"
+    )  # attempt 1's rank, late
     led.note_restart(KILLED, "r2")
     led.record_failure("ValueError: bad at /t.py:3 (epoch 6 step 2)", "tb", 2, "mine")
     led.note_restart(RAISED, "r3")
@@ -85,8 +90,12 @@ def test_the_ledger_names_the_cause_it_heard_first_hand(tmp_path):
     assert causes == [what, restart_cause(KILLED), "ValueError: bad at /t.py:3 (epoch 6 step 2)"]
     notes = led.progress()["notes"]
     assert [(n["kind"], n.get("cause")) for n in notes] == [
-        ("attempt", None), ("restart", what), ("attempt", None), ("restart", restart_cause(KILLED)),
-        ("restart", "ValueError: bad at /t.py:3 (epoch 6 step 2)")]  # fmt: skip
+        ("attempt", None),
+        ("restart", what),
+        ("attempt", None),
+        ("restart", restart_cause(KILLED)),
+        ("restart", "ValueError: bad at /t.py:3 (epoch 6 step 2)"),
+    ]
 
 
 def test_a_worker_ray_destroyed_with_its_placement_group_is_said_so():

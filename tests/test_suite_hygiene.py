@@ -61,8 +61,27 @@ def test_one_test_process_leaves_the_others_servers_alone(tmp_path):
     (tmp_path / "test_a.py").write_text(textwrap.dedent(HOLDS_A_SERVER))
     (tmp_path / "test_b.py").write_text(textwrap.dedent(ENDS_FIRST))
     env = {"HANDOFF": str(tmp_path / "handoff"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile", "-p", "no:cacheprovider",
-                        "--rootdir", str(tmp_path), str(tmp_path)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-n",
+            "2",
+            "--dist",
+            "loadfile",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     assert "2 passed" in p.stdout, p.stdout[-2000:]

@@ -109,8 +109,13 @@ def test_the_mlflow_run_is_named_after_the_run_and_gets_its_artifacts(tmp_path, 
     uri = _file_store(tmp_path, monkeypatch)
     storage = Storage(str(tmp_path / "digits"))
     storage.write_bytes("spec.yaml", b"name: digits\ncheckpoint: {monitor: val_loss}\n")
-    tracking = {"tensorboard": False, "mlflow_uri": uri, "experiment": "digits", "params": {"seed": 0},
-                "run_name": "digits"}  # fmt: skip
+    tracking = {
+        "tensorboard": False,
+        "mlflow_uri": uri,
+        "experiment": "digits",
+        "params": {"seed": 0},
+        "run_name": "digits",
+    }
     led = RunLedger(storage, "digits", CFG, tracking=tracking)
     for row in ROWS:
         led.commit(upload(storage, row["epoch"], row["val_loss"]))
@@ -135,8 +140,13 @@ def test_a_replaced_run_gets_a_new_mlflow_run_and_an_interrupted_one_ends_killed
 
     uri = _file_store(tmp_path, monkeypatch)
     storage = Storage(str(tmp_path / "digits"))
-    tracking = {"tensorboard": False, "mlflow_uri": uri, "experiment": "digits", "params": {},
-                "run_name": "digits"}  # fmt: skip
+    tracking = {
+        "tensorboard": False,
+        "mlflow_uri": uri,
+        "experiment": "digits",
+        "params": {},
+        "run_name": "digits",
+    }
     led = RunLedger(storage, "digits", CFG, tracking=tracking)
     led.report_metrics(ROWS[0])
     led.finish("failed")  # failed before any commit: `orchestrator run` replaces it
@@ -194,9 +204,20 @@ def test_run_refuses_an_mlflow_uri_it_cannot_use_before_ray_starts(tmp_path):
     env.pop("MLFLOW_ALLOW_FILE_STORE", None)
     uri = f"file://{tmp_path / 'mlruns'}"
     # 64 workers never fit this machine: that refusal would come only once Ray had started
-    p = run_cli("run", "configs/digits.yaml", "--set", f"storage.root={tmp_path}", "--set", "name=t",
-                "--set", f"tracking.mlflow_uri={uri}", "--set", "scaling.num_workers=64",
-                env=env, timeout=120)  # fmt: skip
+    p = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=t",
+        "--set",
+        f"tracking.mlflow_uri={uri}",
+        "--set",
+        "scaling.num_workers=64",
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     first = p.stderr.strip().splitlines()[0]
     assert (
@@ -221,11 +242,17 @@ def test_the_driver_hands_the_run_name_and_mlflow_env_on_and_says_a_tracker_that
     settings = tracking_settings(spec)
     assert settings["run_name"] == "mine" and settings["env"] == {"MLFLOW_ALLOW_FILE_STORE": "true"}
     storage = Storage(str(tmp_path / "mine"))
-    write_jsonl(storage, "events.jsonl", [
-        {"ts": 1.0, "kind": "tracker_off", "tracker": "tensorboard", "error": "an earlier driver's"},
-        {"ts": 100.0, "kind": "tracker_off", "tracker": "mlflow", "error": "MlflowException: gone"},
-    ])  # fmt: skip
+    write_jsonl(
+        storage,
+        "events.jsonl",
+        [
+            {"ts": 1.0, "kind": "tracker_off", "tracker": "tensorboard", "error": "an earlier driver's"},
+            {"ts": 100.0, "kind": "tracker_off", "tracker": "mlflow", "error": "MlflowException: gone"},
+        ],
+    )
     say_trackers_off(storage, 50.0, {"mlflow_uri": "http://mlflow:5000"})
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["[run] warning: tracker mlflow at http://mlflow:5000 was switched off: MlflowException: "
-                   "gone; the run's own metrics.jsonl has every epoch"]  # fmt: skip
+    assert err == [
+        "[run] warning: tracker mlflow at http://mlflow:5000 was switched off: MlflowException: "
+        "gone; the run's own metrics.jsonl has every epoch"
+    ]

@@ -28,8 +28,19 @@ from workers.task import Task
 def _cfg(**kw: Any) -> WorkerConfig:
     from orchestrator.core.storage import RetryPolicy
 
-    base = dict(run_uri="file:///unused", storage_options={}, retry=RetryPolicy(), task="t", task_options={},
-                seed=3, epochs=4, use_gpu=False, monitor="val_loss", mode="min", early_stopping=(3, 0.0))
+    base = dict(
+        run_uri="file:///unused",
+        storage_options={},
+        retry=RetryPolicy(),
+        task="t",
+        task_options={},
+        seed=3,
+        epochs=4,
+        use_gpu=False,
+        monitor="val_loss",
+        mode="min",
+        early_stopping=(3, 0.0),
+    )
     return WorkerConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -39,10 +50,15 @@ def _task(seed: int) -> Task:
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
-    return Task(model=model, optimizer=opt, train_data=data, val_data=data,
-                scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
-                grad_scaler=torch.amp.GradScaler("cpu", init_scale=1024.0),
-                state={"ema": AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))})  # fmt: skip
+    return Task(
+        model=model,
+        optimizer=opt,
+        train_data=data,
+        val_data=data,
+        scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        grad_scaler=torch.amp.GradScaler("cpu", init_scale=1024.0),
+        state={"ema": AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))},
+    )
 
 
 def _train(state: TrainState, steps: int) -> None:
@@ -172,14 +188,23 @@ def test_a_checkpoint_from_before_a_part_existed_leaves_that_part_fresh() -> Non
 
 @pytest.mark.parametrize(
     ("state", "field"),
-    [({"optimizer": AveragedModel(nn.Linear(1, 1))}, "'optimizer' cannot name a part"),
-     ({"not an id": AveragedModel(nn.Linear(1, 1))}, "'not an id' cannot name a part"),
-     ({"ema": [1, 2]}, "Task.state['ema']: a list has no state_dict()")],
-)  # fmt: skip
-def test_task_state_refuses_a_reserved_name_or_a_part_without_state_dict(state: dict[str, Any], field: str) -> None:
+    [
+        ({"optimizer": AveragedModel(nn.Linear(1, 1))}, "'optimizer' cannot name a part"),
+        ({"not an id": AveragedModel(nn.Linear(1, 1))}, "'not an id' cannot name a part"),
+        ({"ema": [1, 2]}, "Task.state['ema']: a list has no state_dict()"),
+    ],
+)
+def test_task_state_refuses_a_reserved_name_or_a_part_without_state_dict(
+    state: dict[str, Any], field: str
+) -> None:
     model = nn.Linear(2, 2)
     data = torch.utils.data.TensorDataset(torch.randn(4, 2))
     with pytest.raises(ValueError, match="Task.state") as e:
-        Task(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=data,
-             val_data=data, state=state)  # fmt: skip
+        Task(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            train_data=data,
+            val_data=data,
+            state=state,
+        )
     assert field in str(e.value)

@@ -13,10 +13,26 @@ from orchestrator.cli import exits
 DOC = ROOT / "docs" / "troubleshooting.md"
 # Errors whose text reaches a user (the CLI prints them, or a run's reason carries them).
 USER_ERRORS = {
-    "SpecError", "StorageError", "ManifestError", "ManifestUnreadable", "RunFailed", "RunInterrupted",
-    "RayUnreachable", "LeaseHeld", "LeaseLost", "NoCheckpoint", "RunNotFound", "RepairError", "NotARun",
-    "CheckpointRefused", "VerificationError", "TaskError", "StopRun", "CommitError", "NotServable",
-}  # fmt: skip
+    "SpecError",
+    "StorageError",
+    "ManifestError",
+    "ManifestUnreadable",
+    "RunFailed",
+    "RunInterrupted",
+    "RayUnreachable",
+    "LeaseHeld",
+    "LeaseLost",
+    "NoCheckpoint",
+    "RunNotFound",
+    "RepairError",
+    "NotARun",
+    "CheckpointRefused",
+    "VerificationError",
+    "TaskError",
+    "StopRun",
+    "CommitError",
+    "NotServable",
+}
 SOURCES = [*ROOT.glob("orchestrator/**/*.py"), *ROOT.glob("workers/**/*.py"), ROOT / "deploy/serve/app.py"]
 
 

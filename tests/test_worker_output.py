@@ -24,9 +24,12 @@ def test_the_users_lines_are_labeled_and_logging_and_rays_magic_are_not():
     log.warning("Reporting training result 1")  # Ray Train's logs come this way
     log.removeHandler(handler)
     assert raw.getvalue().splitlines() == [
-        "[rank 0] hello world", "[rank 0] two", "[rank 0] lines", ":actor_name:RayTrainWorker",
+        "[rank 0] hello world",
+        "[rank 0] two",
+        "[rank 0] lines",
+        ":actor_name:RayTrainWorker",
         "Reporting training result 1",
-    ]  # fmt: skip
+    ]
 
 
 def test_the_console_shows_rank_0s_own_lines_and_folds_rays_noise():

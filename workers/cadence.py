@@ -44,9 +44,14 @@ class Choice:
     bound: str  # what set it: "budget" (the stall), "drain" (the writer) or "first" (measuring)
 
     def as_dict(self) -> dict[str, float | int | str]:
-        return {"every_n_steps": self.every_n_steps, "step_ms": round(self.step_s * 1e3, 3),
-                "stall_ms": round(self.stall_s * 1e3, 3), "drain_ms": round(self.drain_s * 1e3, 3),
-                "budget": self.budget, "bound": self.bound}  # fmt: skip
+        return {
+            "every_n_steps": self.every_n_steps,
+            "step_ms": round(self.step_s * 1e3, 3),
+            "stall_ms": round(self.stall_s * 1e3, 3),
+            "drain_ms": round(self.drain_s * 1e3, 3),
+            "budget": self.budget,
+            "bound": self.bound,
+        }
 
     def why(self) -> str:
         if self.bound == "first":
@@ -54,10 +59,14 @@ class Choice:
         per = self.stall_s / self.every_n_steps / self.step_s if self.step_s > 0 else 0.0
         step, stall = f"{self.step_s * 1e3:.1f} ms a step", f"{self.stall_s * 1e3:.1f} ms"
         if self.bound == "drain":
-            return (f"the writer takes {self.drain_s * 1e3:.0f} ms to drain a save ({step}); its {stall} "
-                    f"stall then costs {per:.2%} of a step")  # fmt: skip
-        return (f"a save stalls training {stall}; at {step} that is {per:.2%} of a step, within the "
-                f"{self.budget:.2%} budget")  # fmt: skip
+            return (
+                f"the writer takes {self.drain_s * 1e3:.0f} ms to drain a save ({step}); its {stall} "
+                f"stall then costs {per:.2%} of a step"
+            )
+        return (
+            f"a save stalls training {stall}; at {step} that is {per:.2%} of a step, within the "
+            f"{self.budget:.2%} budget"
+        )
 
 
 @dataclass

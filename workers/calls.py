@@ -117,8 +117,9 @@ class StepTicker:
         if self.send is not None and (now - self._last >= self.interval_s or step == steps):
             self._last = now
             self._read_reply()
-            self._reply = self.send({"epoch": epoch, "step": step, "steps": steps,
-                                     "global_step": global_step, "ts": now})  # fmt: skip
+            self._reply = self.send(
+                {"epoch": epoch, "step": step, "steps": steps, "global_step": global_step, "ts": now}
+            )
 
     def stop_asked(self) -> bool:
         self._read_reply()

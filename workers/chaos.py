@@ -38,8 +38,11 @@ class Chaos:
     def mid_save(self, epoch: int, cid: str) -> None:
         for key, k in self.mine:
             if k.point == "mid_save" and k.epoch == epoch:
-                self._fire(key, f"in the middle of sharded save {cid}: this rank's shards written, the "
-                           "checkpoint not yet recorded")  # fmt: skip
+                self._fire(
+                    key,
+                    f"in the middle of sharded save {cid}: this rank's shards written, the "
+                    "checkpoint not yet recorded",
+                )
 
     def _fire(self, key: str, where: str) -> None:
         if self.claim(key, f"rank {self.rank} (pid {os.getpid()}) SIGKILLed by chaos.kills at {where}"):

@@ -81,8 +81,10 @@ def _loader_batches(
         why = f"{type(data).__name__} keeps no position (torchdata's StatefulDataLoader does)"
         if hasattr(data, "load_state_dict"):
             why = "its saved position was for another world size"
-        log.info(f"[data] resuming epoch {epoch} at step {first}: {why}, so the epoch's first {first} "
-                 "batches are read and dropped")  # fmt: skip
+        log.info(
+            f"[data] resuming epoch {epoch} at step {first}: {why}, so the epoch's first {first} "
+            "batches are read and dropped"
+        )
     for i, batch in enumerate(data):
         if i >= skip:
             yield first + i - skip, to_device(batch, device)

@@ -22,8 +22,15 @@ def check_monitor(cfg: WorkerConfig, task: Task, model: torch.nn.Module, device:
         raise StopRun(f"{why}; it reports {sorted(names)}", "input")
 
 
-def epoch_metrics(session: Session, task: Task, model: torch.nn.Module, epoch: int, epoch_loss: RunningLoss,
-                  world: int, rank: int) -> dict[str, float]:  # fmt: skip
+def epoch_metrics(
+    session: Session,
+    task: Task,
+    model: torch.nn.Module,
+    epoch: int,
+    epoch_loss: RunningLoss,
+    world: int,
+    rank: int,
+) -> dict[str, float]:
     """The end of an epoch: the scheduler's step, the held-out metrics and the training loss;
     with checkpoint.stop_on_nan, a StopRun at the first metric that is not finite."""
     if task.scheduler is not None:

@@ -22,11 +22,21 @@ from orchestrator.core.verify import VerificationError
 from workers.calls import CoordinatorTimeout
 from workers.stopping import Preempted
 
-_INFRA = (Preempted, CoordinatorTimeout, LeaseLost, StorageError, VerificationError, dist.DistError,
-          OSError, TimeoutError, MemoryError)  # fmt: skip
+_INFRA = (
+    Preempted,
+    CoordinatorTimeout,
+    LeaseLost,
+    StorageError,
+    VerificationError,
+    dist.DistError,
+    OSError,
+    TimeoutError,
+    MemoryError,
+)
 # What a collective raises when a peer died: gloo and NCCL errors are often plain RuntimeErrors.
-_PEER_GONE = re.compile(r"gloo|nccl|connection (?:reset|closed|refused)|closed by peer|broken pipe|timed out",
-                        re.IGNORECASE)  # fmt: skip
+_PEER_GONE = re.compile(
+    r"gloo|nccl|connection (?:reset|closed|refused)|closed by peer|broken pipe|timed out", re.IGNORECASE
+)
 
 
 def is_infrastructure(exc: BaseException) -> bool:

@@ -59,8 +59,9 @@ def load_tensor_file(
     from orchestrator.core.verify import CheckpointRefused
 
     try:
-        return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location=device,
-                          weights_only=True)  # fmt: skip
+        return torch.load(
+            io.BytesIO(data) if isinstance(data, bytes) else data, map_location=device, weights_only=True
+        )
     except pickle.UnpicklingError as e:
         found = re.search(r"(Trying to load unsupported GLOBAL \S+|Unsupported [^\n]+)", str(e))
         raise CheckpointRefused(
@@ -94,15 +95,22 @@ class WeightsOnlyPlanner(DefaultLoadPlanner):
 
 
 _METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                                              "TensorStorageMetadata", "BytesStorageMetadata",
-                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
     "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
     "collections": {"OrderedDict"},
-}  # fmt: skip
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -133,7 +141,10 @@ def consolidate(local: str) -> dict[str, torch.Tensor]:
     """The model's full state_dict from a verified local copy of a sharded checkpoint, in one
     process without a process group (DCP reassembles every rank's shards)."""
     md = LocalReader(local).read_metadata()
-    sd = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in md.state_dict_metadata.items()
-          if key.startswith(MODEL) and isinstance(m, TensorStorageMetadata)}  # fmt: skip
+    sd = {
+        key: torch.empty(m.size, dtype=m.properties.dtype)
+        for key, m in md.state_dict_metadata.items()
+        if key.startswith(MODEL) and isinstance(m, TensorStorageMetadata)
+    }
     dcp.load(sd, storage_reader=LocalReader(local), planner=WeightsOnlyPlanner(), no_dist=True)
     return {key[len(MODEL) :]: t for key, t in sd.items()}

@@ -67,9 +67,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         session.restored_record()  # the restore plan: this attempt's number, for a failure's record
         if cfg.replicas:
             if is_train_function(fn):
-                raise StopRun(f"failure.mode replicas: task {cfg.task!r} (task.name) is a train function; "
-                              "replicas run the built-in loop over a Task only (use failure.mode restart)",
-                              "input")  # fmt: skip
+                raise StopRun(
+                    f"failure.mode replicas: task {cfg.task!r} (task.name) is a train function; "
+                    "replicas run the built-in loop over a Task only (use failure.mode restart)",
+                    "input",
+                )
             from workers.replicas import train_task_replicas
 
             return train_task_replicas(session, fn, where)

@@ -22,8 +22,10 @@ def evaluate(
         batches: Iterable[Any] = (to_device(b, device) for b in task.val_data)
     else:
         idx = shard(len(task.val_data), world, rank)
-        batches = (collate(task.val_data, idx[i : i + task.batch_size], device)
-                   for i in range(0, len(idx), task.batch_size))  # fmt: skip
+        batches = (
+            collate(task.val_data, idx[i : i + task.batch_size], device)
+            for i in range(0, len(idx), task.batch_size)
+        )
     sums: dict[str, float] = {}
     with torch.no_grad():
         for batch in batches:

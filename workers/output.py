@@ -25,8 +25,10 @@ import ray
 LABEL = re.compile(r"^\[rank (\d+)\] ")
 # Lines Ray writes through the same streams for its log monitor (an actor's or task's name,
 # tqdm_ray's state): they must reach it unlabeled.
-_RAYS_OWN = re.compile(r"^:(?:actor_name|task_name|job_id|info_message|event_summary):"
-                       r"|__ray_tqdm_magic_token__")
+_RAYS_OWN = re.compile(
+    r"^:(?:actor_name|task_name|job_id|info_message|event_summary):"
+    r"|__ray_tqdm_magic_token__"
+)
 
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -46,6 +46,11 @@ class Saving(Rank, Protocol):
     writer: Any  # workers.writer.CheckpointWriter on rank 0, None elsewhere
 
     def save_files(
-        self, epoch: int, step_in_epoch: int, global_step: int, end_of_epoch: bool,
-        metrics: dict[str, float], files: dict[str, Any],
-    ) -> None: ...  # fmt: skip
+        self,
+        epoch: int,
+        step_in_epoch: int,
+        global_step: int,
+        end_of_epoch: bool,
+        metrics: dict[str, float],
+        files: dict[str, Any],
+    ) -> None: ...

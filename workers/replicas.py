@@ -91,8 +91,9 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
                 break
             if word[STOP] != NONE:  # the driver asked (Ctrl-C): a checkpoint here, then stop
                 saver.save(Position(live.epoch, live.step, live.global_step, False))
-                session.finish_stop(int(word[STOP]), f"epoch {live.epoch} step {live.step} "
-                                    f"(global step {live.global_step})")  # fmt: skip
+                session.finish_stop(
+                    int(word[STOP]), f"epoch {live.epoch} step {live.step} (global step {live.global_step})"
+                )
             epoch, step = live.epoch, live.step
             if batches is None or batches[0] != epoch:
                 batches = (epoch, rank_batches(len(data), task.batch_size, cfg.seed, epoch, world, rank))
@@ -140,14 +141,20 @@ def _build(session: Session, build: Any) -> TrainState:
     try:
         import torchft  # noqa: F401
     except ImportError as e:
-        raise StopRun(f"failure.mode replicas: torchft cannot be imported on rank {rank} ({e}); install "
-                      "'torchft>=0.2,<0.3' on every node", "input") from None  # fmt: skip
+        raise StopRun(
+            f"failure.mode replicas: torchft cannot be imported on rank {rank} ({e}); install "
+            "'torchft>=0.2,<0.3' on every node",
+            "input",
+        ) from None
     task: Task = build(
         dict(cfg.task_options), TaskContext(rank=rank, world_size=world, seed=cfg.seed, device=device)
     )
     if unsupported := _unsupported(task):
-        raise StopRun(f"failure.mode replicas: task {cfg.task!r} (task.name) uses {unsupported}, which "
-                      "replicas do not support yet; use failure.mode restart", "input")  # fmt: skip
+        raise StopRun(
+            f"failure.mode replicas: task {cfg.task!r} (task.name) uses {unsupported}, which "
+            "replicas do not support yet; use failure.mode restart",
+            "input",
+        )
     live = TrainState(task, task.model.to(device), cfg, device)
     restore(session, live)  # rank 0 only: the others heal from a peer
     check_monitor(cfg, task, live.model, device)
@@ -164,8 +171,10 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
     def load_state_dict(sd: dict[str, Any]) -> None:
         live.load_state_dict(sd)
         healed.append(True)
-        log.info(f"[replicas] rank {rank} healed from a live peer: epoch {live.epoch} step {live.step} "
-                 f"(global step {live.global_step})")  # fmt: skip
+        log.info(
+            f"[replicas] rank {rank} healed from a live peer: epoch {live.epoch} step {live.step} "
+            f"(global step {live.global_step})"
+        )
 
     # torchft logs every quorum and commit at INFO; its warnings and errors still show.
     logging.getLogger("torchft").setLevel(logging.WARNING)
@@ -251,10 +260,14 @@ class EpochSaver:
         saved = restored is not None and restored.epoch == epoch and restored.end_of_epoch
         report, save = live.reported < epoch, epoch_save_due(cfg, epoch, stopped_early) and not saved
         if report or save:
-            log.info(f"[replicas] rank 0 records the end of epoch {epoch}, which the rank 0 it replaces did "
-                     "not")  # fmt: skip
-            steps = len(rank_batches(len(self.task.train_data), self.task.batch_size, cfg.seed, epoch,
-                                     self.session.world, 0))  # fmt: skip
+            log.info(
+                f"[replicas] rank 0 records the end of epoch {epoch}, which the rank 0 it replaces did not"
+            )
+            steps = len(
+                rank_batches(
+                    len(self.task.train_data), self.task.batch_size, cfg.seed, epoch, self.session.world, 0
+                )
+            )
             at = Position(epoch, steps, live.global_step, True)
             if report:
                 self.report(at, live, stopped_early, save=save)

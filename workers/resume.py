@@ -33,9 +33,12 @@ log = logging.getLogger(__name__)
 
 
 def plan_restore(
-    coord: Coordinator, storage: Storage, rank: int, world: int,
+    coord: Coordinator,
+    storage: Storage,
+    rank: int,
+    world: int,
     on_local: Callable[[CheckpointRecord], object] | None = None,
-) -> tuple[dict[str, Any], dict[str, bytes] | None]:  # fmt: skip
+) -> tuple[dict[str, Any], dict[str, bytes] | None]:
     """Rank 0 asks the coordinator to start an attempt and verifies the checkpoint it names,
     falling back past bad ones; every rank gets the plan. Rank 0 also returns the verified
     bytes, so it does not read them twice. on_local(record): rank 0's restore was served by

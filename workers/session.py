@@ -87,8 +87,15 @@ class Context:
 
 
 class Session:
-    def __init__(self, cfg: WorkerConfig, coord: Coordinator, rank: int, world: int, local_rank: int,
-                 device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        coord: Coordinator,
+        rank: int,
+        world: int,
+        local_rank: int,
+        device: torch.device,
+    ) -> None:
         self.cfg, self.coord = cfg, coord
         self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
         self.storage: Storage = cfg.open_storage(on_retry=_retry_reporter(coord, rank))
@@ -97,8 +104,11 @@ class Session:
         claim = lambda key, what: coord.claim_chaos(key, os.getpid(), what)  # noqa: E731
         self.chaos = Chaos(cfg.kills, rank, claim)
         commit = coord.commit
-        self.writer = (CheckpointWriter(self.storage, commit, cfg.async_save, self.chaos.after_upload)
-                       if rank == 0 else None)  # fmt: skip
+        self.writer = (
+            CheckpointWriter(self.storage, commit, cfg.async_save, self.chaos.after_upload)
+            if rank == 0
+            else None
+        )
         self.ticker = StepTicker(coord.tick if rank == 0 else None)
         self._asked = False  # the driver's stop request, as rank 0 last asked the coordinator
         self.stop_check = StopCheck(lambda: self._asked or self.ticker.stop_asked(), device)
@@ -111,8 +121,16 @@ class Session:
     @property
     def context(self) -> Context:
         self._plan()  # the attempt number comes with the restore plan
-        return Context(self.rank, self.world, self.local_rank, self.device, self.cfg.seed,
-                       self.cfg.epochs, self.attempt, dict(self.cfg.task_options))  # fmt: skip
+        return Context(
+            self.rank,
+            self.world,
+            self.local_rank,
+            self.device,
+            self.cfg.seed,
+            self.cfg.epochs,
+            self.attempt,
+            dict(self.cfg.task_options),
+        )
 
     def restore(self, sharded: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """What the latest committed, verified checkpoint holds (on host memory), or None
@@ -144,9 +162,17 @@ class Session:
         self.chaos.before_step(epoch, step)
         self.ticker(epoch, step, steps, global_step)
 
-    def report(self, metrics: dict[str, float], *, epoch: int, state: dict[str, Any] | None = None,
-               rank_state: Any = None, step: int | None = None, end_of_epoch: bool = True,
-               sharded: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def report(
+        self,
+        metrics: dict[str, float],
+        *,
+        epoch: int,
+        state: dict[str, Any] | None = None,
+        rank_state: Any = None,
+        step: int | None = None,
+        end_of_epoch: bool = True,
+        sharded: dict[str, Any] | None = None,
+    ) -> None:
         """Report rank 0's metrics for an epoch (or, with end_of_epoch=False, within it) and,
         with `state`, checkpoint it in the background. Every rank calls it at the same points.
         `step` is the global step (default: the epoch), which names the checkpoint.
@@ -162,10 +188,13 @@ class Session:
         if not self._monitor_checked:
             self._monitor_checked = True
             if missing := broadcast(None if self.cfg.monitor in metrics else sorted(metrics)):
-                raise StopRun(f"checkpoint.monitor {self.cfg.monitor!r} is not among the reported metrics "
-                              f"{missing}", "input")  # fmt: skip
-        if self.cfg.stop_on_nan and (bad := broadcast(sorted(k for k, v in metrics.items()
-                                                           if not math.isfinite(v)))):  # fmt: skip
+                raise StopRun(
+                    f"checkpoint.monitor {self.cfg.monitor!r} is not among the reported metrics {missing}",
+                    "input",
+                )
+        if self.cfg.stop_on_nan and (
+            bad := broadcast(sorted(k for k, v in metrics.items() if not math.isfinite(v)))
+        ):
             raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
         global_step = epoch if step is None else step
         self.report_metrics({"epoch": epoch, "global_step": global_step, **metrics})
@@ -225,27 +254,40 @@ class Session:
         if record is None:
             return None
         if record.sharded:
-            raise ValueError(f"checkpoint {record.id} is sharded (every rank wrote its own shards): restore "
-                             "it with session.restore(sharded={'model': ..., 'optimizer': ...})")  # fmt: skip
+            raise ValueError(
+                f"checkpoint {record.id} is sharded (every rank wrote its own shards): restore "
+                "it with session.restore(sharded={'model': ..., 'optimizer': ...})"
+            )
         if blobs is None:
             blobs = read_verified(self.storage, record)
         if self.rank == 0:
-            log.info(f"[restore] attempt {self.attempt}: resumed from {record.id} "
-                     f"(epoch {record.epoch}, step {record.global_step})")  # fmt: skip
+            log.info(
+                f"[restore] attempt {self.attempt}: resumed from {record.id} "
+                f"(epoch {record.epoch}, step {record.global_step})"
+            )
         self._planned = (record, None)  # the bytes are not kept alive past the restore
         return blobs
 
-    def save_files(self, epoch: int, step_in_epoch: int, global_step: int, end_of_epoch: bool,
-                   metrics: dict[str, float], files: dict[str, Any],
-                   sharded: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def save_files(
+        self,
+        epoch: int,
+        step_in_epoch: int,
+        global_step: int,
+        end_of_epoch: bool,
+        metrics: dict[str, float],
+        files: dict[str, Any],
+        sharded: dict[str, Any] | None = None,
+    ) -> None:
         """Rank 0 hands `files` (name -> state tree) to the background writer: the one way a
         checkpoint is written and committed. Other ranks return at once, or, with `sharded`,
         once every rank has written its shards (their list goes into rank 0's record)."""
         # Unique per attempt: a redone epoch never reuses the name of one marked bad.
         cid = checkpoint_id(epoch, global_step, self.attempt)
         if cid == self._last_id:
-            raise ValueError(f"a second checkpoint at epoch {epoch}, step {global_step} in one attempt; "
-                             "pass a growing step= to report()")  # fmt: skip
+            raise ValueError(
+                f"a second checkpoint at epoch {epoch}, step {global_step} in one attempt; "
+                "pass a growing step= to report()"
+            )
         self._last_id = cid
         written = None
         if sharded is not None:
@@ -254,10 +296,18 @@ class Session:
             written = save_shards(self, cid, epoch, sharded)
         if self.writer is None:
             return
-        meta = {"id": cid, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "end_of_epoch": end_of_epoch, "metrics": metrics, "metrics_fresh": end_of_epoch,
-                "world_size": self.world, "attempt": self.attempt,
-                "sharded": sharded is not None}  # fmt: skip
+        meta = {
+            "id": cid,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "end_of_epoch": end_of_epoch,
+            "metrics": metrics,
+            "metrics_fresh": end_of_epoch,
+            "world_size": self.world,
+            "attempt": self.attempt,
+            "sharded": sharded is not None,
+        }
         self.writer.save(meta, files, written)
 
     def report_metrics(self, row: dict[str, Any]) -> None:
@@ -298,7 +348,15 @@ def _retry_reporter(coord: Coordinator, rank: int) -> Any:
     """Storage retries on this rank become events in the run's log."""
 
     def report(what: str, exc: BaseException, attempt: int, delay: float) -> None:
-        coord.note("storage_retry", {"op": what, "attempt": attempt, "delay_s": round(delay, 3),
-                                            "error": type(exc).__name__, "rank": rank})  # fmt: skip
+        coord.note(
+            "storage_retry",
+            {
+                "op": what,
+                "attempt": attempt,
+                "delay_s": round(delay, 3),
+                "error": type(exc).__name__,
+                "rank": rank,
+            },
+        )
 
     return report

@@ -64,7 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 # -- what a train function hands over ------------------------------------------------------
 def state_dict_of(targets: dict[str, Any]) -> dict[str, Any]:
     """DCP's state dict of {"model": module, "optimizer": optimizer or a list (optional)}:
@@ -72,8 +71,10 @@ def state_dict_of(targets: dict[str, Any]) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if "model" not in targets or set(targets) - {"model", "optimizer"}:
-        raise ValueError(f"sharded= takes {{'model': module, 'optimizer': optimizer}} (the optimizer "
-                         f"optional), not {sorted(targets)}; other state goes in state=")  # fmt: skip
+        raise ValueError(
+            f"sharded= takes {{'model': module, 'optimizer': optimizer}} (the optimizer "
+            f"optional), not {sorted(targets)}; other state goes in state="
+        )
     if targets.get("optimizer") is None:
         return {"model": get_model_state_dict(targets["model"])}
     model_sd, optim_sd = get_state_dict(targets["model"], targets["optimizer"])
@@ -84,8 +85,12 @@ def apply_state_dict(targets: dict[str, Any], sd: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     if "optimizer" in sd:
-        set_state_dict(targets["model"], targets["optimizer"], model_state_dict=sd["model"],
-                       optim_state_dict=sd["optimizer"])  # fmt: skip
+        set_state_dict(
+            targets["model"],
+            targets["optimizer"],
+            model_state_dict=sd["model"],
+            optim_state_dict=sd["optimizer"],
+        )
     else:
         set_model_state_dict(targets["model"], sd["model"])
 
@@ -108,8 +113,10 @@ def write_shards(storage: Storage, cid: str, sd: dict[str, Any], rank: int) -> l
         dcp.save(sd, storage_writer=writer)
     except CheckpointException as e:  # a BaseException: make it an error the loop reports
         raise RuntimeError(f"sharded save of {cid} failed: {e}") from None
-    return [FileEntry(path=name, size=size, sha256=digest, rank=rank)
-            for name, (size, digest) in sorted(fs.written.items())]  # fmt: skip
+    return [
+        FileEntry(path=name, size=size, sha256=digest, rank=rank)
+        for name, (size, digest) in sorted(fs.written.items())
+    ]
 
 
 class _HashedStream(HashingWriter):
@@ -178,14 +185,17 @@ def restore_shards(
     if record is None:
         return None, None
     sd = state_dict_of(targets)
-    found, state = load_verified(session.storage, record, sd, session.rank,
-                                 lambda bad, why: _next_restore(session, bad, why))  # fmt: skip
+    found, state = load_verified(
+        session.storage, record, sd, session.rank, lambda bad, why: _next_restore(session, bad, why)
+    )
     if found is not None:
         apply_state_dict(targets, sd)
         if session.rank == 0:
-            log.info(f"[restore] attempt {session.attempt}: resumed from {found.id} (epoch {found.epoch}, "
-                     f"step {found.global_step}; sharded, saved by {found.world_size} ranks, loaded by "
-                     f"{session.world})")  # fmt: skip
+            log.info(
+                f"[restore] attempt {session.attempt}: resumed from {found.id} (epoch {found.epoch}, "
+                f"step {found.global_step}; sharded, saved by {found.world_size} ranks, loaded by "
+                f"{session.world})"
+            )
     return found, state
 
 
@@ -208,8 +218,10 @@ def load_verified(
     second_look: set[str] = set()
     while record is not None:
         if not record.sharded:
-            raise ValueError(f"checkpoint {record.id} is not sharded (rank 0 wrote it whole): restore it "
-                             "with session.restore() and load_state_dict")  # fmt: skip
+            raise ValueError(
+                f"checkpoint {record.id} is not sharded (rank 0 wrote it whole): restore it "
+                "with session.restore() and load_state_dict"
+            )
         with tempfile.TemporaryDirectory(prefix=f"orchestrator-{record.id}-r{rank}-") as local:
             reader = _VerifyingReader(storage, record, local)
             try:
@@ -224,8 +236,10 @@ def load_verified(
         if record.id not in second_look:  # every rank gathered the same failures: all retry
             second_look.add(record.id)
             if rank == 0:
-                log.info(f"[restore] checkpoint {record.id} failed verification ({failed[0]}); reading it "
-                         "again before marking it bad")  # fmt: skip
+                log.info(
+                    f"[restore] checkpoint {record.id} failed verification ({failed[0]}); reading it "
+                    "again before marking it bad"
+                )
             continue
         if rank == 0:
             log.info(f"[restore] checkpoint {record.id} failed verification twice: {failed[0]}")
@@ -248,8 +262,9 @@ class _VerifyingReader(LocalReader):
     def _verify(self, names: set[str], into: str | None) -> None:
         try:
             if unlisted := sorted(names - self.listed):
-                raise VerificationError(f"{self.record.dir}/{unlisted[0]}: read by the checkpoint but not "
-                                        "in its record")  # fmt: skip
+                raise VerificationError(
+                    f"{self.record.dir}/{unlisted[0]}: read by the checkpoint but not in its record"
+                )
             copy_verified(self.storage, self.record, into, only=names)
         except VerificationError as e:
             self.error = str(e)
@@ -273,5 +288,3 @@ class _VerifyingReader(LocalReader):
     def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
         self._verify(self.listed - self._files(plans) - {METADATA, STATE_FILE}, None)
         return plans
-
-

@@ -74,10 +74,15 @@ class TrainState:
                 part.load_state_dict(saved[name])
 
     def loop_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "global_step": self.global_step,
-                "epoch_acc": self.epoch_loss.state(), "metrics": dict(self.metrics),
-                "stopper": self.stopper.state() if self.stopper else None,
-                "reported": self.reported}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_step": self.global_step,
+            "epoch_acc": self.epoch_loss.state(),
+            "metrics": dict(self.metrics),
+            "stopper": self.stopper.state() if self.stopper else None,
+            "reported": self.reported,
+        }
 
     def _load_loop(self, s: dict[str, Any]) -> None:
         self.epoch, self.step, self.global_step = s["epoch"], s["step"], s["global_step"]
@@ -147,5 +152,6 @@ class Saver:
         if self.session.writer is None:
             return
         files = self.state.files(at, ranks)
-        self.session.save_files(at.epoch, at.step_in_epoch, at.global_step, at.end_of_epoch,
-                                self.state.metrics, files)  # fmt: skip
+        self.session.save_files(
+            at.epoch, at.step_in_epoch, at.global_step, at.end_of_epoch, self.state.metrics, files
+        )

@@ -58,8 +58,20 @@ def classification_eval(model: nn.Module, batch: Batch) -> dict[str, float]:
 
 
 # The names train_state.pt and a replica's heal already use (workers/state.py).
-RESERVED = frozenset({"model", "optimizer", "scheduler", "grad_scaler", "ranks", "progress", "data_seed",
-                      "early_stopping", "last_metrics", "live"})  # fmt: skip
+RESERVED = frozenset(
+    {
+        "model",
+        "optimizer",
+        "scheduler",
+        "grad_scaler",
+        "ranks",
+        "progress",
+        "data_seed",
+        "early_stopping",
+        "last_metrics",
+        "live",
+    }
+)
 
 
 @dataclass
@@ -87,11 +99,15 @@ class Task:
             raise ValueError(f"Task.batch_size must be >= 1, got {self.batch_size}")
         for name, part in self.state.items():
             if not isinstance(name, str) or not name.isidentifier() or name in RESERVED:
-                raise ValueError(f"Task.state: {name!r} cannot name a part (an identifier other than "
-                                 f"{', '.join(sorted(RESERVED))})")  # fmt: skip
+                raise ValueError(
+                    f"Task.state: {name!r} cannot name a part (an identifier other than "
+                    f"{', '.join(sorted(RESERVED))})"
+                )
             if not all(callable(getattr(part, m, None)) for m in ("state_dict", "load_state_dict")):
-                raise ValueError(f"Task.state[{name!r}]: a {type(part).__name__} has no state_dict() and "
-                                 "load_state_dict(); wrap it in an object that has both")  # fmt: skip
+                raise ValueError(
+                    f"Task.state[{name!r}]: a {type(part).__name__} has no state_dict() and "
+                    "load_state_dict(); wrap it in an object that has both"
+                )
         for name in ("train_data", "val_data"):
             data = getattr(self, name)
             try:

@@ -180,8 +180,10 @@ class CheckpointWriter:
                 for name, tree in payload.items()
             ]
         except OSError as e:
-            log.info(f"[checkpoint] node-local staging in {near.dir} failed ({e}); writing {cid} "
-                     f"straight to {self.storage.uri}")  # fmt: skip
+            log.info(
+                f"[checkpoint] node-local staging in {near.dir} failed ({e}); writing {cid} "
+                f"straight to {self.storage.uri}"
+            )
             near.discard(cid)
             return None
 

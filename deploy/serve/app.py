@@ -138,8 +138,12 @@ class BestCheckpoint:
                 old, self.current = self.current, new  # the swap: one assignment
                 log.info(
                     "serving %s (epoch %d, generation %d) instead of %s; loaded in %.3fs",
-                    new.checkpoint, new.epoch, new.generation, old.checkpoint, new.load_s,
-                )  # fmt: skip
+                    new.checkpoint,
+                    new.epoch,
+                    new.generation,
+                    old.checkpoint,
+                    new.load_s,
+                )
         self.checked_generation = generation  # only once handled: a failed load is retried
 
     def check_health(self) -> None:  # Serve restarts a replica whose poller died

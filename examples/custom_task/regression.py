@@ -40,7 +40,9 @@ def build(options: dict[str, Any], ctx: TaskContext) -> Task:
     hidden = int(options.get("hidden", 64))
     x, y = make_data(ctx.seed, int(options.get("samples", 4000)))
     n_val = len(y) // 5
-    model = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+    model = nn.Sequential(
+        nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1)
+    )
     return Task(
         model=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=float(options.get("lr", 3e-3))),

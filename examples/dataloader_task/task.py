@@ -59,8 +59,9 @@ def build(options: dict[str, Any], ctx: TaskContext) -> Task:
         sampler: DistributedSampler[Any] = DistributedSampler(
             data, ctx.world_size, ctx.rank, shuffle=shuffle, seed=ctx.seed, drop_last=shuffle
         )
-        return StatefulDataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                  persistent_workers=False)  # fmt: skip
+        return StatefulDataLoader(
+            data, batch_size=batch_size, sampler=sampler, num_workers=workers, persistent_workers=False
+        )
 
     path = os.path.join(log, f"rank{ctx.rank}.log") if log else None
 

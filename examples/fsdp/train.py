@@ -27,8 +27,14 @@ from workers.tasks.digits import datasets
 class MLP(nn.Module):
     def __init__(self, hidden: int = 128) -> None:
         super().__init__()
-        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(),
-                                    nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))  # fmt: skip
+        self.layers = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -82,6 +88,10 @@ def train(session: Any) -> None:
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
         val_loss, val_acc = evaluate(model, val_set)
-        session.report({"val_loss": val_loss, "val_acc": val_acc, **restored}, epoch=epoch,
-                       state={"epoch": epoch}, sharded=parts)  # fmt: skip
+        session.report(
+            {"val_loss": val_loss, "val_acc": val_acc, **restored},
+            epoch=epoch,
+            state={"epoch": epoch},
+            sharded=parts,
+        )
         restored = {}

@@ -25,9 +25,15 @@ VOCAB, LENGTH = 64, 16
 
 
 def model_config(options: dict[str, Any]) -> BertConfig:
-    return BertConfig(vocab_size=VOCAB, hidden_size=options.get("hidden", 32), num_hidden_layers=1,
-                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=LENGTH,
-                      num_labels=2)  # fmt: skip
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=options.get("hidden", 32),
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=LENGTH,
+        num_labels=2,
+    )
 
 
 class Tokens(Dataset):
@@ -43,8 +49,11 @@ class Tokens(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long),
-                "labels": self.labels[i]}  # fmt: skip
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones(LENGTH, dtype=torch.long),
+            "labels": self.labels[i],
+        }
 
 
 def accuracy(pred: Any) -> dict[str, float]:
@@ -71,7 +80,12 @@ def train_fn(session: Any) -> None:
             disable_tqdm=True,
             ddp_find_unused_parameters=False,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=Tokens(512, ctx.seed),
-                          eval_dataset=Tokens(128, ctx.seed + 1), compute_metrics=accuracy,
-                          callbacks=[SessionCallback(session)])  # fmt: skip
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=Tokens(512, ctx.seed),
+            eval_dataset=Tokens(128, ctx.seed + 1),
+            compute_metrics=accuracy,
+            callbacks=[SessionCallback(session)],
+        )
         train(trainer, session)

@@ -71,5 +71,9 @@ def train(session: Any) -> None:
     )
     trainer = prepare_trainer(trainer)
     # Lightning adds a DistributedSampler for each rank (seeded, reshuffled every epoch).
-    trainer.fit(model, DataLoader(train_set, batch_size=opts["batch_size"], shuffle=True),
-                DataLoader(val_set, batch_size=256), ckpt_path=io.resume_path())  # fmt: skip
+    trainer.fit(
+        model,
+        DataLoader(train_set, batch_size=opts["batch_size"], shuffle=True),
+        DataLoader(val_set, batch_size=256),
+        ckpt_path=io.resume_path(),
+    )

@@ -62,10 +62,17 @@ def train(session: Any) -> None:
     ctx = session.context
     opts = {"batch_size": 32, "lr": 0.05, "num_workers": 2, "save_every_steps": 8, **ctx.options}
     train_set, val_set = datasets(ctx.seed, 0.2)
-    sampler = DistributedSampler(Indexed(train_set), num_replicas=ctx.world_size, rank=ctx.rank,
-                                 shuffle=True, seed=ctx.seed, drop_last=True)  # fmt: skip
-    loader = StatefulDataLoader(Indexed(train_set), batch_size=opts["batch_size"], sampler=sampler,
-                                num_workers=opts["num_workers"])  # fmt: skip
+    sampler = DistributedSampler(
+        Indexed(train_set),
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        shuffle=True,
+        seed=ctx.seed,
+        drop_last=True,
+    )
+    loader = StatefulDataLoader(
+        Indexed(train_set), batch_size=opts["batch_size"], sampler=sampler, num_workers=opts["num_workers"]
+    )
     model = DigitsCNN().to(ctx.device)
     net = nn.parallel.DistributedDataParallel(model) if ctx.world_size > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=opts["lr"], momentum=0.9)
@@ -76,8 +83,12 @@ def train(session: Any) -> None:
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        epoch, global_step, mid_epoch, metrics = (state["epoch"], state["global_step"], state["mid_epoch"],
-                                                  state["metrics"])  # fmt: skip
+        epoch, global_step, mid_epoch, metrics = (
+            state["epoch"],
+            state["global_step"],
+            state["mid_epoch"],
+            state["metrics"],
+        )
         if mid_epoch and state["rank_state"] is not None:
             loader.load_state_dict(state["rank_state"]["loader"])
             seen = list(state["rank_state"]["seen"])
@@ -85,8 +96,14 @@ def train(session: Any) -> None:
             epoch += 1
 
     def checkpoint(mid: bool) -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "global_step": global_step, "mid_epoch": mid, "metrics": metrics}  # fmt: skip
+        return {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "epoch": epoch,
+            "global_step": global_step,
+            "mid_epoch": mid,
+            "metrics": metrics,
+        }
 
     for epoch in range(epoch, ctx.epochs + 1):  # noqa: B020 - resumes where the checkpoint left off
         sampler.set_epoch(epoch)
@@ -100,9 +117,14 @@ def train(session: Any) -> None:
             seen += idx.tolist()
             step, global_step = step + 1, global_step + 1
             if global_step % opts["save_every_steps"] == 0 and step < len(loader):
-                session.report(metrics, epoch=epoch, step=global_step, end_of_epoch=False,
-                               state=checkpoint(True),
-                               rank_state={"loader": loader.state_dict(), "seen": seen})
+                session.report(
+                    metrics,
+                    epoch=epoch,
+                    step=global_step,
+                    end_of_epoch=False,
+                    state=checkpoint(True),
+                    rank_state={"loader": loader.state_dict(), "seen": seen},
+                )
 
         model.eval()
         with torch.no_grad():
@@ -111,12 +133,23 @@ def train(session: Any) -> None:
             loss = float(nn.functional.cross_entropy(logits, vy.to(ctx.device)))
             acc = float((logits.argmax(1).cpu() == vy).float().mean())
         everything = all_indices(seen)
-        metrics = {"val_loss": loss, "val_acc": acc, "samples_seen": float(len(everything)),
-                   "duplicate_samples": float(len(everything) - len(set(everything))),
-                   "samples_expected": float(len(sampler) * ctx.world_size)}  # fmt: skip
+        metrics = {
+            "val_loss": loss,
+            "val_acc": acc,
+            "samples_seen": float(len(everything)),
+            "duplicate_samples": float(len(everything) - len(set(everything))),
+            "samples_expected": float(len(sampler) * ctx.world_size),
+        }
         seen = []
         # Every rank prints; rank 0's lines reach the console of `orchestrator run`, as
         # `[rank 0] ...` (every rank's with --verbose; all are in Ray's session logs).
-        print(f"epoch {epoch}: {len(everything)} samples seen, {len(everything) - len(set(everything))} twice")
-        session.report(metrics, epoch=epoch, step=global_step, state=checkpoint(False),
-                       rank_state={"loader": None, "seen": []})
+        print(
+            f"epoch {epoch}: {len(everything)} samples seen, {len(everything) - len(set(everything))} twice"
+        )
+        session.report(
+            metrics,
+            epoch=epoch,
+            step=global_step,
+            state=checkpoint(False),
+            rank_state={"loader": None, "seen": []},
+        )

@@ -95,9 +95,14 @@ def _delete_held(storage: Storage, lease: Lease, state: str, yes: bool, as_json:
         if not typer.confirm(f"{what}. Delete it, checkpoints and all?", default=False):
             die(f"{storage.uri}: not deleted", EXIT_FAILED)
     removed = delete_run(storage, lease)
-    return {"run_uri": storage.uri, "deleted": True, "state": state,
-            "status": manifest.status if manifest else None, "checkpoints": count,
-            "removed": removed}  # fmt: skip
+    return {
+        "run_uri": storage.uri,
+        "deleted": True,
+        "state": state,
+        "status": manifest.status if manifest else None,
+        "checkpoints": count,
+        "removed": removed,
+    }
 
 
 def register(app: typer.Typer) -> None:

@@ -52,9 +52,18 @@ def checkpoints(
     rows = [c.as_dict() for c in run.checkpoints()]
     bad = [{"id": b.record.id, "reason": b.reason} for b in m.bad]
     if as_json:
-        out = {"run_uri": run_uri, "monitor": monitor, "mode": run.mode, "status": m.status,
-               "state": state.state, "state_detail": state.detail, "next": state.next,
-               "generation": m.generation, "checkpoints": rows, "bad": bad}  # fmt: skip
+        out = {
+            "run_uri": run_uri,
+            "monitor": monitor,
+            "mode": run.mode,
+            "status": m.status,
+            "state": state.state,
+            "state_detail": state.detail,
+            "next": state.next,
+            "generation": m.generation,
+            "checkpoints": rows,
+            "bad": bad,
+        }
         typer.echo(json.dumps(out, indent=2))
         return
     typer.echo(
@@ -226,17 +235,37 @@ def runs(
             continue  # not a run
         except (ManifestError, StorageError, OSError) as e:  # a run, but not readable: say so
             why = str(e).splitlines()[0]
-            out.append({"name": name, "run_uri": top.child_uri(name), "status": "unreadable",
-                        "state": "unreadable", "epochs": 0,
-                        "monitor": "", "best": None, "updated": 0.0, "error": why})  # fmt: skip
+            out.append(
+                {
+                    "name": name,
+                    "run_uri": top.child_uri(name),
+                    "status": "unreadable",
+                    "state": "unreadable",
+                    "epochs": 0,
+                    "monitor": "",
+                    "best": None,
+                    "updated": 0.0,
+                    "error": why,
+                }
+            )
             continue
         m, ranked, state = run.manifest, run.ranked(), _state(run)
         last = max((c.epoch for c in run.checkpoints()), default=0)
-        out.append({"name": name, "run_uri": run.uri, "status": m.status, "state": state.state,
-                    "state_detail": state.detail, "next": state.next, "checkpoints": state.checkpoints,
-                    "epochs": last, "monitor": run.monitor,
-                    "best": ranked[0].metrics.get(run.monitor) if ranked else None,
-                    "updated": m.updated_at})  # fmt: skip
+        out.append(
+            {
+                "name": name,
+                "run_uri": run.uri,
+                "status": m.status,
+                "state": state.state,
+                "state_detail": state.detail,
+                "next": state.next,
+                "checkpoints": state.checkpoints,
+                "epochs": last,
+                "monitor": run.monitor,
+                "best": ranked[0].metrics.get(run.monitor) if ranked else None,
+                "updated": m.updated_at,
+            }
+        )
     out.sort(key=lambda r: r["updated"], reverse=True)
     if as_json:
         typer.echo(json.dumps(out, indent=2))

@@ -232,12 +232,20 @@ def _job_of(
     # `orchestrator stop` (Ray's job stop) sends the driver SIGTERM, then SIGKILL after
     # RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s): give the driver its stop grace to save.
     stop_wait = str(int(spec.failure.stop_grace_s) + 30)
-    runtime_env: dict[str, Any] = {"env_vars": {SPEC_ENV: yaml.safe_dump(data, sort_keys=False),
-                                                "RAY_JOB_STOP_WAIT_TIME_S": stop_wait}}  # fmt: skip
+    runtime_env: dict[str, Any] = {
+        "env_vars": {SPEC_ENV: yaml.safe_dump(data, sort_keys=False), "RAY_JOB_STOP_WAIT_TIME_S": stop_wait}
+    }
     if wd:
         runtime_env["working_dir"] = wd
-    entry = ["orchestrator", "_supervise", "--max-retries", str(max_retries), "--run-uri", spec.run_uri,
-             *_storage_option_args(data["storage"]["options"])]  # fmt: skip
+    entry = [
+        "orchestrator",
+        "_supervise",
+        "--max-retries",
+        str(max_retries),
+        "--run-uri",
+        spec.run_uri,
+        *_storage_option_args(data["storage"]["options"]),
+    ]
     if verbose:
         entry.append("--verbose")
     return runtime_env, entry
@@ -300,8 +308,13 @@ def submit(
     )
     url = default_address(address)
     if as_json:
-        out = {"job_id": job_id, "run_uri": spec.run_uri, "run": spec.name, "address": url,
-               "max_retries": max_retries}  # fmt: skip
+        out = {
+            "job_id": job_id,
+            "run_uri": spec.run_uri,
+            "run": spec.name,
+            "address": url,
+            "max_retries": max_retries,
+        }
         typer.echo(json.dumps(out, indent=2))
         return
     typer.echo(f"[submit] job {job_id}")
@@ -447,9 +460,7 @@ def supervise(
     rc = 1
     try:
         for attempt in range(max_retries + 1):
-            log.info(
-                f"[supervise] {'starting' if attempt == 0 else 'resuming'}: {shlex.join(cmd[2:])}"
-            )
+            log.info(f"[supervise] {'starting' if attempt == 0 else 'resuming'}: {shlex.join(cmd[2:])}")
             child = subprocess.Popen(cmd)
             rc = child.wait()
             if rc == 0 or stopping or rc in NOT_RETRIED:

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-
 # -- the commands -----------------------------------------------------------
 
 Loaded = tuple[Run, list[dict[str, Any]], list[dict[str, Any]], list[Checkpoint], str]

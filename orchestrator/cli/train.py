@@ -144,8 +144,10 @@ def _stored_record(storage: Any, run_uri: str) -> dict[str, Any]:
 
     where = f"{run_uri}/{SPEC}"
     if not storage.exists(SPEC):
-        raise SpecError(f"{run_uri} holds a run but no {SPEC}, so its spec cannot be compared; "
-                        f"`orchestrator resume {run_uri}` cannot continue it either")  # fmt: skip
+        raise SpecError(
+            f"{run_uri} holds a run but no {SPEC}, so its spec cannot be compared; "
+            f"`orchestrator resume {run_uri}` cannot continue it either"
+        )
     try:
         data = yaml.safe_load(storage.read_bytes(SPEC))
     except yaml.YAMLError as e:
@@ -157,8 +159,13 @@ def _spec_differences(stored: Any, given: Any, path: str = "") -> list[tuple[str
     """(dotted field path, stored value, given value) wherever two specs' data differ."""
     if isinstance(stored, dict) and isinstance(given, dict):
         keys = list(stored) + [k for k in given if k not in stored]
-        return [d for k in keys for d in _spec_differences(
-            stored.get(k, _UNSET), given.get(k, _UNSET), f"{path}.{k}" if path else str(k))]  # fmt: skip
+        return [
+            d
+            for k in keys
+            for d in _spec_differences(
+                stored.get(k, _UNSET), given.get(k, _UNSET), f"{path}.{k}" if path else str(k)
+            )
+        ]
     return [] if stored == given else [(path, stored, given)]
 
 
@@ -188,18 +195,24 @@ def _report_finished(spec: Any, manifest: Any, as_json: bool, said: str = ", wit
     ranked = run.ranked()
     best = {"id": ranked[0].id, "epoch": ranked[0].epoch, "metrics": ranked[0].metrics} if ranked else None
     summary = {
-        "run_uri": spec.run_uri, "status": "finished", "already_finished": True,
+        "run_uri": spec.run_uri,
+        "status": "finished",
+        "already_finished": True,
         "epochs": max((r.get("epoch", 0) for r in run.metrics(as_frame=False)), default=0),
-        "restarts": manifest.restarts, "attempts": manifest.attempts, "kept": manifest.kept, "error": None,
+        "restarts": manifest.restarts,
+        "attempts": manifest.attempts,
+        "kept": manifest.kept,
+        "error": None,
         "best": _best_entry(spec, best),
-    }  # fmt: skip
+    }
     if as_json:
         typer.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
     typer.echo(f"[run] {spec.run_uri} already finished{said}; nothing to do (Ray not started)")
     _print_summary(summary, as_json)
-    typer.echo(f"[run] more epochs: `orchestrator resume {spec.run_uri} --set epochs=N`; "
-               "a new run: --set name=...")  # fmt: skip
+    typer.echo(
+        f"[run] more epochs: `orchestrator resume {spec.run_uri} --set epochs=N`; a new run: --set name=..."
+    )
 
 
 def resume(

@@ -77,8 +77,13 @@ def verify(
 def _check(run: Any, record: CheckpointRecord) -> dict[str, Any]:
     """One checkpoint's result: status ok, damaged, or deleted (by retention, while checked)."""
     size = sum(f.size for f in record.files)
-    row: dict[str, Any] = {"id": record.id, "epoch": record.epoch, "sharded": record.sharded,
-                           "files": len(record.files), "bytes": size}  # fmt: skip
+    row: dict[str, Any] = {
+        "id": record.id,
+        "epoch": record.epoch,
+        "sharded": record.sharded,
+        "files": len(record.files),
+        "bytes": size,
+    }
     try:
         problems = check_stored(run.storage, record)
         if problems and _dropped(run, record):

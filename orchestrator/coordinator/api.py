@@ -114,8 +114,12 @@ class Coordinator:
             restore=latest.id if latest else None,
             restore_epoch=latest.epoch if latest else None,
         )
-        update = {"attempts": attempt, "resumed_from": latest.id if latest else None, "status": "running",
-                  "stopped": None}  # fmt: skip
+        update = {
+            "attempts": attempt,
+            "resumed_from": latest.id if latest else None,
+            "status": "running",
+            "stopped": None,
+        }
         # The compare-and-swap first: a coordinator whose run was taken over is fenced here,
         # before it could take the new owner's commits for orphans.
         self.ownership.save(self.ownership.remember(self.manifest.model_copy(update=update), rid, result))

@@ -47,8 +47,15 @@ class Commits:
                 # The coordinator that made it durable died before its `commit` line (manifest
                 # first, then the event): the run's log names every commit, so log it now.
                 kept = list(m.kept.get(done.id, ()))
-                self._log.event("commit", id=done.id, epoch=done.epoch, global_step=done.global_step,
-                                metrics=done.metrics, kept=kept, logged="on a retry")  # fmt: skip
+                self._log.event(
+                    "commit",
+                    id=done.id,
+                    epoch=done.epoch,
+                    global_step=done.global_step,
+                    metrics=done.metrics,
+                    kept=kept,
+                    logged="on a retry",
+                )
             return m.kept
         if record.id in {b.record.id for b in m.bad}:
             raise CommitError(f"checkpoint {record.id} was marked bad; refusing to commit it again")
@@ -61,8 +68,10 @@ class Commits:
                 f"{m.attempts}; refusing a late commit"
             )
         if record.sharded and (missing := set(range(record.world_size)) - {f.rank for f in record.files}):
-            raise CommitError(f"checkpoint {record.id}: sharded, but it lists no files of rank(s) "
-                              f"{sorted(missing)}; it commits only with every rank's part")  # fmt: skip
+            raise CommitError(
+                f"checkpoint {record.id}: sharded, but it lists no files of rank(s) "
+                f"{sorted(missing)}; it commits only with every rank's part"
+            )
         stored = read_record(self.storage, record.id)  # written last: the writer finished
         if [f.model_dump() for f in stored.files] != [f.model_dump() for f in record.files]:
             raise CommitError(f"checkpoint {record.id}: {RECORD} in storage differs from the commit")
@@ -82,8 +91,10 @@ class Commits:
             if f.path not in sizes:
                 raise CommitError(f"checkpoint {record.id}: {record.dir}/{f.path}: missing; not committed")
             if sizes[f.path] != f.size:
-                raise CommitError(f"checkpoint {record.id}: {record.dir}/{f.path}: size {sizes[f.path]} != "
-                                  f"recorded {f.size}; not committed")  # fmt: skip
+                raise CommitError(
+                    f"checkpoint {record.id}: {record.dir}/{f.path}: size {sizes[f.path]} != "
+                    f"recorded {f.size}; not committed"
+                )
 
     def apply_retention(
         self, m: Manifest, committed: CheckpointRecord | None = None, pins: bool = True

@@ -45,12 +45,12 @@ class Signals:
             self.reported_rids.add(rid)
 
     def note_attempt(self, attempt: int, resumed_from: str | None) -> None:
-        self.notes.append({"kind": "attempt", "at": len(self.reported), "attempt": attempt,
-                           "resumed_from": resumed_from})  # fmt: skip
+        self.notes.append(
+            {"kind": "attempt", "at": len(self.reported), "attempt": attempt, "resumed_from": resumed_from}
+        )
 
     def note_restart(self, restarts: int, cause: str) -> None:
-        self.notes.append({"kind": "restart", "at": len(self.reported), "restarts": restarts,
-                           "cause": cause})  # fmt: skip
+        self.notes.append({"kind": "restart", "at": len(self.reported), "restarts": restarts, "cause": cause})
 
     def heard(self, attempt: int, cause: str) -> None:
         """A cause heard first hand (a chaos kill, the user's exception) in that attempt."""
@@ -70,6 +70,8 @@ class Signals:
         attempts.add(attempt)  # a set: a retried call (same rid) counts once
         if len(attempts) < 2 or self.gave_up is not None:
             return False
-        self.gave_up = (f"the same error ended {len(attempts)} attempts at the same place, so a "
-                        f"restart cannot fix it; the worker's traceback:\n{trace.rstrip()}")  # fmt: skip
+        self.gave_up = (
+            f"the same error ended {len(attempts)} attempts at the same place, so a "
+            f"restart cannot fix it; the worker's traceback:\n{trace.rstrip()}"
+        )
         return True

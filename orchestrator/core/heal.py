@@ -50,8 +50,9 @@ class Unhealable(OrchestratorError, RuntimeError):
 
 def start_shared_check(storage: Storage, record: CheckpointRecord, report: Report) -> threading.Thread:
     """Check (and heal) record's shared copy in a daemon thread; returns the started thread."""
-    t = threading.Thread(target=_check_quietly, args=(storage, record, report),
-                         name=f"shared-check-{record.id}", daemon=True)  # fmt: skip
+    t = threading.Thread(
+        target=_check_quietly, args=(storage, record, report), name=f"shared-check-{record.id}", daemon=True
+    )
     t.start()
     return t
 
@@ -61,8 +62,9 @@ def _check_quietly(storage: Storage, record: CheckpointRecord, report: Report) -
         outcome = check_and_heal(storage, record, report)
         log.info(f"[restore] {record.id}: shared copy checked in the background: {outcome}")
     except Exception as e:  # storage down, manifest unreadable: the restore is not affected
-        log.info(f"[restore] {record.id}: checking the shared copy failed, left as it is: "
-                 f"{type(e).__name__}: {e}")  # fmt: skip
+        log.info(
+            f"[restore] {record.id}: checking the shared copy failed, left as it is: {type(e).__name__}: {e}"
+        )
 
 
 def check_and_heal(storage: Storage, record: CheckpointRecord, report: Report) -> str:

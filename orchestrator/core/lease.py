@@ -123,7 +123,7 @@ class Lease:
                     "previous_pid": held.get("pid"),
                     "previous_host": held.get("host"),
                     "why": why,
-                }  # fmt: skip
+                }
             )
         try:
             self._version = self.storage.write_if(LEASE, self._body(), current.version if current else None)
@@ -134,9 +134,16 @@ class Lease:
         self._thread.start()
 
     def _body(self) -> bytes:
-        body = {"host": self.host, "pid": self.pid, "pid_ns": self.pid_ns, "pid_start": self.pid_start,
-                "token": self.token, "since": self.since, "heartbeat": time.time(),
-                "ttl_s": self.ttl_s}  # fmt: skip
+        body = {
+            "host": self.host,
+            "pid": self.pid,
+            "pid_ns": self.pid_ns,
+            "pid_start": self.pid_start,
+            "token": self.token,
+            "since": self.since,
+            "heartbeat": time.time(),
+            "ttl_s": self.ttl_s,
+        }
         return json.dumps(body).encode()
 
     def beat(self) -> None:

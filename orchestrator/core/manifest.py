@@ -33,12 +33,31 @@ SPEC = "spec.yaml"
 FORMAT = 1
 # Every kind of event a run's events.jsonl holds (`orchestrator events --kind`).
 EVENT_KINDS = (
-    "attempt_started", "backup_failed", "cadence", "chaos_kill", "commit", "coordinator_started", "delete",
-    "delete_failed", "deterministic_failure", "driver_started", "early_stop",
-    "lease_taken_over", "repaired", "restart", "run_failed", "run_finished", "shared_copy_damaged",
-    "shared_copy_healed", "stop_requested", "stopped", "storage_retry", "tracker_off",
-    "verification_failed", "worker_error",
-)  # fmt: skip
+    "attempt_started",
+    "backup_failed",
+    "cadence",
+    "chaos_kill",
+    "commit",
+    "coordinator_started",
+    "delete",
+    "delete_failed",
+    "deterministic_failure",
+    "driver_started",
+    "early_stop",
+    "lease_taken_over",
+    "repaired",
+    "restart",
+    "run_failed",
+    "run_finished",
+    "shared_copy_damaged",
+    "shared_copy_healed",
+    "stop_requested",
+    "stopped",
+    "storage_retry",
+    "tracker_off",
+    "verification_failed",
+    "worker_error",
+)
 
 
 # Why the workers ended a run on purpose (Manifest.stopped["kind"]): a spec error found on the
@@ -176,9 +195,7 @@ def parse_manifest(storage: Storage, raw: bytes, name: str = MANIFEST) -> Manife
     except ValueError as e:  # not JSON, not UTF-8, an integer past Python's 4300 digits
         raise ManifestUnreadable(f"{where}: not a valid manifest: not JSON: {e}") from None
     if not isinstance(doc, dict):
-        raise ManifestUnreadable(
-            f"{where}: not a valid manifest: a JSON {type(doc).__name__}, not an object"
-        )
+        raise ManifestUnreadable(f"{where}: not a valid manifest: a JSON {type(doc).__name__}, not an object")
     fmt = doc.get("format", FORMAT)
     if isinstance(fmt, int) and fmt > FORMAT:
         raise ManifestError(

@@ -64,8 +64,9 @@ class NodeCache:
     ) -> tuple[int, str]:
         """Write one file of checkpoint cid into staging; returns its (size, sha256), hashed
         while writing. Not fsynced: a copy that did not survive a crash fails verification."""
-        return self.storage.write_stream(f"{STAGING}/{cid}/{name}", produce, durable=False,
-                                         size_hint=size_hint)  # fmt: skip
+        return self.storage.write_stream(
+            f"{STAGING}/{cid}/{name}", produce, durable=False, size_hint=size_hint
+        )
 
     def promote(self, cid: str) -> None:
         """The coordinator committed cid: its staged files become this node's copy."""

@@ -129,10 +129,16 @@ def repair(storage: Storage, dry_run: bool = False) -> Report:
                 f"{storage.child_uri(MANIFEST)} changed while it was being repaired; run repair again"
             ) from None
         report.generation = written.generation
-        row = {"ts": round(time.time(), 3), "kind": "repaired", "from": BACKUP,
-               "backup_generation": saved.generation, "generation": written.generation,
-               "bad": [b["id"] for b in report.bad], "adopted": report.adopted,
-               "left_out": [x["id"] for x in report.left_out]}  # fmt: skip
+        row = {
+            "ts": round(time.time(), 3),
+            "kind": "repaired",
+            "from": BACKUP,
+            "backup_generation": saved.generation,
+            "generation": written.generation,
+            "bad": [b["id"] for b in report.bad],
+            "adopted": report.adopted,
+            "left_out": [x["id"] for x in report.left_out],
+        }
         storage.append(EVENTS, (json.dumps(row, sort_keys=True) + "\n").encode())
     finally:
         lease.release()
@@ -179,8 +185,9 @@ def _reconcile(storage: Storage, saved: Manifest, report: Report) -> Manifest:
             "next_seq": next_seq,
             # Every attempt seen, adopted or not: the next attempt's number is above all of them,
             # so its orphan collection may collect what they left (it never deletes a later one).
-            "attempts": max([saved.attempts, *(c.attempt for c in keep),
-                             *filter(None, map(attempt_of, names))]),  # fmt: skip
+            "attempts": max(
+                [saved.attempts, *(c.attempt for c in keep), *filter(None, map(attempt_of, names))]
+            ),
             "resumed_from": saved.resumed_from if saved.resumed_from in ids else None,
         }
     )

@@ -444,8 +444,11 @@ class Storage:
                 found = self.fs.find(base, detail=True)
             except FileNotFoundError:
                 return {}
-            return {k.rstrip("/")[len(base) + 1 :]: int(v.get("size") or 0) for k, v in found.items()
-                    if v.get("type") != "directory" and k.rstrip("/") != base}  # fmt: skip
+            return {
+                k.rstrip("/")[len(base) + 1 :]: int(v.get("size") or 0)
+                for k, v in found.items()
+                if v.get("type") != "directory" and k.rstrip("/") != base
+            }
 
         return self._call(f"list {rel}", find)
 

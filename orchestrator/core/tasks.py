@@ -64,8 +64,11 @@ def is_train_function(fn: Any) -> bool:
 
     try:
         positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        params = [p for p in inspect.signature(fn).parameters.values()
-                  if p.default is inspect.Parameter.empty and p.kind in positional]  # fmt: skip
+        params = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.default is inspect.Parameter.empty and p.kind in positional
+        ]
     except (TypeError, ValueError):
         return False
     return len(params) == 1

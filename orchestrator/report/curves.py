@@ -191,12 +191,16 @@ def curves_figure(
     if axes.vax is not ax:
         h2, l2 = axes.vax.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8.5,
-               frameon=False)  # fmt: skip
+    fig.legend(
+        handles, labels, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8.5, frameon=False
+    )
     what = f"{TRAIN} and {metric}" if metric != TRAIN else TRAIN
     fig.suptitle(title or f"{what} per epoch", fontsize=12.5, fontweight="bold")
-    ax.set_title(f"{what}; best by {monitor} ({mode}); {len(s.restarts)} restart(s), "
-                 f"{len(s.kept)} checkpoint(s) kept", fontsize=9, color="0.3")  # fmt: skip
+    ax.set_title(
+        f"{what}; best by {monitor} ({mode}); {len(s.restarts)} restart(s), {len(s.kept)} checkpoint(s) kept",
+        fontsize=9,
+        color="0.3",
+    )
     return fig
 
 
@@ -241,8 +245,16 @@ def _draw_kept(a: _Axes, s: Summary) -> None:
         )
     off_curve = [k["x"] for k in s.kept if not (k["end_of_epoch"] and k["epoch"] in a.by_epoch)]
     if off_curve:
-        a.ax.plot(off_curve, [0.0] * len(off_curve), "^", ms=9, color="0.2", clip_on=False,
-                  transform=a.ax.get_xaxis_transform(), label="kept checkpoint (mid-epoch)")  # fmt: skip
+        a.ax.plot(
+            off_curve,
+            [0.0] * len(off_curve),
+            "^",
+            ms=9,
+            color="0.2",
+            clip_on=False,
+            transform=a.ax.get_xaxis_transform(),
+            label="kept checkpoint (mid-epoch)",
+        )
 
 
 def _draw_restarts(ax: Any, s: Summary) -> list[Any]:
@@ -253,11 +265,21 @@ def _draw_restarts(ax: Any, s: Summary) -> list[Any]:
     texts = []
     for r in s.restarts:
         ax.axvline(r.epoch, color="0.35", ls="--", lw=1.2)
-        texts.append(ax.annotate(
-            f"restart {r.number}: {r.label}", xy=(r.epoch, 0.98), xycoords=("data", "axes fraction"),
-            xytext=(-4, 0), textcoords="offset points", rotation=90, ha="right", va="top", fontsize=8.5,
-            color="0.2", path_effects=halo,
-        ))  # fmt: skip
+        texts.append(
+            ax.annotate(
+                f"restart {r.number}: {r.label}",
+                xy=(r.epoch, 0.98),
+                xycoords=("data", "axes fraction"),
+                xytext=(-4, 0),
+                textcoords="offset points",
+                rotation=90,
+                ha="right",
+                va="top",
+                fontsize=8.5,
+                color="0.2",
+                path_effects=halo,
+            )
+        )
     if s.restarts:
         ax.plot([], [], "--", color="0.35", lw=1.2, label="restart (the next attempt resumed from here)")
     return texts
@@ -275,8 +297,16 @@ def _draw_best(
     else:
         star_ax, star_y, star_loss = a.vax, a.by_epoch.get(best), _is_loss(metric)
     if star_y is not None:
-        star_ax.plot([best], [star_y], "*", color="C3", ms=18, mec="white", zorder=5,
-                     label=f"best epoch by {monitor} ({mode})")  # fmt: skip
+        star_ax.plot(
+            [best],
+            [star_y],
+            "*",
+            color="C3",
+            ms=18,
+            mec="white",
+            zorder=5,
+            label=f"best epoch by {monitor} ({mode})",
+        )
     # the words beside the line, where curves seldom are: at the top for a loss, at the
     # bottom for a metric that rises, midway between a falling loss and a rising metric;
     # on the side facing the middle, unless a restart's words or the frame are in the way
@@ -287,11 +317,19 @@ def _draw_best(
 
     def words(right: bool) -> Any:
         return ax.annotate(
-            s.best_text(), xy=(best, y), xycoords=("data", "axes fraction"),
-            xytext=(-7 if right else 7, 0), textcoords="offset points", ha="right" if right else "left",
-            va=va, color="C3", fontsize=9.5, fontweight="bold", zorder=6,
+            s.best_text(),
+            xy=(best, y),
+            xycoords=("data", "axes fraction"),
+            xytext=(-7 if right else 7, 0),
+            textcoords="offset points",
+            ha="right" if right else "left",
+            va=va,
+            color="C3",
+            fontsize=9.5,
+            fontweight="bold",
+            zorder=6,
             bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "C3", "alpha": 0.9},
-        )  # fmt: skip
+        )
 
     def clear(text: Any) -> bool:
         box = text.get_window_extent(renderer)

@@ -63,8 +63,13 @@ def event_view(e: dict[str, Any]) -> dict[str, Any]:
         else:
             short.append((k, text))
     kind = str(e.get("kind", "?"))
-    return {"when": when(e.get("ts")), "kind": kind, "kind_class": re.sub(r"[^a-z_]", "", kind),
-            "short": short, "long": long}  # fmt: skip
+    return {
+        "when": when(e.get("ts")),
+        "kind": kind,
+        "kind_class": re.sub(r"[^a-z_]", "", kind),
+        "short": short,
+        "long": long,
+    }
 
 
 def _checkpoint_rows(checkpoints: list[Checkpoint], keys: list[str]) -> list[dict[str, Any]]:
@@ -73,42 +78,74 @@ def _checkpoint_rows(checkpoints: list[Checkpoint], keys: list[str]) -> list[dic
         star = "" if c.metrics_fresh else "*"  # a mid-epoch checkpoint's metrics are carried
         values = [(fmt(c.metrics[k]) + star if k in c.metrics else "-", "num") for k in keys]
         rank = "-" if c.rank is None else fmt(c.rank)
-        cells = [(c.id, "mono"), (fmt(c.epoch), "num"), (fmt(c.global_step), "num"), *values, (rank, "num"),
-                 (", ".join(c.kept_because) or "-", "")]  # fmt: skip
+        cells = [
+            (c.id, "mono"),
+            (fmt(c.epoch), "num"),
+            (fmt(c.global_step), "num"),
+            *values,
+            (rank, "num"),
+            (", ".join(c.kept_because) or "-", ""),
+        ]
         rows.append({"cls": "is-best" if c.rank == 1 else "", "cells": cells})
     return rows
 
 
 def report_html(
-    run: Run, rows: list[dict[str, Any]], events: list[dict[str, Any]], checkpoints: list[Checkpoint],
-    metric: str, png: bytes,
-) -> str:  # fmt: skip
+    run: Run,
+    rows: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+    checkpoints: list[Checkpoint],
+    metric: str,
+    png: bytes,
+) -> str:
     """The report page from what was read."""
     m, monitor = run.manifest, run.monitor
     s = summarize(rows, events, checkpoints, monitor, run.mode, metric)
     mkeys = list(dict.fromkeys([monitor, *(k for c in checkpoints for k in c.metrics)]))
     mcols = ["epoch", "global_step", "attempt", *known_metrics(rows)]
-    return _template().render(
-        csp=CSP,
-        css=resources.files("orchestrator.report").joinpath("templates/report.css").read_text(),
-        run=m.run,
-        uri=run.uri,
-        best=s.best_text(),
-        facts=[("status", m.status), ("monitor", f"{monitor} ({run.mode})"),
-               ("epochs reported", max((r.get("epoch", 0) for r in rows), default=0)),
-               ("attempts", m.attempts), ("restarts", m.restarts), ("checkpoints kept", len(checkpoints)),
-               ("updated", when(m.updated_at))],  # fmt: skip
-        alt=f"{TRAIN} and {metric} per epoch; {s.best_text()}",
-        png=base64.b64encode(png).decode("ascii"),
-        restarts=[{"number": r.number, "when": when(r.ts), "label": r.label, "epoch": r.epoch,
-                   "reason": r.reason[:300]} for r in s.restarts],  # fmt: skip
-        checkpoint_heads=["id", "epoch", "step", *mkeys, f"rank by {monitor}", "kept because"],
-        checkpoints=_checkpoint_rows(checkpoints, mkeys),
-        any_stale=any(not c.metrics_fresh for c in checkpoints),
-        bad=[{"id": b.record.id, "reason": b.reason} for b in m.bad],
-        events=[event_view(e) for e in events],
-        metric_heads=["epoch", "step", "attempt", *mcols[3:]],
-        metric_rows=[{"cls": "is-best" if r.get("epoch") == s.best_epoch else "",
-                      "cells": [(fmt(r.get(k, "-")), "num") for k in mcols]} for r in rows],  # fmt: skip
-        now=when(time.time()),
-    ).lstrip()  # the macro's definition leaves a line before the doctype
+    return (
+        _template()
+        .render(
+            csp=CSP,
+            css=resources.files("orchestrator.report").joinpath("templates/report.css").read_text(),
+            run=m.run,
+            uri=run.uri,
+            best=s.best_text(),
+            facts=[
+                ("status", m.status),
+                ("monitor", f"{monitor} ({run.mode})"),
+                ("epochs reported", max((r.get("epoch", 0) for r in rows), default=0)),
+                ("attempts", m.attempts),
+                ("restarts", m.restarts),
+                ("checkpoints kept", len(checkpoints)),
+                ("updated", when(m.updated_at)),
+            ],
+            alt=f"{TRAIN} and {metric} per epoch; {s.best_text()}",
+            png=base64.b64encode(png).decode("ascii"),
+            restarts=[
+                {
+                    "number": r.number,
+                    "when": when(r.ts),
+                    "label": r.label,
+                    "epoch": r.epoch,
+                    "reason": r.reason[:300],
+                }
+                for r in s.restarts
+            ],
+            checkpoint_heads=["id", "epoch", "step", *mkeys, f"rank by {monitor}", "kept because"],
+            checkpoints=_checkpoint_rows(checkpoints, mkeys),
+            any_stale=any(not c.metrics_fresh for c in checkpoints),
+            bad=[{"id": b.record.id, "reason": b.reason} for b in m.bad],
+            events=[event_view(e) for e in events],
+            metric_heads=["epoch", "step", "attempt", *mcols[3:]],
+            metric_rows=[
+                {
+                    "cls": "is-best" if r.get("epoch") == s.best_epoch else "",
+                    "cells": [(fmt(r.get(k, "-")), "num") for k in mcols],
+                }
+                for r in rows
+            ],
+            now=when(time.time()),
+        )
+        .lstrip()
+    )  # the macro's definition leaves a line before the doctype

@@ -64,23 +64,38 @@ class SessionCallback(TrainerCallback):
         self.trainer: Trainer | None = None  # set by train(): the scaler and stateful callbacks
         self._reported_step = 0
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                      **kwargs: Any) -> None:  # fmt: skip
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         per_epoch = _steps_per_epoch(args, state, kwargs.get("train_dataloader"))
-        self.session.step(state.global_step // per_epoch + 1, state.global_step % per_epoch, per_epoch,
-                          state.global_step)  # fmt: skip
+        self.session.step(
+            state.global_step // per_epoch + 1, state.global_step % per_epoch, per_epoch, state.global_step
+        )
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:  # fmt: skip
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if args.eval_strategy == "no":
             self._report(args, state, control, {}, kwargs)
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    metrics: dict[str, Any] | None = None, **kwargs: Any) -> None:  # fmt: skip
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._report(args, state, control, metrics or {}, kwargs)
 
-    def _report(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                metrics: dict[str, Any], objects: dict[str, Any]) -> None:  # fmt: skip
+    def _report(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, Any],
+        objects: dict[str, Any],
+    ) -> None:
         # Evaluations outside training (before the first step, trainer.evaluate() after the
         # last) have nothing new to checkpoint.
         if state.global_step == 0 or state.global_step == self._reported_step:
@@ -96,14 +111,23 @@ class SessionCallback(TrainerCallback):
         numbers = {k: float(v) for k, v in merged.items() if _is_metric(k, v)}
         ckpt: dict[str, Any] = {}
         if self.session.rank == 0:  # only rank 0's state is written; the others pass an empty one
-            ckpt = {"model": objects["model"].state_dict(), "optimizer": objects["optimizer"].state_dict(),
-                    "scheduler": objects["lr_scheduler"].state_dict(),
-                    "trainer_state": self._trainer_state_json(state, control)}  # fmt: skip
+            ckpt = {
+                "model": objects["model"].state_dict(),
+                "optimizer": objects["optimizer"].state_dict(),
+                "scheduler": objects["lr_scheduler"].state_dict(),
+                "trainer_state": self._trainer_state_json(state, control),
+            }
             scaler = getattr(self.trainer.accelerator, "scaler", None) if self.trainer is not None else None
             if scaler is not None:
                 ckpt["scaler"] = scaler.state_dict()
-        self.session.report(numbers, epoch=epoch, step=state.global_step, end_of_epoch=end_of_epoch,
-                            state=ckpt, rank_state={"rng": capture_rng()})  # fmt: skip
+        self.session.report(
+            numbers,
+            epoch=epoch,
+            step=state.global_step,
+            end_of_epoch=end_of_epoch,
+            state=ckpt,
+            rank_state={"rng": capture_rng()},
+        )
 
     def _trainer_state_json(self, state: TrainerState, control: TrainerControl) -> str:
         """trainer_state.json as the Trainer's own save writes it: with the current state of
@@ -152,8 +176,10 @@ def checkpoint_dir(trainer: Trainer, state: dict[str, Any]) -> Iterator[str]:
         if rank_state is not None:
             args = trainer.args
             name = f"rng_state_{args.process_index}.pth" if args.world_size > 1 else "rng_state.pth"
-            torch.save(_hf_rng(rank_state["rng"], args.parallel_mode == ParallelMode.DISTRIBUTED),
-                       os.path.join(path, name))  # fmt: skip
+            torch.save(
+                _hf_rng(rank_state["rng"], args.parallel_mode == ParallelMode.DISTRIBUTED),
+                os.path.join(path, name),
+            )
         yield path
 
 

@@ -79,8 +79,10 @@ class SessionCheckpointIO(CheckpointIO):
         if not str(path).startswith(PREFIX):
             return self.files.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         if self._restored is None or self._restored[0] != str(path):
-            raise FileNotFoundError(f"{path}: not this attempt's restored checkpoint; pass "
-                                    "ckpt_path=SessionCheckpointIO.resume_path()")  # fmt: skip
+            raise FileNotFoundError(
+                f"{path}: not this attempt's restored checkpoint; pass "
+                "ckpt_path=SessionCheckpointIO.resume_path()"
+            )
         state = dict(self._restored[1])
         self._restored = None  # Lightning holds it until the restore ends; so need not we
         state.pop("rank_state", None)
@@ -108,14 +110,21 @@ class SessionCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not isinstance(trainer.strategy.checkpoint_io, SessionCheckpointIO):
-            raise TypeError("SessionCallback needs the Trainer's checkpoint IO to be SessionCheckpointIO: "
-                            "pass plugins=[..., SessionCheckpointIO(session)] to pl.Trainer")  # fmt: skip
+            raise TypeError(
+                "SessionCallback needs the Trainer's checkpoint IO to be SessionCheckpointIO: "
+                "pass plugins=[..., SessionCheckpointIO(session)] to pl.Trainer"
+            )
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         steps = trainer.num_training_batches
-        self.session.step(trainer.current_epoch + 1, batch_idx, int(steps) if steps != float("inf") else 0,
-                          trainer.global_step)  # fmt: skip
+        self.session.step(
+            trainer.current_epoch + 1,
+            batch_idx,
+            int(steps) if steps != float("inf") else 0,
+            trainer.global_step,
+        )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1  # Lightning counts from 0, the session from 1
