@@ -7,6 +7,8 @@ understood, tested or changed apart.
     data plane     workers/*                what runs inside each Ray Train worker
     control plane  orchestrator/* (others)  spec, driver, coordinator, API, export, serving
     CLI            orchestrator/cli/*, orchestrator/__main__.py
+    harness        harness/*                the tests' and benchmarks' shared helpers (imports any layer;
+                                            none of the project's layers imports it)
 
 A layer imports only the layers below it. The control plane reaches into the data plane only
 where it hands work to it or builds what it defines, each named below with why; anything
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = {"core": 0, "data": 1, "control": 2, "cli": 3}
+LAYERS = {"core": 0, "data": 1, "control": 2, "cli": 3, "harness": 4}
 # (importer, imported): the control plane's imports of the data plane, one by one.
 ALLOWED_DOWN_INTO_DATA = {
     ("orchestrator.api", "workers.format"): "reading a checkpoint back: the format module only",
@@ -45,7 +47,7 @@ ALLOWED_DOWN_INTO_DATA = {
 
 def modules() -> dict[str, Path]:
     out = {}
-    for pkg in ("orchestrator", "workers"):
+    for pkg in ("orchestrator", "workers", "harness"):
         for path in (ROOT / pkg).rglob("*.py"):
             name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
             out[name.removesuffix(".__init__")] = path
@@ -53,6 +55,8 @@ def modules() -> dict[str, Path]:
 
 
 def layer(module: str) -> str:
+    if module.startswith("harness"):
+        return "harness"
     if module.startswith("orchestrator.core"):
         return "core"
     if module.startswith("workers"):
