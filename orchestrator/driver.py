@@ -236,6 +236,8 @@ def worker_config(spec: JobSpec) -> WorkerConfig:
         early_stopping=(es.patience, es.min_delta) if es else None,
         kills=tuple(Kill(k.rank, k.epoch, k.step, k.point) for k in spec.chaos.kills),
         replicas=spec.failure.mode == "replicas",
+        replica_timeout_s=spec.failure.replica_timeout_s,
+        replica_quorum_timeout_s=spec.failure.replica_quorum_timeout_s,
     )
 
 

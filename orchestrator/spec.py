@@ -260,7 +260,23 @@ class FailureSpec(_Model):
         description="failure.mode replicas: how long a replica may miss heartbeats before the "
         "others go on without it (the survivors' pause after a failure).",
     )
+    replica_timeout_s: float = Field(
+        30.0,
+        ge=1.0,
+        le=3600.0,
+        description="failure.mode replicas: how long a collective, a heal's transfer or a step's "
+        "commit vote may take before the replica gives up on it (its process group's timeout).",
+    )
+    replica_quorum_timeout_s: float = Field(
+        120.0,
+        ge=1.0,
+        le=3600.0,
+        description="failure.mode replicas: how long a step waits for its quorum, a replacement's "
+        "first quorum included (it waits out the new process's start-up); must exceed "
+        "replica_heartbeat_timeout_s, or a survivor gives up before the dead replica is dropped.",
+    )
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts before giving up (-1: no limit).")
+
     lease_ttl_s: float = Field(
         30.0,
         ge=1.0,
@@ -359,6 +375,16 @@ class JobSpec(_Model):
                 )
             if self.failure.mode == "replicas" and kill.point != "step":
                 raise ValueError(f"chaos.kills.{i}.point: {kill.point} needs failure.mode restart")
+        return self
+
+    @model_validator(mode="after")
+    def _quorum_outlasts_a_heartbeat(self) -> JobSpec:
+        if self.failure.replica_quorum_timeout_s <= self.failure.replica_heartbeat_timeout_s:
+            raise ValueError(
+                f"failure.replica_quorum_timeout_s: {self.failure.replica_quorum_timeout_s:g} s must exceed "
+                f"replica_heartbeat_timeout_s ({self.failure.replica_heartbeat_timeout_s:g} s): a survivor's "
+                "quorum would time out before the lighthouse drops the dead replica"
+            )
         return self
 
     @model_validator(mode="after")

@@ -63,6 +63,18 @@ def test_default_demo_config_is_valid():
             {"failure": {"health_check_interval_s": 0}},
             "failure.health_check_interval_s: Input should be greater than or equal to 0.05",
         ),
+        (
+            {"failure": {"replica_timeout_s": 0.5}},
+            "failure.replica_timeout_s: Input should be greater than or equal to 1",
+        ),
+        (
+            {"failure": {"replica_quorum_timeout_s": 5000}},
+            "failure.replica_quorum_timeout_s: Input should be less than or equal to 3600",
+        ),
+        (
+            {"failure": {"replica_heartbeat_timeout_s": 10, "replica_quorum_timeout_s": 10}},
+            "failure.replica_quorum_timeout_s: 10 s must exceed replica_heartbeat_timeout_s (10 s)",
+        ),
     ],
 )
 def test_bad_spec_names_file_field_and_problem(tmp_path, patch, message):
@@ -120,3 +132,15 @@ def test_task_from_a_file(tmp_path):
     assert resolve_task(f"{f}:build")(None, None) == 42
     with pytest.raises(SpecError, match="has no function 'other'"):
         resolve_task(f"{f}:other")
+
+
+def test_replica_timeouts_reach_the_workers(tmp_path):
+    """failure.replica_timeout_s and replica_quorum_timeout_s are what each replica's torchft
+    Manager is built with (workers/replicas.py reads them from its WorkerConfig)."""
+    from orchestrator.driver import worker_config
+
+    failure = {"mode": "replicas", "replica_timeout_s": 45, "replica_quorum_timeout_s": 90}
+    cfg = worker_config(load_spec(write(tmp_path, {**BASE, "failure": failure})))
+    assert (cfg.replicas, cfg.replica_timeout_s, cfg.replica_quorum_timeout_s) == (True, 45, 90)
+    default = worker_config(load_spec(write(tmp_path, BASE, "plain.yaml")))
+    assert (default.replica_timeout_s, default.replica_quorum_timeout_s) == (30, 120)

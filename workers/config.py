@@ -43,6 +43,8 @@ class WorkerConfig:
     early_stopping: tuple[int, float] | None = None  # (patience, min_delta)
     kills: tuple[Kill, ...] = field(default_factory=tuple)  # fault injection
     replicas: bool = False  # failure.mode replicas: each rank a torchft replica group (workers/replicas.py)
+    replica_timeout_s: float = 30.0  # a collective, a heal's transfer, a commit vote (replicas)
+    replica_quorum_timeout_s: float = 120.0  # a step's quorum, a replacement's first one included
 
     def open_storage(self, on_retry: Callable[..., None] | None = None) -> Storage:
         storage = Storage(self.run_uri, self.storage_options, self.retry, on_retry)

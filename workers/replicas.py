@@ -44,8 +44,6 @@ from workers.task import Dataset, Task, TaskContext, collate, is_loader
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = timedelta(seconds=30)  # a collective, a heal's transfer, a commit vote
-QUORUM_TIMEOUT = timedelta(seconds=120)  # a replacement's first quorum waits for its start-up
 WAIT_S = 0.1  # a waiting replica's pause between quorums
 HOLD_S = 60.0  # rank 0 waits this long at its start for every replica, so a fault-free run trains all shards
 
@@ -178,8 +176,9 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
 
     # torchft logs every quorum and commit at INFO; its warnings and errors still show.
     logging.getLogger("torchft").setLevel(logging.WARNING)
+    timeout = timedelta(seconds=session.cfg.replica_timeout_s)  # failure.replica_timeout_s
     manager = Manager(
-        pg=ProcessGroupGloo(timeout=TIMEOUT),
+        pg=ProcessGroupGloo(timeout=timeout),
         load_state_dict=load_state_dict,
         state_dict=live.state_dict,
         min_replica_size=1,
@@ -187,9 +186,9 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
         rank=0,
         world_size=1,
         replica_id=f"replica_{rank}",  # torchft reads the trailing number
-        timeout=TIMEOUT,
-        quorum_timeout=QUORUM_TIMEOUT,
-        connect_timeout=TIMEOUT,
+        timeout=timeout,
+        quorum_timeout=timedelta(seconds=session.cfg.replica_quorum_timeout_s),
+        connect_timeout=timeout,
         init_sync=False,  # a replica at step 0 heals only from one ahead of it (rank 0 starts at 1)
     )
     if rank == 0:  # the state it restored (or a fresh model) is the one the others heal from
