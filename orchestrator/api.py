@@ -4,7 +4,7 @@
 
     run = open_run("s3://bucket/runs/digits")         # or a local runs/digits
     run.best()                                         # the best checkpoint, verified
-    run.state()                                        # running | orphaned | interrupted | failed | finished
+    run.state()                                        # running | stale | interrupted | failed | finished
     run.checkpoints(); run.metrics(); run.events()
     model = load_best("runs/digits", model=MyNet())    # weights verified and loaded, model.eval()
 
@@ -129,11 +129,11 @@ class Run:
     @property
     def status(self) -> str:
         """The status the manifest stores: running, finished or failed. state() says what it
-        means now (interrupted, or orphaned by a driver that is gone)."""
+        means now (interrupted, or stale by a driver that is gone)."""
         return self.manifest.status
 
     def state(self) -> RunState:
-        """The run's state now: running, orphaned (stored running, its driver gone: lease stale
+        """The run's state now: running, stale (stored running, its driver gone: lease stale
         or missing), interrupted (Ctrl-C/SIGTERM, resumable), failed or finished, with why and
         what to run next. Reads lease.json for a running run; writes nothing (but the storage's
         clock probe, for a local run). See orchestrator.lifecycle."""

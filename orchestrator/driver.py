@@ -370,6 +370,7 @@ def run(
     quiet: bool = False,
     resume: bool = False,
     verbose: bool = False,
+    force: bool = False,
 ) -> Summary:
     """Train spec to the end: claim the run, connect to Ray, start the coordinator, fit, then
     act on the outcome (orchestrator/outcome.py decides it). Raises RunFailed (with the
@@ -380,7 +381,7 @@ def run(
     tracking = checked_tracking(spec, resume)
     since = time.time()
     storage = spec.open_run_storage()
-    lease, replaced = claim_run(spec, storage, resume)
+    lease, replaced = claim_run(spec, storage, resume, force)
     started_ray = False
     try:
         store_spec(storage, spec)
@@ -565,12 +566,13 @@ def _conclude(
     return summary
 
 
-def claim_run(spec: JobSpec, storage: Storage, resume: bool) -> tuple[Lease, str | None]:
+def claim_run(spec: JobSpec, storage: Storage, resume: bool, force: bool = False) -> tuple[Lease, str | None]:
     """Take the run's lease (refused while another live driver owns it: LeaseHeld). `run`
     (not resume) of a name that holds a run: a finished one or one with committed checkpoints
     is refused, since `run` never continues a run silently, perhaps with another spec; one that
     failed before committing any checkpoint (a wrong monitor, say) holds nothing to resume
-    from, so it is replaced, said on stderr. Returns the lease and why a run was replaced."""
+    from, so it is replaced, said on stderr; with force, so is any run that committed none (a
+    stale or interrupted one). Returns the lease and why a run was replaced."""
     existing = read_manifest(storage)
     if existing is None and storage.exists(BACKUP):
         # The manifest is gone but the run is not: starting over here would take the run's
@@ -591,13 +593,15 @@ def claim_run(spec: JobSpec, storage: Storage, resume: bool) -> tuple[Lease, str
         return lease, None
     try:
         existing = read_manifest(storage)  # again, now that no other driver can change it
-        why = lifecycle.replaceable(existing) if existing is not None else None
+        why = lifecycle.replaceable(existing, force) if existing is not None else None
         if existing is not None and why is None:
+            n = len(existing.checkpoints)
+            hint = "; --force replaces it, as it committed nothing" if n == 0 else ""
             raise SpecError(
-                f"{spec.run_uri} already holds a {existing.status} run ({len(existing.checkpoints)} "
-                f"committed checkpoint(s)); continue it with `orchestrator resume {spec.run_uri}`, "
+                f"{spec.run_uri} already holds a {existing.status} run ({n} committed "
+                f"checkpoint(s)); continue it with `orchestrator resume {spec.run_uri}`, "
                 f"start a new one under another name (--set name=...), or delete it first "
-                f"(`orchestrator delete {spec.run_uri}`)"
+                f"(`orchestrator delete {spec.run_uri}`){hint}"
             )
         if why is not None:
             log.warning(f"[run] {spec.run_uri} held {why}: replacing it with this run")

@@ -6,7 +6,7 @@ run is read, from what is already stored (no format change, nothing written):
 - **interrupted**: stored `failed` with `manifest.stopped.kind == "interrupt"`: Ctrl-C or
   SIGTERM on the driver stopped the run cleanly, after the workers saved and committed a
   checkpoint. `orchestrator resume RUN_URI` continues it.
-- **orphaned**: stored `running`, but the driver that owns it is gone: its lease
+- **stale**: stored `running`, but the driver that owns it is gone: its lease
   (lease.json) was not renewed within its TTL (judged by the storage's clock, as a second
   driver judges it), names a process on this host that is gone, or is missing (a driver
   stopped at once, by a second Ctrl-C, releases it without recording the end). `orchestrator
@@ -30,13 +30,13 @@ from orchestrator.core.lease import LEASE, Lease
 from orchestrator.core.manifest import CHECKPOINTS, MANIFEST, SPEC, Manifest
 from orchestrator.core.storage import Storage
 
-STATES = ("running", "orphaned", "interrupted", "failed", "finished")
+STATES = ("running", "stale", "interrupted", "failed", "finished")
 
 
 @dataclass(frozen=True)
 class RunState:
     """What a run is now: `state` (one of STATES), the status its manifest stores, why (for
-    orphaned, interrupted and stopped runs) and what to run next, if anything."""
+    stale, interrupted and stopped runs) and what to run next, if anything."""
 
     state: str
     stored: str
@@ -48,7 +48,7 @@ class RunState:
         return asdict(self)
 
     def line(self) -> str:
-        """One line for a table: `orphaned: driver gone (...); orchestrator resume RUN_URI`."""
+        """One line for a table: `stale: driver gone (...); orchestrator resume RUN_URI`."""
         parts = [p for p in (self.detail, self.next) if p]
         return f"{self.state}: {'; '.join(parts)}" if parts else self.state
 
@@ -74,7 +74,7 @@ def run_state(storage: Storage, manifest: Manifest) -> RunState:
         return RunState("failed", "failed", why, f"when the cause is fixed, {resume}", n)
     gone = driver_gone(storage, manifest)
     if gone is not None:
-        return RunState("orphaned", "running", f"driver gone: {gone}", resume, n)
+        return RunState("stale", "running", f"driver gone: {gone}", resume, n)
     return RunState("running", "running", None, None, n)
 
 
@@ -112,14 +112,19 @@ def is_run(storage: Storage) -> bool:
     return storage.exists(MANIFEST) or storage.exists(SPEC)
 
 
-def replaceable(manifest: Manifest) -> str | None:
-    """Why `orchestrator run` may replace this run (failed before committing any checkpoint:
-    nothing to resume from), or None when it must be resumed or deleted instead."""
-    if manifest.status != "failed" or manifest.checkpoints:
+def replaceable(manifest: Manifest, force: bool = False) -> str | None:
+    """Why `orchestrator run` may replace this run, or None when it must be resumed or deleted
+    instead. Only a run with no committed checkpoint (nothing to resume from): one that failed
+    (a wrong monitor, say) always; with force (`run --force`) a stale or interrupted one too.
+    The caller holds the run's lease, so no live driver runs it."""
+    if manifest.checkpoints or manifest.status == "finished":
+        return None
+    if manifest.status != "failed" and not force:
         return None
     stopped = manifest.stopped or {}
     reason = str(stopped.get("reason") or "").strip().splitlines()
-    return "a failed run with no committed checkpoint" + (f" ({reason[0][:300]})" if reason else "")
+    kind = "a failed run" if manifest.status == "failed" else f"a {manifest.status} run (--force)"
+    return f"{kind} with no committed checkpoint" + (f" ({reason[0][:300]})" if reason else "")
 
 
 def committed_count(storage: Storage, manifest: Manifest | None) -> int:

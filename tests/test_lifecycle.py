@@ -1,4 +1,4 @@
-"""A run's life as the read side tells it (interrupted, orphaned), `orchestrator delete`, and
+"""A run's life as the read side tells it (interrupted, stale), `orchestrator delete`, and
 `run` replacing a run that failed before committing anything. Real storage in a temp dir,
 runs written by the real ledger and lease, the real CLI; no Ray."""
 
@@ -92,26 +92,26 @@ def test_a_failed_run_is_failed_not_interrupted(tmp_path):
     assert row["state"] == "failed" and "when the cause is fixed, orchestrator resume" in row["next"]
 
 
-def test_a_running_run_whose_lease_is_stale_shows_orphaned_and_nothing_is_written(tmp_path):
+def test_a_running_run_whose_lease_is_stale_shows_stale_and_nothing_is_written(tmp_path):
     storage, _, _ = leased_run(tmp_path)
     hand_written_lease(storage, age_s=120)  # a driver on another host, silent for 2 minutes
     before = {p: (tmp_path / "r" / p).read_bytes() for p in ("manifest.json", LEASE)}
     listing = sorted(os.listdir(tmp_path / "r"))
     row = runs_json(tmp_path)["r"]
-    assert (row["status"], row["state"]) == ("running", "orphaned")
+    assert (row["status"], row["state"]) == ("running", "stale")
     assert "driver gone: pid 4242 on elsewhere, lease stale for 12" in row["state_detail"]
     assert "ttl 30s" in row["state_detail"] and row["next"] == f"orchestrator resume {storage.uri}"
     table = run_cli("runs", str(tmp_path), check=True).stdout.splitlines()[1]
-    assert table.split()[:2] == ["r", "orphaned"] and "lease stale for" in table
+    assert table.split()[:2] == ["r", "stale"] and "lease stale for" in table
     from orchestrator import open_run
 
-    assert open_run(storage.uri).state().state == "orphaned"
+    assert open_run(storage.uri).state().state == "stale"
     # read-only: the manifest and the lease are as they were, and no clock probe is left over
     assert {p: (tmp_path / "r" / p).read_bytes() for p in before} == before
     assert sorted(os.listdir(tmp_path / "r")) == listing
 
 
-def test_orphaned_by_a_gone_pid_on_this_host_or_a_missing_lease_and_running_while_alive(tmp_path):
+def test_stale_by_a_gone_pid_on_this_host_or_a_missing_lease_and_running_while_alive(tmp_path):
     storage, _, lease = leased_run(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -119,10 +119,10 @@ def test_orphaned_by_a_gone_pid_on_this_host_or_a_missing_lease_and_running_whil
         storage, host=socket.gethostname(), pid=dead.pid, pid_ns=pid_namespace(), pid_start=1.0
     )
     row = runs_json(tmp_path)["r"]
-    assert row["state"] == "orphaned" and "(this host), and that process is gone" in row["state_detail"]
+    assert row["state"] == "stale" and "(this host), and that process is gone" in row["state_detail"]
     storage.delete(LEASE)  # a driver stopped at once (a second Ctrl-C) releases it without the end
     row = runs_json(tmp_path)["r"]
-    assert row["state"] == "orphaned" and "no lease" in row["state_detail"]
+    assert row["state"] == "stale" and "no lease" in row["state_detail"]
     live = Lease(storage, ttl_s=30)
     live.acquire()  # a live driver (this process) holds it now
     try:
@@ -219,6 +219,51 @@ def test_run_replaces_a_run_that_failed_before_committing_anything(tmp_path, cap
         lease.release()
 
 
+def stale_before_any_commit(tmp_path, name="st"):
+    """A run whose driver died before its first commit: stored running, its lease gone stale."""
+    storage = Storage(str(tmp_path / name))
+    lease = Lease(storage, ttl_s=30)
+    lease.acquire()
+    lease.stop_heartbeat()
+    RunLedger(storage, name, CFG, owner=lease.token).start_attempt(2)
+    storage.write_bytes("spec.yaml", f"name: {name}\n".encode())
+    hand_written_lease(storage, age_s=120)  # its driver, on another host, silent for 2 minutes
+    return storage
+
+
+def test_run_force_replaces_a_stale_run_that_committed_nothing_and_only_that(tmp_path, capsys):
+    """`run` refuses a stale run with nothing committed, naming --force; `run --force` replaces
+    it; --force never replaces a run with a committed checkpoint."""
+    from orchestrator.driver import claim_run
+    from orchestrator.spec import SpecError
+
+    storage = stale_before_any_commit(tmp_path)
+    assert runs_json(tmp_path)["st"]["state"] == "stale"
+    with pytest.raises(SpecError) as e:
+        claim_run(_spec(tmp_path, "st"), storage, resume=False)
+    assert "already holds a running run (0 committed checkpoint(s))" in str(e.value)
+    assert "--force replaces it, as it committed nothing" in str(e.value)
+    assert storage.exists("manifest.json")  # refused: untouched
+    lease, why = claim_run(_spec(tmp_path, "st"), storage, resume=False, force=True)
+    try:
+        assert why and why.startswith("a running run (--force) with no committed checkpoint")
+        assert f"{storage.uri} held a running run (--force)" in capsys.readouterr().err
+        assert sorted(os.listdir(tmp_path / "st")) == sorted([LEASE, f"{LEASE}.lock"])
+    finally:
+        lease.release()
+    storage, led, lease = leased_run(tmp_path, "kept")
+    hand_written_lease(storage, age_s=120)
+    with pytest.raises(SpecError) as e:
+        claim_run(_spec(tmp_path, "kept"), storage, resume=False, force=True)
+    assert "(2 committed checkpoint(s))" in str(e.value) and "--force" not in str(e.value)
+    assert len(json.loads((tmp_path / "kept" / "manifest.json").read_text())["checkpoints"]) == 2
+
+
+def test_run_force_is_on_the_command_line():
+    out = run_cli("run", "--help", check=True).stdout
+    assert "--force" in out and "Replace a run at RUN_URI" in out
+
+
 def test_run_still_refuses_a_run_with_checkpoints_naming_resume_and_delete(tmp_path):
     from orchestrator.driver import claim_run
     from orchestrator.spec import SpecError
@@ -301,7 +346,7 @@ def _mlflow(uri, experiment):
     return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def test_orphaned_and_delete_on_s3_leave_a_sibling_run_alone(s3_env, bucket):
+def test_stale_and_delete_on_s3_leave_a_sibling_run_alone(s3_env, bucket):
     root = f"s3://{bucket}/runs"
     storage = Storage(f"{root}/r")
     lease = Lease(storage, ttl_s=30)
@@ -315,11 +360,11 @@ def test_orphaned_and_delete_on_s3_leave_a_sibling_run_alone(s3_env, bucket):
     storage.write_bytes(LEASE, json.dumps(body).encode())
     time.sleep(3)  # stale by the store's clock (S3: the response's Date against LastModified)
     rows = {r["name"]: r for r in json.loads(run_cli("runs", root, "--json", check=True).stdout)}
-    assert rows["r"]["state"] == "orphaned" and "lease stale for" in rows["r"]["state_detail"]
+    assert rows["r"]["state"] == "stale" and "lease stale for" in rows["r"]["state_detail"]
     assert rows["r2"]["state"] == "running"  # no owner in its manifest: shown as stored
     p = run_cli("delete", f"{root}/r", "--json")
     assert p.returncode == 2 and "1 committed checkpoint(s)" in p.stderr, p.stderr
     out = json.loads(run_cli("delete", f"{root}/r", "--yes", "--json", check=True).stdout)
-    assert out["deleted"] and out["state"] == "orphaned" and out["checkpoints"] == 1
+    assert out["deleted"] and out["state"] == "stale" and out["checkpoints"] == 1
     assert Storage(root).list_dirs("") == ["r2"] and sibling.exists("manifest.json")
     assert sibling.exists("checkpoints/epoch0001-step0000010/model.pt")

@@ -48,7 +48,7 @@ def delete(
         storage = Storage(run_uri, parse_options(storage_option))
         if not is_run(storage):
             die(f"{run_uri}: no manifest.json or spec.yaml here, so not a run; nothing deleted", EXIT_INPUT)
-        state = _state(storage)  # before this command holds the lease: orphaned, not running
+        state = _state(storage)  # before this command holds the lease: stale, not running
         lease = Lease(storage)
         lease.acquire()  # refuses while a live driver owns the run; no driver starts while held
     except LeaseHeld as e:

@@ -45,7 +45,7 @@ def checkpoints(
     """List committed checkpoints: epoch, metrics, rank by the monitor, and why each is kept.
 
     The first line says the run's state (see `orchestrator runs --help`): an interrupted or
-    orphaned run is named so, with the command that continues it."""
+    stale run is named so, with the command that continues it."""
     run = _open(run_uri, storage_option)
     m, monitor = run.manifest, run.monitor
     state = _state(run)
@@ -218,7 +218,7 @@ def runs(
     """The runs under a storage root: name, state, epochs, best metric, last update.
 
     The state is the stored status (running, finished, failed) or what it means now:
-    `interrupted` (Ctrl-C/SIGTERM on the driver; resumable) or `orphaned` (stored running,
+    `interrupted` (Ctrl-C/SIGTERM on the driver; resumable) or `stale` (stored running,
     but its driver is gone: its lease is stale or missing); each with the command that
     continues or clears it. --json keeps `status` as stored and adds `state`,
     `state_detail` and `next`."""

@@ -50,12 +50,22 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         typer.echo(f"[run] reason: {summary['error'].splitlines()[0]}", err=True)
 
 
-def _train(spec: Any, address: str | None, as_json: bool, quiet: bool, resume: bool, verbose: bool) -> None:
+def _train(
+    spec: Any,
+    address: str | None,
+    as_json: bool,
+    quiet: bool,
+    resume: bool,
+    verbose: bool,
+    force: bool = False,
+) -> None:
     from orchestrator.driver import RunFailed, RunInterrupted, run
 
     try:
         with stdout_to_stderr(as_json):  # Ray prints to fd 1; --json keeps stdout for the JSON
-            summary = run(spec, address=address, quiet=quiet or as_json, resume=resume, verbose=verbose)
+            summary = run(
+                spec, address=address, quiet=quiet or as_json, resume=resume, verbose=verbose, force=force
+            )
     except RunInterrupted as e:  # LeaseHeld (3), SpecError (2), RayUnreachable (5): the one handler
         if e.summary is not None:
             _print_summary(e.summary.as_dict(), as_json)
@@ -86,17 +96,26 @@ def run(
     quiet: bool = typer.Option(False, help="No per-epoch progress lines."),
     verbose: bool = typer.Option(False, help="Also stream Ray's and the workers' own logs."),
     resume_if_exists: bool = typer.Option(False, "--resume-if-exists", help=RESUME_IF_EXISTS_HELP),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace a run at RUN_URI that committed no checkpoint (stale, interrupted or failed: "
+        "nothing to resume from), e.g. with a corrected spec. A run with a committed checkpoint "
+        "is never replaced: resume it or `orchestrator delete` it.",
+    ),
 ) -> None:
     """Train a job spec to the end, surviving worker crashes; print the best checkpoint.
 
     A run that already exists at RUN_URI is refused (continue it with `resume`), unless
-    --resume-if-exists is given and the spec is the one the run was started with."""
+    --resume-if-exists is given and the spec is the one the run was started with. One that
+    failed before committing any checkpoint is replaced; --force replaces any run that
+    committed none (a stale or interrupted one too)."""
     try:
         spec = load_spec(config, set_ or [])
     except SpecError as e:
         die(str(e), EXIT_INPUT)
     resume = _continue_existing(spec, as_json) if resume_if_exists else False
-    _train(spec, address, as_json, quiet, resume=resume, verbose=verbose)
+    _train(spec, address, as_json, quiet, resume=resume, verbose=verbose, force=force)
 
 
 def _continue_existing(spec: Any, as_json: bool) -> bool:
