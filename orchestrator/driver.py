@@ -39,7 +39,7 @@ from orchestrator.ray_compat import (
     use_token_auth,
 )
 from orchestrator.spec import JobSpec, SpecError, parse_spec
-from orchestrator.tracking import MLFLOW_ENV
+from orchestrator.tracking import MLFLOW_ENV, flat_params
 from workers.config import Kill, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class Summary:
     best: dict[str, Any] | None = None
     kept: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
+    trackers_off: list[dict[str, Any]] = field(default_factory=list)  # `tracker_off` events of this driver
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -286,20 +287,16 @@ def start_coordinator(
 
 
 def tracking_settings(spec: JobSpec) -> dict[str, Any]:
+    """What the coordinator's trackers need: the spec, flattened and with secrets redacted, is
+    the MLflow params and the TensorBoard hparams."""
     t = spec.tracking
-    params = {
-        "task": spec.task.name,
-        **{f"task.{k}": v for k, v in spec.task.options.items()},
-        "seed": spec.seed,
-        "epochs": spec.epochs,
-        "num_workers": spec.scaling.num_workers,
-    }
     env = {k: os.environ[k] for k in MLFLOW_ENV if k in os.environ}  # e.g. MLFLOW_ALLOW_FILE_STORE
     return {
         "tensorboard": t.tensorboard,
         "mlflow_uri": t.mlflow_uri,
         "experiment": t.mlflow_experiment,
-        "params": params,
+        "params": flat_params(spec_record(spec)),
+        "monitor": spec.checkpoint.monitor,
         "run_name": spec.name,
         "env": env,
     }
@@ -320,20 +317,14 @@ def checked_tracking(spec: JobSpec, resume: bool) -> dict[str, Any]:
     return {**settings, "mlflow_uri": None}
 
 
-def say_trackers_off(storage: Storage, since: float, settings: dict[str, Any]) -> None:
-    """On stderr, every tracker switched off while this driver ran (the `tracker_off` events),
-    so a failed MLflow or TensorBoard is not found only in the event log."""
+def trackers_off(storage: Storage, since: float) -> list[dict[str, Any]]:
+    """The trackers switched off while this driver ran (the `tracker_off` events), for the
+    end-of-run summary: a failed MLflow or TensorBoard is not found only in the event log."""
     try:
         events = read_jsonl(storage, EVENTS)
-        off = [e for e in events if e.get("kind") == "tracker_off" and e.get("ts", 0) >= since]
     except Exception:  # noqa: BLE001  # the run's outcome matters more than this note
-        return
-    for e in off:
-        where = f" at {settings.get('mlflow_uri')}" if e.get("tracker") == "mlflow" else ""
-        log.warning(
-            f"[run] warning: tracker {e.get('tracker')}{where} was switched off: {e.get('error')}; "
-            f"the run's own metrics.jsonl has every epoch"
-        )
+        return []
+    return [e for e in events if e.get("kind") == "tracker_off" and e.get("ts", 0) >= since]
 
 
 def spec_record(spec: JobSpec) -> dict[str, Any]:
@@ -406,7 +397,7 @@ def run(
         except Exception as e:  # the coordinator is gone (its restart refused: taken over) or stuck
             after, coord_error = None, e
         outcome = decide_outcome(fit_error, after, coord_error, lease.lost)
-        return _conclude(spec, storage, coord, outcome, interrupts, since, tracking)
+        return _conclude(spec, storage, coord, outcome, interrupts, since)
     finally:
         lease.release()
         if started_ray:
@@ -516,7 +507,6 @@ def _conclude(
     outcome: Outcome,
     interrupts: Interrupts,
     since: float,
-    tracking: Any,
 ) -> Summary:
     """Act on the outcome: record the run's end and say it (a summary, or the error to raise)."""
     import ray
@@ -533,7 +523,7 @@ def _conclude(
     try:
         kept = ray.get(coord.finish.remote(outcome.status), timeout=COORD_TIMEOUT_S)
         prog = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S)
-        say_trackers_off(storage, since, tracking)
+        off = trackers_off(storage, since)
     except Exception as e:  # storage (or the coordinator) is gone: committed data stays as it is
         if lost := lease_lost(e):
             raise LeaseLost(f"{spec.run_uri}: {root_cause(str(lost))}; this driver stopped") from None
@@ -553,6 +543,7 @@ def _conclude(
         best=_best_entry(spec, prog["best"]),
         kept=kept,
         error=reason,
+        trackers_off=off,
     )
     if outcome.kind == "interrupted":
         raise RunInterrupted(

@@ -2,16 +2,22 @@
 
 On a terminal: a live display (rich) with the epoch, the step within it, throughput, the
 ETA, the best so far and, after a restart, which checkpoint the run resumed from. Not on a
-terminal (logs, CI, a Ray job): one plain line per epoch and per restart.
+terminal (logs, CI, a Ray job): one plain line per epoch and per restart. A tracker switched
+off is a warning on stderr, once, even when quiet (--json).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TextIO
+
+from orchestrator.tracking import off_line
+
+log = logging.getLogger(__name__)
 
 
 class ProgressView:
@@ -40,6 +46,7 @@ class ProgressView:
         self._attempts = 0
         self._cadence: float | None = None  # the time of the every_n_steps: auto choice last shown
         self._notes = 0  # the coordinator's notes (restarts, attempts) already shown
+        self._trackers_said: set[tuple[Any, Any]] = set()  # (tracker, ts) of tracker_off events warned of
         self._seeded = False
         self._rate: tuple[float, int] | None = None  # (time, global step) of the first sample
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -80,6 +87,7 @@ class ProgressView:
             since, p = 0, self._poll(0)
             self._notes = 0
         self._next = p["next"]
+        self._say_trackers_off(p.get("trackers_off") or [])
         if self.quiet:
             return
         if self._best is None and not self._seeded:  # a resumed run: the best committed before it
@@ -99,6 +107,13 @@ class ProgressView:
                 print(line, file=self.out, flush=True)
         if self._display is not None:
             self._display.update(self._status(p.get("live")))
+
+    def _say_trackers_off(self, events: list[dict[str, Any]]) -> None:
+        for e in events:
+            if (key := (e.get("tracker"), e.get("ts"))) not in self._trackers_said:
+                self._trackers_said.add(key)
+                when, error, then = off_line(e)
+                log.warning(f"[run] warning: tracker {e.get('tracker')} switched off {when}: {error}{then}")
 
     def _story(self, p: dict[str, Any], since: int) -> list[tuple[int, int, str, Any]]:
         """This poll's rows, restarts and attempts, in the order they happened: each note says

@@ -2,9 +2,15 @@
 RUN_URI/tb (so `tensorboard --logdir RUN_URI/tb` works, local and s3://), and MLflow when
 `tracking.mlflow_uri` is set and mlflow is installed.
 
+What they get: the spec, flattened (`flat_params`), as MLflow params and TensorBoard hparams;
+every epoch's row at step=epoch; rank 0's train loss per reported step (`step/train_loss` at
+step=global_step: the worker's tick, about once a second); and in MLflow at the end the best
+checkpoint's URI (tag `orchestrator.best_checkpoint`) and artifacts.
+
 The coordinator owns it (it is the one place every epoch's row arrives). A tracker that
-fails never fails the run: it is switched off with one event saying why (`tracker_off`),
-which the driver prints when the run ends. Before that, the driver checks the MLflow URI
+fails never fails the run: it is switched off with one event saying why and what to do
+(`tracker_off`: tracker, error, fix, epoch), which the driver says once while the run goes
+on and again in its end-of-run summary (`off_line`). Before that, the driver checks the MLflow URI
 (`mlflow_problem`, from preflight): a new run with a URI MLflow cannot use is refused
 before Ray starts, naming the URI, the error and the fix; a resumed one is warned and goes on
 without MLflow.
@@ -13,6 +19,7 @@ without MLflow.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import queue
 import re
@@ -27,14 +34,68 @@ from orchestrator.core.manifest import EVENTS, METRICS, SPEC
 from orchestrator.core.storage import Storage
 
 TB_DIR = "tb"
+STEP_LOSS = "step/train_loss"  # rank 0's loss per reported step, at step=global_step
+UPLOAD_EVERY_S = 10.0  # per-step events are uploaded at most this often (every epoch's at once)
+_NOT_LOGGED = ("epoch", "global_step", "attempt")
+
+
+def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
+    """A nested spec as dotted keys (`task.options.lr`); a list, None or an empty mapping is
+    one JSON value, since trackers take scalars only."""
+    out: dict[str, str | int | float | bool] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flat_params(v, key + "."))
+        elif isinstance(v, (str, int, float, bool)):
+            out[key] = v
+        else:
+            out[key] = json.dumps(v, sort_keys=True, default=str)
+    return out
+
+
+def tracker_fix(name: str, error: BaseException, settings: dict[str, Any], run_uri: str) -> str:
+    """What to do about a tracker that was switched off, in one sentence for the console."""
+    kept = (
+        f"the run trains on, and {run_uri}/metrics.jsonl has every epoch (`orchestrator metrics {run_uri}`)"
+    )
+    if name == "mlflow":
+        if isinstance(error, ImportError):
+            return (
+                "`pip install mlflow-skinny` where the coordinator runs, or "
+                f"--set tracking.mlflow_uri=null; {kept}"
+            )
+        return (
+            f"check the MLflow tracking server at {settings.get('mlflow_uri')} (is it up, and reachable "
+            f"from the driver's node?); {kept}; --set tracking.mlflow_uri=null runs without MLflow"
+        )
+    if isinstance(error, ImportError):
+        return f"`pip install tensorboardX`, or --set tracking.tensorboard=false; {kept}"
+    return (
+        f"{run_uri}/{TB_DIR} could not be written (is storage full, or not writable there?); the event "
+        f"files written so far stay; {kept}; --set tracking.tensorboard=false runs without TensorBoard"
+    )
+
+
+def off_line(event: dict[str, Any]) -> tuple[str, str, str]:
+    """(when, error, then) of a `tracker_off` event: `after epoch 3`, `ERROR`, `. FIX` (an
+    event of an older version has no fix: then "")."""
+    n = event.get("epoch") or 0
+    when = f"after epoch {n}" if n else "before the first epoch"
+    return when, str(event.get("error")), f". {event['fix']}" if event.get("fix") else ""
 
 
 class TensorBoard:
     """Event files written with tensorboardX's synchronous EventsWriter (its SummaryWriter
     queues events to a thread that a flush does not wait for) and uploaded whole after each
-    row (they are small). A restarted coordinator starts a new file; TensorBoard merges them."""
+    epoch's row, and at most every UPLOAD_EVERY_S for per-step rows (they are small). A
+    restarted coordinator starts a new file; TensorBoard merges them. Each file begins with
+    the spec as hparams (the HPARAMS tab), with the monitored metric and train_loss as its
+    metrics."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(
+        self, storage: Storage, params: dict[str, Any] | None = None, monitor: str | None = None
+    ) -> None:
         from tensorboardX.event_file_writer import EventsWriter
 
         self.storage = storage
@@ -43,24 +104,47 @@ class TensorBoard:
         # would otherwise write the same file name, and the second upload replace the first.
         self.writer = EventsWriter(os.path.join(self._dir, "events"), f".{uuid.uuid4().hex[:8]}")
         self.name = os.path.basename(self.writer._file_name)
+        self._uploaded = 0.0
+        if params:
+            self._hparams(params, [m for m in dict.fromkeys([monitor, "train_loss"]) if m])
+
+    def _hparams(self, params: dict[str, Any], metrics: list[str]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import hparams
+
+        experiment, start, _end = hparams(params, dict.fromkeys(metrics, 0.0))
+        for summary in (experiment, start):
+            self.writer.write_event(Event(wall_time=time.time(), step=0, summary=summary))
 
     def finish(self, status: str) -> None:
         import shutil
 
+        self._upload()  # the per-step events since the last upload
         self.writer.close()
         shutil.rmtree(self._dir, ignore_errors=True)  # the event file is in storage
 
     def log(self, row: dict[str, Any]) -> None:
+        self._scalars(row, int(row.get("epoch", 0)))
+        self._upload()
+
+    def log_step(self, row: dict[str, Any]) -> None:
+        self._scalars({STEP_LOSS: row["train_loss"]}, int(row["global_step"]))
+        if time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
+            self._upload()
+
+    def _scalars(self, row: dict[str, Any], step: int) -> None:
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
 
-        step = int(row.get("epoch", 0))
         for k, v in row.items():
-            if k not in ("epoch", "global_step", "attempt") and isinstance(v, (int, float)):
+            if k not in _NOT_LOGGED and isinstance(v, (int, float)):
                 self.writer.write_event(Event(wall_time=time.time(), step=step, summary=scalar(k, float(v))))
+
+    def _upload(self) -> None:
         self.writer.flush()
         with open(os.path.join(self._dir, self.name), "rb") as f:
             self.storage.write_bytes(f"{TB_DIR}/{self.name}", f.read())
+        self._uploaded = time.monotonic()
 
 
 # Environment the driver hands on to the coordinator's MLflow client (it may run in another
@@ -173,14 +257,31 @@ class MLflow:
         name = run_name or run_uri.rstrip("/").rsplit("/", 1)[-1]
         run = self.client.create_run(exp_id, run_name=name, tags={"orchestrator.run_uri": run_uri})
         self.run_id = run.info.run_id
-        for k, v in params.items():
-            self.client.log_param(self.run_id, k, str(v)[:500])
+        self._params(params)
+
+    def _params(self, params: dict[str, Any]) -> None:
+        """The flattened spec, in batches of MLflow's limit of 100 (a key MLflow refuses, such as
+        a task option named with a colon, is logged with `_` for what it refuses)."""
+        from mlflow.entities import Param
+
+        items = [Param(re.sub(r"[^\w.\- /]", "_", str(k))[:250], str(v)[:500]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log(self, row: dict[str, Any]) -> None:
         step = int(row.get("epoch", 0))
-        for k, v in row.items():
-            if k not in ("epoch", "global_step", "attempt") and isinstance(v, (int, float)):
-                self.client.log_metric(self.run_id, k, float(v), step=step)
+        self._metrics({k: v for k, v in row.items() if k not in _NOT_LOGGED}, step)
+
+    def log_step(self, row: dict[str, Any]) -> None:
+        self._metrics({STEP_LOSS: row["train_loss"]}, int(row["global_step"]))
+
+    def _metrics(self, values: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if isinstance(v, (int, float))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def finish(self, status: str) -> None:
         """Artifacts, then the end: FINISHED, KILLED (Ctrl-C/SIGTERM on the driver: resumable)
@@ -238,22 +339,28 @@ class MLflow:
 class Trackers:
     """The trackers of one coordinator, fed from a background thread: rank 0 waits for the
     coordinator's report_metrics, and a slow TensorBoard upload or MLflow server must not
-    make it (and every rank behind it at the next collective) wait too."""
+    make it (and every rank behind it at the next collective) wait too. Each row goes in as
+    ("epoch", row) or ("step", row)."""
 
-    def __init__(self, storage: Storage, settings: dict[str, Any] | None) -> None:
-        self.errors: list[tuple[str, BaseException]] = []  # (tracker, error): the ledger logs them
+    def __init__(self, storage: Storage, settings: dict[str, Any] | None, epoch: int = 0) -> None:
+        # (tracker, error, fix, the last epoch it logged): the ledger logs them as events
+        self.errors: list[tuple[str, BaseException, str, int]] = []
+        self._errors_lock = threading.Lock()  # the drain thread adds, the coordinator's takes
         self.active: list[Any] = []
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        settings = settings or {}
+        self.storage, self.settings = storage, settings or {}
+        self._epoch = epoch  # the last epoch whose row the trackers have had (a restart: the run's)
+        self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        settings = self.settings
+        params = settings.get("params") or {}
         if settings.get("tensorboard", True):
-            self._start(lambda: TensorBoard(storage), "tensorboard")
+            self._start(lambda: TensorBoard(storage, params, settings.get("monitor")), "tensorboard")
         if settings.get("mlflow_uri"):
             self._start(
                 lambda: MLflow(
                     settings["mlflow_uri"],
                     settings.get("experiment", "orchestrator"),
                     storage,
-                    settings.get("params") or {},
+                    params,
                     settings.get("run_name"),
                     settings.get("env"),
                 ),
@@ -266,26 +373,44 @@ class Trackers:
         try:
             self.active.append(make())
         except Exception as e:  # a missing package or an unreachable server: say so, train on
-            self.errors.append((name, e))
+            self._off(name, e)
+
+    def _off(self, name: str, e: BaseException) -> None:
+        fix = tracker_fix(name, e, self.settings, self.storage.uri)
+        with self._errors_lock:
+            self.errors.append((name, e, fix, self._epoch))
 
     def log(self, row: dict[str, Any]) -> None:
+        """An epoch's row (logged at step=epoch)."""
         if self.active:
-            self._queue.put(row)
+            self._queue.put(("epoch", row))
+
+    def log_step(self, row: dict[str, Any]) -> None:
+        """Rank 0's train loss at one step: {"global_step", "train_loss", ...}."""
+        if self.active:
+            self._queue.put(("step", row))
 
     def _drain(self) -> None:
-        while (row := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            kind, row = item
             for t in list(self.active):
                 try:
-                    t.log(row)
+                    if kind == "epoch":
+                        t.log(row)
+                    else:
+                        t.log_step(row)
                 except Exception as e:
                     self.active.remove(t)
-                    self.errors.append((type(t).__name__.lower(), e))
+                    self._off(type(t).__name__.lower(), e)
+            if kind == "epoch":
+                self._epoch = int(row.get("epoch", 0))
             self._queue.task_done()
         self._queue.task_done()
 
-    def take_errors(self) -> list[tuple[str, BaseException]]:
+    def take_errors(self) -> list[tuple[str, BaseException, str, int]]:
         """Trackers switched off since the last call (the caller logs them, on its own thread)."""
-        out, self.errors = self.errors, []
+        with self._errors_lock:
+            out, self.errors = self.errors, []
         return out
 
     def flush(self, timeout_s: float = 60.0) -> None:
@@ -301,4 +426,4 @@ class Trackers:
                 try:
                     t.finish(status)
                 except Exception as e:
-                    self.errors.append((type(t).__name__.lower(), e))
+                    self._off(type(t).__name__.lower(), e)

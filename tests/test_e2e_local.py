@@ -93,6 +93,17 @@ def test_demo_survives_a_worker_kill_and_hands_back_the_best(tmp_path):
     assert {c["id"]: c["kept_because"] for c in listed} == m["kept"]
     assert any("latest" in c["kept_because"] for c in listed)
 
+    # TensorBoard got rank 0's train loss per reported step (its ticks) up to the last step,
+    # beside the epochs' rows, and no tracker was switched off.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    per_step = acc.Scalars("step/train_loss")
+    assert max(e.step for e in per_step) == metrics[-1]["global_step"] and len(per_step) >= 10
+    assert all(math.isfinite(e.value) and e.value > 0 for e in per_step)
+    assert summary["trackers_off"] == []
+
 
 def test_killing_the_coordinator_mid_run_loses_no_committed_checkpoint(tmp_path, kill_group):
     run_dir = tmp_path / "coordkill"

@@ -227,11 +227,12 @@ def test_run_refuses_an_mlflow_uri_it_cannot_use_before_ray_starts(tmp_path):
     assert not (tmp_path / "t" / "spec.yaml").exists() and not (tmp_path / "t" / "lease.json").exists()
 
 
-def test_the_driver_hands_the_run_name_and_mlflow_env_on_and_says_a_tracker_that_went_off(
+def test_the_driver_hands_the_run_name_and_mlflow_env_on_and_sums_up_the_trackers_that_went_off(
     tmp_path, monkeypatch, capsys
 ):
+    from orchestrator.cli.train import _print_summary
     from orchestrator.core.manifest import write_jsonl
-    from orchestrator.driver import say_trackers_off, tracking_settings
+    from orchestrator.driver import Summary, trackers_off, tracking_settings
     from orchestrator.spec import load_spec
     from orchestrator.tracking import MLFLOW_ENV
 
@@ -250,9 +251,200 @@ def test_the_driver_hands_the_run_name_and_mlflow_env_on_and_says_a_tracker_that
             {"ts": 100.0, "kind": "tracker_off", "tracker": "mlflow", "error": "MlflowException: gone"},
         ],
     )
-    say_trackers_off(storage, 50.0, {"mlflow_uri": "http://mlflow:5000"})
+    off = trackers_off(storage, 50.0)
+    assert [e["tracker"] for e in off] == ["mlflow"]
+    _print_summary(Summary(run_uri=storage.uri, status="finished", trackers_off=off).as_dict(), False)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        "[run] warning: tracker mlflow at http://mlflow:5000 was switched off: MlflowException: "
-        "gone; the run's own metrics.jsonl has every epoch"
-    ]
+    # an event written before the fix was recorded: said without one
+    assert err == ["[run] tracker mlflow: off before the first epoch (MlflowException: gone)"]
+
+
+# -- per step, the spec as params and hparams, and a tracker that goes off mid-run -------------------
+
+
+def _tick(led, epoch, global_step, loss, steps=2):
+    step = (global_step - 1) % steps + 1
+    led.tick(
+        {
+            "epoch": epoch,
+            "step": step,
+            "steps": steps,
+            "global_step": global_step,
+            "ts": 0.0,
+            "train_loss": loss,
+        }
+    )
+
+
+def _digits_settings(tmp_path, **more):
+    from orchestrator.driver import tracking_settings
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(
+        "configs/digits.yaml",
+        [f"storage.root={tmp_path}", "name=mine", "storage.options={key: hunter2}"],
+    )
+    return {**tracking_settings(spec), "tensorboard": False, **more}
+
+
+def test_the_flattened_spec_is_the_params_with_secrets_redacted(tmp_path):
+    import json
+
+    params = _digits_settings(tmp_path)["params"]
+    assert params["name"] == "mine" and params["epochs"] == 10 and params["seed"] == 0
+    assert params["task.name"] == "digits" and params["task.options.lr"] == 0.05
+    assert params["checkpoint.monitor"] == "val_loss" and params["scaling.num_workers"] == 2
+    assert params["storage.options.key"] == "***" and "hunter2" not in str(params)
+    (kill,) = json.loads(params["chaos.kills"])  # a list: one JSON param
+    assert (kill["rank"], kill["epoch"]) == (1, 5)
+    assert all(isinstance(v, (str, int, float, bool)) for v in params.values())
+
+
+def test_tensorboard_gets_the_train_loss_per_step_and_the_spec_as_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    storage = Storage(str(tmp_path / "run"))
+    settings = _digits_settings(tmp_path, tensorboard=True)
+    led = RunLedger(storage, "run", CFG, tracking=settings)
+    for gs, loss in ((1, 0.9), (2, 0.8)):
+        _tick(led, 1, gs, loss)
+    led.report_metrics(ROWS[0])
+    _tick(led, 2, 3, 0.7)
+    led.finish("finished")  # uploads what the last row left behind
+    local = tmp_path / "tb"
+    local.mkdir()
+    for n in storage.list_dirs("tb"):
+        (local / n).write_bytes(storage.read_bytes(f"tb/{n}"))
+    assert scalars(str(local), "step/train_loss") == [(1, 0.9), (2, 0.8), (3, 0.7)]
+    assert scalars(str(local), "val_loss") == [(1, 1.0)]  # per epoch, as before
+    acc = EventAccumulator(str(local))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hp = start.session_start_info.hparams
+    assert hp["task.options.lr"].number_value == pytest.approx(0.05)
+    assert (
+        hp["checkpoint.monitor"].string_value == "val_loss"
+        and hp["storage.options.key"].string_value == "***"
+    )
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in exp.metric_infos] == ["val_loss", "train_loss"]
+
+
+def test_mlflow_gets_the_spec_the_loss_per_step_epochs_at_their_step_and_the_best_uri(tmp_path, monkeypatch):
+    from test_ledger import upload
+
+    uri = _file_store(tmp_path, monkeypatch)
+    storage = Storage(str(tmp_path / "mine"))
+    settings = _digits_settings(tmp_path, mlflow_uri=uri, experiment="digits")
+    led = RunLedger(storage, "mine", CFG, tracking=settings)
+    gs = 0
+    for row in ROWS:
+        for _ in range(2):
+            gs += 1
+            _tick(led, row["epoch"], gs, 1.0 / gs)
+        led.commit(upload(storage, row["epoch"], row["val_loss"]))
+        led.report_metrics(row)
+    led.finish("finished")
+    client, runs = _mlflow_runs(uri)
+    assert len(runs) == 1 and runs[0].info.run_name == "mine"
+    rid, params = runs[0].info.run_id, runs[0].data.params
+    assert params["task.options.lr"] == "0.05" and params["checkpoint.monitor"] == "val_loss"
+    assert params["storage.options.key"] == "***" and len(params) == len(settings["params"]) > 30  # all of it
+    steps = client.get_metric_history(rid, "step/train_loss")
+    assert sorted((m.step, round(m.value, 6)) for m in steps) == [(g, round(1.0 / g, 6)) for g in range(1, 7)]
+    epochs = client.get_metric_history(rid, "train_loss")
+    assert sorted((m.step, m.value) for m in epochs) == [(1, 2.0), (2, 1.0), (3, pytest.approx(2 / 3))]
+    run = client.get_run(rid)
+    assert run.data.tags["orchestrator.best_checkpoint"] == f"{storage.uri}/checkpoints/{led.best().id}"
+    assert led.best().epoch == 3 and run.info.status == "FINISHED"
+
+
+def _off_events(storage):
+    return [e for e in read_jsonl(storage, "events.jsonl") if e["kind"] == "tracker_off"]
+
+
+def test_mlflow_going_away_mid_run_is_said_once_with_the_fix_and_in_the_summary(
+    tmp_path, monkeypatch, capsys
+):
+    import io
+    import shutil
+
+    from orchestrator.cli.train import _print_summary
+    from orchestrator.driver import Summary, trackers_off
+    from orchestrator.progress import ProgressView
+
+    uri = _file_store(tmp_path, monkeypatch)
+    storage = Storage(str(tmp_path / "mine"))
+    led = RunLedger(
+        storage, "mine", CFG, tracking=_digits_settings(tmp_path, mlflow_uri=uri, experiment="digits")
+    )
+    view = ProgressView(led.progress, 3, "val_loss", "min", quiet=True, out=io.StringIO(), live=False)
+    led.report_metrics(ROWS[0])
+    led.trackers.flush()
+    shutil.rmtree(tmp_path / "mlruns")  # the tracking store is gone: every later call fails
+    _tick(led, 2, 11, 0.5)
+    led.trackers.flush()
+    led.report_metrics(ROWS[1])  # the failure is taken up here at the latest
+    view.update()
+    led.report_metrics(ROWS[2])
+    view.update()  # said once, not once per poll
+    (off,) = _off_events(storage)
+    assert off["tracker"] == "mlflow" and off["epoch"] == 1 and off["error"]
+    assert uri in off["fix"] and "orchestrator metrics" in off["fix"]
+    err = [line for line in capsys.readouterr().err.splitlines() if "tracker" in line]
+    assert err == [f"[run] warning: tracker mlflow switched off after epoch 1: {off['error']}. {off['fix']}"]
+    led.finish("finished")
+    summary = Summary(run_uri=storage.uri, status="finished", trackers_off=trackers_off(storage, 0.0))
+    _print_summary(summary.as_dict(), False)
+    out = capsys.readouterr()
+    assert f"[run] tracker mlflow: off after epoch 1 ({off['error']}). {off['fix']}" in out.err.splitlines()
+    assert summary.as_dict()["trackers_off"][0]["tracker"] == "mlflow"
+
+
+def test_a_tensorboard_writer_that_fails_is_switched_off_with_the_fix(tmp_path):
+    import shutil
+
+    storage = Storage(str(tmp_path / "run"))
+    led = RunLedger(storage, "run", CFG, tracking={"tensorboard": True})
+    led.report_metrics(ROWS[0])
+    led.trackers.flush()
+    shutil.rmtree(tmp_path / "run" / "tb")
+    (tmp_path / "run" / "tb").write_text("not a directory")  # uploads of the event file now fail
+    led.report_metrics(ROWS[1])
+    led.trackers.flush()
+    led.report_metrics(ROWS[2])
+    (off,) = _off_events(storage)
+    assert off["tracker"] == "tensorboard" and off["epoch"] == 1  # the last epoch it has
+    assert f"{storage.uri}/tb" in off["fix"] and "tracking.tensorboard=false" in off["fix"]
+    assert led.progress()["trackers_off"] == [off]
+    assert read_jsonl(storage, "metrics.jsonl") == ROWS  # the run's own journal has every epoch
+
+
+def test_the_report_page_says_which_tracker_went_off(tmp_path):
+    from test_ledger import upload
+
+    from orchestrator.api import Run
+    from orchestrator.report.page import report_html
+
+    storage = Storage(str(tmp_path / "run"))
+    led = RunLedger(storage, "run", CFG, tracking={"tensorboard": False, "mlflow_uri": "nosuchscheme://x"})
+    led.commit(upload(storage, 1, 1.0))
+    led.report_metrics(ROWS[0])
+    led.finish("finished")
+    run = Run(storage.uri)
+    page = report_html(run, run.metrics(as_frame=False), run.events(), run.checkpoints(), "val_loss", b"")
+    assert "trackers off" in page and "mlflow (before the first epoch: " in page
+
+
+def test_rank_0s_tick_carries_the_steps_train_loss():
+    import torch
+
+    from workers.calls import StepTicker
+
+    sent: list[dict] = []
+    ticker = StepTicker(sent.append, interval_s=0.0)
+    ticker(1, 1, 4, 1, torch.tensor(0.25))
+    ticker(1, 2, 4, 2)  # a custom loop's session.step() without a loss
+    assert sent[0]["train_loss"] == 0.25 and "train_loss" not in sent[1]

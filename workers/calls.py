@@ -112,14 +112,17 @@ class StepTicker:
         self._reply: Any = None  # the last tick's ObjectRef, until its answer is read
         self._stop_asked = False
 
-    def __call__(self, epoch: int, step: int, steps: int, global_step: int) -> None:
+    def __call__(self, epoch: int, step: int, steps: int, global_step: int, loss: Any = None) -> None:
+        """`loss` (this step's train loss, a tensor or a number) goes with the tick, for the
+        trackers' per-step curve: read only when a tick is sent (one GPU sync a second)."""
         now = time.time()
         if self.send is not None and (now - self._last >= self.interval_s or step == steps):
             self._last = now
             self._read_reply()
-            self._reply = self.send(
-                {"epoch": epoch, "step": step, "steps": steps, "global_step": global_step, "ts": now}
-            )
+            position = {"epoch": epoch, "step": step, "steps": steps, "global_step": global_step, "ts": now}
+            if loss is not None:
+                position["train_loss"] = float(loss)
+            self._reply = self.send(position)
 
     def stop_asked(self) -> bool:
         self._read_reply()

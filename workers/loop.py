@@ -122,9 +122,10 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
         for step, batch in batches:
             where[0] = f"epoch {epoch} step {step}"
             session.chaos.before_step(epoch, step)
-            state.epoch_loss.add(train_step(task, ddp, batch))
+            loss = train_step(task, ddp, batch)
+            state.epoch_loss.add(loss)
             state.epoch, state.step, state.global_step = epoch, step + 1, state.global_step + 1
-            session.ticker(epoch, step + 1, steps, state.global_step)
+            session.ticker(epoch, step + 1, steps, state.global_step, loss)
             at = Position(epoch, step + 1, state.global_step, False)
             if halt := session.stop_check(state.global_step):
                 saver.save(at)

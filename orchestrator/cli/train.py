@@ -21,6 +21,7 @@ from orchestrator.cli.exits import (
 from orchestrator.core.manifest import ManifestError
 from orchestrator.core.storage import StorageError, redact, secrets_in
 from orchestrator.spec import SpecError, load_spec
+from orchestrator.tracking import off_line
 
 SET_HELP = "Override a spec field: --set checkpoint.top_k=5 (repeatable; values are YAML)."
 RESUME_IF_EXISTS_HELP = (
@@ -48,6 +49,9 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         )
     if summary.get("error"):  # its first line: a traceback follows once, in the error itself
         typer.echo(f"[run] reason: {summary['error'].splitlines()[0]}", err=True)
+    for e in summary.get("trackers_off") or []:  # warned of once during the run; here for the record
+        when, error, then = off_line(e)
+        typer.echo(f"[run] tracker {e.get('tracker')}: off {when} ({error}){then}", err=True)
 
 
 def _train(

@@ -150,9 +150,11 @@ class Coordinator:
         self.log.metrics_row(row)
 
     def tick(self, position: dict[str, Any], rid: str | None = None) -> bool:
-        """Rank 0's position (in memory only, for the live display); the answer says
-        whether the driver asked the workers to stop."""
+        """Rank 0's position (in memory only, for the live display; its train loss, if it
+        came, goes to the trackers); the answer says whether the driver asked the workers
+        to stop."""
         self.signals.live = position
+        self.log.step_row(position)
         return self.signals.stop_requested is not None
 
     def request_stop(self, reason: str, rid: str | None = None) -> None:
@@ -259,6 +261,7 @@ class Coordinator:
             "cadence": self.log.newest("cadence"),  # every_n_steps: auto's latest choice
             "notes": self.signals.notes,
             "best_at_start": self.best_at_start,
+            "trackers_off": self.log.trackers_off,  # the driver warns of each once
         }
 
 

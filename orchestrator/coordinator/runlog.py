@@ -32,11 +32,13 @@ class RunLog:
         self._events_stored = len(self.events)  # events up to here are in storage
         self.metrics, self._versions[METRICS] = read_journal(storage, METRICS)
         self.trackers: Trackers | None = None
+        self.trackers_off: list[dict[str, Any]] = []  # this coordinator's `tracker_off` events
         storage.on_retry = self._on_retry
 
     def track(self, tracking: dict[str, Any] | None) -> None:
         """Feed the metrics to TensorBoard/MLflow as well (tracking settings; None: no)."""
-        self.trackers = Trackers(self.storage, tracking) if tracking is not None else None
+        last = self.metrics[-1].get("epoch", 0) if self.metrics else 0  # a restarted coordinator's
+        self.trackers = Trackers(self.storage, tracking, last) if tracking is not None else None
 
     def event(self, kind: str, rid: str | None = None, **fields: Any) -> None:
         """Log an event; with a request id, a retried call logs it once."""
@@ -72,6 +74,20 @@ class RunLog:
             self.trackers.log(row)
             self._log_tracker_errors()
 
+    def step_row(self, position: dict[str, Any]) -> None:
+        """Rank 0's tick: its train loss at that step goes to the trackers (not to a journal:
+        metrics.jsonl stays one row per epoch)."""
+        loss = position.get("train_loss")
+        if self.trackers is not None and isinstance(loss, (int, float)):
+            self.trackers.log_step(
+                {
+                    "epoch": position.get("epoch"),
+                    "global_step": position.get("global_step", 0),
+                    "train_loss": loss,
+                }
+            )
+            self._log_tracker_errors()
+
     def close_trackers(self, status: str) -> None:
         if self.trackers is not None:
             self.trackers.finish(status)
@@ -95,8 +111,10 @@ class RunLog:
         raise StorageError(f"{self.storage.child_uri(rel)} kept changing; not written")
 
     def _log_tracker_errors(self) -> None:
-        for name, exc in self.trackers.take_errors() if self.trackers else []:
-            self.event("tracker_off", tracker=name, error=self.storage.clean(exc)[:500])
+        for name, exc, fix, epoch in self.trackers.take_errors() if self.trackers else []:
+            error = self.storage.clean(exc).splitlines()[0][:500]  # one line: the console says it
+            self.event("tracker_off", tracker=name, error=error, fix=fix, epoch=epoch)
+            self.trackers_off.append(self.events[-1])
 
     def _on_retry(self, what: str, exc: BaseException, attempt: int, delay: float) -> None:
         # Recorded in memory only: writing events.jsonl here would recurse into the

@@ -13,6 +13,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.report.curves import TRAIN, known_metrics, summarize
+from orchestrator.tracking import off_line
 
 if TYPE_CHECKING:
     import jinja2
@@ -90,6 +91,16 @@ def _checkpoint_rows(checkpoints: list[Checkpoint], keys: list[str]) -> list[dic
     return rows
 
 
+def _trackers_off(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """A `trackers off` fact when a tracker was switched off: which, when, why."""
+    said = []
+    for e in events:
+        if e.get("kind") == "tracker_off":
+            when, error, _fix = off_line(e)
+            said.append(f"{e.get('tracker')} ({when}: {error})")
+    return [("trackers off", "; ".join(said))] if said else []
+
+
 def report_html(
     run: Run,
     rows: list[dict[str, Any]],
@@ -119,6 +130,7 @@ def report_html(
                 ("restarts", m.restarts),
                 ("checkpoints kept", len(checkpoints)),
                 ("updated", when(m.updated_at)),
+                *_trackers_off(events),
             ],
             alt=f"{TRAIN} and {metric} per epoch; {s.best_text()}",
             png=base64.b64encode(png).decode("ascii"),
