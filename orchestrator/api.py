@@ -15,6 +15,7 @@ guess. The CLI's read commands (`checkpoints`, `best`, `metrics`, `events`) are 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,16 @@ from orchestrator.core.verify import VerificationError, copy_verified
 from orchestrator.lifecycle import RunState, run_state
 
 MODEL_FILE = "model.pt"  # the weights alone (workers/format.py; not imported here: it needs torch)
+# Files handed out of a run (`best --download`, `export`) are read by a server, often as another
+# user: mode 0644 whatever the umask.
+FILE_MODE = 0o644
+
+
+def readable_by_all(paths: list[str]) -> list[str]:
+    """paths, each made mode FILE_MODE (0644)."""
+    for p in paths:
+        os.chmod(p, FILE_MODE)
+    return paths
 
 
 def weight_files(record: CheckpointRecord) -> set[str]:
@@ -272,7 +283,8 @@ class Run:
             for c in candidates[rank - 1 :]:
                 try:
                     files = only(c.record) if callable(only) else only
-                    return Verified(c, copy_verified(self.storage, c.record, into, files), skipped)
+                    paths = readable_by_all(copy_verified(self.storage, c.record, into, files))
+                    return Verified(c, paths, skipped)
                 except VerificationError as e:
                     fresh = read_manifest(self.storage)
                     if fresh is not None and fresh.get(c.id) is None:

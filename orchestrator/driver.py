@@ -24,10 +24,10 @@ from orchestrator import lifecycle, preflight
 from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
 from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.lease import Lease, LeaseLost
-from orchestrator.core.manifest import BACKUP, EVENTS, MANIFEST, SPEC, read_jsonl, read_manifest
+from orchestrator.core.manifest import BACKUP, EVENTS, MANIFEST, METRICS, SPEC, read_jsonl, read_manifest
 from orchestrator.core.storage import Storage, redact, redact_options, secrets_in
 from orchestrator.outcome import Outcome, decide_outcome, describe, lease_lost, relaunch_group, root_cause
-from orchestrator.progress import ProgressView
+from orchestrator.progress import ProgressView, all_nan_warning
 from orchestrator.ray_compat import (
     controller_poll_env,
     current_cluster,
@@ -327,6 +327,17 @@ def trackers_off(storage: Storage, since: float) -> list[dict[str, Any]]:
     return [e for e in events if e.get("kind") == "tracker_off" and e.get("ts", 0) >= since]
 
 
+def say_all_nan(storage: Storage, spec: JobSpec) -> None:
+    """On stderr at the run's end, when every value of the monitored metric the run reported
+    was NaN (or inf): nothing was ranked, and checkpoint.stop_on_nan would have stopped it."""
+    try:
+        rows = read_jsonl(storage, METRICS)
+    except Exception:  # noqa: BLE001  # the run's outcome matters more than this note
+        return
+    if warning := all_nan_warning(spec.checkpoint.monitor, rows, spec.checkpoint.stop_on_nan):
+        log.warning(warning)
+
+
 def spec_record(spec: JobSpec) -> dict[str, Any]:
     """The spec as the run stores it (spec.yaml): plain data, secrets in storage.options redacted.
     `run --resume-if-exists` compares specs in this form, so a redacted secret is no difference."""
@@ -524,6 +535,7 @@ def _conclude(
         kept = ray.get(coord.finish.remote(outcome.status), timeout=COORD_TIMEOUT_S)
         prog = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S)
         off = trackers_off(storage, since)
+        say_all_nan(storage, spec)
     except Exception as e:  # storage (or the coordinator) is gone: committed data stays as it is
         if lost := lease_lost(e):
             raise LeaseLost(f"{spec.run_uri}: {root_cause(str(lost))}; this driver stopped") from None

@@ -187,6 +187,26 @@ class ProgressView:
         )
 
 
+def all_nan_warning(monitor: str, rows: list[dict[str, Any]], stop_on_nan: bool) -> str | None:
+    """The warning for the end of a run in which the monitored metric was never a number:
+    every value of it reported (metrics.jsonl's rows) NaN or inf, so no checkpoint was ranked
+    and no best can be served. None when any value is finite, or none was reported."""
+    values = [r[monitor] for r in rows if isinstance(r.get(monitor), (int, float))]
+    if not values or any(math.isfinite(v) for v in values):
+        return None
+    what = "NaN" if all(math.isnan(v) for v in values) else "NaN or inf"
+    head = (
+        f"[run] warning: every {monitor} this run reported ({len(values)} value(s)) was {what}: "
+        "no checkpoint could be ranked best"
+    )
+    if stop_on_nan:
+        return f"{head}; lower the learning rate (or fix the data), then run again"
+    return (
+        f"{head}; set checkpoint.stop_on_nan: true (--set checkpoint.stop_on_nan=true) to stop a run "
+        "at its first NaN/inf metric instead of training on, and lower the learning rate (or fix the data)"
+    )
+
+
 def _bar(fraction: float, width: int = 20) -> str:
     n = int(round(max(0.0, min(1.0, fraction)) * width))
     return "[" + "#" * n + "." * (width - n) + "]"

@@ -24,8 +24,8 @@ def build(options, ctx):
 
     def eval_step(model, batch):
         out = classification_eval(model, batch)
-        # One call before training checks the metric names; then from the 3rd epoch on.
-        if evals["n"] >= 1 + evals_per_epoch(task, ctx) * 2:
+        # One call before training checks the metric names; then after FINITE_EPOCHS epochs.
+        if evals["n"] >= 1 + evals_per_epoch(task, ctx) * FINITE_EPOCHS:
             out["val_loss"] = float("nan")
         evals["n"] += 1
         return out
@@ -38,9 +38,11 @@ def evals_per_epoch(task, ctx):
 """
 
 
-def _run(tmp_path, name, *extra):
+def _run(tmp_path, name, *extra, finite_epochs=2):
+    """A run of 4 epochs (unless extra says otherwise) whose val_loss is NaN after
+    finite_epochs epochs."""
     task = tmp_path / "nantask.py"
-    task.write_text(NAN_TASK)
+    task.write_text(NAN_TASK.replace("FINITE_EPOCHS", str(finite_epochs)))
     return run_cli(
         "run",
         "configs/digits.yaml",
@@ -80,6 +82,17 @@ def test_a_nan_epoch_leaves_a_readable_run_whose_best_is_finite(tmp_path):
     assert run_cli("events", run_uri, "--json").returncode == 0
     summary = json.loads(p.stdout)
     assert summary["best"]["epoch"] == b["epoch"]
+    assert "stop_on_nan" not in p.stderr, p.stderr[-3000:]  # some val_loss was a number: no warning
+
+
+def test_a_run_whose_monitor_is_nan_in_every_epoch_ends_with_a_warning_naming_stop_on_nan(tmp_path):
+    p = _run(tmp_path, "allnan", "--set", "epochs=2", finite_epochs=0)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "[run] warning: every val_loss this run reported (2 value(s)) was NaN" in p.stderr, p.stderr[
+        -3000:
+    ]
+    assert "set checkpoint.stop_on_nan: true" in p.stderr, p.stderr[-3000:]
+    assert json.loads(p.stdout)["best"] is None
 
 
 def test_stop_on_nan_stops_the_run_naming_epoch_and_metric(tmp_path):

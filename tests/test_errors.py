@@ -54,6 +54,7 @@ def test_every_error_the_control_plane_defines_is_an_orchestrator_error() -> Non
         ("orchestrator.driver.RunFailed", 1),
         ("orchestrator.api.NoCheckpoint", 1),
         ("orchestrator.core.verify.VerificationError", 1),
+        ("orchestrator.export.ExportFailed", 1),
     ],
 )
 def test_each_kind_carries_its_exit_code(path: str, code: int) -> None:

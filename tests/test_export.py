@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -69,6 +71,18 @@ def run_uri(request, tmp_path):
     return uri
 
 
+@pytest.fixture
+def umask_077():
+    """A user whose umask keeps new files private (0600): the CLI, a child, inherits it."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
+def modes(folder) -> dict[str, str]:
+    return {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in sorted(folder.iterdir())}
+
+
 def expected(uri: str) -> list[int]:
     model = load_best(uri, model=DigitsCNN())
     with torch.no_grad():
@@ -89,9 +103,11 @@ print(json.dumps({"pred": model(x).argmax(1).tolist(),
 """
 
 
-def test_safetensors_export_loads_without_this_package(run_uri, tmp_path):
+def test_safetensors_export_loads_without_this_package(run_uri, tmp_path, umask_077):
     p = run_cli("export", run_uri, "--out", str(tmp_path / "exp"), "--format", "safetensors", "--json")
     assert p.returncode == 0, p.stderr
+    assert modes(tmp_path / "exp") == {"config.json": "0o644", "model.safetensors": "0o644"}
+    assert p.stderr == "", p.stderr[-3000:]
     config = json.loads(p.stdout)
     assert config["checkpoint"] == "epoch0002-step0000002-a1" and config["epoch"] == 2
     assert config["metrics"] == {"val_loss": 0.2} and config["monitor"] == "val_loss"
@@ -120,11 +136,20 @@ def test_safetensors_export_loads_without_this_package(run_uri, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_traced_exports_answer_like_the_model(tmp_path, fmt):
+def test_traced_exports_answer_like_the_model(tmp_path, fmt, umask_077):
     uri = str(tmp_path / "r")
     make_run(Storage(uri), [0.9, 0.2, 0.5])
     p = run_cli("export", uri, "--out", str(tmp_path / fmt), "--format", fmt, "--json", timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    # Readable by a server of another user whatever the umask, and quiet: nothing of what
+    # torch.onnx / onnxscript / torch.jit print on the way (warnings, progress) reaches the user.
+    assert set(modes(tmp_path / fmt).values()) == {"0o644"}, modes(tmp_path / fmt)
+    assert p.stderr == "", p.stderr[-3000:]
+    p_text = run_cli("export", uri, "--out", str(tmp_path / f"{fmt}-text"), "--format", fmt, timeout=300)
+    assert p_text.returncode == 0 and p_text.stderr == "", p_text.stderr[-3000:]
+    assert (
+        p_text.stdout.startswith("exported epoch0002-step0000002-a1") and len(p_text.stdout.splitlines()) == 1
+    ), p_text.stdout[-3000:]
     config = json.loads(p.stdout)
     assert config["input_shape"] == ["batch", 1, 8, 8]
     assert sorted(f.name for f in (tmp_path / fmt).iterdir()) == sorted(
@@ -221,3 +246,47 @@ def test_a_train_functions_model_gets_out_through_its_serving_model(tmp_path):
     assert p.returncode == 2 and "def serving_model(options)" in p.stderr and "Traceback" not in p.stderr, (
         p.stderr
     )
+
+
+NOISY_TASK = """
+import sys, warnings
+import torch
+from workers.tasks.digits import DigitsCNN
+
+
+class Untraceable(DigitsCNN):
+    def forward(self, x):
+        warnings.warn("a warning while tracing")
+        print("printed while tracing", file=sys.stderr)
+        return "not a tensor"
+
+
+def serving_model(options):
+    return Untraceable(), torch.zeros(2, 1, 8, 8)
+
+
+def train(session):
+    pass
+"""
+
+
+def test_a_failed_export_is_one_line_with_the_last_thing_torch_printed(tmp_path):
+    task = tmp_path / "noisy.py"
+    task.write_text(NOISY_TASK)
+    uri = str(tmp_path / "r")
+    make_run(Storage(uri), [0.5], task=f"{task}:train")
+    p = run_cli("export", uri, "--format", "torchscript", "--out", str(tmp_path / "ts"), timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    (line,) = p.stderr.splitlines()  # one line: no traceback, no warning, nothing the model printed
+    assert line.startswith("error: torchscript export of epoch0001-step0000001-a1 failed: RuntimeError: "), (
+        line
+    )
+    assert "it printed last: printed while tracing" in line and "--format safetensors" in line, line
+
+
+def test_best_download_files_are_readable_by_all(tmp_path, umask_077):
+    uri = str(tmp_path / "r")
+    make_run(Storage(uri), [0.9, 0.2, 0.5])
+    p = run_cli("best", uri, "--download", str(tmp_path / "dl"), "--all-files")
+    assert p.returncode == 0, p.stderr
+    assert modes(tmp_path / "dl") == {"checkpoint.json": "0o644", "model.pt": "0o644"}

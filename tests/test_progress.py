@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from orchestrator.progress import ProgressView
+from orchestrator.progress import ProgressView, all_nan_warning
 
 
 def payloads():
@@ -231,3 +231,24 @@ def test_more_workers_than_cores_on_an_embedded_ray_is_a_warning():
         "[run] warning: the workers ask for 8 CPUs and this machine has 2"
     )
     assert "share 2 cores" in warning
+
+
+def test_a_run_whose_monitor_was_never_a_number_ends_with_a_warning_naming_stop_on_nan():
+    nan, inf = float("nan"), float("inf")
+    row = lambda e, v: {"epoch": e, "global_step": 10 * e, "val_loss": v, "val_acc": 0.1}  # noqa: E731
+    all_nan = [row(1, nan), row(2, nan), row(3, nan)]
+    w = all_nan_warning("val_loss", all_nan, stop_on_nan=False)
+    assert w is not None and w.startswith(
+        "[run] warning: every val_loss this run reported (3 value(s)) was NaN:"
+    )
+    assert "checkpoint.stop_on_nan: true" in w and "--set checkpoint.stop_on_nan=true" in w, w
+    mixed = all_nan_warning("val_loss", [row(1, nan), row(2, inf)], stop_on_nan=False)
+    assert mixed is not None and "was NaN or inf:" in mixed, mixed
+    # With stop_on_nan on already, the fix is the training itself, not the field.
+    on = all_nan_warning("val_loss", all_nan[:1], stop_on_nan=True)
+    assert on is not None and "stop_on_nan" not in on and "lower the learning rate" in on, on
+    # One finite value, no value reported, or only other metrics NaN: nothing to say.
+    assert all_nan_warning("val_loss", [row(1, nan), row(2, 0.5), row(3, nan)], stop_on_nan=False) is None
+    assert all_nan_warning("val_loss", [], stop_on_nan=False) is None
+    assert all_nan_warning("val_acc", all_nan, stop_on_nan=False) is None
+    assert all_nan_warning("val_f1", all_nan, stop_on_nan=False) is None

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from harness.cli import cli_env, run_cli
+from harness.cli import cli_env, run_cli, start_cli, wait_until
 from orchestrator.api import open_run
 from orchestrator.cli.see import curves_figure, restarts_of, summarize
 from orchestrator.coordinator import RetentionConfig, RunLedger
@@ -64,7 +64,7 @@ def upload(
     return rec
 
 
-def build_run(storage: Storage, live: bool = False) -> None:
+def build_run(storage: Storage, live: bool = False) -> RunLedger:
     """Two attempts: a chaos kill and Ray Train's restart after epoch 4, then a resume from it.
     live: the run goes on, with a mid-epoch checkpoint (half of epoch 9) as its latest."""
     led = RunLedger(storage, NAME, RetentionConfig("val_loss", "min", top_k=2, keep_latest=1))
@@ -82,6 +82,7 @@ def build_run(storage: Storage, live: bool = False) -> None:
         led.commit(upload(storage, 9, {"train_loss": 0.09, "val_loss": 0.17, "val_acc": 0.97}, 2, steps=5))
     else:
         led.finish("finished")
+    return led
 
 
 @pytest.fixture
@@ -335,6 +336,8 @@ def test_report_in_chromium_shows_the_best_epoch_and_the_tables_and_logs_nothing
     assert re.search(r'<td class="mono when">\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}</td>', events)
     assert "<h1>see-demo &lt;b&gt;&amp;&lt;/b&gt;</h1>" in dom  # shown as text, not bold
     assert dom.count("<img ") == 1 and 'src="data:image/png;base64,' in dom
+    assert 'http-equiv="refresh"' not in dom  # a finished run's page stays as it is
+    assert '<p class="muted" id="spec">no spec.yaml stored in the run</p>' in dom  # this run has none
     shot = tmp_path / "report.png"
     chromium(report, tmp_path, "--hide-scrollbars", "--window-size=1280,2400", f"--screenshot={shot}")
     assert png_size(shot.read_bytes()) == (1280, 2400)
@@ -352,3 +355,48 @@ def test_the_console_check_catches_a_script_error_and_an_outside_request(report,
     leaky.write_text(report.read_text().replace("<h1>", '<img src="http://127.0.0.1:9/x.png"><h1>', 1))
     _, console = chromium(leaky, tmp_path, "--dump-dom")
     assert any("http://127.0.0.1:9/x.png" in line and "Content Security Policy" in line for line in console)
+
+
+# A stored spec whose values hold markup: the page shows it as text.
+SPEC_YAML = """name: see-demo
+task:
+  name: digits
+  options: {note: "<script>console.error('spec script ran')</script>", lr: 0.05}
+checkpoint: {monitor: val_loss, mode: min, top_k: 2}
+"""
+
+
+@needs_chromium
+def test_report_of_a_running_run_shows_its_spec_and_reloads_itself_until_the_run_ends(tmp_path):
+    storage = Storage(str(tmp_path / "live"))
+    led = build_run(storage, live=True)
+    storage.write_bytes("spec.yaml", SPEC_YAML.encode())
+    out, snapshot = tmp_path / "live.html", tmp_path / "snapshot.html"
+    proc = start_cli(
+        "report", str(tmp_path / "live"), "--out", str(out), "--every", "1", log=tmp_path / "r.log"
+    )
+    try:
+        wait_until(out.exists, timeout=120, what="the first page", interval=0.2)
+        snapshot.write_bytes(out.read_bytes())  # one page: the command rewrites out every second
+        dom, console = chromium(snapshot, tmp_path, "--dump-dom")
+        assert console == []  # the spec's markup never ran
+        assert '<meta http-equiv="refresh" content="1">' in dom
+        assert 'id="live">running: this page reloads itself every 1 s' in dom
+        assert '<span class="status-running">running</span>' in dom
+        spec = dom.split('id="spec"')[1]
+        assert "task:" in spec and "&lt;script&gt;console.error('spec script ran')&lt;/script&gt;" in spec, (
+            spec
+        )
+        assert "<script" not in dom
+        led.finish("finished")  # the run ends: the page is written once more, and the command exits
+        assert proc.wait(timeout=120) == 0, (tmp_path / "r.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (tmp_path / "r.log").read_text().startswith(f"wrote {out}")
+    dom, console = chromium(out, tmp_path, "--dump-dom")
+    assert console == []
+    assert 'http-equiv="refresh"' not in dom and 'id="live"' not in dom  # finished: nothing to reload for
+    assert '<span class="status-finished">finished</span>' in dom
+    assert "&lt;script&gt;console.error('spec script ran')&lt;/script&gt;" in dom.split('id="spec"')[1]

@@ -207,6 +207,18 @@ def test_serves_the_best_checkpoint_and_reloads_a_better_one(tmp_path: Path) -> 
         status, out = http("POST", f"{base}/predict", {"inputs": flat})
         assert status == 200, out
         assert out["predictions"] == expected and out["checkpoint"] == first and out["epoch"] == 1
+        # Beside each label, the class probabilities: the softmax of the model's logits.
+        assert [o["label"] for o in out["outputs"]] == expected, out["outputs"][:3]
+        for o in out["outputs"]:
+            probs = o["probabilities"]
+            assert len(probs) == 10 and all(0.0 <= p <= 1.0 for p in probs), o
+            assert abs(sum(probs) - 1.0) < 1e-5, o
+            assert max(range(len(probs)), key=probs.__getitem__) == o["label"], o
+        local = load_best(str(run_dir), model=digits.build_model({}))
+        with torch.inference_mode():
+            mine = local(images.unsqueeze(1)).double().softmax(dim=1)
+        served = torch.tensor([o["probabilities"] for o in out["outputs"]], dtype=torch.float64)
+        assert torch.allclose(served, mine, atol=1e-6), (served[:2], mine[:2])  # the model's own
         status, out8 = http("POST", f"{base}/predict", {"inputs": images[:5].tolist()})
         assert status == 200 and out8["predictions"] == expected[:5], out8
 

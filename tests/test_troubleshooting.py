@@ -32,6 +32,7 @@ USER_ERRORS = {
     "StopRun",
     "CommitError",
     "NotServable",
+    "ExportFailed",
 }
 SOURCES = [*ROOT.glob("orchestrator/**/*.py"), *ROOT.glob("workers/**/*.py"), ROOT / "deploy/serve/app.py"]
 

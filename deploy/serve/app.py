@@ -4,7 +4,8 @@
     serve run deploy.serve.app:app run_uri=runs/digits poll_s=10
 
 POST /predict {"inputs": [[64 floats], ...]} (or 8x8 images)
-  -> {"predictions": [...], "checkpoint": id, "epoch": n, "generation": g}
+  -> {"predictions": [label, ...], "outputs": [{"label": l, "probabilities": [p0, ...]}, ...],
+      "checkpoint": id, "epoch": n, "generation": g}
 GET  /healthz  -> which checkpoint is loaded, when, and the poller's state
 
 Each replica loads the best checkpoint (verified against its record) into the model the
@@ -167,9 +168,16 @@ class BestCheckpoint:
                 422, f"inputs: each input must hold {size} numbers (shape {list(self.input_shape)})"
             )
         with torch.inference_mode():
-            predictions = cur.model(x.reshape(-1, *self.input_shape)).argmax(dim=1).tolist()
+            logits = cur.model(x.reshape(-1, *self.input_shape))
+        predictions = logits.argmax(dim=1).tolist()
+        # Softmax of the logits, in float64 so that each input's probabilities sum to 1 closely.
+        probabilities = logits.double().softmax(dim=1).tolist()
         return {
-            "predictions": predictions,
+            "predictions": predictions,  # kept as it was: clients that read the labels alone
+            "outputs": [
+                {"label": label, "probabilities": p}
+                for label, p in zip(predictions, probabilities, strict=True)
+            ],
             "checkpoint": cur.checkpoint,
             "epoch": cur.epoch,
             "generation": cur.generation,

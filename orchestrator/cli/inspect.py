@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from orchestrator.api import MODEL_FILE, Run, RunNotFound
+from orchestrator.api import MODEL_FILE, Run, RunNotFound, readable_by_all
 from orchestrator.cli.exits import (
     EXIT_INPUT,
     EXIT_STORAGE,
@@ -121,8 +121,10 @@ def best(
     for s in found.skipped:
         typer.echo(f"warning: {s['id']} failed verification ({s['reason']}); using the next best", err=True)
     if download:
-        with open(os.path.join(download, "checkpoint.json"), "w") as ft:
+        record_path = os.path.join(download, "checkpoint.json")
+        with open(record_path, "w") as ft:
             json.dump(c.record.model_dump(mode="json"), ft, indent=1)
+        readable_by_all([record_path])  # 0644, as the files beside it
         out["downloaded_to"] = os.path.abspath(download)
         out["downloaded"] = sorted(os.path.basename(p) for p in found.paths)
     if as_json:

@@ -1,7 +1,7 @@
 """Seeing a run: its training and validation curves (`plot`) and a one-page HTML report (`report`).
 
     orchestrator plot RUN_URI --out curves.png [--metric val_acc]
-    orchestrator report RUN_URI --out report.html
+    orchestrator report RUN_URI --out report.html [--every 30]
 
 The figure is the one model checkpointing is usually explained with: training and validation
 loss per epoch with the best epoch marked, plus what this orchestrator adds: where Ray Train
@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ import typer
 from orchestrator.api import Checkpoint, Run
 from orchestrator.cli.exits import EXIT_FAILED, EXIT_INPUT, EXIT_STORAGE, OPT_HELP, die
 from orchestrator.cli.inspect import _open
+from orchestrator.core.manifest import SPEC
 from orchestrator.core.storage import StorageError
 from orchestrator.report.curves import (  # noqa: F401  # re-exported for the tests
     NOT_METRICS,
@@ -82,12 +84,19 @@ def _check_out(out: str, formats: Sequence[str] | None = None) -> str:
 
 
 def _write(out: str, data: bytes) -> None:
+    """out replaced whole (a temp file beside it, renamed): a browser reloading the page of a
+    running run (`report --every`) never reads half of it."""
+    tmp = f"{out}.tmp-{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
+        os.replace(tmp, out)
     except OSError as e:
         die(f"--out {out}: {e.strerror or e}", EXIT_INPUT)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _render(fig: Figure, fmt: str) -> bytes:
@@ -127,22 +136,47 @@ def plot(
     _done(out, s, as_json, f"{len(s.restarts)} restart(s), {len(s.kept)} checkpoint(s) kept")
 
 
+REFRESH_S = 30  # how often the page of a running run reloads itself, without --every
+
+
 def report(
     run_uri: str = typer.Argument(..., help="Storage root + run name, e.g. runs/digits."),
     out: str = typer.Option(..., "--out", "-o", help="HTML file to write (one self-contained page)."),
     metric: str = typer.Option(None, help="Validation curve in the figure (default: the monitor)."),
+    every: int = typer.Option(
+        None,
+        "--every",
+        min=1,
+        help="While the run is running, write the page again every N seconds (an open page "
+        "reloads itself as often) until the run ends; then write it once more and exit.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     storage_option: list[str] = typer.Option(None, help=OPT_HELP),
 ) -> None:
-    """One self-contained HTML page: the run's status, its curves, the kept checkpoints and the
-    event timeline (no external requests: the figure is inline)."""
+    """One self-contained HTML page: the run's status, its curves, the kept checkpoints, the
+    event timeline and the spec it was started with (no external requests: the figure is
+    inline). The page of a running run reloads itself (every 30 s, or --every N)."""
     _check_out(out)
-    run, rows, events, checkpoints, chosen = _load(run_uri, storage_option, metric)
-    fig = curves_figure(rows, events, checkpoints, run.monitor, run.mode, chosen, _title(run))
-    page = report_html(run, rows, events, checkpoints, chosen, _render(fig, "png"))
-    _write(out, page.encode("utf-8"))
+    while True:
+        run, rows, events, checkpoints, chosen = _load(run_uri, storage_option, metric)
+        live = run.state().state == "running"  # not an orphaned run: nothing more will come
+        fig = curves_figure(rows, events, checkpoints, run.monitor, run.mode, chosen, _title(run))
+        png, refresh = _render(fig, "png"), (every or REFRESH_S) if live else None
+        page = report_html(run, rows, events, checkpoints, chosen, png, _spec_text(run), refresh)
+        _write(out, page.encode("utf-8"))
+        if not (every and live):
+            break
+        time.sleep(every)
     s = summarize(rows, events, checkpoints, run.monitor, run.mode, chosen)
     _done(out, s, as_json, f"{len(checkpoints)} checkpoint(s), {len(events)} event(s)")
+
+
+def _spec_text(run: Run) -> str | None:
+    """spec.yaml as the run stored it (secrets redacted when it was stored), or None."""
+    try:
+        return run.storage.read_bytes(SPEC).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
 
 
 def register(app: typer.Typer) -> None:

@@ -108,8 +108,11 @@ def report_html(
     checkpoints: list[Checkpoint],
     metric: str,
     png: bytes,
+    spec: str | None = None,
+    refresh_s: int | None = None,
 ) -> str:
-    """The report page from what was read."""
+    """The report page from what was read: spec is the stored spec.yaml's text (None: none
+    stored); refresh_s, for a running run, makes the page reload itself that often."""
     m, monitor = run.manifest, run.monitor
     s = summarize(rows, events, checkpoints, monitor, run.mode, metric)
     mkeys = list(dict.fromkeys([monitor, *(k for c in checkpoints for k in c.metrics)]))
@@ -158,6 +161,8 @@ def report_html(
                 for r in rows
             ],
             now=when(time.time()),
+            spec=spec,
+            refresh_s=refresh_s,
         )
         .lstrip()
     )  # the macro's definition leaves a line before the doctype
