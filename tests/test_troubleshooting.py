@@ -32,6 +32,8 @@ USER_ERRORS = {
     "StopRun",
     "CommitError",
     "NotServable",
+    "AliasError",
+    "AliasConflict",
 }
 SOURCES = [*ROOT.glob("orchestrator/**/*.py"), *ROOT.glob("workers/**/*.py"), ROOT / "deploy/serve/app.py"]
 
