@@ -189,3 +189,19 @@ def promote(run: Run, name: str, checkpoint: str | None = None) -> Promotion:
 
 def as_dict(a: Alias, root: str | None = None) -> dict[str, Any]:
     return {**asdict(a), **({"root": root} if root else {})}
+
+
+class Follower:
+    """What a server that follows alias NAME reads each poll: the alias file alone."""
+
+    def __init__(self, root: str, name: str, options: dict[str, Any] | None = None) -> None:
+        self.root = Storage(root, options or {})
+        self.name = check_name(name)
+
+    def read(self) -> tuple[Alias, str]:
+        """The alias and its version (AliasError when it is gone)."""
+        found = read_alias(self.root, self.name)
+        if found is None:
+            resolve(self.root, self.name)  # raises, saying what to do
+            raise AssertionError("unreachable")
+        return found
