@@ -399,3 +399,123 @@ def test_serve_run_of_a_missing_run_fails_once_in_one_line(tmp_path: Path) -> No
     finally:
         for pid, _ in alive(started):
             psutil.Process(pid).kill()
+
+
+# -- serving an alias: a promote of another run is served without a redeploy ----------------
+
+
+def checkpoint_predictions(run_dir: Path, cid: str, images: torch.Tensor) -> list[int]:
+    """Checkpoint cid's own answers, its weights read back the documented way."""
+    from orchestrator.api import open_run
+
+    _, state, _ = open_run(str(run_dir)).weights(cid)
+    model = digits.build_model({})
+    model.load_state_dict(state)
+    with torch.inference_mode():
+        return list(model.eval()(images).argmax(dim=1).tolist())
+
+
+@pytest.mark.e2e
+def test_serving_an_alias_follows_a_promote_of_another_run(tmp_path: Path) -> None:
+    from harness.cli import run_cli
+
+    root = tmp_path / "runs"
+    run_a, run_b = Trainer(root / "a"), Trainer(root / "b")
+    run_a.train_epoch()
+    ck_a = run_a.commit()
+    for _ in range(3):
+        run_b.train_epoch()
+    ck_b = run_b.commit()
+    images = torch.tensor(load_digits().images[:200], dtype=torch.float32).unsqueeze(1) / 16.0
+    flat = images.reshape(len(images), 64).tolist()
+    answers = {ck_a: checkpoint_predictions(root / "a", ck_a, images)}
+    answers[ck_b] = checkpoint_predictions(root / "b", ck_b, images)
+    assert answers[ck_a] != answers[ck_b]  # different weights, different answers
+    run_cli("promote", str(root / "a"), "--as", "prod", check=True)
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve" / "config.yaml").read_text())
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    args = config["applications"][0]["args"]
+    args.pop("run_uri")
+    args.update(alias="prod", root=str(root), poll_s=POLL_S)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [SERVE, "run", "--address", "local", str(tmp_path / "serve.yaml")],
+        cwd=ROOT,
+        env=cli_env(PYTHONDONTWRITEBYTECODE="1", RAY_USAGE_STATS_ENABLED="0"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see the first test
+    )
+    started: set[tuple[int, float]] = set()
+    try:
+
+        def up() -> bool:
+            started.update(tree(proc.pid))
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-5000:]
+            return http("GET", f"{base}/healthz", timeout=2)[0] == 200
+
+        wait_until(up, timeout=180, what="Serve to answer /healthz", interval=1)
+        status, health = http("GET", f"{base}/healthz")
+        assert (health["alias"], health["run"], health["checkpoint"]) == ("prod", str(root / "a"), ck_a), (
+            health
+        )
+        status, out = http("POST", f"{base}/predict", {"inputs": flat})
+        assert status == 200 and out["checkpoint"] == ck_a and out["predictions"] == answers[ck_a], out
+
+        run_cli("promote", str(root / "b"), "--as", "prod", check=True)  # another run's checkpoint
+        promoted_at = time.time()
+
+        def switched() -> bool:
+            status, out = http("POST", f"{base}/predict", {"inputs": flat})
+            assert status == 200, out
+            assert out["predictions"] == answers[out["checkpoint"]]  # one model per request
+            return bool(out["checkpoint"] == ck_b)
+
+        wait_until(switched, timeout=30, what="run b's checkpoint to be served", interval=0.1)
+        print(f"alias switch seen {time.time() - promoted_at:.2f}s after the promote (poll_s={POLL_S})")
+        status, health = http("GET", f"{base}/healthz")
+        assert (health["run"], health["checkpoint"], health["last_error"]) == (str(root / "b"), ck_b, None)
+    finally:
+        started.update(tree(proc.pid))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            log.close()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    try:
+        wait_until(lambda: not alive(started), timeout=30, what="Serve's processes to exit")
+    finally:
+        for pid, _ in alive(started):
+            psutil.Process(pid).kill()
+
+
+def test_the_app_given_an_alias_checks_it_before_any_replica_starts(tmp_path: Path) -> None:
+    from ray.serve.exceptions import RayServeException
+
+    from orchestrator import aliases
+    from orchestrator.api import open_run
+
+    root = tmp_path / "runs"
+    run = Trainer(root / "a")
+    run.train_epoch()
+    run.commit()
+    with pytest.raises(RayServeException) as e:
+        build({"alias": "prod", "root": str(root)})
+    assert str(e.value) == (
+        f"alias=prod root={root}: alias 'prod': none under {root}; promote a checkpoint first: "
+        "orchestrator promote RUN_URI --as prod"
+    )
+    for bad in ({"alias": "prod"}, {"alias": "prod", "root": str(root), "run_uri": str(root / "a")}, {}):
+        with pytest.raises(RayServeException, match=r"give run_uri=RUN_URI, or alias=NAME with root=ROOT"):
+            build(bad)
+    aliases.promote(open_run(str(root / "a")), "prod")
+    assert build({"alias": "prod", "root": str(root)}) is not None

@@ -33,6 +33,8 @@ USER_ERRORS = {
     "CommitError",
     "NotServable",
     "ExportFailed",
+    "AliasError",
+    "AliasConflict",
 }
 SOURCES = [*ROOT.glob("orchestrator/**/*.py"), *ROOT.glob("workers/**/*.py"), ROOT / "deploy/serve/app.py"]
 

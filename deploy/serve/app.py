@@ -2,6 +2,7 @@
 
     serve run deploy/serve/config.yaml                       # from the repository root
     serve run deploy.serve.app:app run_uri=runs/digits poll_s=10
+    serve run deploy.serve.app:app alias=prod root=runs        # follow `orchestrator promote ... --as prod`
 
 POST /predict {"inputs": [[64 floats], ...]} (or 8x8 images)
   -> {"predictions": [label, ...], "outputs": [{"label": l, "probabilities": [p0, ...]}, ...],
@@ -12,7 +13,9 @@ Each replica loads the best checkpoint (verified against its record) into the mo
 run's task builds. A thread reads manifest.json every `poll_s`; when the best checkpoint
 changed it loads the new weights (verified) and swaps them in with one assignment: a
 request takes the model once when it starts, so requests in flight finish on the old one.
-Nothing here writes to the run. See docs/serving.md.
+Given an alias instead (alias=NAME root=ROOT), it serves the checkpoint the alias points at
+and the poll reads ROOT/aliases/NAME.json: a promote, of any run under ROOT, is served
+without a redeploy. Nothing here writes to the run. See docs/serving.md.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime.
@@ -32,6 +35,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.exceptions import RayServeException
 
+from orchestrator.aliases import Alias, AliasError, Follower
 from orchestrator.api import Run, RunNotFound, open_run
 from orchestrator.core.manifest import ManifestError
 from orchestrator.core.storage import StorageError
@@ -51,7 +55,9 @@ class NotServable(RayServeException):
 class AppArgs(BaseModel):
     """The builder's arguments (`key=value` after the import path, or `args:` in config.yaml)."""
 
-    run_uri: str  # storage root + run name: runs/digits, s3://bucket/runs/digits
+    run_uri: str | None = None  # storage root + run name: runs/digits, s3://bucket/runs/digits
+    alias: str | None = None  # instead of run_uri: serve what ROOT/aliases/NAME.json points at
+    root: str | None = None  # the storage root the alias lives under (with alias)
     poll_s: float = Field(10.0, gt=0)  # how often manifest.json is read
     endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto, ...)
     storage_options: dict[str, Any] = Field(default_factory=dict)  # any fsspec/s3fs option
@@ -74,6 +80,7 @@ class Loaded:
     checkpoint: str
     epoch: int
     generation: int  # of the manifest it was chosen from
+    run: str  # the run it came from (an alias may move to another run)
     metrics: dict[str, float]
     loaded_at: float
     load_s: float
@@ -86,13 +93,23 @@ api = FastAPI(title="ray-orchestrator: best checkpoint")
 @serve.ingress(api)
 class BestCheckpoint:
     def __init__(
-        self, run_uri: str, poll_s: float, storage_options: dict[str, Any], input_shape: list[int]
+        self,
+        run_uri: str,
+        poll_s: float,
+        storage_options: dict[str, Any],
+        input_shape: list[int],
+        alias: str | None = None,
+        root: str | None = None,
     ) -> None:
-        self.run = open_run(run_uri, storage_options)
+        self.follow = Follower(root or "", alias, storage_options) if alias else None
+        found = self.follow.read() if self.follow else None
+        self.target: Alias | None = found[0] if found else None
+        self.alias_version: str | None = found[1] if found else None
+        self.run = open_run(self.target.run_uri if self.target else run_uri, storage_options)
         self.input_shape = tuple(input_shape)
-        self.template = self.run.build_task().model  # the task's code runs once, here
+        self.template = self.run.build_task().model  # the task's code runs once per run, here
         self.skipped: list[dict[str, str]] = []  # better checkpoints that failed verification
-        self.current = self._load()
+        self.current = self._load(self.run, self.target)
         self.checked_generation = self.current.generation
         self.last_poll: float | None = None
         self.last_error: str | None = None
@@ -100,11 +117,16 @@ class BestCheckpoint:
         self._poller = threading.Thread(target=self._poll, args=(poll_s,), daemon=True, name="poller")
         self._poller.start()
 
-    def _load(self) -> Loaded:
+    def _load(self, run: Run, alias: Alias | None = None, template: torch.nn.Module | None = None) -> Loaded:
         t0 = time.perf_counter()
         # Streamed and hashed against the record; a damaged best is passed over for the next.
-        c, state, self.skipped = self.run.weights()
-        model = copy.deepcopy(self.template)
+        c, state, skipped = run.weights(alias.checkpoint if alias else 1)
+        if alias and not alias.matches(c):
+            raise AliasError(
+                f"alias {alias.name!r}: {c.uri} is no longer the checkpoint it was promoted with"
+            )
+        self.skipped = skipped
+        model = copy.deepcopy(template or self.template)
         model.load_state_dict(state)
         for s in self.skipped:
             log.warning("checkpoint %s failed verification, not served: %s", s["id"], s["reason"])
@@ -112,7 +134,8 @@ class BestCheckpoint:
             model=model.eval(),
             checkpoint=c.id,
             epoch=c.epoch,
-            generation=self.run.manifest.generation,
+            generation=run.manifest.generation,
+            run=run.uri,
             metrics=c.metrics,
             loaded_at=time.time(),
             load_s=time.perf_counter() - t0,
@@ -129,12 +152,14 @@ class BestCheckpoint:
             self.last_poll = time.time()
 
     def _check(self) -> None:
+        if self.follow:
+            return self._follow()
         generation = self.run.refresh().manifest.generation  # reads manifest.json only
         if generation == self.checked_generation:
             return
         ranked = self.run.ranked()
         if ranked and ranked[0].id != self.current.checkpoint:
-            new = self._load()
+            new = self._load(self.run)
             if new.checkpoint != self.current.checkpoint:
                 old, self.current = self.current, new  # the swap: one assignment
                 log.info(
@@ -146,6 +171,24 @@ class BestCheckpoint:
                     new.load_s,
                 )
         self.checked_generation = generation  # only once handled: a failed load is retried
+
+    def _follow(self) -> None:
+        """The alias's version changed: load what it points at now (another run's, maybe)."""
+        assert self.follow is not None
+        alias, version = self.follow.read()  # reads the alias file only
+        if version == self.alias_version:
+            return
+        if (alias.run_uri, alias.checkpoint) != (self.current.run, self.current.checkpoint):
+            same = alias.run_uri == self.run.uri
+            run = self.run.refresh() if same else open_run(alias.run_uri, self.run.storage.options)
+            template = self.template if same else run.build_task().model
+            new = self._load(run, alias, template)
+            self.run, self.template, self.target = run, template, alias
+            old, self.current = self.current, new  # the swap: one assignment
+            log.info(
+                "alias %s: serving %s %s instead of %s", alias.name, new.run, new.checkpoint, old.checkpoint
+            )
+        self.alias_version = version  # only once handled: a failed load is retried
 
     def check_health(self) -> None:  # Serve restarts a replica whose poller died
         if not self._poller.is_alive():
@@ -187,7 +230,8 @@ class BestCheckpoint:
     def healthz(self) -> dict[str, Any]:
         cur = self.current
         return {
-            "run": self.run.uri,
+            "run": cur.run,
+            "alias": self.follow.name if self.follow else None,
             "checkpoint": cur.checkpoint,
             "epoch": cur.epoch,
             "generation": cur.generation,
@@ -211,10 +255,30 @@ def app_builder(args: dict[str, Any]) -> Application:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in e.errors())
         raise NotServable(f"the Serve app's arguments (args: in the config, key=value): {problems}") from None
-    # Replicas do not share the caller's working directory: a local path is made absolute here.
-    uri = a.run_uri if "://" in a.run_uri else os.path.abspath(a.run_uri)
+    if (a.run_uri is None) == (a.alias is None) or (a.alias is None) != (a.root is None):
+        raise NotServable(
+            "the Serve app's arguments (args: in the config, key=value): give run_uri=RUN_URI, "
+            "or alias=NAME with root=ROOT (the storage root it was promoted under), not both"
+        )
+    if a.alias is not None and a.root is not None:
+        root = absolute(a.root)
+        try:
+            target = Follower(root, a.alias, a.options()).read()[0]
+        except AliasError as e:
+            raise NotServable(f"alias={a.alias} root={a.root}: {e}") from None
+        except (StorageError, OSError) as e:
+            raise NotServable(f"alias={a.alias} root={a.root}: the alias cannot be read: {e}") from None
+        servable_run(f"{target.run_uri} (alias {a.alias})", target.run_uri, a.options())
+        return BestCheckpoint.bind("", a.poll_s, a.options(), a.input_shape, a.alias, root)  # type: ignore[attr-defined]
+    assert a.run_uri is not None
+    uri = absolute(a.run_uri)
     servable_run(a.run_uri, uri, a.options())  # else NotServable, before any replica starts
     return BestCheckpoint.bind(uri, a.poll_s, a.options(), a.input_shape)  # type: ignore[attr-defined]
+
+
+def absolute(uri: str) -> str:
+    """Replicas do not share the caller's working directory: a local path is made absolute."""
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def servable_run(given: str, uri: str, options: dict[str, Any]) -> Run:

@@ -8,6 +8,8 @@
     orchestrator verify RUN_URI [--json]                 is every kept checkpoint's shared copy intact?
     orchestrator repair RUN_URI [--dry-run]              restore an unreadable manifest.json from its backup
     orchestrator delete RUN_URI [--yes]                  remove a run (a failed one with nothing committed)
+    orchestrator promote RUN_URI --as NAME               point a name at a verified checkpoint (Serve follows)
+    orchestrator aliases ROOT [--json]                   the aliases under a storage root
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (spec, arguments), 3 run owned
 by another live driver, 4 storage unreachable or unreadable, 5 the Ray cluster or its Jobs
@@ -20,7 +22,7 @@ import sys
 
 import typer
 
-from orchestrator.cli import delete, export, inspect, jobs, repair, see, train, verify
+from orchestrator.cli import delete, export, inspect, jobs, promote, repair, see, train, verify
 
 app = typer.Typer(
     help="Fault-tolerant distributed PyTorch training on Ray, with top-k checkpoints "
@@ -61,6 +63,7 @@ see.register(app)
 jobs.register(app)
 repair.register(app)
 delete.register(app)
+promote.register(app)
 
 
 def main() -> None:
