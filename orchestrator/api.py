@@ -216,10 +216,12 @@ class Run:
         fn = resolve_task(name)
         if is_train_function(fn):
             built = serving_hook(name, fn)(options)
+            if isinstance(built, Servable):  # with model_args and preprocessing for config.json
+                return built
             if not (isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.nn.Module)):
                 raise TaskError(
                     f"task {name!r}: serving_model(options) returned a {type(built).__name__}; "
-                    "it returns (model, example_input), the model an nn.Module"
+                    "it returns (model, example_input), the model an nn.Module (or a workers.task.Servable)"
                 )
             return Servable(*built)
         ctx = TaskContext(rank=0, world_size=1, seed=int(spec.get("seed", 0)), device=torch.device("cpu"))

@@ -93,6 +93,9 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
         file_task = module.startswith("orchestrator_task_")
         where = task.get("name", "").rpartition(":")[0] + ":" if file_task else module + "."
         extra["model_class"] = where + type(model).__qualname__
+        extra["model_args"] = dict(built.model_args)  # model_class(**model_args) rebuilds it
+        extra["input_dtype"] = str(getattr(sample, "dtype", "")).removeprefix("torch.") or None
+        extra["preprocessing"] = built.preprocessing
         _traced(model, sample, target, fmt, ck.id)
     config = {
         "format": fmt,
@@ -108,6 +111,7 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
         "run_uri": run.uri,
         "source_sha256": {f.path: f.sha256 for f in ck.record.files if f.path in weight_files(ck.record)},
         "skipped": skipped,  # better-ranked checkpoints passed over: their files failed verification
+        "dtype": weights_dtype(state),
         **extra,
     }
     config_path = os.path.join(out_dir, "config.json")
@@ -148,3 +152,9 @@ def _traced(model: Any, sample: Any, target: str, fmt: str, checkpoint: str) -> 
             f"{fmt} export of {checkpoint} failed: {type(e).__name__}: {first}{said}. "
             "safetensors export needs no tracing (--format safetensors)"
         ) from e
+
+
+def weights_dtype(state: dict[str, Any]) -> str | None:
+    """The dtype of the model's floating-point weights (`float32`, `bfloat16`), or `mixed`."""
+    kinds = {str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()}
+    return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None)

@@ -5,6 +5,7 @@ TorchScript and ONNX, each answering like the model itself."""
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import os
 import stat
@@ -152,6 +153,15 @@ def test_traced_exports_answer_like_the_model(tmp_path, fmt, umask_077):
     ), p_text.stdout[-3000:]
     config = json.loads(p.stdout)
     assert config["input_shape"] == ["batch", 1, 8, 8]
+    # What a server needs to rebuild and feed the model, in Hugging Face's habit: the class and
+    # its constructor arguments (they rebuild the model the run trained), the dtypes, and the
+    # preprocessing in words.
+    assert config["model_args"] == {"channels": 16, "hidden": 64, "dropout": 0.25}
+    assert (config["dtype"], config["input_dtype"]) == ("float32", "float32")
+    assert "divided by 16.0" in config["preprocessing"]
+    assert config["model_class"] == "workers.tasks.digits.DigitsCNN"
+    weights = Storage(uri).read_bytes(f"{CHECKPOINTS}/{config['checkpoint']}/model.pt")
+    DigitsCNN(**config["model_args"]).load_state_dict(torch.load(io.BytesIO(weights)))
     assert sorted(f.name for f in (tmp_path / fmt).iterdir()) == sorted(
         ["config.json", config["file"]]
     )  # one file

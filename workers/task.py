@@ -93,6 +93,11 @@ class Task:
     # More state to checkpoint, by name: anything with state_dict() and load_state_dict() (EMA
     # weights, a custom counter). Saved, restored and handed to a healing replica with the rest.
     state: dict[str, Any] = field(default_factory=dict)
+    # For the export's config.json (Hugging Face's habit), so a server rebuilds the model without
+    # this package: the keyword arguments the model's class was built with (model_class(**args)),
+    # and in words what the task does to a raw input before the model sees it.
+    model_args: dict[str, Any] = field(default_factory=dict)
+    preprocessing: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -128,6 +133,8 @@ class Servable:
 
     model: nn.Module
     example: Any
+    model_args: dict[str, Any] = field(default_factory=dict)  # as Task's, for config.json
+    preprocessing: str | None = None
 
 
 def example_input(built: Task | Servable, device: torch.device) -> Any:

@@ -95,6 +95,12 @@ def _finite(v: float) -> bool:
         return False
 
 
+PREPROCESSING = (
+    "an 8x8 grayscale digit (scikit-learn's load_digits: pixel values 0-16) divided by 16.0: "
+    "float32 in [0, 1], shape (batch, 1, 8, 8); the output is 10 logits, one per digit"
+)
+
+
 def datasets(seed: int, val_fraction: float) -> tuple[TensorDataset, TensorDataset]:
     from sklearn.datasets import load_digits
 
@@ -126,4 +132,6 @@ def build(options: dict[str, Any], ctx: TaskContext) -> Task:
         val_data=val,
         batch_size=o["batch_size"],
         scheduler=sched,
+        model_args={"channels": o["channels"], "hidden": o["hidden"], "dropout": o["dropout"]},
+        preprocessing=PREPROCESSING,
     )
