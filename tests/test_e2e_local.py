@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
+import subprocess
 
 import pytest
 import torch
 
-from harness.cli import expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
+from harness.cli import CLI, ROOT, cli_env, expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
 from orchestrator.core.manifest import CheckpointRecord
 from orchestrator.core.procs import pid_alive
 from orchestrator.core.storage import Storage
@@ -25,20 +27,25 @@ from workers.tasks import digits
 pytestmark = pytest.mark.e2e
 
 
-def test_demo_survives_a_worker_kill_and_hands_back_the_best(tmp_path):
-    p = run_cli(
-        "run",
-        "configs/digits.yaml",
-        "--set",
-        f"storage.root={tmp_path}",
-        "--set",
-        "name=demo",
-        "--json",
-        timeout=600,
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`make demo`'s run, where a user's shell has it: the working directory holds configs/ and
+    the run lands in runs/digits. Shared by the demo's checks and the walk of README's commands
+    below (one training run, not two)."""
+    ws = tmp_path_factory.mktemp("workspace")
+    (ws / "configs").symlink_to(ROOT / "configs")
+    make_demo = ["run", "configs/digits.yaml", "--set", "name=digits", "--resume-if-exists"]
+    p = subprocess.run(
+        [*CLI, *make_demo, "--json"], cwd=ws, env=cli_env(), capture_output=True, text=True, timeout=900
     )
+    return ws, p
+
+
+def test_demo_survives_a_worker_kill_and_hands_back_the_best(demo):
+    ws, p = demo
     assert p.returncode == 0, p.stderr[-5000:]
     summary = json.loads(p.stdout)
-    run_dir = tmp_path / "demo"
+    run_dir = ws / "runs" / "digits"
     events = jsonl(run_dir / "events.jsonl")
     metrics = jsonl(run_dir / "metrics.jsonl")
     assert summary["status"] == "finished" and summary["epochs"] == 10
@@ -53,6 +60,7 @@ def test_demo_survives_a_worker_kill_and_hands_back_the_best(tmp_path):
     # notice and its dead-worker (OOM killer) paragraph stay off the console (--json: stderr)
     assert restarts[0]["cause"] == f"rank 1 (pid {kill['pid']}) SIGKILLed by chaos.kills at epoch 5 step 0"
     assert "Token authentication" not in p.stderr and "A worker died or was killed" not in p.stderr
+    assert "Warning" not in p.stderr, p.stderr[-3000:]  # nothing of the project's own making either
     assert summary["restarts"] == 1 and summary["attempts"] == 2
 
     # Resumed from the latest committed checkpoint: the epoch after it, not from scratch.
@@ -73,13 +81,13 @@ def test_demo_survives_a_worker_kill_and_hands_back_the_best(tmp_path):
 
     # `best` points at the checkpoint whose val_loss is the best of the whole history.
     best_row = min(metrics, key=lambda r: r["val_loss"])
-    p = run_cli("best", str(run_dir), "--json", "--download", str(tmp_path / "dl"), check=True)
+    p = run_cli("best", str(run_dir), "--json", "--download", str(ws / "dl"), check=True)
     best = json.loads(p.stdout)
     assert best["epoch"] == best_row["epoch"] and best["value"] == best_row["val_loss"]
     assert summary["best"]["id"] == best["id"]
 
     # It loads with weights_only=True and reproduces its recorded metric.
-    state = torch.load(tmp_path / "dl" / "model.pt", weights_only=True)
+    state = torch.load(ws / "dl" / "model.pt", weights_only=True)
     model = digits.build_model({"batch_size": 32, "lr": 0.05})
     model.load_state_dict(state)
     task = digits.build({"batch_size": 32, "lr": 0.05}, TaskContext(0, 1, 0, torch.device("cpu")))
@@ -103,6 +111,52 @@ def test_demo_survives_a_worker_kill_and_hands_back_the_best(tmp_path):
     assert max(e.step for e in per_step) == metrics[-1]["global_step"] and len(per_step) >= 10
     assert all(math.isfinite(e.value) and e.value > 0 for e in per_step)
     assert summary["trackers_off"] == []
+
+
+# README's "Using it" commands that the walk below does not run, each with why.
+NOT_WALKED = {
+    "orchestrator run configs/digits.yaml": "make demo's run: the fixture trained runs/digits with it "
+    "(--resume-if-exists, make demo's way); as written again it refuses the finished run, naming resume",
+    "orchestrator run configs/digits.yaml --set name=digits20": "trains a second run the same way",
+    "orchestrator submit": "needs a Ray cluster's Jobs API: tests/test_cluster_jobs.py submits and follows jobs",
+    "orchestrator status JOB": "the Jobs API too (tests/test_cluster_jobs.py)",
+}
+
+
+def readme_commands() -> list[str]:
+    """The commands of README's "Using it" block, in order, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Using it", 1)[1].split("```", 2)[1]
+    lines = (line.split("  #", 1)[0].strip() for line in block.splitlines())
+    return [line for line in lines if line.startswith("orchestrator ")]
+
+
+def test_readme_commands_work_in_order_on_the_demos_run(demo):
+    """README's "Using it" commands, run as written and in order in the shell make demo leaves
+    (runs/digits trained), each exit 0; what a command leaves behind is checked where a user
+    would look. Runs after the demo's own checks (the walk ends by deleting the run)."""
+    ws, p = demo
+    assert p.returncode == 0, p.stderr[-3000:]
+    walked = []
+    for command in readme_commands():
+        if any(command.startswith(k) for k in NOT_WALKED):
+            continue
+        argv = shlex.split(command)
+        out = subprocess.run(
+            [*CLI, *argv[1:]], cwd=ws, env=cli_env(), capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, (
+            f"{command} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        )
+        walked.append(argv[1])
+        if argv[1] == "resume":  # a finished run is told, not trained again
+            assert "finished" in out.stdout + out.stderr
+    assert walked[0] == "run" and walked[-1] == "delete" and len(walked) >= 14, walked
+    assert (ws / "out" / "model.pt").exists() and (ws / "curves.png").stat().st_size > 0
+    assert "<html" in (ws / "report.html").read_text().lower()
+    assert json.loads((ws / "export" / "config.json").read_text())["monitor"] == "val_loss"
+    assert json.loads((ws / "runs" / "aliases" / "prod.json").read_text())["run_uri"].endswith("runs/digits")
+    assert not (ws / "runs" / "digits").exists()  # the last command deleted it
 
 
 def test_killing_the_coordinator_mid_run_loses_no_committed_checkpoint(tmp_path, kill_group):

@@ -448,3 +448,13 @@ def test_rank_0s_tick_carries_the_steps_train_loss():
     ticker(1, 1, 4, 1, torch.tensor(0.25))
     ticker(1, 2, 4, 2)  # a custom loop's session.step() without a loss
     assert sent[0]["train_loss"] == 0.25 and "train_loss" not in sent[1]
+    # The loss as the loop has it, still in the autograd graph: read without torch's warning
+    # (it reached every run's console as `[rank 0] ... UserWarning: Converting a tensor with
+    # requires_grad=True to a scalar`).
+    import warnings
+
+    w = torch.tensor(2.0, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ticker(1, 3, 4, 3, w * 0.5)
+    assert sent[2]["train_loss"] == 1.0

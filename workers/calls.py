@@ -121,7 +121,7 @@ class StepTicker:
             self._read_reply()
             position = {"epoch": epoch, "step": step, "steps": steps, "global_step": global_step, "ts": now}
             if loss is not None:
-                position["train_loss"] = float(loss)
+                position["train_loss"] = float(loss.detach() if hasattr(loss, "detach") else loss)
             self._reply = self.send(position)
 
     def stop_asked(self) -> bool:
