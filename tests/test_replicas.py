@@ -234,6 +234,11 @@ def assert_group_restarted(run_dir, log, epochs):
     fallback = [e for e in events if e["kind"] == "restart" and "controller gave up" in e.get("reason", "")]
     assert fallback, [e for e in events if e["kind"] == "restart"]
     assert "the whole group restarts from the latest commit" in log
+    # the console says each restart once, in order, and the fallback as the group restart it is
+    restarts = [e for e in events if e["kind"] == "restart"]
+    said = re.findall(r"^\[run\] (.*) \((\d+) so far\)", log, re.M)
+    assert [int(n) for _, n in said] == [e["restarts"] for e in restarts], said
+    assert "worker group restarted" in [what for what, _ in said], said
     attempts = [e for e in events if e["kind"] == "attempt_started"]
     assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1)), attempts
     assert len(attempts) >= 2, attempts
