@@ -211,9 +211,9 @@ def torchft_config(heartbeat_timeout_ms: int) -> Any:
 
     Private as well: Ray 2.60 starts the lighthouse on the driver's node as an actor of the
     default 1 CPU, pinned there (soft=False), so on a head of 0 CPUs (deploy/'s clusters,
-    where a submitted driver runs) it is never scheduled and the run cannot start; on a node
-    whose CPUs the workers took it would wait forever. A lighthouse is a small server
-    thread: started here with 0 CPUs before Ray's backend would start it, through
+    where a submitted driver runs) it is never scheduled and the run cannot start (and on a
+    node whose every CPU the workers hold it waits for a free one). A lighthouse is a small
+    server thread: started here with 0 CPUs before Ray's backend would start it, through
     `_TorchftBackend._maybe_create_lighthouse_actor` and `LighthouseServerActor`."""
     import ray
     from ray.train.v2.torch.torchft_config import LighthouseServerActor, TorchftConfig, _TorchftBackend
