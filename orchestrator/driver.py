@@ -398,11 +398,12 @@ def run(
                 f"{spec.epochs} epochs, {ray_described(started_ray)}"
             )
         interrupts = Interrupts(coord, spec.failure.stop_grace_s)
-        fit_error = _fit(spec, coord, interrupts, quiet)
-        relaunches = 0
-        while _group_restart_instead(spec, fit_error, interrupts, relaunches):
-            relaunches += 1
-            fit_error = _fit(spec, coord, interrupts, quiet)
+        with _progress_view(spec, coord, quiet):  # one view: a group restart's fit() shows only what is new
+            fit_error = _fit(spec, coord, interrupts)
+            relaunches = 0
+            while _group_restart_instead(spec, fit_error, interrupts, relaunches):
+                relaunches += 1
+                fit_error = _fit(spec, coord, interrupts)
         try:
             after, coord_error = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S), None
         except Exception as e:  # the coordinator is gone (its restart refused: taken over) or stuck
@@ -459,15 +460,22 @@ def _group_restart_instead(
         f"Ray Train's controller gave up replacing failed replicas ({root_cause(describe(fit_error))}); "
         "the whole group restarts from the latest commit"
     )
-    ray.get(coord.note_restart.remote(why, uuid.uuid4().hex), timeout=COORD_TIMEOUT_S)
+    ray.get(coord.note_restart.remote(why, uuid.uuid4().hex, whole=True), timeout=COORD_TIMEOUT_S)
     log.warning(f"[run] {why}")
     return True
 
 
-def _fit(spec: JobSpec, coord: Any, interrupts: Interrupts, quiet: bool) -> BaseException | None:
-    """Ray Train's fit() with the progress view; the error it raised or returned, if any."""
+def _progress_view(spec: JobSpec, coord: Any, quiet: bool) -> ProgressView:
+    """What the driver shows while fit() runs, polled from the coordinator."""
     import ray
 
+    poll = lambda since: ray.get(coord.progress.remote(since), timeout=30)  # noqa: E731
+    ck, replicas = spec.checkpoint, spec.failure.mode == "replicas"
+    return ProgressView(poll, spec.epochs, ck.monitor, ck.mode, quiet, replicas=replicas)
+
+
+def _fit(spec: JobSpec, coord: Any, interrupts: Interrupts) -> BaseException | None:
+    """Ray Train's fit(); the error it raised or returned, if any."""
     # What `ray.train` exports in 2.60 (V2), imported from its public home so type
     # checkers see elastic scaling (`ray.train`'s own stubs still describe V1).
     from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig
@@ -495,9 +503,7 @@ def _fit(spec: JobSpec, coord: Any, interrupts: Interrupts, quiet: bool) -> Base
     )
     keep_driver_sigint(trainer)
     os.environ.update(controller_poll_env(spec.failure.health_check_interval_s))
-    poll = lambda since: ray.get(coord.progress.remote(since), timeout=30)  # noqa: E731
-    ck, replicas = spec.checkpoint, spec.failure.mode == "replicas"
-    with interrupts, ProgressView(poll, spec.epochs, ck.monitor, ck.mode, quiet, replicas=replicas):
+    with interrupts:
         try:
             return getattr(trainer.fit(), "error", None)
         except KeyboardInterrupt:  # a second Ctrl-C, or the workers did not stop in time

@@ -129,7 +129,8 @@ class ProgressView:
             at = max(int(note.get("at", 0)), since)
             if note["kind"] == "restart":
                 self._restarts = max(self._restarts, int(note["restarts"]))
-                what = "a failed worker replaced alone" if self.replicas else "worker group restarted"
+                alone = self.replicas and not note.get("whole")  # whole: the driver's fallback
+                what = "a failed worker replaced alone" if alone else "worker group restarted"
                 cause = f": {note['cause']}" if note.get("cause") else ""
                 items.append((at, 0, "line", f"[run] {what} ({note['restarts']} so far){cause}"))
             elif note["kind"] == "attempt":

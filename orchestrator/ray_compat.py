@@ -207,12 +207,37 @@ def keep_driver_sigint(trainer: Any) -> None:
 def torchft_config(heartbeat_timeout_ms: int) -> Any:
     """Ray Train's backend for torchft replica groups: one process group per worker, and
     torchft's lighthouse (min_replicas 1: the survivors go on alone). Alpha in Ray 2.60 and
-    exported from no public module, so imported here (tests/test_ray_compat.py names it)."""
-    from ray.train.v2.torch.torchft_config import TorchftConfig
+    exported from no public module, so imported here (tests/test_ray_compat.py names it).
 
-    return TorchftConfig(
-        lighthouse_kwargs={"min_replicas": 1, "heartbeat_timeout_ms": heartbeat_timeout_ms}, backend="gloo"
-    )
+    Private as well: Ray 2.60 starts the lighthouse on the driver's node as an actor of the
+    default 1 CPU, pinned there (soft=False), so on a head of 0 CPUs (deploy/'s clusters,
+    where a submitted driver runs) it is never scheduled and the run cannot start (and on a
+    node whose every CPU the workers hold it waits for a free one). A lighthouse is a small
+    server thread: started here with 0 CPUs before Ray's backend would start it, through
+    `_TorchftBackend._maybe_create_lighthouse_actor` and `LighthouseServerActor`."""
+    import ray
+    from ray.train.v2.torch.torchft_config import LighthouseServerActor, TorchftConfig, _TorchftBackend
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class Backend(_TorchftBackend):  # type: ignore[misc]
+        def _maybe_create_lighthouse_actor(self, backend_config: Any) -> str:
+            if self.lighthouse_actor is None:
+                here = NodeAffinitySchedulingStrategy(
+                    node_id=ray.get_runtime_context().get_node_id(), soft=False
+                )
+                self.lighthouse_actor = LighthouseServerActor.options(  # type: ignore[attr-defined]
+                    num_cpus=0, scheduling_strategy=here
+                ).remote(lighthouse_kwargs=backend_config.lighthouse_kwargs)
+            # Ray's own reads its address (the base named, not super(): this class is pickled by value)
+            return str(_TorchftBackend._maybe_create_lighthouse_actor(self, backend_config))
+
+    class Config(TorchftConfig):  # type: ignore[misc]
+        @property
+        def backend_cls(self) -> type:
+            return Backend
+
+    lighthouse = {"bind": "[::]:0", "min_replicas": 1, "heartbeat_timeout_ms": heartbeat_timeout_ms}
+    return Config(lighthouse_kwargs=lighthouse, backend="gloo")
 
 
 def controller_gave_up(exc: BaseException) -> bool:

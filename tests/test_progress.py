@@ -76,6 +76,20 @@ def test_with_replicas_a_restart_is_a_worker_replaced_alone():
     assert not any("worker group restarted" in line for line in lines)
 
 
+def test_with_replicas_the_drivers_whole_group_restart_is_a_group_restart():
+    restart = {"kind": "restart", "at": 0, "restarts": 1, "cause": "rank 1 died"}
+    base = {"restarts": 2, "attempts": 2, "resumed_from": None, "live": None, "new": [], "next": 0}
+    notes = [restart, {**restart, "restarts": 2, "cause": "gave up", "whole": True}]
+    out = io.StringIO()
+    feed = iter([{**base, "notes": notes}])
+    view = ProgressView(lambda since: next(feed), 3, "val_loss", "min", out=out, live=False, replicas=True)
+    view.update()
+    assert out.getvalue().splitlines() == [
+        "[run] a failed worker replaced alone (1 so far): rank 1 died",
+        "[run] worker group restarted (2 so far): gave up",
+    ]
+
+
 def test_live_line_on_a_terminal_shows_step_rate_eta_and_best():
     text = run_view(live=True)
     assert "step 5/10" in text and "steps/s" in text and "ETA 0:00:0" in text

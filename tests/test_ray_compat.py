@@ -23,6 +23,8 @@ PRIVATE = [
     ("ray.autoscaler.v2.sdk", "get_cluster_status"),
     ("ray._common.utils", "get_ray_address_file"),
     ("ray.train.v2.torch.torchft_config", "TorchftConfig"),
+    ("ray.train.v2.torch.torchft_config", "LighthouseServerActor"),
+    ("ray.train.v2.torch.torchft_config", "_TorchftBackend"),
     ("ray._private.worker", "print_to_stdstream"),
     ("ray._private.authentication.authentication_token_setup", "logger"),
 ]

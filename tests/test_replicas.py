@@ -4,11 +4,13 @@ the replica that waited for it, so no step is lost; and what reaches storage is 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
-from harness.cli import expected_kept, jsonl, manifest, run_cli
+from harness.cli import expected_kept, jsonl, manifest, run_cli, start_cli, wait_until
+from harness.cluster import alive_actors, committed, local_cluster, stop
 from orchestrator import preflight
 from orchestrator.core.manifest import CheckpointRecord
 from orchestrator.core.storage import Storage
@@ -211,12 +213,51 @@ def test_a_rank0_that_heals_after_the_early_stop_ends_the_run(monkeypatch):
     assert calls == [("report", 3), ("save", 3), ("early_stop", 3)]
 
 
+def kept_and_verified(run_dir, metrics):
+    """What is kept is the top-k by val_loss plus the latest, and `orchestrator verify` finds
+    every kept checkpoint's files whole and matching its record."""
+    assert {c["epoch"] for c in manifest(run_dir)["checkpoints"]} == expected_kept(
+        metrics, "val_loss", "min", 3
+    )
+    p = run_cli("verify", str(run_dir), "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    assert out["ok"] and out["checkpoints"], out
+    assert [c["status"] for c in out["checkpoints"]] == ["ok"] * len(out["checkpoints"]), out
+
+
+def assert_group_restarted(run_dir, log, epochs):
+    """The run finished through the driver's fallback (a whole-group restart recorded as a
+    `restart` whose reason names the controller's error), every epoch reported once."""
+    assert manifest(run_dir)["status"] == "finished"
+    events = jsonl(run_dir / "events.jsonl")
+    fallback = [e for e in events if e["kind"] == "restart" and "controller gave up" in e.get("reason", "")]
+    assert fallback, [e for e in events if e["kind"] == "restart"]
+    assert "the whole group restarts from the latest commit" in log
+    # the console says each restart once, in order, and the fallback as the group restart it is
+    restarts = [e for e in events if e["kind"] == "restart"]
+    said = re.findall(r"^\[run\] (.*) \((\d+) so far\)", log, re.M)
+    assert [int(n) for _, n in said] == [e["restarts"] for e in restarts], said
+    assert "worker group restarted" in [what for what, _ in said], said
+    attempts = [e for e in events if e["kind"] == "attempt_started"]
+    assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1)), attempts
+    assert len(attempts) >= 2, attempts
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
+    return events, attempts, metrics
+
+
 @pytest.mark.e2e
-def test_two_replicas_killed_at_the_same_step_never_fail_the_run(tmp_path):
+@pytest.mark.parametrize("ranks", [(1, 2), (0, 1)], ids=["ranks-1-2", "ranks-0-1"])
+def test_two_replicas_killed_at_the_same_step_never_fail_the_run(tmp_path, ranks):
     """Ray 2.60's worker group clears the other dead group's result while replacing the first,
     and its controller gives up (ControllerError). The driver falls back to a whole-group
-    restart from the latest commit instead of a failed run. A run of its own: it needs three
+    restart from the latest commit instead of a failed run. Ranks 0 and 1 differ from 1 and 2:
+    rank 0 is the writer, so the epoch it died in is trained again by the restarted group and
+    reported once. A run of its own per case: each kills its own ranks, and it needs three
     workers, where the other replicas tests run two."""
+    epochs = 3
+    chaos = ", ".join(f"{{rank: {r}, epoch: 2, step: 3}}" for r in ranks)
     out = run_cli(
         "run",
         "configs/digits.yaml",
@@ -229,9 +270,9 @@ def test_two_replicas_killed_at_the_same_step_never_fail_the_run(tmp_path):
         "--set",
         "scaling.num_workers=3",
         "--set",
-        "epochs=4",
+        f"epochs={epochs}",
         "--set",
-        "chaos.kills=[{rank: 1, epoch: 2, step: 3}, {rank: 2, epoch: 2, step: 3}]",
+        f"chaos.kills=[{chaos}]",
         "--address",
         "local",
         "--verbose",
@@ -240,14 +281,59 @@ def test_two_replicas_killed_at_the_same_step_never_fail_the_run(tmp_path):
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-6000:]
     run_dir = tmp_path / "two"
-    assert manifest(run_dir)["status"] == "finished"
-    events = jsonl(run_dir / "events.jsonl")
-    assert len([e for e in events if e["kind"] == "chaos_kill"]) == 2
-    # the fallback, recorded as a restart with the controller's error as its reason, and said
-    fallback = [e for e in events if e["kind"] == "restart" and "controller gave up" in e.get("reason", "")]
-    assert fallback, [e for e in events if e["kind"] == "restart"]
-    assert "the whole group restarts from the latest commit" in log
-    attempts = [e["attempt"] for e in events if e["kind"] == "attempt_started"]
-    assert attempts == list(range(1, len(attempts) + 1)) and len(attempts) >= 2, attempts
-    metrics = jsonl(run_dir / "metrics.jsonl")
-    assert [r["epoch"] for r in metrics] == [1, 2, 3, 4]
+    events, attempts, metrics = assert_group_restarted(run_dir, log, epochs)
+    kills = [e for e in events if e["kind"] == "chaos_kill"]
+    assert sorted(int(re.match(r"rank (\d+)", e["what"])[1]) for e in kills) == sorted(ranks), kills
+    kept_and_verified(run_dir, metrics)
+
+
+@pytest.mark.e2e
+def test_losing_a_node_that_hosts_two_replicas_never_fails_the_run(tmp_path):
+    """A node lost takes every worker on it: here two replicas of three at once, which Ray
+    2.60's controller cannot replace (as two kills in one step), so the driver restarts the
+    whole group from the latest commit once a node replaces the lost one. A cluster of its
+    own: its nodes are shaped so that one hosts two workers (a head of 0 CPUs, worker nodes of
+    2 and 1), and the node is killed; the module cluster of tests/test_cluster_jobs.py has
+    1-CPU nodes, each hosting one worker, and its other tests need its nodes alive."""
+    epochs = 8
+    with local_cluster(workers=0, head_num_cpus=0) as c:
+        two, one = c.add_node(num_cpus=2), c.add_node(num_cpus=1)
+        run_dir = tmp_path / "node"
+        drv = start_cli(
+            "run",
+            "configs/digits.yaml",
+            "--address",
+            c.address,
+            "--verbose",
+            "--set",
+            f"storage.root={tmp_path}",
+            "--set",
+            "name=node",
+            "--set",
+            "failure.mode=replicas",
+            "--set",
+            "scaling.num_workers=3",
+            "--set",
+            f"epochs={epochs}",
+            "--set",
+            "chaos.kills=[]",
+            log=tmp_path / "driver.log",
+            env=c.env,
+        )
+        try:
+            wait_until(lambda: committed(run_dir) or drv.poll() is not None, 240, "a commit")
+            assert drv.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
+            hosts = [c.name_of(a["node_id"]) for a in alive_actors(c, "RayTrainWorker")]
+            assert sorted(hosts) == sorted([two, two, one]), hosts
+            before = max(r["epoch"] for r in committed(run_dir))
+            c.kill_node(two)  # SIGKILL its raylet; returns once none of its processes is left
+            c.add_node(num_cpus=2)  # room for the whole group again
+            rc = drv.wait(timeout=400)
+            log = (tmp_path / "driver.log").read_text()
+            assert rc == 0, log[-6000:]
+        finally:
+            stop(drv)
+    assert before < epochs, "the run finished before the node was lost"
+    _, attempts, metrics = assert_group_restarted(run_dir, log, epochs)
+    assert attempts[1]["restore"] is not None and attempts[1]["restore_epoch"] >= before, attempts
+    kept_and_verified(run_dir, metrics)

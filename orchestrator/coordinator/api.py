@@ -216,17 +216,19 @@ class Coordinator:
             return  # rank 0 stopping because a replica asked it to: the replica's reason stands
         self.ownership.save(self.manifest.model_copy(update={"stopped": {"reason": reason, "kind": kind}}))
 
-    def note_restart(self, reason: str, rid: str | None = None) -> None:
-        """Ray Train's controller decided to restart the worker group (counted once per rid)."""
+    def note_restart(self, reason: str, rid: str | None = None, whole: bool = False) -> None:
+        """Ray Train's controller decided to restart the worker group (counted once per rid);
+        whole: the driver restarts the whole group of a replicas run (its controller gave up)."""
         if self.ownership.answered(rid)[0]:
             return
         m = self.manifest
         cause = self.signals.restart_cause(m.attempts, reason)
-        self.log.event("restart", rid, restarts=m.restarts + 1, cause=cause, reason=reason[:2000])
+        extra = {"whole": True} if whole else {}
+        self.log.event("restart", rid, restarts=m.restarts + 1, cause=cause, reason=reason[:2000], **extra)
         self.ownership.save(
             self.ownership.remember(m.model_copy(update={"restarts": m.restarts + 1}), rid, True)
         )
-        self.signals.note_restart(m.restarts + 1, cause)
+        self.signals.note_restart(m.restarts + 1, cause, whole)
 
     def event(
         self, kind: str, fields: dict[str, Any] | None = None, rid: str | None = None, **more: Any

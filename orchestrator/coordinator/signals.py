@@ -49,8 +49,9 @@ class Signals:
             {"kind": "attempt", "at": len(self.reported), "attempt": attempt, "resumed_from": resumed_from}
         )
 
-    def note_restart(self, restarts: int, cause: str) -> None:
-        self.notes.append({"kind": "restart", "at": len(self.reported), "restarts": restarts, "cause": cause})
+    def note_restart(self, restarts: int, cause: str, whole: bool = False) -> None:
+        note = {"kind": "restart", "at": len(self.reported), "restarts": restarts, "cause": cause}
+        self.notes.append({**note, "whole": True} if whole else note)
 
     def heard(self, attempt: int, cause: str) -> None:
         """A cause heard first hand (a chaos kill, the user's exception) in that attempt."""
