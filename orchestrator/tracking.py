@@ -35,6 +35,7 @@ from orchestrator.core.storage import Storage
 
 TB_DIR = "tb"
 STEP_LOSS = "step/train_loss"  # rank 0's loss per reported step, at step=global_step
+STEP_LR = "step/lr"  # the optimizer's learning rate at that step
 UPLOAD_EVERY_S = 10.0  # per-step events are uploaded at most this often (every epoch's at once)
 _NOT_LOGGED = ("epoch", "global_step", "attempt")
 
@@ -128,7 +129,7 @@ class TensorBoard:
         self._upload()
 
     def log_step(self, row: dict[str, Any]) -> None:
-        self._scalars({STEP_LOSS: row["train_loss"]}, int(row["global_step"]))
+        self._scalars(step_values(row), int(row["global_step"]))
         if time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
             self._upload()
 
@@ -273,7 +274,7 @@ class MLflow:
         self._metrics({k: v for k, v in row.items() if k not in _NOT_LOGGED}, step)
 
     def log_step(self, row: dict[str, Any]) -> None:
-        self._metrics({STEP_LOSS: row["train_loss"]}, int(row["global_step"]))
+        self._metrics(step_values(row), int(row["global_step"]))
 
     def _metrics(self, values: dict[str, Any], step: int) -> None:
         from mlflow.entities import Metric
@@ -427,3 +428,8 @@ class Trackers:
                     t.finish(status)
                 except Exception as e:
                     self._off(type(t).__name__.lower(), e)
+
+
+def step_values(row: dict[str, Any]) -> dict[str, float]:
+    """A tick's row as per-step scalars: the train loss, and the learning rate when sent."""
+    return {STEP_LOSS: row["train_loss"], **({STEP_LR: row["lr"]} if "lr" in row else {})}

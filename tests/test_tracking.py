@@ -262,7 +262,7 @@ def test_the_driver_hands_the_run_name_and_mlflow_env_on_and_sums_up_the_tracker
 # -- per step, the spec as params and hparams, and a tracker that goes off mid-run -------------------
 
 
-def _tick(led, epoch, global_step, loss, steps=2):
+def _tick(led, epoch, global_step, loss, steps=2, lr=None):
     step = (global_step - 1) % steps + 1
     led.tick(
         {
@@ -272,6 +272,7 @@ def _tick(led, epoch, global_step, loss, steps=2):
             "global_step": global_step,
             "ts": 0.0,
             "train_loss": loss,
+            **({"lr": lr} if lr is not None else {}),
         }
     )
 
@@ -308,15 +309,16 @@ def test_tensorboard_gets_the_train_loss_per_step_and_the_spec_as_hparams(tmp_pa
     settings = _digits_settings(tmp_path, tensorboard=True)
     led = RunLedger(storage, "run", CFG, tracking=settings)
     for gs, loss in ((1, 0.9), (2, 0.8)):
-        _tick(led, 1, gs, loss)
+        _tick(led, 1, gs, loss, lr=0.05)
     led.report_metrics(ROWS[0])
-    _tick(led, 2, 3, 0.7)
+    _tick(led, 2, 3, 0.7, lr=0.025)
     led.finish("finished")  # uploads what the last row left behind
     local = tmp_path / "tb"
     local.mkdir()
     for n in storage.list_dirs("tb"):
         (local / n).write_bytes(storage.read_bytes(f"tb/{n}"))
     assert scalars(str(local), "step/train_loss") == [(1, 0.9), (2, 0.8), (3, 0.7)]
+    assert scalars(str(local), "step/lr") == [(1, 0.05), (2, 0.05), (3, 0.025)]  # the learning rate
     assert scalars(str(local), "val_loss") == [(1, 1.0)]  # per epoch, as before
     acc = EventAccumulator(str(local))
     acc.Reload()
@@ -343,7 +345,7 @@ def test_mlflow_gets_the_spec_the_loss_per_step_epochs_at_their_step_and_the_bes
     for row in ROWS:
         for _ in range(2):
             gs += 1
-            _tick(led, row["epoch"], gs, 1.0 / gs)
+            _tick(led, row["epoch"], gs, 1.0 / gs, lr=0.1 / row["epoch"])
         led.commit(upload(storage, row["epoch"], row["val_loss"]))
         led.report_metrics(row)
     led.finish("finished")
@@ -354,6 +356,10 @@ def test_mlflow_gets_the_spec_the_loss_per_step_epochs_at_their_step_and_the_bes
     assert params["storage.options.key"] == "***" and len(params) == len(settings["params"]) > 30  # all of it
     steps = client.get_metric_history(rid, "step/train_loss")
     assert sorted((m.step, round(m.value, 6)) for m in steps) == [(g, round(1.0 / g, 6)) for g in range(1, 7)]
+    lrs = client.get_metric_history(rid, "step/lr")
+    assert sorted((m.step, round(m.value, 6)) for m in lrs) == [
+        (g, round(0.1 / ((g + 1) // 2), 6)) for g in range(1, 7)
+    ]
     epochs = client.get_metric_history(rid, "train_loss")
     assert sorted((m.step, m.value) for m in epochs) == [(1, 2.0), (2, 1.0), (3, pytest.approx(2 / 3))]
     run = client.get_run(rid)
@@ -445,9 +451,10 @@ def test_rank_0s_tick_carries_the_steps_train_loss():
 
     sent: list[dict] = []
     ticker = StepTicker(sent.append, interval_s=0.0)
-    ticker(1, 1, 4, 1, torch.tensor(0.25))
+    ticker(1, 1, 4, 1, torch.tensor(0.25), 0.05)
     ticker(1, 2, 4, 2)  # a custom loop's session.step() without a loss
     assert sent[0]["train_loss"] == 0.25 and "train_loss" not in sent[1]
+    assert sent[0]["lr"] == 0.05 and "lr" not in sent[1]
     # The loss as the loop has it, still in the autograd graph: read without torch's warning
     # (it reached every run's console as `[rank 0] ... UserWarning: Converting a tensor with
     # requires_grad=True to a scalar`).

@@ -112,9 +112,12 @@ class StepTicker:
         self._reply: Any = None  # the last tick's ObjectRef, until its answer is read
         self._stop_asked = False
 
-    def __call__(self, epoch: int, step: int, steps: int, global_step: int, loss: Any = None) -> None:
-        """`loss` (this step's train loss, a tensor or a number) goes with the tick, for the
-        trackers' per-step curve: read only when a tick is sent (one GPU sync a second)."""
+    def __call__(
+        self, epoch: int, step: int, steps: int, global_step: int, loss: Any = None, lr: float | None = None
+    ) -> None:
+        """`loss` (this step's train loss, a tensor or a number) and `lr` (the optimizer's
+        learning rate) go with the tick, for the trackers' per-step curves: read only when a
+        tick is sent (one GPU sync a second)."""
         now = time.time()
         if self.send is not None and (now - self._last >= self.interval_s or step == steps):
             self._last = now
@@ -122,6 +125,8 @@ class StepTicker:
             position = {"epoch": epoch, "step": step, "steps": steps, "global_step": global_step, "ts": now}
             if loss is not None:
                 position["train_loss"] = float(loss.detach() if hasattr(loss, "detach") else loss)
+            if lr is not None:
+                position["lr"] = float(lr)
             self._reply = self.send(position)
 
     def stop_asked(self) -> bool:

@@ -125,7 +125,8 @@ def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]
             loss = train_step(task, ddp, batch)
             state.epoch_loss.add(loss)
             state.epoch, state.step, state.global_step = epoch, step + 1, state.global_step + 1
-            session.ticker(epoch, step + 1, steps, state.global_step, loss)
+            lr = task.optimizer.param_groups[0]["lr"]  # a dict lookup: the trackers' step/lr
+            session.ticker(epoch, step + 1, steps, state.global_step, loss, lr)
             at = Position(epoch, step + 1, state.global_step, False)
             if halt := session.stop_check(state.global_step):
                 saver.save(at)

@@ -107,7 +107,8 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             task.optimizer.step()
             live.epoch_loss.add(loss)
             live.step, live.global_step = step + 1, live.global_step + 1
-            session.ticker(epoch, live.step, steps, live.global_step, loss)
+            lr = task.optimizer.param_groups[0]["lr"]
+            session.ticker(epoch, live.step, steps, live.global_step, loss, lr)
             if live.step < steps:
                 if cfg.every_n_steps and live.global_step % cfg.every_n_steps == 0:
                     saver.save(Position(epoch, live.step, live.global_step, False))

@@ -156,13 +156,22 @@ class Session:
             state["rank_state"] = ranks[self.rank] if len(ranks) == self.world else None
         return state
 
-    def step(self, epoch: int, step: int, steps: int = 0, global_step: int = 0, loss: Any = None) -> None:
+    def step(
+        self,
+        epoch: int,
+        step: int,
+        steps: int = 0,
+        global_step: int = 0,
+        loss: Any = None,
+        lr: float | None = None,
+    ) -> None:
         """Optional, before each step: the live progress line, and the spec's fault injection
         (`chaos.kills` at this epoch and step). Cheap, and no collective. `loss`, the latest
         step's train loss (a tensor or a number), becomes rank 0's per-step `step/train_loss`
-        in TensorBoard and MLflow (read about once a second)."""
+        in TensorBoard and MLflow (read about once a second), and `lr`, the learning rate, its
+        `step/lr`."""
         self.chaos.before_step(epoch, step)
-        self.ticker(epoch, step, steps, global_step, loss)
+        self.ticker(epoch, step, steps, global_step, loss, lr)
 
     def report(
         self,

@@ -84,6 +84,7 @@ class RunLog:
                     "epoch": position.get("epoch"),
                     "global_step": position.get("global_step", 0),
                     "train_loss": loss,
+                    **({"lr": position["lr"]} if isinstance(position.get("lr"), (int, float)) else {}),
                 }
             )
             self._log_tracker_errors()
