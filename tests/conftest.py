@@ -5,66 +5,12 @@ moto's S3 server) are the `harness` package."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import psutil
 import pytest
-
-# -- scheduling: the longest work first ------------------------------------------------------------
-# `make test` runs pytest-xdist with `--dist loadgroup`: every test is its own unit of work, except
-# tests that share a module-scoped fixture (a Ray cluster), which go to one process together. xdist
-# hands units out in collection order, so the suite orders them longest first (the classic
-# longest-processing-time rule): a 6-minute test that starts last would otherwise be the tail of the
-# whole run. The expected seconds are tests/durations.json, measured by a whole run
-# (`ORCHESTRATOR_STORE_DURATIONS=1 make test` rewrites it); a test it does not know counts as the
-# median of its kind (end to end or not).
-DURATIONS = Path(__file__).with_name("durations.json")
-
-
-def _module_scoped(item: pytest.Item) -> bool:
-    info = getattr(item, "_fixtureinfo", None)
-    defs = info.name2fixturedefs.values() if info else ()
-    return any(d[-1].scope == "module" for d in defs if d)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    known: dict[str, float] = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
-    e2e = sorted(v for k, v in known.items() if v >= 10) or [30.0]
-    default = {True: e2e[len(e2e) // 2], False: 1.0}
-    unit_of: dict[str, str] = {}
-    for item in items:
-        unit_of[item.nodeid] = item.nodeid
-        if _module_scoped(item):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-            unit_of[item.nodeid] = item.module.__name__
-    weight: dict[str, float] = {}
-    for item in items:
-        seconds = known.get(item.nodeid, default[item.get_closest_marker("e2e") is not None])
-        weight[unit_of[item.nodeid]] = weight.get(unit_of[item.nodeid], 0.0) + seconds
-    order = {item.nodeid: i for i, item in enumerate(items)}
-    items.sort(key=lambda it: (-weight[unit_of[it.nodeid]], unit_of[it.nodeid], order[it.nodeid]))
-
-
-_measured: dict[str, float] = {}
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if os.environ.get("ORCHESTRATOR_STORE_DURATIONS"):
-        _measured[report.nodeid.split("@")[0]] = (
-            _measured.get(report.nodeid.split("@")[0], 0.0) + report.duration
-        )
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    if _measured and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller sees every report
-        DURATIONS.write_text(
-            json.dumps({k: round(v, 1) for k, v in sorted(_measured.items())}, indent=0) + "\n"
-        )
 
 
 @pytest.fixture(scope="session", autouse=True)
