@@ -142,6 +142,23 @@ def alive(procs: set[tuple[int, float]]) -> set[tuple[int, float]]:
     return left
 
 
+def start_serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`serve run CONFIG` in its own session, its output to log."""
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [SERVE, "run", "--address", "local", str(config)],
+            cwd=ROOT,  # deploy.serve.app imports from the repository root
+            env=cli_env(PYTHONDONTWRITEBYTECODE="1", RAY_USAGE_STATS_ENABLED="0"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # Ctrl-C must reach it as KeyboardInterrupt: Python installs that handler only when
+            # SIGINT is not ignored at start, and a shell's background job ignores it (seen: under
+            # `nohup ... &`, serve run sat through SIGINT for 150 s).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+
+
 def model_predictions(run_dir: Path, images: torch.Tensor) -> tuple[str, list[int]]:
     """The best checkpoint's own answers, loaded here the documented way."""
     from orchestrator.api import open_run
@@ -173,21 +190,8 @@ def test_serves_the_best_checkpoint_and_reloads_a_better_one(tmp_path: Path) -> 
     flat = images.reshape(len(images), 64).tolist()
     labels = digits_data.target[:200].tolist()
 
-    log = open(tmp_path / "serve.log", "wb")
-    env = cli_env(PYTHONDONTWRITEBYTECODE="1", RAY_USAGE_STATS_ENABLED="0")
     t_start = time.time()
-    proc = subprocess.Popen(
-        [SERVE, "run", "--address", "local", str(tmp_path / "serve.yaml")],
-        cwd=ROOT,  # deploy.serve.app imports from the repository root
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        # Ctrl-C must reach it as KeyboardInterrupt: Python installs that handler only when
-        # SIGINT is not ignored at start, and a shell's background job ignores it (seen: under
-        # `nohup ... &`, serve run sat through SIGINT for 150 s).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = start_serve(tmp_path / "serve.yaml", tmp_path / "serve.log")
     started: set[tuple[int, float]] = set()
     try:
 
@@ -276,7 +280,6 @@ def test_serves_the_best_checkpoint_and_reloads_a_better_one(tmp_path: Path) -> 
         try:
             proc.wait(timeout=60)
         finally:
-            log.close()
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
@@ -356,16 +359,7 @@ def test_serve_run_of_a_missing_run_fails_once_in_one_line(tmp_path: Path) -> No
     config["applications"][0]["args"]["run_uri"] = str(missing)
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     log_path = tmp_path / "serve.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [SERVE, "run", "--address", "local", str(tmp_path / "serve.yaml")],
-        cwd=ROOT,
-        env=cli_env(PYTHONDONTWRITEBYTECODE="1", RAY_USAGE_STATS_ENABLED="0"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see the test above
-    )
+    proc = start_serve(tmp_path / "serve.yaml", log_path)
     started: set[tuple[int, float]] = set()
     try:
 
@@ -390,7 +384,6 @@ def test_serve_run_of_a_missing_run_fails_once_in_one_line(tmp_path: Path) -> No
         try:
             proc.wait(timeout=60)
         finally:
-            log.close()
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
@@ -441,16 +434,7 @@ def test_serving_an_alias_follows_a_promote_of_another_run(tmp_path: Path) -> No
     args.update(alias="prod", root=str(root), poll_s=POLL_S)
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [SERVE, "run", "--address", "local", str(tmp_path / "serve.yaml")],
-        cwd=ROOT,
-        env=cli_env(PYTHONDONTWRITEBYTECODE="1", RAY_USAGE_STATS_ENABLED="0"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see the first test
-    )
+    proc = start_serve(tmp_path / "serve.yaml", tmp_path / "serve.log")
     started: set[tuple[int, float]] = set()
     try:
 
@@ -487,7 +471,6 @@ def test_serving_an_alias_follows_a_promote_of_another_run(tmp_path: Path) -> No
         try:
             proc.wait(timeout=60)
         finally:
-            log.close()
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
