@@ -77,9 +77,9 @@ class Checkpoint:
     global_step: int
     end_of_epoch: bool
     metrics: dict[str, float]
-    metrics_fresh: bool  # measured on these weights (end of epoch), so ranked by the monitor
+    metrics_fresh: bool  # measured on these weights (not carried over), so ranked by the monitor
     kept_because: list[str]
-    rank: int | None  # 1 = best by the monitor; None: not ranked (mid-epoch, NaN)
+    rank: int | None  # 1 = best by the monitor; None: not ranked (carried metrics, NaN)
     record: CheckpointRecord = field(repr=False)
 
     def as_dict(self) -> dict[str, Any]:

@@ -224,8 +224,9 @@ class CheckpointSpec(_Model):
     )
     stop_on_nan: bool = Field(
         False,
-        description="Stop the run (failed, every commit intact) at the first epoch whose metrics "
-        "hold NaN or inf; that epoch is not checkpointed.",
+        description="Stop the run (failed, every commit intact) at the first fresh metrics (an "
+        "evaluation's: an epoch's end, a mid-epoch evaluation) that hold NaN or inf; they are not "
+        "checkpointed. A mid-epoch save's carried metrics or NaN placeholder do not count.",
     )
 
     @field_validator("every_n_steps")

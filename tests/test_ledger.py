@@ -29,7 +29,7 @@ def storage(request, tmp_path):
 CFG = RetentionConfig(monitor="val_loss", mode="min", top_k=2, keep_latest=1)
 
 
-def upload(storage, epoch, loss, end=True, step=None):
+def upload(storage, epoch, loss, end=True, step=None, fresh=None):
     """What a worker does before commit: files, then checkpoint.json last."""
     cid = f"epoch{epoch:04d}-step{(step or epoch * 10):07d}"
     storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", b"weights")
@@ -40,7 +40,7 @@ def upload(storage, epoch, loss, end=True, step=None):
         global_step=step or epoch * 10,
         end_of_epoch=end,
         metrics={"val_loss": loss},
-        metrics_fresh=end,
+        metrics_fresh=end if fresh is None else fresh,
         files=[FileEntry(path="model.pt", size=7, sha256=sha256_hex(b"weights"))],
         world_size=2,
         attempt=1,
@@ -168,6 +168,20 @@ def test_mid_epoch_checkpoints_do_not_compete_for_best(storage):
     assert led.best().id == "epoch0001-step0000010"
     assert json.loads(storage.read_bytes("manifest.json"))["kept"] == {
         "epoch0001-step0000010": ["best-k"],
+        "epoch0002-step0000020": ["latest"],
+    }
+
+
+def test_a_mid_epoch_evaluation_competes_for_best(storage):
+    """A checkpoint whose metrics were evaluated mid-epoch (Hugging Face eval_strategy="steps",
+    Lightning's val_check_interval < 1) is ranked like an epoch's end."""
+    led = RunLedger(storage, "run", RetentionConfig("val_loss", "min", top_k=1, keep_latest=1))
+    led.commit(upload(storage, 1, 0.5))
+    led.commit(upload(storage, 2, 0.1, end=False, step=15, fresh=True))
+    led.commit(upload(storage, 2, 0.6, end=True, step=20))
+    assert led.best().id == "epoch0002-step0000015"
+    assert json.loads(storage.read_bytes("manifest.json"))["kept"] == {
+        "epoch0002-step0000015": ["best-k"],
         "epoch0002-step0000020": ["latest"],
     }
 

@@ -13,6 +13,7 @@ from orchestrator.core.retention import (
     Pinned,
     RetentionConfig,
     decide,
+    metrics_fresh,
     policies_for,
     rank_best,
 )
@@ -141,3 +142,29 @@ def test_a_bad_policy_argument_is_an_input_error_naming_it_and_its_value(make, a
         make()
     assert isinstance(e.value, ValueError) and e.value.exit_code == 2
     assert argument in str(e.value) and f"got {value}" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "metrics, end, evaluated, last, fresh",
+    [
+        # an epoch's end: fresh, whatever it carries (a NaN there is a real divergence)
+        ({"val_loss": 0.4}, True, None, None, True),
+        ({"val_loss": NAN}, True, None, 0.4, True),
+        # mid-epoch, a train function that did not say: a new finite monitor is fresh
+        ({"val_loss": 0.3}, False, None, 0.4, True),
+        ({"val_loss": 0.3}, False, None, None, True),
+        # ... the NaN placeholder of a save before any evaluation is not
+        ({"val_loss": NAN}, False, None, None, False),
+        ({"val_loss": INF}, False, None, 0.4, False),
+        # ... nor the last evaluation's value carried over, nor no monitor at all
+        ({"val_loss": 0.4, "train_loss": 0.1}, False, None, 0.4, False),
+        ({"train_loss": 0.1}, False, None, None, False),
+        # the caller's word wins: an evaluation ran (a NaN it measured is real), or none did
+        ({"val_loss": NAN}, False, True, None, True),
+        ({"val_loss": 0.4}, False, True, 0.4, True),
+        ({"val_loss": 0.3}, False, False, 0.4, False),
+        ({"val_loss": 0.3}, True, False, None, False),
+    ],
+)
+def test_metrics_are_fresh_when_measured_on_the_weights_reported(metrics, end, evaluated, last, fresh):
+    assert metrics_fresh(metrics, "val_loss", end_of_epoch=end, evaluated=evaluated, last_value=last) is fresh

@@ -64,3 +64,30 @@ def test_session_example_survives_a_mid_epoch_kill_and_sees_every_sample_once(tm
     assert kept == expected_kept(epoch_rows, "val_loss", "min", top_k=2)
     best = min(epoch_rows, key=lambda r: r["val_loss"])
     assert summary["best"]["epoch"] == best["epoch"] and summary["best"]["value"] == best["val_loss"]
+
+
+@pytest.mark.parametrize("stop_on_nan", [False, True])
+def test_mid_epoch_saves_without_new_metrics_stay_out_of_best_stop_and_rows(tmp_path, stop_on_nan):
+    """The example's mid-epoch reports carry no new metrics: before the first evaluation a NaN
+    placeholder, then the last epoch's values. They are not fresh (retention.metrics_fresh), so
+    checkpoint.stop_on_nan does not stop at the placeholder, no mid-epoch checkpoint competes
+    for best-k, and the console shows each epoch's metrics once, under that epoch."""
+    p = run_cli(
+        "run",
+        "examples/session_api/job.yaml",
+        *("--set", f"storage.root={tmp_path}", "--set", "epochs=2", "--set", "chaos.kills=[]"),
+        *("--set", "scaling.num_workers=1", "--set", "task.options.num_workers=0"),
+        *("--set", f"checkpoint.stop_on_nan={str(stop_on_nan).lower()}", "--address", "local"),
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    run_dir = tmp_path / "session-digits"
+    rows = jsonl(run_dir / "metrics.jsonl")
+    assert [(r["epoch"], "samples_seen" in r) for r in rows] == [(1, True), (2, True)], rows
+    lines = [line for line in p.stdout.splitlines() if line.startswith("[run] epoch ")]
+    assert [line.split("  ")[0] for line in lines] == ["[run] epoch 1/2", "[run] epoch 2/2"], lines
+    for line, row in zip(lines, rows, strict=True):
+        assert f"val_loss {row['val_loss']:.4f}" in line, (line, row)
+
+    commits = [e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == "commit"]
+    mid = [c for c in commits if c["global_step"] not in {r["global_step"] for r in rows}]
+    assert len(mid) >= 4 and not [c for c in mid if "best-k" in c["kept"]], mid

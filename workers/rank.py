@@ -53,4 +53,6 @@ class Saving(Rank, Protocol):
         end_of_epoch: bool,
         metrics: dict[str, float],
         files: dict[str, Any],
+        *,
+        fresh: bool,
     ) -> None: ...

@@ -41,6 +41,7 @@ import torch
 from orchestrator.core.heal import start_shared_check
 from orchestrator.core.manifest import CheckpointRecord, StopKind
 from orchestrator.core.names import checkpoint_id
+from orchestrator.core.retention import metrics_fresh
 from orchestrator.core.storage import Storage
 from orchestrator.core.verify import read_verified
 from workers.calls import Coordinator, StepTicker
@@ -115,6 +116,8 @@ class Session:
         self._planned: tuple[CheckpointRecord | None, dict[str, bytes] | None] | None = None
         self._last_id: str | None = None
         self._monitor_checked = False
+        self._last_value: float | None = None  # the monitor last reported (or restored), finite
+        self._last_seeded = False
         self._shared_check: threading.Thread | None = None
 
     # -- for train functions ------------------------------------------------------------
@@ -183,6 +186,7 @@ class Session:
         step: int | None = None,
         end_of_epoch: bool = True,
         sharded: dict[str, Any] | None = None,
+        fresh: bool | None = None,
     ) -> None:
         """Report rank 0's metrics for an epoch (or, with end_of_epoch=False, within it) and,
         with `state`, checkpoint it in the background. Every rank calls it at the same points.
@@ -190,9 +194,21 @@ class Session:
         `rank_state` is each rank's own part (a data loader's position, say): gathered into
         the checkpoint, and `restore()` hands each rank its own back as state["rank_state"].
         `sharded` ({"model": module, "optimizer": optimizer}): every rank writes its own shards
-        of them (FSDP2; workers/sharded.py) into the same checkpoint as `state`."""
+        of them (FSDP2; workers/sharded.py) into the same checkpoint as `state`.
+        `fresh`: True when `metrics` were just evaluated on the state reported, False when they
+        are carried over; None lets the session decide (orchestrator.core.retention.metrics_fresh:
+        an epoch's end is fresh; mid-epoch, a finite monitor other than the last one reported).
+        Only fresh metrics compete for best-k, become their epoch's metrics row (the console's
+        line) and are looked at by checkpoint.stop_on_nan."""
         if taken := sorted(set(metrics) & {"epoch", "global_step", "attempt"}):
             raise ValueError(f"report(): metric names {taken} are the session's own (pass epoch= and step=)")
+        if fresh is not None and not isinstance(fresh, bool):
+            raise TypeError(f"report(fresh=...): expected True, False or None, got {fresh!r}")
+        if fresh and self.cfg.monitor not in metrics:
+            raise ValueError(
+                f"report(fresh=True): metrics lack checkpoint.monitor {self.cfg.monitor!r} "
+                f"(got {sorted(metrics)})"
+            )
         metrics = {k: float(v) for k, v in metrics.items()}
         # Rank 0's metrics count: every decision to stop is rank 0's, broadcast, so no rank
         # leaves while the others wait in a collective.
@@ -203,12 +219,10 @@ class Session:
                     f"checkpoint.monitor {self.cfg.monitor!r} is not among the reported metrics {missing}",
                     "input",
                 )
-        if self.cfg.stop_on_nan and (
-            bad := broadcast(sorted(k for k, v in metrics.items() if not math.isfinite(v)))
-        ):
-            raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
+        fresh = self._judge(metrics, end_of_epoch, fresh, epoch)
         global_step = epoch if step is None else step
-        self.report_metrics({"epoch": epoch, "global_step": global_step, **metrics})
+        if fresh:  # carried metrics are not this epoch's: no row for them (metrics.jsonl, the console)
+            self.report_metrics({"epoch": epoch, "global_step": global_step, **metrics})
         # Rank 0's choice, on every rank: a rank that passed no state still takes part in the
         # collectives of a save (rank_state's gather, the stop agreement) instead of hanging.
         saving = bool(broadcast(state is not None or sharded is not None))
@@ -221,12 +235,34 @@ class Session:
             if rest or sharded is not None:
                 files[STATE_FILE] = rest
             in_epoch = 0 if end_of_epoch else global_step
-            self.save_files(epoch, in_epoch, global_step, end_of_epoch, metrics, files, sharded)
+            self.save_files(epoch, in_epoch, global_step, end_of_epoch, metrics, files, sharded, fresh=fresh)
         if saving and self.rank == 0 and not self._asked:
             # A train function may not call step(), whose ticks carry the driver's request.
             self._asked = self.coord.stop_asked()
         if saving and (why := self.stop_check(global_step, end_of_epoch=True)) != NONE:
             self.finish_stop(why, f"epoch {epoch} (global step {global_step})")
+
+    def _judge(
+        self, metrics: dict[str, float], end_of_epoch: bool, evaluated: bool | None, epoch: int
+    ) -> bool:
+        """Whether a report's metrics are fresh (orchestrator.core.retention.metrics_fresh), rank
+        0's verdict on every rank. With checkpoint.stop_on_nan, fresh metrics that are not finite
+        stop the run; the NaN placeholder of a save before any evaluation does not."""
+        monitor = self.cfg.monitor
+        if not self._last_seeded:  # after a resume: what the restored checkpoint carried
+            self._last_seeded = True
+            record = self._plan()[0]
+            self._last_value = record.metrics.get(monitor) if record is not None else None
+        fresh = metrics_fresh(
+            metrics, monitor, end_of_epoch=end_of_epoch, evaluated=evaluated, last_value=self._last_value
+        )
+        if (value := metrics.get(monitor)) is not None and math.isfinite(value):
+            self._last_value = value
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v)) if fresh else []
+        fresh, bad = broadcast((fresh, bad if self.cfg.stop_on_nan else []))
+        if bad:
+            raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
+        return bool(fresh)
 
     # -- shared with the Task loop ------------------------------------------------------
     def _plan(self) -> tuple[CheckpointRecord | None, dict[str, bytes] | None]:
@@ -288,10 +324,13 @@ class Session:
         metrics: dict[str, float],
         files: dict[str, Any],
         sharded: dict[str, Any] | None = None,
+        *,
+        fresh: bool,
     ) -> None:
         """Rank 0 hands `files` (name -> state tree) to the background writer: the one way a
         checkpoint is written and committed. Other ranks return at once, or, with `sharded`,
-        once every rank has written its shards (their list goes into rank 0's record)."""
+        once every rank has written its shards (their list goes into rank 0's record).
+        `fresh`: the metrics were measured on this state (retention.metrics_fresh)."""
         # Unique per attempt: a redone epoch never reuses the name of one marked bad.
         cid = checkpoint_id(epoch, global_step, self.attempt)
         if cid == self._last_id:
@@ -314,7 +353,7 @@ class Session:
             "global_step": global_step,
             "end_of_epoch": end_of_epoch,
             "metrics": metrics,
-            "metrics_fresh": end_of_epoch,
+            "metrics_fresh": fresh,
             "world_size": self.world,
             "attempt": self.attempt,
             "sharded": sharded is not None,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from orchestrator.core.retention import metrics_fresh
 from workers.distributed import gather
 from workers.format import MODEL_FILE, STATE_FILE, Position, load_tensor_file  # noqa: F401  # re-exported
 from workers.metrics import EarlyStopping, RunningLoss
@@ -152,6 +153,11 @@ class Saver:
         if self.session.writer is None:
             return
         files = self.state.files(at, ranks)
+        metrics = self.state.metrics
+        # The loop evaluates at each epoch's end only: a save within an epoch carries the last.
+        fresh = metrics_fresh(
+            metrics, self.session.cfg.monitor, end_of_epoch=at.end_of_epoch, evaluated=at.end_of_epoch
+        )
         self.session.save_files(
-            at.epoch, at.step_in_epoch, at.global_step, at.end_of_epoch, self.state.metrics, files
+            at.epoch, at.step_in_epoch, at.global_step, at.end_of_epoch, metrics, files, fresh=fresh
         )

@@ -98,7 +98,7 @@ class CheckpointRecord(BaseModel):
     global_step: int
     end_of_epoch: bool
     metrics: dict[str, float] = Field(default_factory=dict)
-    metrics_fresh: bool = True  # measured on these weights (end of epoch), not carried over
+    metrics_fresh: bool = True  # measured on these weights, not carried over (retention.metrics_fresh)
     files: list[FileEntry]
     world_size: int
     attempt: int

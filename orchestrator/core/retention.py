@@ -9,7 +9,7 @@ checkpoints` shows to users.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -40,8 +40,8 @@ class Ckpt:
     seq: int  # commit order; larger is newer
     epoch: int
     end_of_epoch: bool
-    # The monitored value measured on these weights; None when the checkpoint carries
-    # no fresh validation metric (a mid-epoch save), which keeps it out of best-k.
+    # The monitored value measured on these weights; None when the checkpoint carries no
+    # fresh metric (metrics_fresh: a save between evaluations), which keeps it out of best-k.
     value: float | None
 
 
@@ -129,6 +129,31 @@ class RetentionConfig:
 class Decision:
     keep: dict[str, tuple[str, ...]] = field(default_factory=dict)  # id -> reasons
     drop: tuple[str, ...] = ()
+
+
+def metrics_fresh(
+    metrics: Mapping[str, float],
+    monitor: str,
+    *,
+    end_of_epoch: bool,
+    evaluated: bool | None = None,
+    last_value: float | None = None,
+) -> bool:
+    """Whether a report's metrics were measured on the weights it reports: the one rule for
+    what competes for best-k, becomes its epoch's metrics row and is looked at by
+    checkpoint.stop_on_nan.
+
+    `evaluated` is the caller's word when it knows (an evaluation just ran: the built-in loop's
+    epoch end, a Hugging Face evaluation, a Lightning validation; False: a save between
+    evaluations). None (a train function that did not say): an epoch's end is fresh; mid-epoch,
+    the monitor must be there, finite (NaN is the placeholder of a save before any evaluation)
+    and not `last_value`, the monitor of the last fresh report (carried over unchanged)."""
+    if evaluated is not None:
+        return evaluated
+    if end_of_epoch:
+        return True
+    value = metrics.get(monitor)
+    return value is not None and math.isfinite(value) and value != last_value
 
 
 def rank_best(ckpts: Iterable[Ckpt], mode: str) -> list[Ckpt]:
