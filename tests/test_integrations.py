@@ -101,3 +101,64 @@ def test_huggingface_trainer_example_resumes_after_a_kill(tmp_path):
     assert {"optimizer", "scheduler", "trainer_state", "rank_states"} <= set(state)
     trainer_state = json.loads(state["trainer_state"])
     assert (trainer_state["epoch"], trainer_state["global_step"]) == (row["epoch"], row["global_step"])
+
+
+def run_evaluating_within_epochs(job: str, root: Path, name: str, option: str) -> tuple[Any, ...]:
+    """The example for 2 epochs on one rank, no kill, with `option` set (evaluations within
+    epochs). Returns the summary, the commit events and the metrics rows."""
+    p = run_cli(
+        "run",
+        job,
+        *("--set", f"storage.root={root}", "--set", "epochs=2", "--set", "chaos.kills=[]"),
+        *("--set", "scaling.num_workers=1", "--set", "checkpoint.top_k=2", "--set", option),
+        *("--address", "local", "--json"),
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    events = jsonl(root / name / "events.jsonl")
+    commits = [e for e in events if e["kind"] == "commit"]
+    return json.loads(p.stdout), commits, jsonl(root / name / "metrics.jsonl")
+
+
+def best_of(commits: list[dict[str, Any]], monitor: str) -> dict[str, Any]:
+    return min(commits, key=lambda c: (c["metrics"][monitor], -c["global_step"]))
+
+
+def test_huggingface_step_evaluations_compete_for_best(tmp_path):
+    """eval_strategy="steps" (512 samples, batch 16: 32 steps an epoch; evaluations every 10
+    steps and at the last): a mid-epoch evaluation's checkpoint competes for best-k, and each
+    epoch's row holds that epoch's metrics only (the train "loss" logged at epoch 1's end is
+    not epoch 2's)."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    pytest.importorskip("accelerate", reason="accelerate (the Trainer's requirement) is not installed")
+    summary, commits, rows = run_evaluating_within_epochs(
+        "examples/huggingface/job.yaml", tmp_path, "hf-tiny-bert", "task.options.eval_steps=10"
+    )
+    assert [c["global_step"] for c in commits] == [10, 20, 30, 40, 50, 60, 64]
+    assert ["best-k" in c["kept"] for c in commits[:2]] == [True, True], commits[:2]  # top_k 2
+    assert [(r["epoch"], r["global_step"]) for r in rows] == [(1, 30), (2, 64)]
+    assert "loss" not in rows[1], rows[1]
+    best = best_of(commits, "eval_loss")
+    assert summary["best"] is not None and summary["best"]["id"] == best["id"], summary["best"]
+
+
+def test_lightning_mid_epoch_validations_compete_for_best(tmp_path):
+    """val_check_interval=0.5: Lightning validates at the middle of each epoch and one batch
+    before its end (45 batches: after 22 and 44), each such checkpoint competes for best-k; the
+    epoch-end checkpoint carries the validation of the batch before, so it does not; each
+    epoch's row is its last validation, without the epoch before's train loss."""
+    pytest.importorskip("lightning", reason="lightning is not installed")
+    summary, commits, rows = run_evaluating_within_epochs(
+        "examples/lightning/job.yaml", tmp_path, "lightning-digits", "task.options.val_check_interval=0.5"
+    )
+    per_epoch = max(c["global_step"] for c in commits) // 2
+    ends = [c for c in commits if c["global_step"] % per_epoch == 0]
+    mid = [c for c in commits if c["global_step"] % per_epoch != 0]
+    assert len(ends) == 2 and len(mid) == 4, commits
+    assert not [c for c in ends if "best-k" in c["kept"]], ends
+    assert [(r["epoch"], r["global_step"]) for r in rows] == [
+        (1, mid[1]["global_step"]),
+        (2, mid[3]["global_step"]),
+    ]
+    assert not [r for r in rows if "train_loss" in r], rows
+    best = best_of(mid, "val_loss")
+    assert summary["best"] is not None and summary["best"]["id"] == best["id"], summary["best"]

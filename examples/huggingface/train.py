@@ -5,8 +5,9 @@
 A tiny BERT classifier built from a config (nothing is downloaded: no pretrained weights,
 no tokenizer) on synthetic token sequences: class 0 draws its tokens from the lower half of
 the vocabulary, class 1 from the upper half. The session's callback
-(workers/integrations/huggingface.py) reports every epoch's evaluation and the Trainer's
-state, and `train(trainer, session)` resumes a restarted group from the latest commit.
+(workers/integrations/huggingface.py) reports every evaluation (each epoch's, or every
+`eval_steps` steps) and the Trainer's state, and `train(trainer, session)` resumes a
+restarted group from the latest commit.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def accuracy(pred: Any) -> dict[str, float]:
 
 def train_fn(session: Any) -> None:
     ctx = session.context
-    opts = {"batch_size": 16, "lr": 1e-3, **ctx.options}
+    # eval_steps: evaluate every that many steps (eval_strategy "steps") instead of each epoch's
+    # end; each evaluation's checkpoint competes for best-k, mid-epoch too.
+    opts = {"batch_size": 16, "lr": 1e-3, "eval_steps": None, **ctx.options}
     model = BertForSequenceClassification(model_config(opts))
     with tempfile.TemporaryDirectory(prefix="hf-output-") as out:  # the session checkpoints, not the Trainer
         args = TrainingArguments(
@@ -71,7 +74,8 @@ def train_fn(session: Any) -> None:
             per_device_train_batch_size=opts["batch_size"],
             per_device_eval_batch_size=64,
             learning_rate=opts["lr"],
-            eval_strategy="epoch",
+            eval_strategy="steps" if opts["eval_steps"] else "epoch",
+            eval_steps=opts["eval_steps"],
             logging_strategy="epoch",
             save_strategy="no",
             seed=ctx.seed,

@@ -52,7 +52,9 @@ class DigitsMLP(pl.LightningModule):
 
 def train(session: Any) -> None:
     ctx = session.context
-    opts = {"batch_size": 32, "hidden": 64, "lr": 0.05, **ctx.options}
+    # val_check_interval < 1: validate within each epoch too; each such validation's checkpoint
+    # competes for best-k.
+    opts = {"batch_size": 32, "hidden": 64, "lr": 0.05, "val_check_interval": 1.0, **ctx.options}
     train_set, val_set = datasets(ctx.seed, 0.2)
     model = DigitsMLP(opts["hidden"], opts["lr"])
     io = SessionCheckpointIO(session)
@@ -68,6 +70,7 @@ def train(session: Any) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        val_check_interval=opts["val_check_interval"],
     )
     trainer = prepare_trainer(trainer)
     # Lightning adds a DistributedSampler for each rank (seeded, reshuffled every epoch).

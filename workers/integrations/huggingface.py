@@ -17,12 +17,14 @@ iterables as datasets; it composes with this (call it before `train`).
 
 Saving: after every evaluation the Trainer runs during training (`eval_strategy`; at the end
 of each epoch when evaluation is off) `SessionCallback` reports the evaluation's metrics with
-the latest logged training ones ("loss", "learning_rate", ...) through `session.report`, with
-a state built from the live objects the Trainer hands its callbacks: the model's state_dict
-under "model" (the checkpoint's model.pt), the optimizer's and LR scheduler's states, the
-`TrainerState` as its trainer_state.json text (global step, epoch, log history, stateful
-callbacks), and each rank's RNG streams as that rank's `rank_state`. The session writes it in
-the background; the Trainer's own `save_strategy` should be "no".
+the latest training ones logged in the same epoch ("loss", "learning_rate", ...) through
+`session.report`. An evaluation's metrics are fresh (measured on the weights reported) wherever
+it ran, so with `eval_strategy="steps"` a mid-epoch checkpoint competes for best-k too. The
+report carries a state built from the live objects the Trainer hands its callbacks: the
+model's state_dict under "model" (the checkpoint's model.pt), the optimizer's and LR
+scheduler's states, the `TrainerState` as its trainer_state.json text (global step, epoch, log
+history, stateful callbacks), and each rank's RNG streams as that rank's `rank_state`. The
+session writes it in the background; the Trainer's own `save_strategy` should be "no".
 
 Resuming: the Trainer's restore reads a checkpoint directory (`trainer.train(
 resume_from_checkpoint=DIR)`): it loads the weights, optimizer, scheduler and RNG, and skips
@@ -76,7 +78,7 @@ class SessionCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if args.eval_strategy == "no":
-            self._report(args, state, control, {}, kwargs)
+            self._report(args, state, control, {}, kwargs, evaluated=None)
 
     def on_evaluate(
         self,
@@ -86,7 +88,17 @@ class SessionCallback(TrainerCallback):
         metrics: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        self._report(args, state, control, metrics or {}, kwargs)
+        metrics = metrics or {}
+        # The evaluation's own metrics are fresh wherever it ran, mid-epoch too (eval_strategy
+        # "steps"); a monitor the Trainer only logged (the train "loss") is left to the session.
+        self._report(
+            args,
+            state,
+            control,
+            metrics,
+            kwargs,
+            evaluated=True if self.session.cfg.monitor in metrics else None,
+        )
 
     def _report(
         self,
@@ -95,6 +107,7 @@ class SessionCallback(TrainerCallback):
         control: TrainerControl,
         metrics: dict[str, Any],
         objects: dict[str, Any],
+        evaluated: bool | None,
     ) -> None:
         # Evaluations outside training (before the first step, trainer.evaluate() after the
         # last) have nothing new to checkpoint.
@@ -105,8 +118,9 @@ class SessionCallback(TrainerCallback):
         end_of_epoch = state.global_step % per_epoch == 0
         epoch = math.ceil(state.global_step / per_epoch)
         merged: dict[str, Any] = {}
-        for row in state.log_history:  # the latest value of each logged metric
-            merged.update(row)
+        for row in state.log_history:  # the latest value of each metric logged in this epoch
+            if row.get("step", 0) > (epoch - 1) * per_epoch:  # an earlier epoch's is not this one's
+                merged.update(row)
         merged.update(metrics)
         numbers = {k: float(v) for k, v in merged.items() if _is_metric(k, v)}
         ckpt: dict[str, Any] = {}
@@ -127,6 +141,7 @@ class SessionCallback(TrainerCallback):
             end_of_epoch=end_of_epoch,
             state=ckpt,
             rank_state={"rng": capture_rng()},
+            fresh=evaluated,
         )
 
     def _trainer_state_json(self, state: TrainerState, control: TrainerControl) -> str:

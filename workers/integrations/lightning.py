@@ -34,8 +34,18 @@ at the start of a run), and `SessionCheckpointIO.load_checkpoint` answers that p
 and nothing of Lightning's restore is redone by hand. Every other path goes to Lightning's
 own `TorchCheckpointIO`, so a `ModelCheckpoint` or `fit(ckpt_path="file.ckpt")` still works.
 
+Validations within an epoch (`val_check_interval` < 1, or a number of batches): after each
+one that logged the monitor, `on_validation_end` reports Lightning's checkpoint with that
+validation's metrics (fresh: measured on these weights, so it competes for best-k; the metrics
+it did not log, such as an epoch-level train loss, are the epoch before's and left out), as
+Lightning's own `ModelCheckpoint` saves there. The epoch's last validation is reported at the
+epoch's end as above; when it ran before the epoch's last batch (an interval that does not
+divide the epoch) or not in this epoch at all (`check_val_every_n_epoch` > 1), the epoch's
+checkpoint carries the monitor measured on other weights and does not compete for best-k.
+Resuming from a mid-epoch checkpoint is Lightning's own mid-epoch restore.
+
 Checkpoints are loaded weights-only: keep hyper-parameters (`save_hyperparameters`) plain
-data. Mid-epoch validations (`val_check_interval` < 1) are not checkpointed.
+data.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 
 PREFIX = "session://"
 
@@ -103,10 +114,14 @@ class SessionCheckpointIO(CheckpointIO):
 
 class SessionCallback(pl.Callback):
     """Reports every training epoch's logged metrics and Lightning's checkpoint through the
-    session, and passes each batch to `session.step` (the progress line and `chaos.kills`)."""
+    session, and each validation within an epoch (`val_check_interval` < 1) that measured the
+    monitor; passes each batch to `session.step` (the progress line and `chaos.kills`)."""
 
     def __init__(self, session: Any) -> None:
         self.session = session
+        self._before: dict[str, Any] = {}  # trainer.callback_metrics as a validation found them
+        self._validated: tuple[int, set[str]] = (-1, set())  # the last validation: its step, its metrics
+        self._reported_step = -1
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not isinstance(trainer.strategy.checkpoint_io, SessionCheckpointIO):
@@ -126,16 +141,59 @@ class SessionCallback(pl.Callback):
             trainer.global_step,
         )
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._before = dict(trainer.callback_metrics)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A validation within a training epoch: its metrics were measured on these weights, so
+        its checkpoint competes for best-k. The epoch's last one is on_train_epoch_end's."""
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        # callback_metrics keeps every metric logged so far: this validation's are the values
+        # it replaced; the rest (an epoch-level train loss) are the epoch before's, not this one's.
+        mine = {k: v for k, v in trainer.callback_metrics.items() if self._before.get(k) is not v}
+        metrics = _numbers(mine)
+        self._validated = (trainer.global_step, set(metrics))
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # the epoch's end: on_train_epoch_end reports it
+        if self.session.cfg.monitor in metrics:  # every rank logged the same keys (sync_dist)
+            self._report(trainer, metrics, end_of_epoch=False, fresh=True)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == self._reported_step:  # a validation just reported this step (a stop)
+            return
+        # A monitor that an earlier validation measured (on other weights: val_check_interval
+        # not ending on the last batch, check_val_every_n_epoch > 1) is carried, not fresh.
+        step, keys = self._validated
+        carried = self.session.cfg.monitor in keys and step != trainer.global_step
+        self._report(
+            trainer, _numbers(trainer.callback_metrics), end_of_epoch=True, fresh=False if carried else None
+        )
+
+    def _report(
+        self, trainer: pl.Trainer, metrics: dict[str, float], end_of_epoch: bool, fresh: bool | None
+    ) -> None:
         epoch = trainer.current_epoch + 1  # Lightning counts from 0, the session from 1
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         io = trainer.strategy.checkpoint_io
         assert isinstance(io, SessionCheckpointIO)
-        trainer.save_checkpoint(f"{PREFIX}epoch{epoch}")  # every rank builds it; rank 0's IO keeps it
+        # every rank builds it; rank 0's IO keeps it
+        trainer.save_checkpoint(f"{PREFIX}epoch{epoch}-step{trainer.global_step}")
         checkpoint = io.take()
         # Only rank 0's state is written; the others still pass one, so every rank takes the
         # same path through report (it joins them in collectives).
         state: dict[str, Any] = {}
         if checkpoint is not None:
             state = {"model": checkpoint.pop("state_dict"), **checkpoint}
-        self.session.report(metrics, epoch=epoch, step=trainer.global_step, state=state)
+        self._reported_step = trainer.global_step
+        self.session.report(
+            metrics,
+            epoch=epoch,
+            step=trainer.global_step,
+            state=state,
+            end_of_epoch=end_of_epoch,
+            fresh=fresh,
+        )
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v.numel() == 1}
