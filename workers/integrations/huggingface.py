@@ -21,8 +21,11 @@ the latest logged training ones ("loss", "learning_rate", ...) through `session.
 a state built from the live objects the Trainer hands its callbacks: the model's state_dict
 under "model" (the checkpoint's model.pt), the optimizer's and LR scheduler's states, the
 `TrainerState` as its trainer_state.json text (global step, epoch, log history, stateful
-callbacks), and each rank's RNG streams as that rank's `rank_state`. The session writes it in
-the background; the Trainer's own `save_strategy` should be "no".
+callbacks), and each rank's RNG streams as that rank's `rank_state`. The model's config
+(config.json) and the Trainer's `processing_class` (a tokenizer), as their `save_pretrained`
+writes them, travel as the checkpoint's extra files (`extras/`, checked like the weights;
+`orchestrator best --download` and `export` copy them out beside the weights). The session
+writes it all in the background; the Trainer's own `save_strategy` should be "no".
 
 Resuming: the Trainer's restore reads a checkpoint directory (`trainer.train(
 resume_from_checkpoint=DIR)`): it loads the weights, optimizer, scheduler and RNG, and skips
@@ -110,7 +113,9 @@ class SessionCallback(TrainerCallback):
         merged.update(metrics)
         numbers = {k: float(v) for k, v in merged.items() if _is_metric(k, v)}
         ckpt: dict[str, Any] = {}
+        extras = tempfile.TemporaryDirectory(prefix="hf-extras-")  # report() copies what it needs
         if self.session.rank == 0:  # only rank 0's state is written; the others pass an empty one
+            self._save_pretrained(objects["model"], extras.name)
             ckpt = {
                 "model": objects["model"].state_dict(),
                 "optimizer": objects["optimizer"].state_dict(),
@@ -120,14 +125,25 @@ class SessionCallback(TrainerCallback):
             scaler = getattr(self.trainer.accelerator, "scaler", None) if self.trainer is not None else None
             if scaler is not None:
                 ckpt["scaler"] = scaler.state_dict()
-        self.session.report(
-            numbers,
-            epoch=epoch,
-            step=state.global_step,
-            end_of_epoch=end_of_epoch,
-            state=ckpt,
-            rank_state={"rng": capture_rng()},
-        )
+        with extras:
+            self.session.report(
+                numbers,
+                epoch=epoch,
+                step=state.global_step,
+                end_of_epoch=end_of_epoch,
+                state=ckpt,
+                rank_state={"rng": capture_rng()},
+                extra_files=extras.name if os.listdir(extras.name) else None,
+            )
+
+    def _save_pretrained(self, model: Any, into: str) -> None:
+        """The model's config (config.json) and the Trainer's processing class (a tokenizer, an
+        image processor), as their save_pretrained writes them: the checkpoint's extra files."""
+        config = getattr(model, "config", None)
+        processor = getattr(self.trainer, "processing_class", None) if self.trainer is not None else None
+        for part in (config, processor):
+            if part is not None and hasattr(part, "save_pretrained"):
+                part.save_pretrained(into)
 
     def _trainer_state_json(self, state: TrainerState, control: TrainerControl) -> str:
         """trainer_state.json as the Trainer's own save writes it: with the current state of
