@@ -27,6 +27,15 @@ writes them, travel as the checkpoint's extra files (`extras/`, checked like the
 `orchestrator best --download` and `export` copy them out beside the weights). The session
 writes it all in the background; the Trainer's own `save_strategy` should be "no".
 
+Sharding: a Trainer that shards the model (FSDP, DeepSpeed: TrainingArguments.fsdp,
+.deepspeed, or Accelerate's config) is refused before its first step, on every rank, with an
+input error (exit 2) naming the cause: the callback's state_dict() on rank 0 alone would be a
+collective the other ranks never join, and the save would hang. It is refused by what is asked
+for, not by what Accelerate made of it: on CPU (gloo) Accelerate 1.16 runs a Trainer with
+`fsdp="full_shard"` as plain DDP (seen here: `is_fsdp_enabled` False, the model in DDP), while
+on GPUs the same arguments shard it. DDP (the default) is what the callback runs; a sharded
+model goes through a train function and `session.report(sharded=...)`.
+
 Resuming: the Trainer's restore reads a checkpoint directory (`trainer.train(
 resume_from_checkpoint=DIR)`): it loads the weights, optimizer, scheduler and RNG, and skips
 the epochs and steps already trained from trainer_state.json. It has no pluggable reader, so
@@ -55,6 +64,7 @@ from transformers.training_args import ParallelMode
 from transformers.utils import WEIGHTS_NAME
 
 from workers.rng import capture_rng
+from workers.session import StopRun
 
 
 class SessionCallback(TrainerCallback):
@@ -66,6 +76,11 @@ class SessionCallback(TrainerCallback):
         self.session = session
         self.trainer: Trainer | None = None  # set by train(): the scaler and stateful callbacks
         self._reported_step = 0
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        refuse_sharded(self.trainer, args)  # for a trainer.train() called without train()
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -169,11 +184,34 @@ def train(trainer: Trainer, session: Any, **kwargs: Any) -> Any:
         callback = SessionCallback(session)
         trainer.add_callback(callback)
     callback.trainer = trainer
+    refuse_sharded(trainer, trainer.args)
     state = session.restore()
     if state is None:
         return trainer.train(**kwargs)
     with checkpoint_dir(trainer, state) as path:
         return trainer.train(resume_from_checkpoint=path, **kwargs)
+
+
+def refuse_sharded(trainer: Trainer | None, args: TrainingArguments) -> None:
+    """Refuse, before the first step and on every rank alike, a Trainer that shards the model
+    (FSDP or DeepSpeed, from TrainingArguments or Accelerate's config): SessionCallback takes
+    the model's and optimizer's state_dict on rank 0 alone, which under either is a collective
+    every rank must join, so the save would hang (and rank 0 would hold only its shard)."""
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None):
+        how = "DeepSpeed (TrainingArguments.deepspeed or Accelerate's config)"
+    elif getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None):
+        how = "FSDP (TrainingArguments.fsdp or Accelerate's config)"
+    else:
+        return
+    raise StopRun(
+        f"the Hugging Face Trainer shards the model with {how}: SessionCallback checkpoints the "
+        "model's full state_dict from rank 0 alone, which under sharding is a collective every "
+        "rank must join (the save would hang). Train without it (the Trainer's DDP, its default "
+        "under Ray Train: leave fsdp and deepspeed unset), or write a train function that saves "
+        "with session.report(sharded={'model': ..., 'optimizer': ...}) (docs/worker-api.md, "
+        "Sharded checkpoints)",
+        "input",
+    )
 
 
 @contextlib.contextmanager
