@@ -227,3 +227,51 @@ def test_a_missing_extra_file_on_s3_fails_verification_and_the_resume_falls_back
     assert [b.record.id for b in read_manifest(storage).bad] == [latest.id]
     seen = json.loads((tmp_path / "out" / "restored-a2-r0.json").read_text())
     assert seen == {"epoch": 1, "files": files_at(1)}, seen
+
+
+def test_a_sharded_checkpoints_extra_files_are_recorded_and_checked_with_its_shards(tmp_path):
+    """A sharded save (DCP, as report(sharded=...) writes it) with extra files: the record lists
+    them beside every rank's shards, and a damaged one fails the sharded restore's verification
+    (the coordinator's hash of what no rank reads), which falls back to the previous commit."""
+    import torch
+
+    from orchestrator.coordinator import RunLedger
+    from orchestrator.core.retention import RetentionConfig
+    from workers.sharded import load_verified, state_dict_of, write_shards
+    from workers.state import STATE_FILE
+    from workers.writer import CheckpointWriter
+
+    storage = Storage(str(tmp_path / "run"))
+    led = RunLedger(storage, "run", RetentionConfig("val_loss", "min", top_k=3, keep_latest=1))
+    led.start_attempt(1)
+    writer = CheckpointWriter(storage, led.commit, async_save=False)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (tmp_path / "cfg.json").write_text("{}")
+    for epoch in (1, 2):
+        cid = f"epoch{epoch:04d}"
+        part = write_shards(storage, cid, state_dict_of({"model": model, "optimizer": opt}), rank=0)
+        meta = {
+            "id": cid,
+            "epoch": epoch,
+            "step_in_epoch": 0,
+            "global_step": epoch,
+            "end_of_epoch": True,
+            "metrics": {"val_loss": 1.0 / epoch},
+            "world_size": 1,
+            "attempt": 1,
+            "sharded": True,
+        }
+        extras = snapshot(resolve({"config.json": tmp_path / "cfg.json"}))
+        writer.save(meta, {STATE_FILE: {"epoch": epoch}}, part, extras)
+        assert not Path(extras[0]).exists()  # the copies are gone once written
+    latest = led.manifest.latest()
+    assert latest is not None and latest.extra_files == {"extras/config.json"}
+    assert {".metadata", "__0_0.distcp", STATE_FILE, "extras/config.json"} == {f.path for f in latest.files}
+
+    (tmp_path / "run" / latest.dir / "extras/config.json").write_text("[]")  # same size, other bytes
+    sd = state_dict_of({"model": model, "optimizer": opt})
+    record, _ = load_verified(storage, latest, sd, 0, lambda bad, why: led.next_restore(bad, why))
+    assert record is not None and record.id == "epoch0001"
+    assert [b.record.id for b in led.manifest.bad] == ["epoch0002"]
+    assert "extras/config.json" in led.manifest.bad[0].reason
