@@ -51,9 +51,9 @@ def readable_by_all(paths: list[str]) -> list[str]:
 
 def weight_files(record: CheckpointRecord) -> set[str]:
     """The files that hold a checkpoint's weights: model.pt, or a sharded one's shards and
-    their index (workers/sharded.py; everything but train_state.pt)."""
+    their index (workers/sharded.py; everything but train_state.pt and the extra files)."""
     if record.sharded:
-        return {f.path for f in record.files if f.path != "train_state.pt"}
+        return {f.path for f in record.files if f.path != "train_state.pt"} - record.extra_files
     return {MODEL_FILE}
 
 

@@ -24,7 +24,16 @@ from orchestrator import lifecycle, preflight
 from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
 from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.lease import Lease, LeaseLost
-from orchestrator.core.manifest import BACKUP, EVENTS, MANIFEST, METRICS, SPEC, read_jsonl, read_manifest
+from orchestrator.core.manifest import (
+    BACKUP,
+    EVENTS,
+    LOGS,
+    MANIFEST,
+    METRICS,
+    SPEC,
+    read_jsonl,
+    read_manifest,
+)
 from orchestrator.core.storage import Storage, redact, redact_options, secrets_in
 from orchestrator.outcome import Outcome, decide_outcome, describe, lease_lost, relaunch_group, root_cause
 from orchestrator.progress import ProgressView, all_nan_warning
@@ -327,6 +336,22 @@ def trackers_off(storage: Storage, since: float) -> list[dict[str, Any]]:
     return [e for e in events if e.get("kind") == "tracker_off" and e.get("ts", 0) >= since]
 
 
+def failed_rank_log(storage: Storage, since: float) -> str:
+    """Where a failed run's output is, for its error: the log of the rank whose exception
+    ended the latest attempt (its `worker_error` event names it), else every rank's logs."""
+    try:
+        events = read_jsonl(storage, EVENTS)
+    except Exception:  # noqa: BLE001  # the run's outcome matters more than this note
+        events = []
+    failed = [
+        e for e in events if e.get("kind") == "worker_error" and e.get("log") and e.get("ts", 0) >= since
+    ]
+    if failed:  # the first failure of the last attempt that failed: the others may be its echo
+        first = next(e for e in failed if e.get("restarts") == failed[-1].get("restarts"))
+        return f"; rank {first.get('rank')}'s log: {first['log']}"
+    return f"; every rank's log: {storage.child_uri(LOGS)}/"
+
+
 def say_all_nan(storage: Storage, spec: JobSpec) -> None:
     """On stderr at the run's end, when every value of the monitored metric the run reported
     was NaN (or inf): nothing was ranked, and checkpoint.stop_on_nan would have stopped it."""
@@ -571,7 +596,7 @@ def _conclude(
         )
     if outcome.kind == "failed":
         hint = f"; when the cause is fixed, `orchestrator resume {spec.run_uri}` continues it"
-        raise RunFailed((reason or "training failed") + hint, summary)
+        raise RunFailed((reason or "training failed") + failed_rank_log(storage, since) + hint, summary)
     return summary
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from orchestrator.api import Run, readable_by_all, weight_files
 from orchestrator.core.errors import OrchestratorError
+from orchestrator.core.verify import copy_verified
 from workers.task import example_input
 
 FORMATS = {"safetensors": "model.safetensors", "torchscript": "model.ts", "onnx": "model.onnx"}
@@ -114,6 +115,9 @@ def export(run: Run, out_dir: str, fmt: str, which: str = "best") -> dict[str, A
         "dtype": weights_dtype(state),
         **extra,
     }
+    if extras := ck.record.extra_files:  # a tokenizer, a config saved beside the weights: verified
+        config["extra_files"] = sorted(extras)
+        readable_by_all(copy_verified(run.storage, ck.record, out_dir, only=extras))
     config_path = os.path.join(out_dir, "config.json")
     with open(config_path, "w") as f:
         json.dump(config, f, indent=1, allow_nan=True)

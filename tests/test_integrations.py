@@ -101,6 +101,13 @@ def test_huggingface_trainer_example_resumes_after_a_kill(tmp_path):
     assert {"optimizer", "scheduler", "trainer_state", "rank_states"} <= set(state)
     trainer_state = json.loads(state["trainer_state"])
     assert (trainer_state["epoch"], trainer_state["global_step"]) == (row["epoch"], row["global_step"])
+    # the model's config.json travels with the checkpoint as an extra file, verified
+    from transformers import BertConfig
+
+    record = json.loads((best / "checkpoint.json").read_text())
+    assert "extras/config.json" in {f["path"] for f in record["files"]}
+    config = BertConfig.from_pretrained(best / "extras")
+    assert (config.hidden_size, config.vocab_size) == (32, mod.VOCAB)
 
 
 def run_evaluating_within_epochs(job: str, root: Path, name: str, option: str) -> tuple[Any, ...]:
@@ -162,3 +169,32 @@ def test_lightning_mid_epoch_validations_compete_for_best(tmp_path):
     assert not [r for r in rows if "train_loss" in r], rows
     best = best_of(mid, "val_loss")
     assert summary["best"] is not None and summary["best"]["id"] == best["id"], summary["best"]
+
+
+def test_huggingface_trainer_with_fsdp_is_refused_before_training(tmp_path):
+    """The callback's state_dict() on rank 0 alone would hang under FSDP: the real Trainer
+    configured with fsdp="full_shard" is refused on every rank before its first step."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    pytest.importorskip("accelerate", reason="accelerate (the Trainer's requirement) is not installed")
+    src = (ROOT / "examples/huggingface/train.py").read_text()
+    assert src.count('save_strategy="no",') == 1
+    fsdp = tmp_path / "fsdp_train.py"
+    fsdp.write_text(src.replace('save_strategy="no",', 'save_strategy="no",\n            fsdp="full_shard",'))
+    p = run_cli(
+        "run",
+        "examples/huggingface/job.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        f"task.name={fsdp}:train_fn",
+        "--set",
+        "chaos.kills=[]",
+        "--address",
+        "local",
+    )
+    assert p.returncode == 2, p.stderr[-4000:]
+    assert "the Hugging Face Trainer shards the model with FSDP" in p.stderr, p.stderr[-4000:]
+    assert "session.report(sharded=" in p.stderr
+    assert not (tmp_path / "hf-tiny-bert" / "checkpoints").exists() or not any(
+        (tmp_path / "hf-tiny-bert" / "checkpoints").iterdir()
+    )

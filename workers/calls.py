@@ -91,8 +91,10 @@ class Coordinator:
     def gave_up(self) -> str | None:
         return call(self.handle.gave_up)  # type: ignore[no-any-return]
 
-    def record_failure(self, sig: str, trace: str, attempt: int | None) -> None:
-        call(self.handle.record_failure, sig, trace, attempt, timeout=30)
+    def record_failure(
+        self, sig: str, trace: str, attempt: int | None, rank: int | None = None, log: str | None = None
+    ) -> None:
+        call(self.handle.record_failure, sig, trace, attempt, rank=rank, log=log, timeout=30)
 
     def end_training(self) -> None:
         call(self.handle.end_training)

@@ -17,6 +17,7 @@ workers/resume.py; what a task's checkpoint holds is workers/state.py's TrainSta
 from __future__ import annotations
 
 import contextlib
+import traceback
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_ear
 from workers.failures import is_infrastructure, signature, user_traceback
 from workers.metrics import RunningLoss
 from workers.output import label_output
+from workers.rank_log import RankLog
 from workers.resume import restore
 from workers.session import Session, StopRun, TakenOver
 from workers.state import Position, Saver, TrainState
@@ -51,6 +53,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     label_output(rank)  # the driver's console shows rank 0's own lines (workers/output.py)
+    rank_log = RankLog(cfg.run_uri, cfg.storage_options, rank)  # every line, kept in RUN_URI/logs/
     console.configure()  # this project's `[tag] message` lines, unlabeled (orchestrator/core/console.py)
     where = ["setup"]  # the position in training, for a failure's signature
     session: Session | None = None
@@ -65,6 +68,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             return stop_run(coord, rank, problems[0], "input", cfg.replicas)
         session = Session(cfg, coord, rank, world, ctx.get_local_rank(), device)
         session.restored_record()  # the restore plan: this attempt's number, for a failure's record
+        rank_log.attempt = session.attempt
         if cfg.replicas:
             if is_train_function(fn):
                 raise StopRun(
@@ -87,11 +91,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             session.close()  # what was saved before the stop is committed
         return stop_run(coord, rank, stop.reason, stop.kind, cfg.replicas)
     except Exception as e:
+        kept = rank_log.failed(traceback.format_exc())  # uploaded now: the group may be torn down next
         if not is_infrastructure(e):
             with contextlib.suppress(Exception):  # the original error matters more
                 attempt = session.attempt if session is not None and session.attempt else None
-                coord.record_failure(signature(e, where[0]), user_traceback(e), attempt)
+                coord.record_failure(signature(e, where[0]), user_traceback(e), attempt, rank, kept)
         raise
+    finally:
+        rank_log.close()
 
 
 def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,11 +41,12 @@ from typing import Any
 import torch
 
 from orchestrator.core.heal import start_shared_check
-from orchestrator.core.manifest import CheckpointRecord, StopKind
+from orchestrator.core.manifest import EXTRAS_DIR, CheckpointRecord, StopKind
 from orchestrator.core.names import checkpoint_id
 from orchestrator.core.retention import metrics_fresh
 from orchestrator.core.storage import Storage
-from orchestrator.core.verify import read_verified
+from orchestrator.core.verify import copy_verified, read_verified
+from workers import extras as extras_mod
 from workers.calls import Coordinator, StepTicker
 from workers.chaos import Chaos
 from workers.config import WorkerConfig
@@ -119,6 +122,7 @@ class Session:
         self._last_value: float | None = None  # the monitor last reported (or restored), finite
         self._last_seeded = False
         self._shared_check: threading.Thread | None = None
+        self._extras_dirs: list[str] = []  # restored extra files, removed at close()
 
     # -- for train functions ------------------------------------------------------------
     @property
@@ -140,7 +144,9 @@ class Session:
         at the start of a run: state.pt's tree, with model.pt's weights under "model".
         With `sharded` ({"model": module, "optimizer": optimizer}, as report() was given it),
         every rank loads its shards into them in place, resharded for this world size
-        (workers/sharded.py), and gets the rest of the state back."""
+        (workers/sharded.py), and gets the rest of the state back. A checkpoint saved with
+        extra files has state["extra_files"]: a local directory holding them, verified (this
+        rank's own, removed when the attempt ends)."""
         if sharded is not None:
             from workers.sharded import restore_shards
 
@@ -154,10 +160,28 @@ class Session:
         state = dict(load_tensor_file(blobs[STATE_FILE])) if STATE_FILE in blobs else {}
         if MODEL_FILE in blobs:
             state["model"] = load_tensor_file(blobs[MODEL_FILE])
+        if (where := self._restore_extras(blobs)) is not None:
+            state[extras_mod.STATE_KEY] = where
         if "rank_states" in state:  # each rank's own part; none after a change of world size
             ranks = state.pop("rank_states")
             state["rank_state"] = ranks[self.rank] if len(ranks) == self.world else None
         return state
+
+    def _restore_extras(self, blobs: dict[str, bytes]) -> str | None:
+        """The restored checkpoint's extra files, verified, in a local directory of this rank's
+        (removed when the session closes); None when it has none."""
+        record = self._plan()[0]
+        if record is None or not record.extra_files:
+            return None
+        if record.sharded:  # rank 0 hashed them with the shards; every rank copies its own, verified
+            where = tempfile.mkdtemp(prefix=f"orchestrator-{record.id}-r{self.rank}-extras-")
+            copy_verified(self.storage, record, where, only=record.extra_files)
+            self._extras_dirs.append(where)
+            return os.path.join(where, EXTRAS_DIR)
+        written = extras_mod.write_restored(blobs, record.id, self.rank)
+        if written is not None:
+            self._extras_dirs.append(written)
+        return written
 
     def step(
         self,
@@ -187,6 +211,7 @@ class Session:
         end_of_epoch: bool = True,
         sharded: dict[str, Any] | None = None,
         fresh: bool | None = None,
+        extra_files: Any = None,
     ) -> None:
         """Report rank 0's metrics for an epoch (or, with end_of_epoch=False, within it) and,
         with `state`, checkpoint it in the background. Every rank calls it at the same points.
@@ -199,7 +224,10 @@ class Session:
         are carried over; None lets the session decide (orchestrator.core.retention.metrics_fresh:
         an epoch's end is fresh; mid-epoch, a finite monitor other than the last one reported).
         Only fresh metrics compete for best-k, become their epoch's metrics row (the console's
-        line) and are looked at by checkpoint.stop_on_nan."""
+        line) and are looked at by checkpoint.stop_on_nan.
+        `extra_files` (a directory, or {name: file or directory}): files the checkpoint carries
+        beside the state (a tokenizer, a config; rank 0's count), checked like the state's, and
+        given back by `restore()` as a local directory, state["extra_files"] (workers/extras.py)."""
         if taken := sorted(set(metrics) & {"epoch", "global_step", "attempt"}):
             raise ValueError(f"report(): metric names {taken} are the session's own (pass epoch= and step=)")
         if fresh is not None and not isinstance(fresh, bool):
@@ -225,7 +253,7 @@ class Session:
             self.report_metrics({"epoch": epoch, "global_step": global_step, **metrics})
         # Rank 0's choice, on every rank: a rank that passed no state still takes part in the
         # collectives of a save (rank_state's gather, the stop agreement) instead of hanging.
-        saving = bool(broadcast(state is not None or sharded is not None))
+        saving, extras = self._saving(state, sharded, extra_files)
         if saving:
             state = state or {}
             files = {MODEL_FILE: state["model"]} if "model" in state else {}
@@ -235,7 +263,9 @@ class Session:
             if rest or sharded is not None:
                 files[STATE_FILE] = rest
             in_epoch = 0 if end_of_epoch else global_step
-            self.save_files(epoch, in_epoch, global_step, end_of_epoch, metrics, files, sharded, fresh=fresh)
+            self.save_files(
+                epoch, in_epoch, global_step, end_of_epoch, metrics, files, sharded, extras, fresh=fresh
+            )
         if saving and self.rank == 0 and not self._asked:
             # A train function may not call step(), whose ticks carry the driver's request.
             self._asked = self.coord.stop_asked()
@@ -263,6 +293,30 @@ class Session:
         if bad:
             raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
         return bool(fresh)
+
+    def _saving(
+        self, state: dict[str, Any] | None, sharded: dict[str, Any] | None, extra_files: Any
+    ) -> tuple[bool, tuple[str, dict[str, str]] | None]:
+        """Whether this report saves (rank 0's choice, on every rank: a rank that passed no state
+        still takes part in the collectives of a save instead of hanging), and rank 0's extra
+        files, copied aside. A bad extra_files stops the run on every rank, naming the file."""
+        problem, extras = None, None
+        if self.rank == 0:
+            try:
+                if state is not None and extras_mod.STATE_KEY in state:
+                    raise extras_mod.ExtraFilesError(
+                        f"report(state=...): the key {extras_mod.STATE_KEY!r} is the session's own "
+                        "(restore() puts the extra files' directory there); pass the files as extra_files="
+                    )
+                found = extras_mod.resolve(extra_files)
+                extras = extras_mod.snapshot(found) if found else None
+            except extras_mod.ExtraFilesError as e:
+                problem = str(e)
+        wants = state is not None or sharded is not None or extra_files is not None
+        saving, problem = broadcast((wants, problem))
+        if problem is not None:
+            raise StopRun(f"report(): {problem}", "input")
+        return bool(saving), extras
 
     # -- shared with the Task loop ------------------------------------------------------
     def _plan(self) -> tuple[CheckpointRecord | None, dict[str, bytes] | None]:
@@ -324,16 +378,19 @@ class Session:
         metrics: dict[str, float],
         files: dict[str, Any],
         sharded: dict[str, Any] | None = None,
+        extras: tuple[str, dict[str, str]] | None = None,
         *,
         fresh: bool,
     ) -> None:
-        """Rank 0 hands `files` (name -> state tree) to the background writer: the one way a
-        checkpoint is written and committed. Other ranks return at once, or, with `sharded`,
-        once every rank has written its shards (their list goes into rank 0's record).
-        `fresh`: the metrics were measured on this state (retention.metrics_fresh)."""
+        """Rank 0 hands `files` (name -> state tree) and `extras` (extra files copied aside) to
+        the background writer: the one way a checkpoint is written and committed. Other ranks
+        return at once, or, with `sharded`, once every rank has written its shards (their list
+        goes into rank 0's record). `fresh`: the metrics were measured on this state
+        (retention.metrics_fresh)."""
         # Unique per attempt: a redone epoch never reuses the name of one marked bad.
         cid = checkpoint_id(epoch, global_step, self.attempt)
         if cid == self._last_id:
+            extras_mod.discard(extras)
             raise ValueError(
                 f"a second checkpoint at epoch {epoch}, step {global_step} in one attempt; "
                 "pass a growing step= to report()"
@@ -358,7 +415,7 @@ class Session:
             "attempt": self.attempt,
             "sharded": sharded is not None,
         }
-        self.writer.save(meta, files, written)
+        self.writer.save(meta, files, written, extras)
 
     def report_metrics(self, row: dict[str, Any]) -> None:
         import ray.train
@@ -391,6 +448,9 @@ class Session:
             if check.is_alive():
                 log.info("[restore] the shared copy's check is still running; not waited for")
             self._shared_check = None
+        for where in self._extras_dirs:
+            shutil.rmtree(where, ignore_errors=True)
+        self._extras_dirs = []
         return out
 
 

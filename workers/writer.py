@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +48,13 @@ class SaveJob:
     meta: dict[str, Any]  # CheckpointRecord fields other than files
     payload: dict[str, Any]  # file name -> state tree (in host buffers)
     written: list[FileEntry] = field(default_factory=list)  # in storage already (every rank's shards)
+    extras: dict[str, str] = field(default_factory=dict)  # record path (extras/...) -> a local copy
+    extras_dir: str | None = None  # where those copies are (workers/extras.py), removed once written
+
+    def sources(self) -> list[tuple[str, Callable[[Any], None], int]]:
+        """(file name, what writes it into an open file, its size hint) for every file to write."""
+        trees = [(name, _saver(tree), _nbytes(tree)) for name, tree in self.payload.items()]
+        return trees + [(name, _copier(src), os.path.getsize(src)) for name, src in self.extras.items()]
 
 
 class CheckpointWriter:
@@ -77,25 +86,41 @@ class CheckpointWriter:
             self._thread.start()
 
     def save(
-        self, meta: dict[str, Any], state: dict[str, Any], written: list[FileEntry] | None = None
+        self,
+        meta: dict[str, Any],
+        state: dict[str, Any],
+        written: list[FileEntry] | None = None,
+        extras: tuple[str, dict[str, str]] | None = None,
     ) -> None:
         """`written`: files of this checkpoint that are in storage already (a sharded save's,
-        from every rank); the record lists them with the files written here."""
+        from every rank); the record lists them with the files written here. `extras`: the
+        directory of copies of extra files and {record path: copy} (workers/extras.py's
+        snapshot), written beside the state and removed afterwards."""
         t0 = time.perf_counter()
-        self._refuse_after_failure()
+        where, extra = extras or (None, {})
+        try:
+            self._refuse_after_failure()
+        except BaseException:
+            _remove(where)
+            raise
         if not self.async_save:
             try:
-                self._write(SaveJob(meta, state, list(written or ())))
+                self._write(SaveJob(meta, state, list(written or ()), extra, where))
             except BaseException as e:
                 self._failed = e
                 raise
         else:
             if self._thread is None:  # queued now, it would never be written: say so
+                _remove(where)
                 raise RuntimeError("checkpoint writer is closed: a save after the run's last one")
             self._free.wait()  # the previous save has been serialized out of the buffers
-            self._refuse_after_failure()
+            try:
+                self._refuse_after_failure()
+            except BaseException:
+                _remove(where)
+                raise
             self._free.clear()
-            self._queue.put(SaveJob(meta, self._buffers.copy(state), list(written or ())))
+            self._queue.put(SaveJob(meta, self._buffers.copy(state), list(written or ()), extra, where))
         self.saves += 1
         self.blocked_s += time.perf_counter() - t0
 
@@ -124,6 +149,7 @@ class CheckpointWriter:
             if job is None:
                 return
             if self._failed is not None:  # dropped: nothing after a failed save is committed
+                _remove(job.extras_dir)
                 self._free.set()
                 continue
             try:
@@ -134,17 +160,20 @@ class CheckpointWriter:
 
     def _write(self, job: SaveJob) -> None:
         t0 = time.perf_counter()
-        self._write_job(job)
+        try:
+            self._write_job(job)
+        finally:
+            _remove(job.extras_dir)
         self.drain_s = time.perf_counter() - t0
 
     def _write_job(self, job: SaveJob) -> None:
         self._buffers.wait()  # a GPU's copies into the pinned buffers have landed
         cid = job.meta["id"]
         near = self.storage.node_cache
-        files = self._stage(near, cid, job.payload) if near is not None else None
+        files = self._stage(near, cid, job.sources()) if near is not None else None
         staged = files is not None
         if files is None:  # no node-local tier: straight into shared storage
-            files = [self._stream(cid, name, tree) for name, tree in job.payload.items()]
+            files = [self._stream(cid, *source) for source in job.sources()]
         self._free.set()  # buffers may be overwritten by the next save from here on
 
         try:
@@ -167,18 +196,17 @@ class CheckpointWriter:
             except OSError as e:  # the commit stands; the next restore here reads shared storage
                 log.info(f"[checkpoint] could not keep {cid} in {near.dir}: {e}")
 
-    def _stream(self, cid: str, name: str, tree: Any) -> FileEntry:
+    def _stream(self, cid: str, name: str, produce: Callable[[Any], None], size: int) -> FileEntry:
         rel = f"{CHECKPOINTS}/{cid}/{name}"
-        return _entry(name, self.storage.write_stream(rel, _saver(tree), size_hint=_nbytes(tree)))
+        return _entry(name, self.storage.write_stream(rel, produce, size_hint=size))
 
-    def _stage(self, near: Any, cid: str, payload: dict[str, Any]) -> list[FileEntry] | None:
+    def _stage(
+        self, near: Any, cid: str, sources: list[tuple[str, Callable[[Any], None], int]]
+    ) -> list[FileEntry] | None:
         """Serialize every file into this node's staging area; None if the local disk failed
         (full, read-only): then the files go straight to shared storage instead."""
         try:
-            return [
-                _entry(name, near.stage(cid, name, _saver(tree), _nbytes(tree)))
-                for name, tree in payload.items()
-            ]
+            return [_entry(name, near.stage(cid, name, produce, size)) for name, produce, size in sources]
         except OSError as e:
             log.info(
                 f"[checkpoint] node-local staging in {near.dir} failed ({e}); writing {cid} "
@@ -190,6 +218,21 @@ class CheckpointWriter:
 
 def _saver(tree: Any) -> Callable[[Any], None]:
     return lambda f: torch.save(tree, f)
+
+
+def _copier(path: str) -> Callable[[Any], None]:
+    """Writes the local file path into f (again from its start on a retry)."""
+
+    def copy(f: Any) -> None:
+        with open(path, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+
+    return copy
+
+
+def _remove(where: str | None) -> None:
+    if where is not None:
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def _entry(name: str, written: tuple[int, str]) -> FileEntry:

@@ -92,8 +92,8 @@ def best(
     weights_only: bool = typer.Option(
         True,
         "--weights-only/--all-files",
-        help="With --download: model.pt alone (what serving needs), or also train_state.pt "
-        "(optimizer, RNG, data position: what resuming needs).",
+        help="With --download: model.pt and the checkpoint's extra files (extras/: what serving "
+        "needs), or also train_state.pt (optimizer, RNG, data position: what resuming needs).",
     ),
     storage_option: list[str] = typer.Option(None, help=OPT_HELP),
 ) -> None:
@@ -110,7 +110,8 @@ def best(
         except OSError as e:
             die(f"--download {download}: {e.strerror or e}", EXIT_INPUT)
     run = _open(run_uri, storage_option)
-    only = {MODEL_FILE} if weights_only else None
+    # The weights and the extra files a train function saved beside them (a tokenizer, a config).
+    only = (lambda r: {MODEL_FILE} | r.extra_files) if weights_only else None
     try:
         found = run.verified_best(rank, into=download or None, only=only if download else None)
     except OSError as e:  # NoCheckpoint (1) and StorageError (4) go to the one handler
@@ -126,7 +127,7 @@ def best(
             json.dump(c.record.model_dump(mode="json"), ft, indent=1)
         readable_by_all([record_path])  # 0644, as the files beside it
         out["downloaded_to"] = os.path.abspath(download)
-        out["downloaded"] = sorted(os.path.basename(p) for p in found.paths)
+        out["downloaded"] = sorted(os.path.relpath(p, download) for p in found.paths)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return

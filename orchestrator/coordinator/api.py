@@ -173,14 +173,22 @@ class Coordinator:
         return self.signals.ended or self.fenced is not None
 
     def record_failure(
-        self, sig: str, trace: str, attempt: int | None = None, rid: str | None = None
+        self,
+        sig: str,
+        trace: str,
+        attempt: int | None = None,
+        rid: str | None = None,
+        rank: int | None = None,
+        log: str | None = None,
     ) -> None:
         """A rank's exception from user code (workers/failures.py). The same signature (type,
         message, line, epoch and step) ending two attempts is deterministic: the next attempt
-        stops the run with this traceback instead of Ray Train spending every restart."""
+        stops the run with this traceback instead of Ray Train spending every restart. `rank`
+        and `log` (its output, RUN_URI/logs/...: workers/rank_log.py) go into the event."""
         if attempt is None:  # failed before its restore plan: Ray Train's restart count tells groups apart
             attempt = -1 - self.manifest.restarts
-        self.log.event("worker_error", rid, signature=sig[:2000], restarts=attempt)
+        where = {k: v for k, v in (("rank", rank), ("log", log)) if v is not None}
+        self.log.event("worker_error", rid, signature=sig[:2000], restarts=attempt, **where)
         self.signals.heard(self.manifest.attempts if attempt < 0 else attempt, failure_cause(sig))
         if self.signals.count_failure(sig, attempt, trace):
             self.log.event("deterministic_failure", signature=sig[:2000])

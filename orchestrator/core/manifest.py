@@ -8,6 +8,7 @@ Layout of a run:
     RUN_URI/events.jsonl                commits, deletions, restarts, retries, ...
     RUN_URI/spec.yaml                   the spec the run was started with (secrets redacted)
     RUN_URI/lease.json                  which driver owns the run, and its heartbeat
+    RUN_URI/logs/rank-<r>-attempt-<a>.log   each rank's output in each attempt (workers/rank_log.py)
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ MANIFEST = "manifest.json"
 BACKUP = "manifest.backup.json"
 CHECKPOINTS = "checkpoints"
 RECORD = "checkpoint.json"
+# A checkpoint's extra files (a tokenizer, a config: session.report(extra_files=...)) live under
+# checkpoints/<id>/extras/, each listed in the record like the state's files.
+EXTRAS_DIR = "extras"
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 SPEC = "spec.yaml"
+LOGS = "logs"  # every rank's output, per attempt (workers/rank_log.py)
 FORMAT = 1
 # Every kind of event a run's events.jsonl holds (`orchestrator events --kind`).
 EVENT_KINDS = (
@@ -109,6 +114,11 @@ class CheckpointRecord(BaseModel):
     @property
     def dir(self) -> str:
         return f"{CHECKPOINTS}/{self.id}"
+
+    @property
+    def extra_files(self) -> set[str]:
+        """The paths of its extra files (extras/<name>: session.report(extra_files=...))."""
+        return {f.path for f in self.files if f.path.startswith(EXTRAS_DIR + "/")}
 
     def view(self, monitor: str) -> Ckpt:
         value = self.metrics.get(monitor) if self.metrics_fresh else None

@@ -24,7 +24,19 @@ report carries a state built from the live objects the Trainer hands its callbac
 model's state_dict under "model" (the checkpoint's model.pt), the optimizer's and LR
 scheduler's states, the `TrainerState` as its trainer_state.json text (global step, epoch, log
 history, stateful callbacks), and each rank's RNG streams as that rank's `rank_state`. The
-session writes it in the background; the Trainer's own `save_strategy` should be "no".
+model's config (config.json) and the Trainer's `processing_class` (a tokenizer), as their
+`save_pretrained` writes them, travel as the checkpoint's extra files (`extras/`, checked like
+the weights; `orchestrator best --download` and `export` copy them out beside the weights). The
+session writes it all in the background; the Trainer's own `save_strategy` should be "no".
+
+Sharding: a Trainer that shards the model (FSDP, DeepSpeed: TrainingArguments.fsdp,
+.deepspeed, or Accelerate's config) is refused before its first step, on every rank, with an
+input error (exit 2) naming the cause: the callback's state_dict() on rank 0 alone would be a
+collective the other ranks never join, and the save would hang. It is refused by what is asked
+for, not by what Accelerate made of it: on CPU (gloo) Accelerate 1.16 runs a Trainer with
+`fsdp="full_shard"` as plain DDP (seen here: `is_fsdp_enabled` False, the model in DDP), while
+on GPUs the same arguments shard it. DDP (the default) is what the callback runs; a sharded
+model goes through a train function and `session.report(sharded=...)`.
 
 Resuming: the Trainer's restore reads a checkpoint directory (`trainer.train(
 resume_from_checkpoint=DIR)`): it loads the weights, optimizer, scheduler and RNG, and skips
@@ -54,6 +66,7 @@ from transformers.training_args import ParallelMode
 from transformers.utils import WEIGHTS_NAME
 
 from workers.rng import capture_rng
+from workers.session import StopRun
 
 
 class SessionCallback(TrainerCallback):
@@ -65,6 +78,11 @@ class SessionCallback(TrainerCallback):
         self.session = session
         self.trainer: Trainer | None = None  # set by train(): the scaler and stateful callbacks
         self._reported_step = 0
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        refuse_sharded(self.trainer, args)  # for a trainer.train() called without train()
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -124,7 +142,9 @@ class SessionCallback(TrainerCallback):
         merged.update(metrics)
         numbers = {k: float(v) for k, v in merged.items() if _is_metric(k, v)}
         ckpt: dict[str, Any] = {}
+        extras = tempfile.TemporaryDirectory(prefix="hf-extras-")  # report() copies what it needs
         if self.session.rank == 0:  # only rank 0's state is written; the others pass an empty one
+            self._save_pretrained(objects["model"], extras.name)
             ckpt = {
                 "model": objects["model"].state_dict(),
                 "optimizer": objects["optimizer"].state_dict(),
@@ -134,15 +154,26 @@ class SessionCallback(TrainerCallback):
             scaler = getattr(self.trainer.accelerator, "scaler", None) if self.trainer is not None else None
             if scaler is not None:
                 ckpt["scaler"] = scaler.state_dict()
-        self.session.report(
-            numbers,
-            epoch=epoch,
-            step=state.global_step,
-            end_of_epoch=end_of_epoch,
-            state=ckpt,
-            rank_state={"rng": capture_rng()},
-            fresh=evaluated,
-        )
+        with extras:
+            self.session.report(
+                numbers,
+                epoch=epoch,
+                step=state.global_step,
+                end_of_epoch=end_of_epoch,
+                state=ckpt,
+                rank_state={"rng": capture_rng()},
+                extra_files=extras.name if os.listdir(extras.name) else None,
+                fresh=evaluated,
+            )
+
+    def _save_pretrained(self, model: Any, into: str) -> None:
+        """The model's config (config.json) and the Trainer's processing class (a tokenizer, an
+        image processor), as their save_pretrained writes them: the checkpoint's extra files."""
+        config = getattr(model, "config", None)
+        processor = getattr(self.trainer, "processing_class", None) if self.trainer is not None else None
+        for part in (config, processor):
+            if part is not None and hasattr(part, "save_pretrained"):
+                part.save_pretrained(into)
 
     def _trainer_state_json(self, state: TrainerState, control: TrainerControl) -> str:
         """trainer_state.json as the Trainer's own save writes it: with the current state of
@@ -168,11 +199,34 @@ def train(trainer: Trainer, session: Any, **kwargs: Any) -> Any:
         callback = SessionCallback(session)
         trainer.add_callback(callback)
     callback.trainer = trainer
+    refuse_sharded(trainer, trainer.args)
     state = session.restore()
     if state is None:
         return trainer.train(**kwargs)
     with checkpoint_dir(trainer, state) as path:
         return trainer.train(resume_from_checkpoint=path, **kwargs)
+
+
+def refuse_sharded(trainer: Trainer | None, args: TrainingArguments) -> None:
+    """Refuse, before the first step and on every rank alike, a Trainer that shards the model
+    (FSDP or DeepSpeed, from TrainingArguments or Accelerate's config): SessionCallback takes
+    the model's and optimizer's state_dict on rank 0 alone, which under either is a collective
+    every rank must join, so the save would hang (and rank 0 would hold only its shard)."""
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None):
+        how = "DeepSpeed (TrainingArguments.deepspeed or Accelerate's config)"
+    elif getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None):
+        how = "FSDP (TrainingArguments.fsdp or Accelerate's config)"
+    else:
+        return
+    raise StopRun(
+        f"the Hugging Face Trainer shards the model with {how}: SessionCallback checkpoints the "
+        "model's full state_dict from rank 0 alone, which under sharding is a collective every "
+        "rank must join (the save would hang). Train without it (the Trainer's DDP, its default "
+        "under Ray Train: leave fsdp and deepspeed unset), or write a train function that saves "
+        "with session.report(sharded={'model': ..., 'optimizer': ...}) (docs/worker-api.md, "
+        "Sharded checkpoints)",
+        "input",
+    )
 
 
 @contextlib.contextmanager
