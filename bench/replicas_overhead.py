@@ -90,13 +90,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["mlp", "cnn", "both"], default="both")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--modes", default="restart,replicas", help="one alone: its figures, no ratio")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     models = ["mlp", "cnn"] if args.model == "both" else [args.model]
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {"restart": [], "replicas": []} for m in models}
+    modes = args.modes.split(",")
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {mode: [] for mode in modes} for m in models}
     for r in range(args.rounds):
         for m in models:
-            for mode in ("restart", "replicas"):  # interleaved
+            for mode in modes:  # interleaved
                 x = (run_mlp if m == "mlp" else run_cnn)(mode)
                 runs[m][mode].append(x)
                 print(
@@ -104,7 +106,7 @@ def main() -> None:
                     flush=True,
                 )
     out: dict[str, Any] = {"load_average": os.getloadavg(), "runs": runs, "ratios": {}}
-    for m in models:
+    for m in models if len(modes) == 2 else ():
         for key in ("step_ms", "mean_ms"):
             pairs = [a[key] / b[key] for a, b in zip(runs[m]["replicas"], runs[m]["restart"], strict=True)]
             out["ratios"][f"{m}_{key}_replicas_vs_restart"] = {
