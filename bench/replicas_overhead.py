@@ -92,7 +92,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="restart,replicas", help="one alone: its figures, no ratio")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--micro", action="store_true", help="the gradient averaging alone, in 2 processes")
     args = ap.parse_args()
+    if args.micro:
+        print(json.dumps(micro(), indent=1))
+        return
     models = ["mlp", "cnn"] if args.model == "both" else [args.model]
     modes = args.modes.split(",")
     runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {mode: [] for mode in modes} for m in models}
@@ -118,6 +122,123 @@ def main() -> None:
     print(json.dumps(out["ratios"], indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+# -- the mechanism alone, in one pair of processes ------------------------------------------
+MICRO_STEPS = 30
+
+
+class _DistWork:
+    def __init__(self, work: Any, t: Any, world: int) -> None:
+        self.work, self.t, self.world = work, t, world
+
+    def wait(self) -> bool:
+        self.work.wait()
+        self.t /= self.world  # Manager.allreduce's average
+        return True
+
+
+class _DistManager:
+    """torch.distributed's gloo in the shape of the torchft Manager calls GradBuckets makes."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+
+    def allreduce(self, t: Any) -> _DistWork:
+        import torch.distributed as dist
+
+        return _DistWork(dist.all_reduce(t, async_op=True), t, self.world)
+
+    def errored(self) -> None:
+        return None
+
+    def num_participants(self) -> int:
+        return self.world
+
+
+def _micro_worker(rank: int, world: int, store: str, out: str) -> None:
+    """Four ways to average an MLP step's gradients, step by step in turn (A B C D A B C D ...,
+    so the machine's load hits each alike): DDP (restart mode), one flat all-reduce after
+    backward plus the word's own (replicas mode before), buckets overlapped with backward and
+    the word on the last (now), and the same buckets with the word apart. Rank 0 writes every
+    step's time."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from bench.recovery import make
+    from workers.replica_grads import GradBuckets
+    from workers.replicas import WORD
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    (m_flat, o_flat), (m_ddp, o_ddp) = make(2048), make(2048)
+    ddp = nn.parallel.DistributedDataParallel(m_ddp)
+    buckets = GradBuckets(m_flat, _DistManager(world), WORD)
+    x, y = torch.randn(32, 2048), torch.randint(0, 10, (32,))
+
+    def flat() -> None:
+        word = torch.zeros(WORD, dtype=torch.float64)
+        dist.all_reduce(word)
+        nn.functional.cross_entropy(m_flat(x), y).backward()
+        grads = [p.grad for p in m_flat.parameters() if p.grad is not None]
+        t = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(t)
+        t /= world
+        offset = 0
+        for g in grads:
+            g.copy_(t[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        o_flat.step()
+
+    def bucketed() -> None:
+        buckets.reduce(nn.functional.cross_entropy(m_flat(x), y), [0.0] * WORD)
+        o_flat.step()
+
+    def word_apart() -> None:  # the buckets, the word in an all-reduce of its own
+        dist.all_reduce(torch.zeros(WORD, dtype=torch.float64))
+        buckets.reduce(nn.functional.cross_entropy(m_flat(x), y), None)
+        o_flat.step()
+
+    def restart() -> None:
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        o_ddp.step()
+
+    ways = {
+        "restart_ddp": (restart, o_ddp),
+        "replicas_flat": (flat, o_flat),
+        "replicas_buckets": (bucketed, o_flat),
+        "replicas_buckets_word_apart": (word_apart, o_flat),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for i in range(MICRO_STEPS + 3):
+        for name, (fn, opt) in ways.items():
+            opt.zero_grad(set_to_none=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            if i >= 3:  # warm-up steps not counted
+                times[name].append(time.perf_counter() - t0)
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def micro() -> dict[str, Any]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-micro-") as tmp:
+        out = os.path.join(tmp, "times.json")
+        mp.spawn(_micro_worker, args=(2, os.path.join(tmp, "store"), out), nprocs=2)
+        times = json.loads(Path(out).read_text())
+    ms = {k: round(statistics.median(v) * 1e3, 1) for k, v in times.items()}
+    return {
+        "step_ms": ms,
+        "flat_vs_restart": round(ms["replicas_flat"] / ms["restart_ddp"], 3),
+        "buckets_vs_restart": round(ms["replicas_buckets"] / ms["restart_ddp"], 3),
+        "buckets_word_apart_vs_restart": round(ms["replicas_buckets_word_apart"] / ms["restart_ddp"], 3),
+        "load_average": os.getloadavg(),
+    }
 
 
 if __name__ == "__main__":
