@@ -5,9 +5,12 @@ replacement heals from a live peer instead of reading storage.
     every step:  quorum of the live replicas (torchft's lighthouse); a replica that is behind
                  (a replacement) loads a peer's whole state: model, optimizer, scheduler,
                  position in the data, running loss, early stopping, last metrics
-                 -> one small all-reduce of rank 0's word (CONTROL): is rank 0 here, stop,
-                 done, hold, the last epoch it reported
-                 -> forward, backward, gradients averaged over the quorum in one all-reduce
+                 -> rank 0's word: is rank 0 here, stop, done, hold, the last epoch it
+                 reported; in a full quorum mid-epoch it rides on the gradients' all-reduce,
+                 otherwise (an epoch's first step, a replica missing) in one small all-reduce
+                 before the step
+                 -> forward, backward, gradients averaged over the quorum in buckets whose
+                 all-reduces overlap backward (workers/replica_grads.py)
                  -> torchft's commit (a step whose all-reduce failed is trained again)
     every epoch: each replica evaluates its own copy (the weights are equal), so a heal hands
                  the metrics on; rank 0 reports, saves and decides early stopping, and the
@@ -36,10 +39,11 @@ import torch
 from workers.data import rank_batches
 from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
 from workers.metrics import RunningLoss
+from workers.replica_grads import GradBuckets
 from workers.resume import restore
 from workers.session import Session, StopRun
 from workers.state import Position, Saver, TrainState
-from workers.stopping import NONE
+from workers.stopping import NONE, PREEMPT
 from workers.task import Dataset, Task, TaskContext, collate, is_loader
 
 log = logging.getLogger(__name__)
@@ -47,9 +51,16 @@ log = logging.getLogger(__name__)
 WAIT_S = 0.1  # a waiting replica's pause between quorums
 HOLD_S = 60.0  # rank 0 waits this long at its start for every replica, so a fault-free run trains all shards
 
-# Rank 0's word each step, every field a max over the quorum (others send 0, but for a stop
-# request and "done", which a replica that ended first sends on).
+# Rank 0's word each step, as read: is rank 0 in the quorum, the stop asked (the highest
+# code any replica sends), "done" (any replica: one that ended first sends it on), hold, and
+# the last epoch rank 0 reported.
 PRESENT, STOP, DONE, HOLD, REPORTED = range(5)
+# As sent: every element a sum over the quorum (Manager.allreduce averages; the readers
+# multiply back), so it can ride on the gradients' all-reduce. Rank 0 alone sends the first
+# three; every replica its "done" and a 1 at its stop code's place (codes 1 and 2).
+S_PRESENT, S_HOLD, S_REPORTED, S_DONE, S_STOP = range(5)
+WORD = S_STOP + PREEMPT  # one element per stop code above NONE
+TRAIN, AGAIN, END = "train", "again", "end"  # what a replica does with the step, once it has the word
 
 
 def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[str, Any]:
@@ -59,6 +70,7 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
     data = cast("Dataset", task.train_data)  # not a DataLoader: refused in _build
     healed: list[bool] = []
     manager = _manager(session, live, healed)
+    grads = GradBuckets(model, manager, WORD)  # hooks on the parameters (workers/replica_grads.py)
     saver, waiting = EpochSaver(live, session), Waiting(session)
     done, holding, hold_until = False, rank == 0, time.monotonic() + HOLD_S
     batches: tuple[int, list[list[int]]] | None = None
@@ -75,23 +87,16 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             # it until every replica has joined, so a fault-free run trains every shard.
             alone = manager.num_participants() < world
             holding = holding and not just_healed and alone and time.monotonic() < hold_until
-            word = _control(manager, rank, session.stop_check.local(), done, holding, live.reported)
-            if word is None:  # a replica died in this quorum: a new one
-                manager.should_commit()  # records the failure, so the next quorum reconfigures
-                continue
-            if manager.current_step() == 0 or not word[PRESENT] or word[HOLD]:
-                if waiting.ended():  # rank 0 trained to the end (or stopped) while this one waited
+            mine = _word(rank, session.stop_check.local(), done, holding, live.reported)
+            # The word rides on the gradients' all-reduce (one set of collectives a step) where
+            # training the step before reading it is safe: a full quorum (rank 0 in it, not
+            # holding), mid-epoch (no end, no early stop), state held. Every replica of the
+            # quorum decides alike: after the heal they hold the same step and position.
+            rides = not alone and live.step > 0 and manager.current_step() > 0
+            if not rides and (act := _heed(_control(manager, mine), manager, live, saver, waiting)) != TRAIN:
+                if act == END:
                     break
-                time.sleep(WAIT_S)
                 continue
-            live.reported = max(live.reported, int(word[REPORTED]))
-            if word[DONE] or live.epoch > cfg.epochs:  # the end beats a stop asked with it
-                break
-            if word[STOP] != NONE:  # the driver asked (Ctrl-C): a checkpoint here, then stop
-                saver.save(Position(live.epoch, live.step, live.global_step, False))
-                session.finish_stop(
-                    int(word[STOP]), f"epoch {live.epoch} step {live.step} (global step {live.global_step})"
-                )
             epoch, step = live.epoch, live.step
             if batches is None or batches[0] != epoch:
                 batches = (epoch, rank_batches(len(data), task.batch_size, cfg.seed, epoch, world, rank))
@@ -100,8 +105,11 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             session.chaos.before_step(epoch, step)
             model.train()
             loss = task.train_step(model, collate(data, batches[1][step], device))
-            loss.backward()
-            _average_gradients(manager, model)
+            sums = grads.reduce(loss, mine if rides else None)  # backward, the all-reduces overlapped
+            if rides and (act := _heed(_read(sums), manager, live, saver, waiting)) != TRAIN:
+                if act == END:  # the step trained is dropped: it is never committed
+                    break
+                continue
             if not manager.should_commit():  # a replica failed in this step: train it again
                 continue
             task.optimizer.step()
@@ -299,39 +307,60 @@ def _serve_until_the_end(manager: Any, waiting: Waiting) -> None:
     from it and ends too, until rank 0 says the run ended."""
     while not waiting.ended():
         manager.start_quorum()
-        if _control(manager, 1, NONE, True, False, 0) is None:
+        if _control(manager, _word(1, NONE, True, False, 0)) is None:
             manager.should_commit()
         time.sleep(WAIT_S)
 
 
-def _control(manager: Any, rank: int, stop: int, done: bool, hold: bool, reported: int) -> list[float] | None:
-    """Rank 0's word (and any replica's stop request or "done"), a max over the quorum; None
-    when the all-reduce failed (a replica died in the quorum), so the step is not trained."""
-    from torch.distributed import ReduceOp
-
-    mine = [0.0] * 5
-    mine[STOP], mine[DONE] = float(stop), float(done)
+def _word(rank: int, stop: int, done: bool, hold: bool, reported: int) -> list[float]:
+    """This replica's share of the word, as sent (S_*)."""
+    mine = [0.0] * WORD
+    mine[S_DONE] = float(done)
+    if stop != NONE:
+        mine[S_STOP + stop - 1] = 1.0
     if rank == 0:
-        mine[PRESENT], mine[HOLD], mine[REPORTED] = 1.0, float(hold), float(reported)
+        mine[S_PRESENT], mine[S_HOLD], mine[S_REPORTED] = 1.0, float(hold), float(reported)
+    return mine
+
+
+def _read(sums: list[float] | None) -> list[float] | None:
+    """The word as read (PRESENT...REPORTED) from its sums over the quorum; None stays None
+    (the all-reduce failed)."""
+    if sums is None:
+        return None
+    stop = max((code for code in range(1, WORD - S_STOP + 1) if sums[S_STOP + code - 1] > 0), default=NONE)
+    return [sums[S_PRESENT] > 0, stop, sums[S_DONE] > 0, sums[S_HOLD] > 0, sums[S_REPORTED]]
+
+
+def _control(manager: Any, mine: list[float]) -> list[float] | None:
+    """The word in an all-reduce of its own (the steps it cannot ride on the gradients); None
+    when the all-reduce failed (a replica died in the quorum), so the step is not trained."""
     t = torch.tensor(mine, dtype=torch.float64)
-    manager.allreduce(t, reduce_op=ReduceOp.MAX).wait()
-    return None if manager.errored() else t.tolist()
+    manager.allreduce(t).wait()
+    if manager.errored():
+        return None
+    return _read((t * manager.num_participants()).round().tolist())
 
 
-def _average_gradients(manager: Any, model: torch.nn.Module) -> None:
-    """Every gradient averaged over the quorum in one all-reduce (torchft's DDP wrapper asserts
-    in its comm hook when an all-reduce fails, in 0.2.0: a replica killed inside the step's
-    quorum crashed the survivor here). A failed all-reduce leaves the step uncommitted."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # a parameter this batch did not reach: zeros, so every replica sends one size
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    manager.allreduce(flat).wait()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+def _heed(
+    word: list[float] | None, manager: Any, live: TrainState, saver: EpochSaver, waiting: Waiting
+) -> str:
+    """What the word says to do with this step: TRAIN it, do it AGAIN (after a failed
+    all-reduce, on a new quorum; or while it waits for rank 0 or for state), or END."""
+    if word is None:  # a replica died in this quorum
+        manager.should_commit()  # records the failure, so the next quorum reconfigures
+        return AGAIN
+    if manager.current_step() == 0 or not word[PRESENT] or word[HOLD]:
+        if waiting.ended():  # rank 0 trained to the end (or stopped) while this one waited
+            return END
+        time.sleep(WAIT_S)
+        return AGAIN
+    live.reported = max(live.reported, int(word[REPORTED]))
+    if word[DONE] or live.epoch > live.cfg.epochs:  # the end beats a stop asked with it
+        return END
+    if word[STOP] != NONE:  # the driver asked (Ctrl-C): a checkpoint here, then stop
+        saver.save(Position(live.epoch, live.step, live.global_step, False))
+        saver.session.finish_stop(
+            int(word[STOP]), f"epoch {live.epoch} step {live.step} (global step {live.global_step})"
+        )
+    return TRAIN
