@@ -39,9 +39,14 @@ failures; its keys (goodput.KEYS) join the ten in --json:
     lost_vs_ray_tuned, lost_vs_ray our best side's time lost / bare Ray Train's (tuned, defaults)
     clean_vs_ray_tuned             restart mode's failure-free time / tuned bare Ray's
     step_time_replicas_vs_restart  replicas mode's step time / restart mode's
+    auto_clean_vs_restart          checkpoint.every_n_steps: auto's failure-free time / restart
+                                   mode's with a save every 12 steps
+    auto_redone_per_failure        steps every_n_steps: auto redid per failure
 
-Goodput's eight runs take about 26 minutes in --quick on this machine when loaded (more in the
-full suite: 960 steps against 288); it has not been timed on a quiet one.
+The schedule has SIGKILLs of workers (rank 0's among them) and a node loss; every run has a
+fresh local multi-node cluster (ray.cluster_utils.Cluster). Goodput's ten runs took about 14
+minutes in --quick on this machine when quiet, without the node loss and the auto side (more
+in the full suite: 960 steps against 288).
 
 Beside them, not a ratio: commit_s_at_4096_ranks, seconds from the last of 4,096 simulated
 ranks' records to a durable manifest on moto S3 (bench/scale.py: the control plane alone, no

@@ -46,6 +46,8 @@ import os
 import random
 import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -56,9 +58,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from bench.recovery import ROOT, _orchestrator_run, make, ray_fit, stood_still
+from bench.recovery import ROOT, make, ray_fit, stood_still
 
-SIDES = ("ray", "ray_tuned", "restart", "replicas")
+SIDES = ("ray", "ray_tuned", "restart", "replicas", "auto")
 KEYS = (
     "goodput_ray",
     "goodput_ray_tuned",
@@ -68,6 +70,8 @@ KEYS = (
     "lost_vs_ray",
     "clean_vs_ray_tuned",
     "step_time_replicas_vs_restart",
+    "auto_clean_vs_restart",
+    "auto_redone_per_failure",
 )
 # 1536 training samples, 32 a rank, 2 ranks: 24 steps an epoch; a save every 12 steps (two an
 # epoch, one at its end). A step takes ~0.15 s on a quiet 2-core machine: 12 epochs (288 steps)
@@ -78,20 +82,25 @@ QUICK = {
     "world": 2,
     "every": 12,
     "epochs": 12,
-    "failures": 2,
+    "failures": 3,
+    "node_losses": 1,  # of the failures: a node lost (its raylet and processes SIGKILLed)
     "seed": 0,
     "rounds": 1,
 }
-FULL = {**QUICK, "epochs": 40, "failures": 3}
+FULL = {**QUICK, "epochs": 40, "failures": 4}
 TRAIN = 1536  # samples trained on; the rest of the 1797 are held out
 
 
 # -- the failure schedule -----------------------------------------------------------------
-def schedule(seed: int, steps: int, per_epoch: int, failures: int, world: int) -> list[dict[str, int]]:
-    """`failures` kills, one drawn in each equal stretch of the steps between the first and the
-    last epoch (so they come at a steady rate), each of a seeded rank, rank 0 at least once.
-    `step`: the steps done when the kill comes (the worker dies after that step, before the
-    next); `epoch` (1-based) and `in_epoch`: the same as this project's chaos kill."""
+def schedule(
+    seed: int, steps: int, per_epoch: int, failures: int, world: int, node_losses: int = 0
+) -> list[dict[str, Any]]:
+    """`failures` failures, one drawn in each equal stretch of the steps between the first and
+    the last epoch (so they come at a steady rate), each of a seeded rank; `node_losses` of them
+    (seeded) lose the rank's whole node, the others SIGKILL the rank's worker, rank 0's at least
+    once. `step`: the steps done when the failure comes (after that step, before the next);
+    `epoch` (1-based) and `in_epoch`: the same as this project's chaos kill; `kind`: "kill" or
+    "node"."""
     rng = random.Random(seed)
     lo, hi = per_epoch, steps - per_epoch
     if failures < 1 or hi - lo < failures:
@@ -101,15 +110,21 @@ def schedule(seed: int, steps: int, per_epoch: int, failures: int, world: int) -
     ranks = [rng.randrange(world) for _ in at]
     if 0 not in ranks:
         ranks[rng.randrange(failures)] = 0
+    nodes = set(rng.sample(range(failures), min(node_losses, failures - 1))) if node_losses else set()
+    kills = [i for i in range(failures) if i not in nodes]
+    if all(ranks[i] != 0 for i in kills):  # a SIGKILL of rank 0, the writer, at least once
+        ranks[kills[0]] = 0
     return [
         {"step": k, "rank": r, "epoch": k // per_epoch + 1, "in_epoch": k % per_epoch}
-        for k, r in zip(at, ranks, strict=True)
+        | {"kind": "node" if i in nodes else "kill"}
+        for i, (k, r) in enumerate(zip(at, ranks, strict=True))
     ]
 
 
-def described(kills: list[dict[str, int]]) -> str:
-    at = ", ".join(f"{k['step']} (rank {k['rank']})" for k in kills)
-    return f"{len(kills)} SIGKILLs, after steps {at}"
+def described(kills: list[dict[str, Any]]) -> str:
+    what = {"kill": "SIGKILL of", "node": "node lost with"}
+    at = ", ".join(f"{what[k.get('kind', 'kill')]} rank {k['rank']} after step {k['step']}" for k in kills)
+    return f"{len(kills)} failures: {at}"
 
 
 # -- the data, the marks ------------------------------------------------------------------
@@ -131,22 +146,41 @@ class Marks:
     """What a worker writes: a start mark when its function starts, a line per step."""
 
     def __init__(self, workdir: str, rank: int) -> None:
+        import ray
+
         self.workdir, self.rank = workdir, rank
+        # None outside Ray (this project's driver builds the task once to check it, before it
+        # connects): asking for a runtime context there would start a Ray of its own.
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         with open(os.path.join(workdir, f"marks-{rank}.jsonl"), "a") as f:
-            f.write(json.dumps({"ev": "start", "t": time.time(), "pid": os.getpid()}) + "\n")
+            f.write(
+                json.dumps({"ev": "start", "t": time.time(), "pid": os.getpid(), "node": self.node}) + "\n"
+            )
         self.steps = open(os.path.join(workdir, f"steps-{rank}.txt"), "a", buffering=1)
 
     def step(self, idx: torch.Tensor) -> None:
         self.steps.write(f"{time.time():.6f} {os.getpid()} {','.join(map(str, idx.tolist()))}\n")
 
-    def maybe_kill(self, done: int, kills: list[dict[str, int]]) -> None:
-        """Bare Ray's side of the schedule: SIGKILL this worker after step `done`, once."""
+    def maybe_kill(self, done: int, kills: list[dict[str, Any]]) -> None:
+        """Bare Ray's side of the schedule: after step `done`, SIGKILL this worker or lose its
+        node, once."""
         for i, k in enumerate(kills):
-            mark = os.path.join(self.workdir, f"kill-{i}.json")
-            if k["rank"] == self.rank and k["step"] == done and not os.path.exists(mark):
-                with open(mark, "w") as f:
-                    json.dump({"t": time.time(), "step": done, "rank": self.rank}, f)
-                os.kill(os.getpid(), signal.SIGKILL)
+            if k["rank"] == self.rank and k["step"] == done:
+                self.fail(i, k.get("kind", "kill"))
+
+    def fail(self, i: int, kind: str) -> None:
+        """Failure i of the schedule, here, once a run: a SIGKILL of this process, or a request
+        to the bench (NodeKiller) to lose this node, waited out (the node's loss kills it)."""
+        mark = os.path.join(self.workdir, f"{kind}-{i}.json")
+        if os.path.exists(mark):
+            return
+        with open(mark + ".tmp", "w") as f:
+            json.dump({"t": time.time(), "rank": self.rank, "node": self.node}, f)
+        os.replace(mark + ".tmp", mark)
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(600)  # the bench kills this node in well under a second
+        raise RuntimeError(f"node-{i}: this node was not lost")
 
 
 # -- bare Ray Train -----------------------------------------------------------------------
@@ -211,9 +245,12 @@ def build(options: dict[str, Any], ctx: Any) -> Any:
             train, num_replicas=ctx.world_size, rank=ctx.rank, seed=ctx.seed
         )
         data = DataLoader(train, batch_size=options["batch"], sampler=sampler, drop_last=True)
+    lose_node_at = node_loss_batches(options, ctx)
 
     def step(model: nn.Module, batch: Any) -> torch.Tensor:
         x, y, idx = batch
+        if (i := lose_node_at.get(tuple(idx.tolist()))) is not None:
+            marks.fail(i, "node")  # before the step starts, as bare Ray's after the one before
         marks.step(idx)
         return nn.functional.cross_entropy(model(x), y)
 
@@ -227,8 +264,38 @@ def build(options: dict[str, Any], ctx: Any) -> Any:
     )
 
 
-def run_ours(workdir: Path, cfg: dict[str, Any], mode: str, kills: list[dict[str, int]]) -> list[float]:
-    """One `orchestrator run`; returns the times of its chaos kills, in the schedule's order."""
+def node_loss_batches(options: dict[str, Any], ctx: Any) -> dict[tuple[int, ...], int]:
+    """This rank's batch (its sample indices) at each node loss of the schedule -> the loss's
+    index: the step function knows its batch, not its step. The order is the loop's: the
+    loader's DistributedSampler at set_epoch(epoch), or the dealt order of workers/data.py
+    (epochs counted from 1). A target that never comes fails the run's check (`fired`)."""
+    from workers.data import rank_batches
+
+    out = {}
+    for i, k in options["nodes"]:
+        if k["rank"] != ctx.rank:
+            continue
+        if options["loader"]:
+            sampler: DistributedSampler[Any] = DistributedSampler(
+                range(TRAIN), num_replicas=ctx.world_size, rank=ctx.rank, seed=ctx.seed
+            )
+            sampler.set_epoch(k["epoch"])
+            order = list(sampler)
+            batch = order[k["in_epoch"] * options["batch"] : (k["in_epoch"] + 1) * options["batch"]]
+        else:
+            batch = rank_batches(TRAIN, options["batch"], ctx.seed, k["epoch"], ctx.world_size, ctx.rank)[
+                k["in_epoch"]
+            ]
+        out[tuple(batch)] = i
+    return out
+
+
+def run_ours(
+    workdir: Path, cfg: dict[str, Any], mode: str, kills: list[dict[str, Any]], losses: NodeLosses
+) -> list[float | None]:
+    """One `orchestrator run` on the cluster; returns the times of its failures, in the
+    schedule's order (SIGKILLs by its chaos kills, node losses by the bench)."""
+    sigkills = [k for k in kills if k["kind"] == "kill"]
     spec = {
         "name": "bench-goodput",
         "storage": {"root": str(workdir / "ours-storage")},
@@ -238,7 +305,8 @@ def run_ours(workdir: Path, cfg: dict[str, Any], mode: str, kills: list[dict[str
                 "width": cfg["width"],
                 "batch": cfg["batch"],
                 "workdir": str(workdir),
-                "loader": mode == "restart",
+                "loader": mode != "replicas",
+                "nodes": [(i, k) for i, k in enumerate(kills) if k["kind"] == "node"],
             },
         },
         "scaling": {"num_workers": cfg["world"]},
@@ -247,53 +315,134 @@ def run_ours(workdir: Path, cfg: dict[str, Any], mode: str, kills: list[dict[str
             "mode": "min",
             "top_k": 1,
             "keep_latest": 1,
-            "every_n_steps": cfg["every"],
+            "every_n_steps": "auto" if mode == "auto" else cfg["every"],
         },
         "epochs": cfg["epochs"],
         "seed": cfg["seed"],
-        "failure": {"max_failures": len(kills) + 1, "mode": mode},
-        "chaos": {"kills": [{"rank": k["rank"], "epoch": k["epoch"], "step": k["in_epoch"]} for k in kills]},
+        "failure": {"max_failures": len(kills) + 1, "mode": "replicas" if mode == "replicas" else "restart"},
+        "chaos": {
+            "kills": [{"rank": k["rank"], "epoch": k["epoch"], "step": k["in_epoch"]} for k in sigkills]
+        },
     }
     path = workdir / "spec.json"  # JSON is YAML
     path.write_text(json.dumps(spec))
-    _orchestrator_run(path)
+    run = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "run",
+        str(path),
+        "--address",
+        losses.cluster.address,
+        "--json",
+    ]
+    _supervise(run, losses.cluster.env, losses, "orchestrator run")
     events = (workdir / "ours-storage" / "bench-goodput" / "events.jsonl").read_text().splitlines()
     fired = {e["key"]: e["ts"] for e in map(json.loads, events) if e["kind"] == "chaos_kill"}
-    return [fired[f"kill-{i}"] for i in range(len(kills)) if f"kill-{i}" in fired]
+    chosen = [e for e in map(json.loads, events) if e["kind"] == "cadence"]  # every_n_steps: auto
+    (workdir / "cadence.json").write_text(json.dumps(chosen))
+    chaos = iter(f"kill-{j}" for j in range(len(sigkills)))  # the chaos kills' keys, in order
+    return [
+        fired.get(next(chaos)) if k["kind"] == "kill" else _fired(workdir, i, "node")
+        for i, k in enumerate(kills)
+    ]
 
 
-def run_side(side: str, cfg: dict[str, Any], kills: list[dict[str, int]]) -> dict[str, Any]:
-    """One run of one side (`kills` empty: failure-free); what its marks say."""
-    with tempfile.TemporaryDirectory(prefix=f"bench-goodput-{side}-") as tmp:
+def _fired(workdir: Path, i: int, kind: str) -> float | None:
+    """When failure i (a SIGKILL or a node loss) came, from the mark the victim wrote."""
+    mark = workdir / f"{kind}-{i}.json"
+    return json.loads(mark.read_text())["t"] if mark.exists() else None
+
+
+class NodeLosses:
+    """The bench's side of a node loss: a worker asks (Marks.fail writes node-<i>.json and
+    waits); `check` SIGKILLs that node's raylet and processes (LocalCluster.kill_node) and adds
+    a replacement node of the same size at once, as a cluster's autoscaler or Kubernetes would,
+    on every side alike. It runs in the bench's main thread: a Ray node installs signal
+    handlers as it starts, which only the main thread may do."""
+
+    def __init__(self, cluster: Any, workdir: Path) -> None:
+        self.cluster, self.workdir = cluster, workdir
+        self.done: set[int] = set()
+
+    def check(self) -> None:
+        for mark in self.workdir.glob("node-*.json"):
+            i = int(mark.name.split("-")[1].split(".")[0])
+            if i in self.done:
+                continue
+            self.done.add(i)
+            t0, note = time.time(), ""
+            try:
+                self.cluster.kill_node(self.cluster.name_of(json.loads(mark.read_text())["node"]))
+            except AssertionError as e:  # a process outlived its raylet by 30 s; kill_node killed it
+                note = str(e)
+            t1 = time.time()
+            self.cluster.add_node()
+            times = {"lost_s": t1 - t0, "replaced_s": time.time() - t1, "note": note}
+            (self.workdir / f"lost-{i}.json").write_text(json.dumps(times))
+
+
+def _supervise(cmd: list[str], env: dict[str, str], losses: NodeLosses, what: str) -> None:
+    """Run one side's driver process to its end, losing nodes as its workers ask."""
+    log = losses.workdir / "driver.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen(cmd, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=out)
+        deadline = time.time() + 900
+        try:
+            while p.poll() is None and time.time() < deadline:
+                losses.check()
+                time.sleep(0.02)
+        finally:  # on an error here too: the side's driver never outlives its run
+            if p.poll() is None:
+                p.kill()
+    if p.wait() != 0:
+        raise RuntimeError(f"{what} exited {p.returncode}: {log.read_text()[-3000:]}")
+
+
+def _bare_ray(
+    workdir: Path, side: str, cfg: dict[str, Any], kills: list[dict[str, Any]], losses: NodeLosses
+) -> None:
+    """Bare Ray Train's driver as a user runs it: its own process, joined to the cluster."""
+    tuned = side == "ray_tuned"
+    config = {**cfg, "workdir": str(workdir), "kills": kills, "async_upload": tuned, "tuned": tuned}
+    (workdir / "ray-side.json").write_text(json.dumps(config))
+    c = losses.cluster
+    cmd = [sys.executable, "-m", "bench.goodput", "--ray-driver", str(workdir / "ray-side.json"), c.address]
+    _supervise(cmd, c.env, losses, "bare Ray Train's driver")
+
+
+def run_side(side: str, cfg: dict[str, Any], kills: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run of one side (`kills` empty: failure-free) on a fresh local cluster (a head for
+    the drivers and controllers, one 1-CPU node a worker); what its marks say."""
+    from harness.cluster import local_cluster
+
+    with (
+        tempfile.TemporaryDirectory(prefix=f"bench-goodput-{side}-", ignore_cleanup_errors=True) as tmp,
+        local_cluster(workers=cfg["world"], head_num_cpus=0) as cluster,
+    ):
         workdir = Path(tmp)
         t0 = time.time()
+        losses = NodeLosses(cluster, workdir)
         if side in ("ray", "ray_tuned"):
-            tuned = side == "ray_tuned"
-            config = {**cfg, "workdir": tmp, "kills": kills, "async_upload": tuned}
-            ray_fit(
-                ray_train,
-                config,
-                workdir,
-                "bench-goodput",
-                cfg["world"],
-                max(len(kills), 1),
-                0.25 if tuned else None,
-            )
-            kill_ts = [json.loads((workdir / f"kill-{i}.json").read_text())["t"] for i in range(len(kills))]
+            _bare_ray(workdir, side, cfg, kills, losses)
+            kill_ts = [_fired(workdir, i, k["kind"]) for i, k in enumerate(kills)]
         else:
-            kill_ts = run_ours(workdir, cfg, side, kills)
+            kill_ts = run_ours(workdir, cfg, side, kills, losses)
         end_to_end = time.time() - t0
         steps = {r: read_steps(workdir / f"steps-{r}.txt") for r in range(cfg["world"])}
         starts = {r: read_starts(workdir / f"marks-{r}.jsonl") for r in range(cfg["world"])}
-    if len(kill_ts) != len(kills):
-        raise RuntimeError(f"{side}: {len(kill_ts)} of {len(kills)} kills fired")
+        cadence = (
+            json.loads((workdir / "cadence.json").read_text()) if (workdir / "cadence.json").exists() else []
+        )
+    if None in kill_ts:
+        raise RuntimeError(f"{side}: failures {[i for i, t in enumerate(kill_ts) if t is None]} never came")
     out = analyse(
         steps,
         starts,
-        [(t, k["rank"]) for t, k in zip(kill_ts, kills, strict=True)],
+        [(float(t or 0), k["rank"]) for t, k in zip(kill_ts, kills, strict=True)],
         cfg["epochs"] * TRAIN // (cfg["world"] * cfg["batch"]),
     )
-    return {"end_to_end_s": end_to_end, **out}
+    return {"end_to_end_s": end_to_end, **out, "cadence": cadence}
 
 
 def read_steps(path: Path) -> list[tuple[float, int, list[int]]]:
@@ -385,7 +534,7 @@ def split(clean: dict[str, Any], failed: dict[str, Any], ref_clean_s: float) -> 
 def run(cfg: dict[str, Any], say: Any = print, sides: tuple[str, ...] = SIDES) -> dict[str, Any]:
     per_epoch = TRAIN // (cfg["world"] * cfg["batch"])
     steps = cfg["epochs"] * per_epoch
-    kills = schedule(cfg["seed"], steps, per_epoch, cfg["failures"], cfg["world"])
+    kills = schedule(cfg["seed"], steps, per_epoch, cfg["failures"], cfg["world"], cfg.get("node_losses", 0))
     say(f"goodput: {steps} steps, {described(kills)}")
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {"clean": [], "failed": []} for s in sides}
     not_run: dict[str, str] = {}
@@ -435,13 +584,21 @@ def summarize(
     ratios: dict[str, float | None] = {
         f"goodput_{s}": sides[s]["goodput"] if s in sides else None for s in SIDES
     }
-    ours = [s for s in ("restart", "replicas") if s in sides]
+    ours = [s for s in ("restart", "replicas", "auto") if s in sides]
     best: str | None = min(ours, key=lambda s: sides[s]["lost_s"]) if ours else None
     for key, base in (("lost_vs_ray_tuned", "ray_tuned"), ("lost_vs_ray", "ray")):
         ratios[key] = None  # also where the baseline lost nothing: the noise outweighed the failures
         if best is not None and base in sides and sides[base]["lost_s"] > 0:
             ratios[key] = sides[best]["lost_s"] / sides[base]["lost_s"]
     ratios["clean_vs_ray_tuned"] = sides["restart"]["clean_s"] / ref if "restart" in sides else None
+    ratios["auto_clean_vs_restart"] = (
+        sides["auto"]["clean_s"] / sides["restart"]["clean_s"]
+        if {"auto", "restart"} <= sides.keys()
+        else None
+    )
+    ratios["auto_redone_per_failure"] = (
+        sides["auto"]["redone_steps"] / len(kills) if "auto" in sides and kills else None
+    )
     ratios["step_time_replicas_vs_restart"] = (
         sides["replicas"]["step_s"] / sides["restart"]["step_s"]
         if {"replicas", "restart"} <= sides.keys()
@@ -490,7 +647,25 @@ LABELS = {
     "ray_tuned": "bare Ray Train, tuned (0.25 s poll, ASYNC upload)",
     "restart": "this project, failure.mode restart",
     "replicas": "this project, failure.mode replicas (indexable dataset)",
+    "auto": "this project, failure.mode restart, checkpoint.every_n_steps: auto",
 }
+
+
+def cadence_line(g: dict[str, Any]) -> list[str]:
+    """What every_n_steps: auto chose in its failure-free run, and the overhead it measured."""
+    runs = g.get("runs", {}).get("auto", {}).get("clean", [])
+    chosen = [c for c in (runs[0].get("cadence", []) if runs else []) if c.get("bound") != "first"]
+    if not chosen:
+        return []
+    c = chosen[-1]
+    per = c["stall_ms"] / c["every_n_steps"] / c["step_ms"] if c["step_ms"] else 0.0
+    return [
+        "",
+        f"`every_n_steps: auto` chose a save every {c['every_n_steps']} steps ({c['bound']} bound: "
+        f"a save stalled the step {c['stall_ms']:.1f} ms, the writer drained one in {c['drain_ms']:.0f} ms, "
+        f"a step took {c['step_ms']:.1f} ms): {per:.2%} of step time against its {c['budget']:.0%} budget; "
+        f"{len(chosen)} choice(s) in the run.",
+    ]
 
 
 def table(g: dict[str, Any]) -> str:
@@ -517,6 +692,7 @@ def table(g: dict[str, Any]) -> str:
             f"| {x['redone_steps']} ({x['redone_s']:.1f}) | {x['other_s']:.1f} | {x['degraded_steps']} "
             f"| {x['samples_skipped']} | {x['step_s'] * 1e3:.0f} |"
         )
+    lines += cadence_line(g)
     if any(x["lost_s"] <= 0 for x in g["sides"].values()):
         lines += [
             "",
@@ -527,3 +703,18 @@ def table(g: dict[str, Any]) -> str:
     lines += [f"| `{k}` | {v} |" for k, v in g["ratios"].items()]
     lines += [f"| `{k}` (beside) | {v} |" for k, v in g.get("ratios_beside", {}).items()]
     return "\n".join(lines)
+
+
+def _ray_driver(config_path: str, address: str) -> None:
+    """`python -m bench.goodput --ray-driver CONFIG ADDRESS`: bare Ray Train's side, run by
+    run_side in its own process, as a user's script joins a cluster."""
+    cfg = json.loads(Path(config_path).read_text())
+    workdir = Path(cfg["workdir"])
+    poll = 0.25 if cfg["tuned"] else None
+    ray_fit(ray_train, cfg, workdir, "bench-goodput", cfg["world"], max(len(cfg["kills"]), 1), poll, address)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--ray-driver"]:
+        sys.exit("usage: python -m bench.goodput --ray-driver CONFIG ADDRESS (python -m bench runs it)")
+    _ray_driver(sys.argv[2], sys.argv[3])

@@ -119,9 +119,11 @@ def ray_fit(
     num_workers: int,
     max_failures: int,
     poll_s: float | None = None,
+    address: str | None = None,
 ) -> None:
-    """`fn` in a TorchTrainer on an embedded 2-CPU Ray, as a user's script runs it; `poll_s`:
-    the controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) instead of Ray's 2 s."""
+    """`fn` in a TorchTrainer on an embedded 2-CPU Ray (or the cluster at `address`), as a
+    user's script runs it; `poll_s`: the controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
+    instead of Ray's 2 s."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -131,7 +133,10 @@ def ray_fit(
     env = controller_poll_env(poll_s) if poll_s is not None else {}
     # fit() hands the driver's environment to the controller; patch.dict restores it after.
     with mock.patch.dict(os.environ, env):
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             TorchTrainer(
                 fn,

@@ -3,6 +3,8 @@ run's marks become goodput and the split of the time lost. No timing is asserted
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from bench import goodput
@@ -20,6 +22,45 @@ def test_schedule_is_seeded_spread_and_kills_rank0() -> None:
     for seed in range(20):
         assert 0 in [k["rank"] for k in goodput.schedule(seed, 384, 24, 2, 2)]
     assert goodput.schedule(0, 48, 24, 2, 2) == []  # no room between the first and last epoch
+
+
+def test_schedule_loses_nodes_and_still_sigkills_rank0() -> None:
+    for seed in range(30):
+        a = goodput.schedule(seed, 288, 24, failures=3, world=2, node_losses=1)
+        assert sorted(k["kind"] for k in a) == ["kill", "kill", "node"]
+        assert 0 in [k["rank"] for k in a if k["kind"] == "kill"]  # the writer SIGKILLed
+    assert {k["kind"] for k in goodput.schedule(1, 288, 24, 3, 2)} == {"kill"}
+    # a node loss never takes every failure: a SIGKILL of rank 0 is kept
+    assert [k["kind"] for k in goodput.schedule(2, 288, 24, 1, 2, node_losses=1)] == ["kill"]
+
+
+def test_node_loss_targets_the_batch_the_loop_trains_at_that_step() -> None:
+    """The step function finds a node loss's point by its batch: the batch must be the one the
+    project's loop gives that rank at (epoch, step), for a DataLoader and for a dataset."""
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from workers.data import rank_batches
+    from workers.task import TaskContext
+
+    k = {"rank": 1, "epoch": 3, "in_epoch": 5, "step": 53, "kind": "node"}
+    ctx = TaskContext(rank=1, world_size=2, seed=7, device=torch.device("cpu"))
+    for loader in (True, False):
+        got = goodput.node_loss_batches({"nodes": [(4, k)], "loader": loader, "batch": 32}, ctx)
+        if loader:
+            data = TensorDataset(torch.arange(goodput.TRAIN))
+            sampler: DistributedSampler[int] = DistributedSampler(data, num_replicas=2, rank=1, seed=7)
+            sampler.set_epoch(3)  # what workers/data.py does with the loop's epoch (1-based)
+            want = list(DataLoader(data, batch_size=32, sampler=sampler, drop_last=True))[5][0].tolist()
+        else:
+            want = rank_batches(goodput.TRAIN, 32, 7, 3, 2, 1)[5]
+        assert got == {tuple(want): 4}
+    assert (
+        goodput.node_loss_batches(
+            {"nodes": [(4, k)], "loader": True, "batch": 32}, TaskContext(0, 2, 7, ctx.device)
+        )
+        == {}
+    )
 
 
 def _rows(pid: int, times: list[float], first_idx: int = 0) -> list[tuple[float, int, list[int]]]:
@@ -76,3 +117,42 @@ def test_split_adds_up_and_counts_skipped_samples() -> None:
     assert x["lost_s"] == 10.0 and x["overhead_s"] == 1.0 and x["redone_s"] == 2.0
     assert x["overhead_s"] + x["stood_still_s"] + x["redone_s"] + x["other_s"] == pytest.approx(x["lost_s"])
     assert x["samples_skipped"] == 1
+
+
+def _run(wall: float, redone: int, cadence: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    fails = [{"rank": 0, "restart_s": 1.0, "restore_s": 0.5, "stood_still_s": 2.0, "degraded_steps": 0}]
+    return {
+        "wall_s": wall,
+        "step_s": 0.1,
+        "redone_steps": redone,
+        "failures": fails if redone else [],
+        "samples": {0: 1},
+        "cadence": cadence or [],
+    }
+
+
+def test_summarize_gives_every_key_and_the_auto_cadence() -> None:
+    """Every key of goodput.KEYS is written; every_n_steps: auto's are its failure-free wall over
+    restart mode's and its steps redone per failure; the table says the cadence it chose."""
+    kills = [{"step": 30, "rank": 0, "kind": "kill"}, {"step": 60, "rank": 1, "kind": "node"}]
+    chose = {"every_n_steps": 3, "step_ms": 100.0, "stall_ms": 2.0, "drain_ms": 250.0, "budget": 0.01}
+    runs = {
+        "ray": {"clean": [_run(12.0, 0)], "failed": [_run(20.0, 24)]},
+        "ray_tuned": {"clean": [_run(10.0, 0)], "failed": [_run(16.0, 24)]},
+        "restart": {"clean": [_run(10.0, 0)], "failed": [_run(15.0, 24)]},
+        "replicas": {"clean": [_run(13.0, 0)], "failed": [_run(15.0, 1)]},
+        "auto": {
+            "clean": [_run(10.5, 0, [{**chose, "bound": "first"}, {**chose, "bound": "drain"}])],
+            "failed": [_run(12.0, 4)],
+        },
+    }
+    cfg = {"world": 2, "every": 12, "rounds": 1}
+    g = goodput.summarize(runs, {}, kills, cfg, 96)
+    assert set(goodput.KEYS) <= set(g["ratios"])
+    assert g["ratios"]["auto_clean_vs_restart"] == 1.05
+    assert g["ratios"]["auto_redone_per_failure"] == 2.0
+    assert g["best_of_ours"] == "auto"  # lost 2 s, against restart's 5 and replicas' 5
+    assert g["ratios"]["lost_vs_ray_tuned"] == round(2.0 / 6.0, 3)
+    text = goodput.table(g)
+    assert "a save every 3 steps (drain bound" in text and "0.67% of step time" in text, text
+    assert "node lost with rank 1 after step 60" in text
