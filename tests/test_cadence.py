@@ -80,3 +80,20 @@ def test_the_spec_takes_auto_and_a_budget_and_names_the_field_when_wrong() -> No
                 "scaling": {"num_workers": 2},
             }
         )
+
+
+def test_a_save_that_waited_for_the_one_before_counts_its_copy_alone() -> None:
+    """Seen in the goodput bench: a mid-epoch save right after an epoch's end waited 1.25 s for
+    the writer, and counted whole it stretched the cadence from 26 steps to 155. The drain
+    bound keeps saves apart; the budget bound counts what a save costs the step."""
+    c = AutoCadence(0.01)
+    for _ in range(20):
+        c.observe_step(0.2)
+    c.observe_save(0.05, 2.0)
+    calm = c.interval()
+    c.observe_save(1.3, 2.0, waited_s=1.25)
+    after = c.interval()
+    assert (calm.every_n_steps, calm.bound) == (25, "budget")
+    assert (after.every_n_steps, after.bound) == (25, "budget"), after
+    c.observe_save(1.3, 2.0)  # the same stall, all of it the save's own: the cadence stretches
+    assert c.interval().every_n_steps > 100

@@ -70,6 +70,7 @@ class CheckpointWriter:
         self.async_save = async_save
         self.after_upload = after_upload
         self.blocked_s = 0.0  # time the training thread spent inside save()
+        self.waited_s = 0.0  # of the last save's: waiting for the one before to leave the buffers
         self.drain_s: float | None = None  # the last save's time in the writer, to its commit
         self.saves = 0
         self._buffers = HostBuffers()
@@ -113,7 +114,9 @@ class CheckpointWriter:
             if self._thread is None:  # queued now, it would never be written: say so
                 _remove(where)
                 raise RuntimeError("checkpoint writer is closed: a save after the run's last one")
+            t_wait = time.perf_counter()
             self._free.wait()  # the previous save has been serialized out of the buffers
+            self.waited_s = time.perf_counter() - t_wait
             try:
                 self._refuse_after_failure()
             except BaseException:
