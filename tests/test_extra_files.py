@@ -152,6 +152,21 @@ def sha(path: Path) -> str:
 
 
 @pytest.mark.e2e
+def test_a_dangling_link_or_a_name_under_a_file_is_an_input_error_not_a_crash(tmp_path):
+    """Rank 0 turns only ExtraFilesError into a stop every rank hears (exit 2); a bare OSError
+    from these two left the other ranks waiting in report()'s broadcast."""
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "vocab.txt").write_text("a b")
+    (d / "gone.json").symlink_to(tmp_path / "missing.json")
+    with pytest.raises(ExtraFilesError, match="gone.json"):
+        resolve(str(d))
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    with pytest.raises(ExtraFilesError, match="a/b"):
+        snapshot({"a": str(f), "a/b": str(f)})
+
+
 def test_extra_files_are_committed_restored_on_every_rank_downloaded_and_verified(tmp_path):
     spec = write_job(tmp_path, str(tmp_path / "runs"), "extras", "[{rank: 1, epoch: 3}]", epochs=4)
     p = run_cli("run", str(spec), "--address", "local", "--json")

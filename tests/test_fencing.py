@@ -306,6 +306,43 @@ def test_a_local_write_error_is_not_a_damaged_checkpoint(tmp_path, monkeypatch):
     assert "gone" in str(info.value)
 
 
+def _with_files(
+    storage: Storage, rec: CheckpointRecord, files: dict[str, bytes], lie: str = ""
+) -> CheckpointRecord:
+    """rec with more files, stored under its directory; `lie`: one whose record hash is wrong."""
+    entries = list(rec.files)
+    for path, data in files.items():
+        storage.write_bytes(f"{CHECKPOINTS}/{rec.id}/{path}", data)
+        entries.append(
+            FileEntry(path=path, size=len(data), sha256=sha256_hex(b"other" if path == lie else data))
+        )
+    return rec.model_copy(update={"files": entries})
+
+
+def test_a_failed_copy_removes_every_file_it_wrote(tmp_path):
+    """best --download falls back to the next checkpoint when one fails: the files the failed one
+    wrote before its bad file (extras/a here) must not stay beside the next one's."""
+    storage = Storage(str(tmp_path / "run"))
+    rec = _with_files(
+        storage, upload(storage, 1, 0.5, attempt=1), {"extras/a": b"a", "extras/b": b"b"}, "extras/b"
+    )
+    out = tmp_path / "out"
+    with pytest.raises(verify.VerificationError, match="extras/b"):
+        verify.copy_verified(storage, rec, str(out))
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_a_record_path_outside_the_checkpoint_is_refused(tmp_path):
+    """A record names its files; one with '..' would write outside the directory asked for."""
+    storage = Storage(str(tmp_path / "run"))
+    rec = _with_files(storage, upload(storage, 1, 0.5, attempt=1), {"extras/x": b"x"})
+    rec = rec.model_copy(update={"files": [*rec.files, FileEntry(path="../escape", size=1, sha256="0")]})
+    with pytest.raises(verify.VerificationError, match="outside"):
+        verify.copy_verified(storage, rec, str(tmp_path / "out" / "ck"))
+    assert not (tmp_path / "out" / "escape").exists()
+    assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
+
+
 def test_marking_bad_records_why_before_anything_is_deleted(tmp_path):
     storage = Storage(str(tmp_path / "run"))
     led = RunLedger(storage, "run", CFG)

@@ -14,6 +14,7 @@ from orchestrator.core.retention import (
     RetentionConfig,
     decide,
     metrics_fresh,
+    not_finite,
     policies_for,
     rank_best,
 )
@@ -168,3 +169,21 @@ def test_a_bad_policy_argument_is_an_input_error_naming_it_and_its_value(make, a
 )
 def test_metrics_are_fresh_when_measured_on_the_weights_reported(metrics, end, evaluated, last, fresh):
     assert metrics_fresh(metrics, "val_loss", end_of_epoch=end, evaluated=evaluated, last_value=last) is fresh
+
+
+@pytest.mark.parametrize(
+    ("metrics", "fresh", "stops_for"),
+    [
+        ({"val_loss": math.nan}, False, []),  # the placeholder before any evaluation
+        ({"val_loss": math.nan, "train_loss": 0.3}, False, []),
+        ({"val_loss": 0.4, "train_loss": math.nan}, False, ["train_loss"]),  # diverged: not saved
+        ({"val_loss": math.nan, "train_loss": math.inf}, False, ["train_loss"]),
+        ({"val_loss": math.nan}, True, ["val_loss"]),  # a fresh evaluation that diverged
+        ({"val_loss": 0.4, "val_acc": math.nan}, True, ["val_acc"]),
+        ({"val_loss": 0.4, "train_loss": 0.3}, True, []),
+    ],
+)
+def test_stop_on_nan_spares_only_the_monitor_of_a_report_that_is_not_fresh(metrics, fresh, stops_for):
+    """A mid-epoch report's NaN monitor is a placeholder; a NaN train loss beside it was measured
+    on the state being saved, and stop_on_nan must stop before it is committed as `latest`."""
+    assert not_finite(metrics, "val_loss", fresh=fresh) == stops_for

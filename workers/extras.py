@@ -87,7 +87,11 @@ def _walk(root: str, prefix: str) -> dict[str, str]:
         dirs.sort()
         for f in sorted(files):
             path = os.path.join(here, f)
-            if not stat.S_ISREG(os.stat(path).st_mode):
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as e:  # a dangling symlink: an input error, named, not a crash of rank 0
+                raise ExtraFilesError(f"extra_files: {path}: {e.strerror or e}") from None
+            if not stat.S_ISREG(mode):
                 raise ExtraFilesError(f"extra_files: {path}: not a regular file")
             out[prefix + os.path.relpath(path, root).replace(os.sep, "/")] = path
     return out
@@ -105,8 +109,8 @@ def snapshot(files: dict[str, str]) -> tuple[str, dict[str, str]]:
     try:
         for name, src in files.items():
             dst = os.path.join(where, *name.split("/"))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            try:
+            try:  # a name under another's file ({"a": f, "a/b": g}) fails here: named, too
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
                 shutil.copyfile(src, dst)
             except OSError as e:
                 raise ExtraFilesError(f"extra_files[{name!r}]: {src}: {e.strerror or e}") from None

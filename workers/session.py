@@ -43,7 +43,7 @@ import torch
 from orchestrator.core.heal import start_shared_check
 from orchestrator.core.manifest import EXTRAS_DIR, CheckpointRecord, StopKind
 from orchestrator.core.names import checkpoint_id
-from orchestrator.core.retention import metrics_fresh
+from orchestrator.core.retention import metrics_fresh, not_finite
 from orchestrator.core.storage import Storage
 from orchestrator.core.verify import copy_verified, read_verified
 from workers import extras as extras_mod
@@ -276,8 +276,9 @@ class Session:
         self, metrics: dict[str, float], end_of_epoch: bool, evaluated: bool | None, epoch: int
     ) -> bool:
         """Whether a report's metrics are fresh (orchestrator.core.retention.metrics_fresh), rank
-        0's verdict on every rank. With checkpoint.stop_on_nan, fresh metrics that are not finite
-        stop the run; the NaN placeholder of a save before any evaluation does not."""
+        0's verdict on every rank. With checkpoint.stop_on_nan, non-finite metrics stop the run
+        (retention.not_finite); the monitor's NaN placeholder of a save before any evaluation
+        does not."""
         monitor = self.cfg.monitor
         if not self._last_seeded:  # after a resume: what the restored checkpoint carried
             self._last_seeded = True
@@ -288,8 +289,8 @@ class Session:
         )
         if (value := metrics.get(monitor)) is not None and math.isfinite(value):
             self._last_value = value
-        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v)) if fresh else []
-        fresh, bad = broadcast((fresh, bad if self.cfg.stop_on_nan else []))
+        bad = not_finite(metrics, monitor, fresh=fresh) if self.cfg.stop_on_nan else []
+        fresh, bad = broadcast((fresh, bad))
         if bad:
             raise StopRun(f"epoch {epoch}: {', '.join(bad)} not finite (stop_on_nan)", "nan")
         return bool(fresh)

@@ -156,6 +156,14 @@ def metrics_fresh(
     return value is not None and math.isfinite(value) and value != last_value
 
 
+def not_finite(metrics: Mapping[str, float], monitor: str, *, fresh: bool) -> list[str]:
+    """The metrics checkpoint.stop_on_nan stops a run for: every non-finite one of a fresh
+    report; of one that is not fresh, all but the monitor (its NaN is the placeholder of a save
+    before any evaluation, or a carried value; a train loss beside it was measured on this
+    state, and a NaN there is a divergence that must not be committed as `latest`)."""
+    return sorted(k for k, v in metrics.items() if not math.isfinite(v) and (fresh or k != monitor))
+
+
 def rank_best(ckpts: Iterable[Ckpt], mode: str) -> list[Ckpt]:
     """Checkpoints with a fresh, finite metric, best first; ties go to the newer.
 

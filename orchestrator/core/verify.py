@@ -7,6 +7,7 @@ the data plane's business, so this module needs neither torch nor Ray.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -94,33 +95,50 @@ def copy_verified(
 ) -> list[str]:
     """Stream the checkpoint's files (or `only` those) into the local directory dest (or just
     through the hash, dest=None), checked against the record; never held in memory whole.
-    A file that does not match is removed and VerificationError raised. Returns the paths."""
+    A file that does not match is removed and VerificationError raised, and so are the files
+    this call wrote before it: a caller that falls back to another checkpoint (best
+    --download, a restore) must not find this one's files beside the other's. A record path
+    that would land outside dest is refused. Returns the paths."""
     written: list[str] = []
-    for f in record.files:
-        if only is not None and f.path not in only:
-            continue
-        rel = f"{CHECKPOINTS}/{record.id}/{f.path}"
-        target = os.path.join(dest, f.path) if dest else None
-        if target:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-        try:
-            size, digest = storage.download(rel, target)
-        except LocalIOError:
-            raise  # this node's disk, not the stored copy: never a reason to mark it bad
-        except FileNotFoundError:
-            raise VerificationError(f"{rel}: missing") from None
-        if (size, digest) != (f.size, f.sha256):
-            if target:
-                os.unlink(target)
-            what = (
-                f"size {size} != recorded {f.size}"
-                if size != f.size
-                else f"sha256 {digest[:12]}… != recorded"
-            )
-            raise VerificationError(f"{rel}: {what}")
-        if target:
-            written.append(target)
+    try:
+        for f in record.files:
+            if only is not None and f.path not in only:
+                continue
+            if (target := _target(dest, f.path, record.id)) is not None:
+                written.append(target)  # removed on a failure below, whatever it wrote
+            _fetch_checked(storage, record, f, target)
+    except VerificationError:
+        for path in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
     return written
+
+
+def _target(dest: str | None, path: str, cid: str) -> str | None:
+    if not dest:
+        return None
+    target = os.path.join(dest, path)
+    root = os.path.realpath(dest)
+    if os.path.commonpath([root, os.path.realpath(target)]) != root:  # "../x": not this project's
+        raise VerificationError(
+            f"{CHECKPOINTS}/{cid}: file {path!r} points outside the checkpoint's directory"
+        )
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    return target
+
+
+def _fetch_checked(storage: Storage, record: CheckpointRecord, f: FileEntry, target: str | None) -> None:
+    rel = f"{CHECKPOINTS}/{record.id}/{f.path}"
+    try:
+        size, digest = storage.download(rel, target)
+    except LocalIOError:
+        raise  # this node's disk, not the stored copy: never a reason to mark it bad
+    except FileNotFoundError:
+        raise VerificationError(f"{rel}: missing") from None
+    if (size, digest) != (f.size, f.sha256):
+        what = f"size {size} != recorded {f.size}" if size != f.size else f"sha256 {digest[:12]}… != recorded"
+        raise VerificationError(f"{rel}: {what}")
 
 
 def check_stored(storage: Storage, record: CheckpointRecord, only: set[str] | None = None) -> list[Damage]:

@@ -56,6 +56,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
+from workers.distributed import broadcast
+
 PREFIX = "session://"
 
 
@@ -156,7 +158,10 @@ class SessionCallback(pl.Callback):
         self._validated = (trainer.global_step, set(metrics))
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # the epoch's end: on_train_epoch_end reports it
-        if self.session.cfg.monitor in metrics:  # every rank logged the same keys (sync_dist)
+        # Rank 0's word, on every rank: a monitor logged with rank_zero_only=True is in rank 0's
+        # metrics alone, and a rank that skipped the report would leave the others waiting in
+        # its collectives (save_checkpoint's barrier, report's broadcasts) for good.
+        if broadcast(self.session.cfg.monitor in metrics):
             self._report(trainer, metrics, end_of_epoch=False, fresh=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
