@@ -118,6 +118,8 @@ def test_a_directory_or_a_mapping_of_files_and_directories(tmp_path):
         ["tokenizer/a.json", "tokenizer/sub/b.txt", "conf/config.json"]
     )
     assert write_restored({"model.pt": b"x"}, "ck", 0) is None
+    with pytest.raises(ExtraFilesError, match="points outside its directory"):
+        write_restored({"extras/../../escape": b"y"}, "ck", 0)  # a record someone else wrote
 
 
 @pytest.mark.parametrize(

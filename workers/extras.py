@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.core.manifest import EXTRAS_DIR
+from orchestrator.core.verify import inside
 
 # The key under which restore() hands back the directory of a checkpoint's extra files; a
 # state passed to report() may not use it.
@@ -135,8 +136,7 @@ def write_restored(blobs: dict[str, bytes], cid: str, rank: int) -> str | None:
         return None
     where = tempfile.mkdtemp(prefix=f"orchestrator-{cid}-r{rank}-extras-")
     for name, data in extras.items():
-        dst = os.path.realpath(os.path.join(where, name))
-        if not dst.startswith(os.path.realpath(where) + os.sep):  # a record written by someone else
+        if (dst := inside(where, name)) is None:  # a record written by someone else
             raise ExtraFilesError(f"checkpoint {cid}: extra file {name!r} points outside its directory")
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         with open(dst, "wb") as f:

@@ -115,12 +115,18 @@ def copy_verified(
     return written
 
 
+def inside(root: str, path: str) -> str | None:
+    """root/path, or None where a record's path ("../x", written by someone else, never by this
+    project) would land outside root: every local copy of a checkpoint's files checks it."""
+    target = os.path.join(root, path)
+    real = os.path.realpath(root)
+    return target if os.path.commonpath([real, os.path.realpath(target)]) == real else None
+
+
 def _target(dest: str | None, path: str, cid: str) -> str | None:
     if not dest:
         return None
-    target = os.path.join(dest, path)
-    root = os.path.realpath(dest)
-    if os.path.commonpath([root, os.path.realpath(target)]) != root:  # "../x": not this project's
+    if (target := inside(dest, path)) is None:
         raise VerificationError(
             f"{CHECKPOINTS}/{cid}: file {path!r} points outside the checkpoint's directory"
         )
