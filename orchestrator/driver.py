@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from orchestrator import lifecycle, preflight
+from orchestrator.budget import RestartBudget
 from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
 from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.lease import Lease, LeaseLost
@@ -39,6 +40,7 @@ from orchestrator.outcome import Outcome, decide_outcome, describe, lease_lost, 
 from orchestrator.progress import ProgressView, all_nan_warning
 from orchestrator.ray_compat import (
     controller_poll_env,
+    count_replacements_apart,
     current_cluster,
     keep_driver_sigint,
     preemption_listener,
@@ -423,12 +425,11 @@ def run(
                 f"{spec.epochs} epochs, {ray_described(started_ray)}"
             )
         interrupts = Interrupts(coord, spec.failure.stop_grace_s)
+        spent = Spent(spec, coord)
         with _progress_view(spec, coord, quiet):  # one view: a group restart's fit() shows only what is new
-            fit_error = _fit(spec, coord, interrupts)
-            relaunches = 0
-            while _group_restart_instead(spec, fit_error, interrupts, relaunches):
-                relaunches += 1
-                fit_error = _fit(spec, coord, interrupts)
+            fit_error = _fit(spec, coord, interrupts, spent.budget())
+            while _group_restart_instead(spec, fit_error, interrupts, spent.budget()):
+                fit_error = _fit(spec, coord, interrupts, spent.budget())
         try:
             after, coord_error = ray.get(coord.progress.remote(), timeout=COORD_TIMEOUT_S), None
         except Exception as e:  # the coordinator is gone (its restart refused: taken over) or stuck
@@ -467,18 +468,49 @@ def _start(spec: JobSpec, storage: Storage, lease: Lease, tracking: Any, started
     return coord
 
 
+class Spent:
+    """failure.mode replicas: the restarts this driver's fits spent so far, read back from the
+    coordinator's counts (each Ray Train restart and each fallback is noted there), less those
+    of earlier drivers (a resume starts with the whole budget, as Ray Train's own count does)."""
+
+    def __init__(self, spec: JobSpec, coord: Any) -> None:
+        self.spec, self.coord = spec, coord
+        self.start = self._counts() if spec.failure.mode == "replicas" else (0, 0)
+
+    def _counts(self) -> tuple[int, int]:
+        """(restarts of the whole group, replicas replaced alone) as the coordinator counts them."""
+        import ray
+
+        p = ray.get(self.coord.progress.remote(1 << 62), timeout=COORD_TIMEOUT_S)  # no rows: counts only
+        replaced = int(p.get("replacements", 0))
+        return int(p["restarts"]) - replaced, replaced
+
+    def budget(self) -> RestartBudget | None:
+        if self.spec.failure.mode != "replicas":
+            return None
+        groups, replaced = self._counts()
+        f = self.spec.failure
+        return RestartBudget(
+            f.max_failures, f.max_replacements, groups - self.start[0], replaced - self.start[1]
+        )
+
+
 def _group_restart_instead(
-    spec: JobSpec, fit_error: BaseException | None, interrupts: Interrupts, relaunches: int
+    spec: JobSpec, fit_error: BaseException | None, interrupts: Interrupts, budget: RestartBudget | None
 ) -> bool:
     """failure.mode replicas: Ray Train's controller gave up (ControllerError) replacing several
     replica groups that failed at once (Ray 2.60 clears the result of one dead group while it
     replaces another: docs/architecture.md). Then the whole group restarts from the latest
     commit, as restart mode would, instead of a failed run; each such restart counts against
-    failure.max_failures. Recorded as a restart, with the cause."""
+    failure.max_failures (replicas replaced alone do not). Recorded as a restart, with the cause."""
     import ray
 
-    interrupted, budget = interrupts.signum is not None, spec.failure.max_failures
-    if fit_error is None or not relaunch_group(spec.failure.mode, fit_error, interrupted, relaunches, budget):
+    interrupted = interrupts.signum is not None
+    if (
+        fit_error is None
+        or budget is None
+        or not relaunch_group(spec.failure.mode, fit_error, interrupted, budget)
+    ):
         return False
     coord = interrupts.coord
     why = (
@@ -499,8 +531,11 @@ def _progress_view(spec: JobSpec, coord: Any, quiet: bool) -> ProgressView:
     return ProgressView(poll, spec.epochs, ck.monitor, ck.mode, quiet, replicas=replicas)
 
 
-def _fit(spec: JobSpec, coord: Any, interrupts: Interrupts) -> BaseException | None:
-    """Ray Train's fit(); the error it raised or returned, if any."""
+def _fit(
+    spec: JobSpec, coord: Any, interrupts: Interrupts, budget: RestartBudget | None = None
+) -> BaseException | None:
+    """Ray Train's fit(); the error it raised or returned, if any. With a budget (failure.mode
+    replicas), replicas replaced alone and restarts of the whole group are counted apart."""
     # What `ray.train` exports in 2.60 (V2), imported from its public home so type
     # checkers see elastic scaling (`ray.train`'s own stubs still describe V1).
     from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig
@@ -522,11 +557,13 @@ def _fit(spec: JobSpec, coord: Any, interrupts: Interrupts) -> BaseException | N
             name=spec.name,
             storage_path=os.path.join(tempfile.gettempdir(), "orchestrator-ray-train"),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-            callbacks=[restart_recorder(coord)]
+            callbacks=[restart_recorder(coord, spec.scaling.max_workers if budget else None)]
             + ([preemption_listener()] if spec.failure.checkpoint_on_preempt else []),
         ),
     )
     keep_driver_sigint(trainer)
+    if budget is not None:
+        count_replacements_apart(trainer, budget, spec.scaling.max_workers)
     os.environ.update(controller_poll_env(spec.failure.health_check_interval_s))
     with interrupts:
         try:

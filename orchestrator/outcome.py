@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from orchestrator.budget import RestartBudget
 from orchestrator.core.lease import LeaseLost
 from orchestrator.ray_compat import controller_gave_up, exception_chain
 
@@ -72,14 +73,13 @@ def decide_outcome(
     return Outcome("finished")
 
 
-def relaunch_group(
-    mode: str, fit_error: BaseException, interrupted: bool, relaunches: int, max_failures: int
-) -> bool:
+def relaunch_group(mode: str, fit_error: BaseException, interrupted: bool, budget: RestartBudget) -> bool:
     """failure.mode replicas: fit() ended because Ray Train's controller itself gave up (it
     cannot replace several replica groups at once in Ray 2.60): restart the whole group from
-    the latest commit instead of failing, while failure.max_failures allows and no one asked
-    the run to stop."""
-    allowed = mode == "replicas" and not interrupted and relaunches < max_failures
+    the latest commit instead of failing, while failure.max_failures allows (the restarts of
+    the whole group this driver made, Ray Train's and its own: `budget`) and no one asked the
+    run to stop."""
+    allowed = mode == "replicas" and not interrupted and budget.group_restart_left()
     return allowed and controller_gave_up(fit_error)
 
 

@@ -129,7 +129,8 @@ class ProgressView:
             at = max(int(note.get("at", 0)), since)
             if note["kind"] == "restart":
                 self._restarts = max(self._restarts, int(note["restarts"]))
-                alone = self.replicas and not note.get("whole")  # whole: the driver's fallback
+                # alone: the coordinator's word; a note without it (counters only): not the driver's fallback
+                alone = self.replicas and bool(note.get("alone", not note.get("whole")))
                 what = "a failed worker replaced alone" if alone else "worker group restarted"
                 cause = f": {note['cause']}" if note.get("cause") else ""
                 items.append((at, 0, "line", f"[run] {what} ({note['restarts']} so far){cause}"))

@@ -130,9 +130,11 @@ def can_grow_from_status(status: Any) -> bool | None:
     return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items())
 
 
-def restart_recorder(coordinator: Any) -> Any:
+def restart_recorder(coordinator: Any, replicas: int | None = None) -> Any:
     """A Ray Train controller callback that tells the coordinator each time Ray Train
-    decides to restart the worker group, with the failure it restarts from.
+    decides to restart the worker group, with the failure it restarts from; with `replicas`
+    (failure.mode replicas, that many workers) also whether it replaces the failed replicas
+    alone (orchestrator/budget.py).
 
     Private: the public `ray.train.UserCallback.after_exception` fires on every worker
     failure, including the last one after which Ray Train gives up; only the controller's
@@ -141,6 +143,8 @@ def restart_recorder(coordinator: Any) -> Any:
     from ray.train.v2._internal.execution.callback import ControllerCallback
     from ray.train.v2._internal.execution.controller.state import TrainControllerStateType
 
+    from orchestrator.budget import replaced_alone
+
     class RestartRecorder(ControllerCallback):  # type: ignore[misc]
         def __init__(self, coordinator: Any) -> None:
             self.coordinator = coordinator
@@ -148,10 +152,59 @@ def restart_recorder(coordinator: Any) -> Any:
         def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
             if current_state._state_type == TrainControllerStateType.RESTARTING:
                 err = getattr(current_state, "training_failed_error", None)
+                alone = replicas is not None and replaced_alone(len(failed_ranks(err)), replicas)
                 # One request id per decision: Ray's retry of this call counts it once.
-                self.coordinator.note_restart.remote(f"{type(err).__name__}: {err}", uuid.uuid4().hex)
+                self.coordinator.note_restart.remote(
+                    f"{type(err).__name__}: {err}", uuid.uuid4().hex, alone=alone
+                )
 
     return RestartRecorder(coordinator)
+
+
+def failed_ranks(err: Any) -> list[int]:
+    """The world ranks whose failure a WorkerGroupError reports (none for another error)."""
+    failures = getattr(err, "worker_failures", None)
+    return sorted(failures) if isinstance(failures, dict) else []
+
+
+def count_replacements_apart(trainer: Any, budget: Any, workers: int) -> None:
+    """failure.mode replicas: Ray Train's failure policy for this fit() replaced by one that
+    spends `budget` (orchestrator/budget.py's RestartBudget, what earlier fits spent already
+    counted): a replica replaced alone from failure.max_replacements, a restart of the whole
+    group from failure.max_failures. Ray Train 2.60 counts both against max_failures.
+
+    Private: the policy is built inside fit() (`create_failure_policy`) and handed to the
+    controller by `DataParallelTrainer._initialize_and_run_controller`; no public option
+    replaces it. Other failures (the controller's own, preemptions) keep Ray's counting."""
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+    from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from orchestrator.budget import replaced_alone
+
+    class ReplicaBudgets(DefaultFailurePolicy):  # type: ignore[misc]
+        def make_decision(self, training_failed_error: Any) -> Any:
+            err = training_failed_error
+            if not isinstance(err, WorkerGroupError) or _is_preemption_failure(err):
+                return super().make_decision(err)
+            alone = replaced_alone(len(failed_ranks(err)), workers)
+            if spent := budget.spend(alone):
+                log.warning(f"[run] {spent}: the run stops")
+                return FailureDecision.RAISE
+            return FailureDecision.RETRY
+
+    if not hasattr(trainer, "_initialize_and_run_controller"):
+        raise RuntimeError(
+            "no _initialize_and_run_controller in this Ray Train; update orchestrator/ray_compat.py"
+        )
+    run = trainer._initialize_and_run_controller
+
+    def with_budgets(**kwargs: Any) -> Any:
+        kwargs["failure_policy"] = ReplicaBudgets(kwargs["failure_policy"].failure_config)
+        return run(**kwargs)
+
+    trainer._initialize_and_run_controller = with_budgets
 
 
 def preemption_listener() -> Any:
@@ -204,30 +257,43 @@ def keep_driver_sigint(trainer: Any) -> None:
     trainer._register_sigint_handler = lambda controller: None
 
 
+LIGHTHOUSE_BIND_S = 30.0  # a restarted lighthouse retries its port this long (its old socket closing)
+
+
 def torchft_config(heartbeat_timeout_ms: int) -> Any:
     """Ray Train's backend for torchft replica groups: one process group per worker, and
     torchft's lighthouse (min_replicas 1: the survivors go on alone). Alpha in Ray 2.60 and
     exported from no public module, so imported here (tests/test_ray_compat.py names it).
 
-    Private as well: Ray 2.60 starts the lighthouse on the driver's node as an actor of the
-    default 1 CPU, pinned there (soft=False), so on a head of 0 CPUs (deploy/'s clusters,
-    where a submitted driver runs) it is never scheduled and the run cannot start (and on a
-    node whose every CPU the workers hold it waits for a free one). A lighthouse is a small
-    server thread: started here with 0 CPUs before Ray's backend would start it, through
-    `_TorchftBackend._maybe_create_lighthouse_actor` and `LighthouseServerActor`."""
+    Private as well: Ray 2.60 starts the lighthouse as an actor of the default 1 CPU pinned to
+    the driver's node (soft=False) on a port the OS picks, and never restarts it. A head of 0
+    CPUs (deploy/'s clusters, where a submitted driver runs) never schedules it, and a
+    lighthouse killed mid-run failed every replica's quorum and then every start of a new
+    group (its address read from a dead actor) for good: the run hung. Here, through
+    `_TorchftBackend._maybe_create_lighthouse_actor` (whose base reads the address back from
+    the actor, "in case it was restarted"), it is an actor of 0 CPUs that Ray restarts
+    (max_restarts=-1) on a port fixed when it is first placed, so the replicas' managers, which
+    reconnect to the address they were given, find the restarted one there; placed off the
+    driver's node when another node is alive (`lighthouse_node`), softly: a lost node's
+    lighthouse restarts elsewhere (a new address: what Ray's backend hands the next group)."""
     import ray
-    from ray.train.v2.torch.torchft_config import LighthouseServerActor, TorchftConfig, _TorchftBackend
+    from ray.train.v2.torch.torchft_config import TorchftConfig, _TorchftBackend
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     class Backend(_TorchftBackend):  # type: ignore[misc]
         def _maybe_create_lighthouse_actor(self, backend_config: Any) -> str:
             if self.lighthouse_actor is None:
-                here = NodeAffinitySchedulingStrategy(
-                    node_id=ray.get_runtime_context().get_node_id(), soft=False
+                here = ray.get_runtime_context().get_node_id()
+                node = lighthouse_node(ray.nodes(), here)
+                on = lambda soft: NodeAffinitySchedulingStrategy(node_id=node, soft=soft)  # noqa: E731
+                probe = ray.remote(free_port).options(num_cpus=0, scheduling_strategy=on(False))
+                port = ray.get(probe.remote())
+                kwargs = {**backend_config.lighthouse_kwargs, "bind": f"[::]:{port}"}
+                self.lighthouse_actor = (
+                    lighthouse_actor()
+                    .options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=on(True))
+                    .remote(kwargs)
                 )
-                self.lighthouse_actor = LighthouseServerActor.options(  # type: ignore[attr-defined]
-                    num_cpus=0, scheduling_strategy=here
-                ).remote(lighthouse_kwargs=backend_config.lighthouse_kwargs)
             # Ray's own reads its address (the base named, not super(): this class is pickled by value)
             return str(_TorchftBackend._maybe_create_lighthouse_actor(self, backend_config))
 
@@ -236,8 +302,53 @@ def torchft_config(heartbeat_timeout_ms: int) -> Any:
         def backend_cls(self) -> type:
             return Backend
 
-    lighthouse = {"bind": "[::]:0", "min_replicas": 1, "heartbeat_timeout_ms": heartbeat_timeout_ms}
+    lighthouse = {"min_replicas": 1, "heartbeat_timeout_ms": heartbeat_timeout_ms}
     return Config(lighthouse_kwargs=lighthouse, backend="gloo")
+
+
+def lighthouse_node(nodes: list[dict[str, Any]], here: str) -> str:
+    """Where the lighthouse goes (`nodes` as `ray.nodes()` lists them, `here` the driver's
+    node): the first alive node other than the driver's, by node id (so every call agrees), else
+    the driver's own."""
+    others = sorted(str(n["NodeID"]) for n in nodes if n.get("Alive") and n.get("NodeID") != here)
+    return others[0] if others else here
+
+
+def free_port() -> int:
+    """A port nobody on this node listens on now (the lighthouse binds it, and binds it again
+    when it restarts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def lighthouse_actor() -> Any:
+    """The lighthouse as a Ray actor class (torchft's LighthouseServer, a PyO3 type, cannot be
+    one itself). Restarted, it binds its port again, retrying while the old socket closes."""
+    import ray
+
+    class TorchftLighthouse:
+        def __init__(self, kwargs: dict[str, Any]) -> None:
+            import time
+
+            from torchft.coordination import LighthouseServer
+
+            end = time.monotonic() + LIGHTHOUSE_BIND_S
+            while True:
+                try:
+                    self.server = LighthouseServer(**kwargs)
+                    return
+                except Exception as e:  # torchft raises its bind error as a RuntimeError
+                    if time.monotonic() > end:
+                        raise RuntimeError(f"the torchft lighthouse cannot bind {kwargs['bind']}: {e}") from e
+                    time.sleep(0.5)
+
+        def address(self) -> str:
+            return str(self.server.address())
+
+    return ray.remote(TorchftLighthouse)
 
 
 def controller_gave_up(exc: BaseException) -> bool:

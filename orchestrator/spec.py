@@ -277,6 +277,14 @@ class FailureSpec(_Model):
         "replica_heartbeat_timeout_s, or a survivor gives up before the dead replica is dropped.",
     )
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts before giving up (-1: no limit).")
+    max_replacements: int = Field(
+        20,
+        ge=-1,
+        le=100000,
+        description="failure.mode replicas: replicas replaced alone (a dead worker restarted while "
+        "the others train on) before giving up (-1: no limit); counted apart from max_failures, "
+        "which counts only the restarts of the whole group.",
+    )
 
     lease_ttl_s: float = Field(
         30.0,

@@ -11,6 +11,7 @@ import pytest
 from ray.exceptions import RayTaskError
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
+from orchestrator.budget import RestartBudget
 from orchestrator.core.lease import LeaseLost
 from orchestrator.outcome import Outcome, decide_outcome, relaunch_group
 from orchestrator.ray_compat import exception_chain
@@ -124,6 +125,7 @@ def test_what_each_outcome_records(kind: Any, status: Any) -> None:
     ("mode", "error", "interrupted", "relaunches", "again"),
     [
         ("replicas", ControllerError(remote(RuntimeError("ActorDiedError"))), False, 0, True),
+        ("replicas", ControllerError(RuntimeError("x")), False, 2, True),  # one of max_failures (3) left
         ("replicas", ControllerError(RuntimeError("x")), False, 3, False),  # max_failures (3) spent
         ("replicas", ControllerError(RuntimeError("x")), True, 0, False),  # Ctrl-C: stop, do not relaunch
         (
@@ -139,7 +141,16 @@ def test_what_each_outcome_records(kind: Any, status: Any) -> None:
 def test_a_whole_group_restart_only_when_the_replicas_controller_gave_up(
     mode, error, interrupted, relaunches, again
 ) -> None:
-    assert relaunch_group(mode, error, interrupted, relaunches, 3) is again
+    # Replicas replaced alone never spend the budget of the whole group's restarts
+    budget = RestartBudget(max_failures=3, max_replacements=5, groups=relaunches, replacements=5)
+    assert relaunch_group(mode, error, interrupted, budget) is again
+
+
+def test_max_failures_minus_one_never_runs_out_of_whole_group_restarts() -> None:
+    gave_up = ControllerError(RuntimeError("x"))
+    assert relaunch_group(
+        "replicas", gave_up, False, RestartBudget(max_failures=-1, max_replacements=0, groups=100)
+    )
 
 
 def test_the_chain_walks_every_shape_ray_nests_errors_in() -> None:

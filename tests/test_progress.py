@@ -77,9 +77,13 @@ def test_with_replicas_a_restart_is_a_worker_replaced_alone():
 
 
 def test_with_replicas_the_drivers_whole_group_restart_is_a_group_restart():
-    restart = {"kind": "restart", "at": 0, "restarts": 1, "cause": "rank 1 died"}
-    base = {"restarts": 2, "attempts": 2, "resumed_from": None, "live": None, "new": [], "next": 0}
-    notes = [restart, {**restart, "restarts": 2, "cause": "gave up", "whole": True}]
+    restart = {"kind": "restart", "at": 0, "restarts": 1, "cause": "rank 1 died", "alone": True}
+    base = {"restarts": 3, "attempts": 2, "resumed_from": None, "live": None, "new": [], "next": 0}
+    notes = [
+        restart,
+        {**restart, "restarts": 2, "cause": "gave up", "whole": True, "alone": False},
+        {**restart, "restarts": 3, "cause": "all died", "alone": False},  # Ray Train restarted them all
+    ]
     out = io.StringIO()
     feed = iter([{**base, "notes": notes}])
     view = ProgressView(lambda since: next(feed), 3, "val_loss", "min", out=out, live=False, replicas=True)
@@ -87,6 +91,7 @@ def test_with_replicas_the_drivers_whole_group_restart_is_a_group_restart():
     assert out.getvalue().splitlines() == [
         "[run] a failed worker replaced alone (1 so far): rank 1 died",
         "[run] worker group restarted (2 so far): gave up",
+        "[run] worker group restarted (3 so far): all died",
     ]
 
 

@@ -23,8 +23,10 @@ PRIVATE = [
     ("ray.autoscaler.v2.sdk", "get_cluster_status"),
     ("ray._common.utils", "get_ray_address_file"),
     ("ray.train.v2.torch.torchft_config", "TorchftConfig"),
-    ("ray.train.v2.torch.torchft_config", "LighthouseServerActor"),
     ("ray.train.v2.torch.torchft_config", "_TorchftBackend"),
+    ("ray.train.v2._internal.execution.failure_handling", "DefaultFailurePolicy"),
+    ("ray.train.v2._internal.execution.failure_handling.default", "_is_preemption_failure"),
+    ("ray.train.v2._internal.execution.failure_handling.failure_policy", "FailureDecision"),
     ("ray._private.worker", "print_to_stdstream"),
     ("ray._private.authentication.authentication_token_setup", "logger"),
 ]
@@ -129,3 +131,70 @@ def test_worker_lines_and_the_raylets_errors_go_through_the_printer_we_replace()
     assert "functools.partial(print_to_stdstream" in inspect.getsource(ray_worker.connect)
     assert auth.logger.name == "ray._private.authentication.authentication_token_setup"
     assert TOKEN_NOTICE in inspect.getsource(auth)
+
+
+def test_the_lighthouse_backend_overrides_the_method_ray_calls():
+    """Ray's torchft backend still creates its lighthouse through the method replaced here, and
+    still reads the address back from the actor it holds (so a restarted one is found)."""
+    import inspect
+
+    from ray.train.v2.torch.torchft_config import _TorchftBackend
+
+    from orchestrator.ray_compat import torchft_config
+
+    backend = torchft_config(2000).backend_cls
+    assert issubclass(backend, _TorchftBackend)
+    assert "_maybe_create_lighthouse_actor" in vars(backend)
+    source = inspect.getsource(_TorchftBackend._maybe_create_lighthouse_actor)
+    assert "self.lighthouse_actor.address.remote()" in source, "Ray no longer reads the address back"
+    assert "self._maybe_create_lighthouse_actor(" in inspect.getsource(_TorchftBackend.on_start)
+
+
+HEAD, W1, W2 = "aa-head", "bb-worker", "cc-worker"
+
+
+@pytest.mark.parametrize(
+    ("nodes", "here", "chosen"),
+    [
+        ([(HEAD, True)], HEAD, HEAD),  # one node: the driver's own
+        ([(HEAD, True), (W1, True)], HEAD, W1),  # another alive node: off the driver's
+        ([(HEAD, True), (W1, False)], HEAD, HEAD),  # the other is dead: the driver's
+        ([(W2, True), (HEAD, True), (W1, True)], HEAD, W1),  # several: the first by node id
+        ([(HEAD, True), (W1, False), (W2, True)], HEAD, W2),  # a dead one is skipped
+        ([(W1, True), (HEAD, True)], W1, HEAD),  # the driver on a worker node: the head
+    ],
+)
+def test_the_lighthouse_is_placed_off_the_drivers_node_when_another_is_alive(nodes, here, chosen):
+    from orchestrator.ray_compat import lighthouse_node
+
+    listed = [{"NodeID": node, "Alive": alive} for node, alive in nodes]
+    assert lighthouse_node(listed, here) == chosen
+
+
+def test_a_free_port_is_one_a_server_can_bind():
+    import socket
+
+    from orchestrator.ray_compat import free_port
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("", port))
+
+
+def test_the_failed_ranks_of_a_worker_group_error():
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from orchestrator.ray_compat import failed_ranks
+
+    assert failed_ranks(WorkerGroupError("w", {2: RuntimeError("x"), 0: RuntimeError("y")})) == [0, 2]
+    assert failed_ranks(ControllerError(RuntimeError("x"))) == []
+    assert failed_ranks(None) == []
+
+
+def test_the_trainer_still_hands_its_failure_policy_to_the_controller():
+    import inspect
+
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert hasattr(DataParallelTrainer, "_initialize_and_run_controller"), "renamed"
+    assert "failure_policy=create_failure_policy(" in inspect.getsource(DataParallelTrainer.fit)

@@ -4,6 +4,7 @@ the replica that waited for it, so no step is lost; and what reaches storage is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -336,4 +337,68 @@ def test_losing_a_node_that_hosts_two_replicas_never_fails_the_run(tmp_path):
     assert before < epochs, "the run finished before the node was lost"
     _, attempts, metrics = assert_group_restarted(run_dir, log, epochs)
     assert attempts[1]["restore"] is not None and attempts[1]["restore_epoch"] >= before, attempts
+    kept_and_verified(run_dir, metrics)
+
+
+def lighthouse_process(root_pid):
+    """The torchft lighthouse's actor process among a driver's descendants (a local Ray)."""
+    import psutil
+
+    for p in psutil.Process(root_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "Lighthouse" in " ".join(p.cmdline()) and "ray::" in " ".join(p.cmdline()):
+                return p
+    return None
+
+
+@pytest.mark.e2e
+def test_a_killed_lighthouse_comes_back_and_the_run_finishes(tmp_path):
+    """torchft's lighthouse forms every step's quorum; its process SIGKILLed mid-run (three
+    replicas training) must cost neither the run nor an epoch."""
+    epochs = 8
+    run_dir = tmp_path / "lh"
+    drv = start_cli(
+        "run",
+        "configs/digits.yaml",
+        "--address",
+        "local",
+        "--verbose",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=lh",
+        "--set",
+        "failure.mode=replicas",
+        "--set",
+        "scaling.num_workers=3",
+        "--set",
+        f"epochs={epochs}",
+        "--set",
+        "task.options.batch_size=8",
+        "--set",
+        "chaos.kills=[]",
+        log=tmp_path / "driver.log",
+    )
+    try:
+        wait_until(lambda: committed(run_dir) or drv.poll() is not None, 240, "a commit")
+        assert drv.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
+        lighthouse = lighthouse_process(drv.pid)
+        assert lighthouse is not None
+        before = max(r["epoch"] for r in committed(run_dir))
+        lighthouse.kill()
+        rc = drv.wait(timeout=400)
+        log = (tmp_path / "driver.log").read_text()
+        assert rc == 0, log[-6000:]
+    finally:
+        stop(drv)
+    assert before < epochs, "the run finished before the lighthouse was killed"
+    # Ray restarted it at the same address, where the replicas' managers found it again
+    assert len(set(re.findall(r"Lighthouse listening on: (\S+)", log))) == 1, log[-6000:]
+    assert len(re.findall(r"Lighthouse listening on", log)) == 2, log[-6000:]
+    # and its quorum ids, counted from 1 again, never sent two process groups to one store
+    # prefix (workers/replica_pg.py): that was a gloo timeout per reused id
+    assert "Timed out waiting" not in log, log[-6000:]
+    assert manifest(run_dir)["status"] == "finished"
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
     kept_and_verified(run_dir, metrics)

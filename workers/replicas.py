@@ -49,6 +49,7 @@ from workers.task import Dataset, Task, TaskContext, collate, is_loader
 log = logging.getLogger(__name__)
 
 WAIT_S = 0.1  # a waiting replica's pause between quorums
+RETRY_S = 0.5  # a lighthouse that does not answer a quorum is asked again this often
 HOLD_S = 60.0  # rank 0 waits this long at its start for every replica, so a fault-free run trains all shards
 
 # Rank 0's word each step, as read: is rank 0 in the quorum, the stop asked (the highest
@@ -171,7 +172,9 @@ def _build(session: Session, build: Any) -> TrainState:
 def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
     """This replica group's torchft Manager: a heal loads a peer's TrainState (and notes it in
     `healed`); rank 0's restored state is the one the others heal from."""
-    from torchft import Manager, ProcessGroupGloo
+    from torchft import Manager
+
+    from workers.replica_pg import process_group, watch
 
     rank = session.rank
 
@@ -186,8 +189,9 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
     # torchft logs every quorum and commit at INFO; its warnings and errors still show.
     logging.getLogger("torchft").setLevel(logging.WARNING)
     timeout = timedelta(seconds=session.cfg.replica_timeout_s)  # failure.replica_timeout_s
+    pg = process_group(timeout)  # keyed to each quorum: a restarted lighthouse reuses quorum ids
     manager = Manager(
-        pg=ProcessGroupGloo(timeout=timeout),
+        pg=pg,
         load_state_dict=load_state_dict,
         state_dict=live.state_dict,
         min_replica_size=1,
@@ -198,11 +202,21 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
         timeout=timeout,
         quorum_timeout=timedelta(seconds=session.cfg.replica_quorum_timeout_s),
         connect_timeout=timeout,
+        # A quorum the lighthouse could not answer (killed: Ray restarts it at the same address)
+        # is asked again every RETRY_S until the quorum timeout, not failed at once.
+        quorum_retries=quorum_retries(session.cfg.replica_quorum_timeout_s),
         init_sync=False,  # a replica at step 0 heals only from one ahead of it (rank 0 starts at 1)
     )
+    watch(manager, pg)
     if rank == 0:  # the state it restored (or a fresh model) is the one the others heal from
         manager.load_state_dict({"step": live.global_step + 1, "batches_committed": 0})
     return manager
+
+
+def quorum_retries(quorum_timeout_s: float) -> int:
+    """How many times a replica's manager asks the lighthouse again for a quorum it could not
+    answer: torchft spreads them evenly over the quorum timeout, so one every RETRY_S."""
+    return max(1, int(quorum_timeout_s / RETRY_S))
 
 
 def _unsupported(task: Task) -> str | None:

@@ -224,19 +224,21 @@ class Coordinator:
             return  # rank 0 stopping because a replica asked it to: the replica's reason stands
         self.ownership.save(self.manifest.model_copy(update={"stopped": {"reason": reason, "kind": kind}}))
 
-    def note_restart(self, reason: str, rid: str | None = None, whole: bool = False) -> None:
+    def note_restart(
+        self, reason: str, rid: str | None = None, whole: bool = False, alone: bool = False
+    ) -> None:
         """Ray Train's controller decided to restart the worker group (counted once per rid);
-        whole: the driver restarts the whole group of a replicas run (its controller gave up)."""
+        whole: the driver restarts the whole group of a replicas run (its controller gave up);
+        alone: Ray Train replaces only the failed replicas (counted apart, as `replacements`)."""
         if self.ownership.answered(rid)[0]:
             return
         m = self.manifest
         cause = self.signals.restart_cause(m.attempts, reason)
-        extra = {"whole": True} if whole else {}
+        extra = {"whole": True} if whole else {"alone": True} if alone else {}
         self.log.event("restart", rid, restarts=m.restarts + 1, cause=cause, reason=reason[:2000], **extra)
-        self.ownership.save(
-            self.ownership.remember(m.model_copy(update={"restarts": m.restarts + 1}), rid, True)
-        )
-        self.signals.note_restart(m.restarts + 1, cause, whole)
+        counts = {"restarts": m.restarts + 1, "replacements": m.replacements + int(alone and not whole)}
+        self.ownership.save(self.ownership.remember(m.model_copy(update=counts), rid, True))
+        self.signals.note_restart(m.restarts + 1, cause, whole, alone and not whole)
 
     def event(
         self, kind: str, fields: dict[str, Any] | None = None, rid: str | None = None, **more: Any
@@ -263,6 +265,7 @@ class Coordinator:
             "next": len(self.signals.reported),
             "best": best.model_dump() if best else None,
             "restarts": self.manifest.restarts,
+            "replacements": self.manifest.replacements,
             "attempts": self.manifest.attempts,
             "stopped": self.manifest.stopped,
             "fenced": self.fenced,

@@ -49,9 +49,10 @@ class Signals:
             {"kind": "attempt", "at": len(self.reported), "attempt": attempt, "resumed_from": resumed_from}
         )
 
-    def note_restart(self, restarts: int, cause: str, whole: bool = False) -> None:
+    def note_restart(self, restarts: int, cause: str, whole: bool = False, alone: bool = False) -> None:
         note = {"kind": "restart", "at": len(self.reported), "restarts": restarts, "cause": cause}
-        self.notes.append({**note, "whole": True} if whole else note)
+        # alone: Ray Train replaced only the failed replicas (failure.mode replicas), said always
+        self.notes.append({**note, "whole": True, "alone": False} if whole else {**note, "alone": alone})
 
     def heard(self, attempt: int, cause: str) -> None:
         """A cause heard first hand (a chaos kill, the user's exception) in that attempt."""

@@ -151,6 +151,7 @@ class Manifest(BaseModel):
     bad: list[BadCheckpoint] = Field(default_factory=list)
     attempts: int = 0
     restarts: int = 0
+    replacements: int = 0  # of the restarts, replicas replaced alone (failure.mode replicas)
     chaos_fired: list[str] = Field(default_factory=list)
     resumed_from: str | None = None  # protected from deletion until the run ends
     status: Literal["running", "finished", "failed"] = "running"
