@@ -6,7 +6,7 @@ failure Ray Train would retry, and the driver for its own fallback."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 def replaced_alone(failed_ranks: int, workers: int) -> bool:
@@ -34,6 +34,10 @@ class RestartBudget:
             return None
         what = "replicas replaced alone" if alone else "restarts of the whole group"
         return f"failure.{field} ({limit}) {what} spent"
+
+    def refused(self, alone: bool) -> str | None:
+        """Why one more restart of this kind would be refused (its budget spent), else None."""
+        return replace(self).spend(alone)
 
     def group_restart_left(self) -> bool:
         """Whether one more restart of the whole group is allowed."""

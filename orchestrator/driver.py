@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from orchestrator import lifecycle, preflight
-from orchestrator.budget import RestartBudget
+from orchestrator.budget import RestartBudget, replaced_alone
 from orchestrator.coordinator import RetentionConfig, coordinator_actor_class
 from orchestrator.core.errors import OrchestratorError
 from orchestrator.core.lease import Lease, LeaseLost
@@ -39,9 +39,12 @@ from orchestrator.core.storage import Storage, redact, redact_options, secrets_i
 from orchestrator.outcome import Outcome, decide_outcome, describe, lease_lost, relaunch_group, root_cause
 from orchestrator.progress import ProgressView, all_nan_warning
 from orchestrator.ray_compat import (
+    controller_gave_up,
     controller_poll_env,
     count_replacements_apart,
     current_cluster,
+    exception_chain,
+    failed_ranks,
     keep_driver_sigint,
     preemption_listener,
     restart_recorder,
@@ -506,11 +509,17 @@ def _group_restart_instead(
     import ray
 
     interrupted = interrupts.signum is not None
-    if (
-        fit_error is None
-        or budget is None
-        or not relaunch_group(spec.failure.mode, fit_error, interrupted, budget)
-    ):
+    if fit_error is None or budget is None:
+        return False
+    if not relaunch_group(spec.failure.mode, fit_error, interrupted, budget):
+        # a replicas run that stops because a budget is spent says which (Ray Train's log only
+        # reaches the console with --verbose)
+        failed = max((len(failed_ranks(e)) for e in exception_chain(fit_error)), default=0)
+        gave_up = controller_gave_up(fit_error)
+        if not interrupted and (gave_up or failed):
+            alone = not gave_up and replaced_alone(failed, spec.scaling.max_workers)
+            if spent := budget.refused(alone):
+                log.warning(f"[run] {spent}: the run stops")
         return False
     coord = interrupts.coord
     why = (

@@ -274,17 +274,22 @@ def torchft_config(heartbeat_timeout_ms: int) -> Any:
     the actor, "in case it was restarted"), it is an actor of 0 CPUs that Ray restarts
     (max_restarts=-1) on a port fixed when it is first placed, so the replicas' managers, which
     reconnect to the address they were given, find the restarted one there; placed off the
-    driver's node when another node is alive (`lighthouse_node`), softly: a lost node's
-    lighthouse restarts elsewhere (a new address: what Ray's backend hands the next group)."""
+    driver's node when another node is alive and hosts no worker (`lighthouse_node`), softly: a
+    lost node's lighthouse restarts elsewhere (a new address: what Ray's backend hands the next
+    group)."""
     import ray
     from ray.train.v2.torch.torchft_config import TorchftConfig, _TorchftBackend
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     class Backend(_TorchftBackend):  # type: ignore[misc]
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            self.worker_nodes = {w.metadata.node_id for w in worker_group.get_workers()}
+            _TorchftBackend.on_start(self, worker_group, backend_config)
+
         def _maybe_create_lighthouse_actor(self, backend_config: Any) -> str:
             if self.lighthouse_actor is None:
                 here = ray.get_runtime_context().get_node_id()
-                node = lighthouse_node(ray.nodes(), here)
+                node = lighthouse_node(ray.nodes(), here, getattr(self, "worker_nodes", set()))
                 on = lambda soft: NodeAffinitySchedulingStrategy(node_id=node, soft=soft)  # noqa: E731
                 probe = ray.remote(free_port).options(num_cpus=0, scheduling_strategy=on(False))
                 port = ray.get(probe.remote())
@@ -306,12 +311,16 @@ def torchft_config(heartbeat_timeout_ms: int) -> Any:
     return Config(lighthouse_kwargs=lighthouse, backend="gloo")
 
 
-def lighthouse_node(nodes: list[dict[str, Any]], here: str) -> str:
+def lighthouse_node(nodes: list[dict[str, Any]], here: str, workers: set[str]) -> str:
     """Where the lighthouse goes (`nodes` as `ray.nodes()` lists them, `here` the driver's
-    node): the first alive node other than the driver's, by node id (so every call agrees), else
-    the driver's own."""
-    others = sorted(str(n["NodeID"]) for n in nodes if n.get("Alive") and n.get("NodeID") != here)
-    return others[0] if others else here
+    node, `workers` the nodes the training workers are on): an alive node other than the
+    driver's that hosts no worker, so losing a worker's node never takes the lighthouse with
+    it; else the driver's own (a lighthouse on a worker's node would be lost with that node,
+    and every survivor with it). The first by node id, so every call agrees."""
+    free = sorted(
+        str(n["NodeID"]) for n in nodes if n.get("Alive") and n.get("NodeID") not in {here, *workers}
+    )
+    return free[0] if free else here
 
 
 def free_port() -> int:

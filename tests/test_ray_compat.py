@@ -154,21 +154,25 @@ HEAD, W1, W2 = "aa-head", "bb-worker", "cc-worker"
 
 
 @pytest.mark.parametrize(
-    ("nodes", "here", "chosen"),
+    ("nodes", "here", "workers", "chosen"),
     [
-        ([(HEAD, True)], HEAD, HEAD),  # one node: the driver's own
-        ([(HEAD, True), (W1, True)], HEAD, W1),  # another alive node: off the driver's
-        ([(HEAD, True), (W1, False)], HEAD, HEAD),  # the other is dead: the driver's
-        ([(W2, True), (HEAD, True), (W1, True)], HEAD, W1),  # several: the first by node id
-        ([(HEAD, True), (W1, False), (W2, True)], HEAD, W2),  # a dead one is skipped
-        ([(W1, True), (HEAD, True)], W1, HEAD),  # the driver on a worker node: the head
+        ([(HEAD, True)], HEAD, {HEAD}, HEAD),  # one node: the driver's own
+        ([(HEAD, True), (W1, True)], HEAD, set(), W1),  # another alive node: off the driver's
+        ([(HEAD, True), (W1, False)], HEAD, set(), HEAD),  # the other is dead: the driver's
+        ([(W2, True), (HEAD, True), (W1, True)], HEAD, set(), W1),  # several: the first by node id
+        ([(HEAD, True), (W1, False), (W2, True)], HEAD, set(), W2),  # a dead one is skipped
+        ([(W1, True), (HEAD, True)], W1, set(), HEAD),  # the driver on a worker node: the head
+        # never on a worker's node: it would be lost with that node, and every survivor with it
+        ([(HEAD, True), (W1, True), (W2, True)], HEAD, {W1}, W2),
+        ([(HEAD, True), (W1, True), (W2, True)], HEAD, {W1, W2}, HEAD),
+        ([(HEAD, True), (W1, True)], HEAD, {HEAD, W1}, HEAD),
     ],
 )
-def test_the_lighthouse_is_placed_off_the_drivers_node_when_another_is_alive(nodes, here, chosen):
+def test_the_lighthouse_is_placed_off_the_drivers_node_when_another_is_free(nodes, here, workers, chosen):
     from orchestrator.ray_compat import lighthouse_node
 
     listed = [{"NodeID": node, "Alive": alive} for node, alive in nodes]
-    assert lighthouse_node(listed, here) == chosen
+    assert lighthouse_node(listed, here, workers) == chosen
 
 
 def test_a_free_port_is_one_a_server_can_bind():

@@ -402,3 +402,78 @@ def test_a_killed_lighthouse_comes_back_and_the_run_finishes(tmp_path):
     metrics = jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
     kept_and_verified(run_dir, metrics)
+
+
+def newest_step(run_dir):
+    return max((c["global_step"] for c in committed(run_dir)), default=-1)
+
+
+def train_workers(root_pid, but=()):
+    """The Ray Train workers among a driver's descendants (a local Ray), but those named."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.pid not in but and " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
+                found.append(p)
+    return found
+
+
+@pytest.mark.e2e
+def test_replicas_replaced_alone_do_not_spend_max_failures(tmp_path):
+    """Three workers SIGKILLed one after another (each once its replacement has joined and a
+    commit followed) with failure.max_failures 1: each is a replica replaced alone, counted
+    against failure.max_replacements (default 20), so the run finishes. Ray Train alone counts
+    each against max_failures and fails the run at the second."""
+    epochs = 30
+    run_dir = tmp_path / "budget"
+    drv = start_cli(
+        "run",
+        "configs/digits.yaml",
+        "--address",
+        "local",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=budget",
+        "--set",
+        "failure.mode=replicas",
+        "--set",
+        "failure.max_failures=1",
+        "--set",
+        f"epochs={epochs}",
+        "--set",
+        "task.options.batch_size=8",
+        "--set",
+        "chaos.kills=[]",
+        log=tmp_path / "driver.log",
+    )
+    killed: set[int] = set()
+    try:
+        for _ in range(3):
+            seen = newest_step(run_dir)
+            wait_until(
+                lambda: len(train_workers(drv.pid, killed)) == 2 or drv.poll() is not None, 240, "2 workers"
+            )
+            wait_until(lambda s=seen: newest_step(run_dir) > s or drv.poll() is not None, 240, "a new commit")
+            assert drv.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
+            newest = max(train_workers(drv.pid, killed), key=lambda p: p.create_time())
+            killed.add(newest.pid)
+            newest.kill()
+        rc = drv.wait(timeout=500)
+        log = (tmp_path / "driver.log").read_text()
+        assert rc == 0, log[-6000:]
+    finally:
+        stop(drv)
+    restarts = [e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == "restart"]
+    assert len(restarts) == 3 and all(e.get("alone") for e in restarts), restarts
+    assert manifest(run_dir)["replacements"] == 3
+    assert re.findall(r"^\[run\] a failed worker replaced alone \((\d) so far\)", log, re.M) == [
+        "1",
+        "2",
+        "3",
+    ]
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
+    kept_and_verified(run_dir, metrics)
