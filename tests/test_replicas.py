@@ -447,15 +447,18 @@ def test_replicas_replaced_alone_do_not_spend_max_failures(tmp_path):
         "task.options.batch_size=8",
         "--set",
         "chaos.kills=[]",
+        "--verbose",
         log=tmp_path / "driver.log",
     )
+    log_of = (tmp_path / "driver.log").read_text
     killed: set[int] = set()
     try:
-        for _ in range(3):
+        for n in range(3):
+            # the replica killed last (and at first, the one not holding rank 0's state) has
+            # been replaced and healed: a kill before then would fail its start instead
+            heals = lambda n=n: log_of().count("healed from a live peer") > n or drv.poll() is not None  # noqa: E731
+            wait_until(heals, 240, f"heal {n + 1}")
             seen = newest_step(run_dir)
-            wait_until(
-                lambda: len(train_workers(drv.pid, killed)) == 2 or drv.poll() is not None, 240, "2 workers"
-            )
             wait_until(lambda s=seen: newest_step(run_dir) > s or drv.poll() is not None, 240, "a new commit")
             assert drv.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
             newest = max(train_workers(drv.pid, killed), key=lambda p: p.create_time())
@@ -477,3 +480,45 @@ def test_replicas_replaced_alone_do_not_spend_max_failures(tmp_path):
     metrics = jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
     kept_and_verified(run_dir, metrics)
+
+
+@pytest.mark.e2e
+def test_the_lighthouse_sits_off_the_drivers_node_and_every_workers(tmp_path):
+    """A cluster with a node that hosts no worker (a head of 0 CPUs, two 1-CPU nodes for the
+    two replicas, and a spare of 0 CPUs): the lighthouse goes where neither the driver's
+    controller nor a worker is, so losing a worker's node never takes it along."""
+    run_dir = tmp_path / "place"
+    with local_cluster(workers=2, head_num_cpus=0) as c:
+        c.add_node(num_cpus=0)
+        drv = start_cli(
+            "run",
+            "configs/digits.yaml",
+            "--address",
+            c.address,
+            "--set",
+            f"storage.root={tmp_path}",
+            "--set",
+            "name=place",
+            "--set",
+            "failure.mode=replicas",
+            "--set",
+            "epochs=6",
+            "--set",
+            "task.options.batch_size=8",
+            "--set",
+            "chaos.kills=[]",
+            log=tmp_path / "driver.log",
+            env=c.env,
+        )
+        try:
+            wait_until(lambda: committed(run_dir) or drv.poll() is not None, 240, "a commit")
+            assert drv.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
+            actors = alive_actors(c, "TorchftLighthouse", "RayTrainWorker", "TrainController")
+            rc = drv.wait(timeout=300)
+            assert rc == 0, (tmp_path / "driver.log").read_text()[-6000:]
+        finally:
+            stop(drv)
+    on = lambda kind: [c.name_of(a["node_id"]) for a in actors if a["class_name"] == kind]  # noqa: E731
+    (lighthouse,) = on("TorchftLighthouse")
+    assert len(on("RayTrainWorker")) == 2, actors
+    assert lighthouse not in {*on("RayTrainWorker"), *on("TrainController")}, actors
