@@ -36,6 +36,7 @@ from typing import Any, cast
 
 import torch
 
+from orchestrator.core.manifest import CheckpointRecord
 from workers.data import rank_batches
 from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
 from workers.metrics import RunningLoss
@@ -51,16 +52,23 @@ log = logging.getLogger(__name__)
 WAIT_S = 0.1  # a waiting replica's pause between quorums
 HOLD_S = 60.0  # rank 0 waits this long at its start for every replica, so a fault-free run trains all shards
 
-# Rank 0's word each step, as read: is rank 0 in the quorum, the stop asked (the highest
-# code any replica sends), "done" (any replica: one that ended first sends it on), hold, and
-# the last epoch rank 0 reported.
-PRESENT, STOP, DONE, HOLD, REPORTED = range(5)
+# The writer's word each step, as read: is the writer (rank 0, or the survivor that took its
+# place) in the quorum, the stop asked (the highest code any replica sends), "done" (any
+# replica: one that ended first sends it on), hold, the last epoch the writer reported, its
+# attempt, and the ranks in the quorum that hold the live state (who may take its place).
+PRESENT, STOP, DONE, HOLD, REPORTED, ATTEMPT, HOLDERS = range(7)
 # As sent: every element a sum over the quorum (Manager.allreduce averages; the readers
-# multiply back), so it can ride on the gradients' all-reduce. Rank 0 alone sends the first
-# three; every replica its "done" and a 1 at its stop code's place (codes 1 and 2).
-S_PRESENT, S_HOLD, S_REPORTED, S_DONE, S_STOP = range(5)
-WORD = S_STOP + PREEMPT  # one element per stop code above NONE
-TRAIN, AGAIN, END = "train", "again", "end"  # what a replica does with the step, once it has the word
+# multiply back), so it can ride on the gradients' all-reduce. The writer alone sends
+# PRESENT, HOLD, REPORTED and ATTEMPT; every replica its "done", a 1 at its stop code's place
+# (codes 1 and 2) and a 1 at its rank's place after those if it holds state.
+S_PRESENT, S_HOLD, S_REPORTED, S_ATTEMPT, S_DONE, S_STOP = range(6)
+S_HOLDERS = S_STOP + PREEMPT  # one element per stop code above NONE, then one per rank
+# What a replica does with the step, once it has the word; TAKE: it became the writer.
+TRAIN, AGAIN, END, TAKE = "train", "again", "end", "take"
+
+
+def word_size(world: int) -> int:
+    return S_HOLDERS + world
 
 
 def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[str, Any]:
@@ -70,9 +78,9 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
     data = cast("Dataset", task.train_data)  # not a DataLoader: refused in _build
     healed: list[bool] = []
     manager = _manager(session, live, healed)
-    grads = GradBuckets(model, manager, WORD)  # hooks on the parameters (workers/replica_grads.py)
+    grads = GradBuckets(model, manager, word_size(world))  # hooks on the parameters
     saver, waiting = EpochSaver(live, session), Waiting(session)
-    done, holding, hold_until = False, rank == 0, time.monotonic() + HOLD_S
+    done, holding, hold_until = False, session.is_writer, time.monotonic() + HOLD_S
     batches: tuple[int, list[list[int]]] | None = None
     ended = False
     try:
@@ -81,13 +89,13 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             manager.start_quorum()  # may heal: `live`, model and optimizer are a peer's now
             just_healed = bool(healed)
             healed.clear()
-            if just_healed and rank == 0:  # the epoch end the rank 0 it replaces died in
+            if just_healed and session.is_writer:  # the epoch end the writer it replaces died in
                 done = saver.fill_in(live) or done  # before the word below, which carries it
             # Rank 0 starting the group's training (a new run, a resume, a whole restart) holds
             # it until every replica has joined, so a fault-free run trains every shard.
             alone = manager.num_participants() < world
             holding = holding and not just_healed and alone and time.monotonic() < hold_until
-            mine = _word(rank, session.stop_check.local(), done, holding, live.reported)
+            mine = _mine(session, manager, live, done, holding)
             # The word rides on the gradients' all-reduce (one set of collectives a step) where
             # training the step before reading it is safe: a full quorum (rank 0 in it, not
             # holding), mid-epoch (no end, no early stop), state held. Every replica of the
@@ -96,6 +104,8 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             if not rides and (act := _heed(_control(manager, mine), manager, live, saver, waiting)) != TRAIN:
                 if act == END:
                     break
+                if act == TAKE:  # the writer left: the epoch end it may have died in, first
+                    done = saver.fill_in(live) or done
                 continue
             epoch, step = live.epoch, live.step
             if batches is None or batches[0] != epoch:
@@ -109,6 +119,8 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             if rides and (act := _heed(_read(sums), manager, live, saver, waiting)) != TRAIN:
                 if act == END:  # the step trained is dropped: it is never committed
                     break
+                if act == TAKE:
+                    done = saver.fill_in(live) or done
                 continue
             if not manager.should_commit():  # a replica failed in this step: train it again
                 continue
@@ -123,9 +135,9 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
                 continue
             where[0] = f"epoch {epoch} evaluation"
             stopped_early = saver.end_epoch(live, steps)
-            done = rank == 0 and stopped_early  # rank 0's word ends every replica at the next step
-        if rank != 0:
-            _serve_until_the_end(manager, waiting)
+            done = session.is_writer and stopped_early  # its word ends every replica at the next step
+        if not session.is_writer:
+            _serve_until_the_end(manager, waiting, session, live)
         ended = True
     except StopRun:
         ended = True
@@ -135,7 +147,7 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
         # checkpoint committed before the others are told the run ended: if that fails, they
         # stay, and rank 0's replacement heals from them and saves it again (fill_in).
         manager.shutdown(wait=False)
-        if ended and rank == 0:
+        if ended and session.is_writer:
             session.close()
             session.coord.end_training()
     return {"global_step": live.global_step, **session.close()}
@@ -200,7 +212,7 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
         connect_timeout=timeout,
         init_sync=False,  # a replica at step 0 heals only from one ahead of it (rank 0 starts at 1)
     )
-    if rank == 0:  # the state it restored (or a fresh model) is the one the others heal from
+    if session.is_writer:  # the state it restored (or a fresh model) is the one the others heal from
         manager.load_state_dict({"step": live.global_step + 1, "batches_committed": 0})
     return manager
 
@@ -231,7 +243,7 @@ class EpochSaver:
         rank 0 stops early. Every replica evaluates (a heal hands its metrics and early-stopping
         state on); only rank 0 acts on them."""
         session, epoch = self.session, live.epoch
-        rank0 = session.rank == 0
+        rank0 = session.is_writer
         cfg = session.cfg
         try:  # world 1: each replica's whole held-out split, no collective
             live.metrics = epoch_metrics(session, self.task, self.model, epoch, live.epoch_loss, 1, 0)
@@ -285,11 +297,14 @@ class EpochSaver:
 
 
 class Waiting:
-    """A replica waiting for state or for rank 0: it asks the coordinator, at most once a
-    second, whether rank 0 left its loop for good (the run trained to its end, or stopped)."""
+    """A replica waiting for state or for the writer: it asks the coordinator, at most once a
+    second, whether the writer left its loop for good (the run trained to its end, or
+    stopped). It also remembers the writer's attempt, as the word last said it, which a
+    survivor names when it takes the writer's place (Coordinator.take_writer)."""
 
     def __init__(self, session: Session) -> None:
         self.session, self.asked, self.over = session, 0.0, False
+        self.attempt: int | None = None  # the writer's, as last heard
 
     def ended(self) -> bool:
         if self.over or time.monotonic() - self.asked < 1.0:
@@ -301,35 +316,75 @@ class Waiting:
         return ended
 
 
-def _serve_until_the_end(manager: Any, waiting: Waiting) -> None:
-    """A replica other than rank 0 at the end (of the epochs, or an early stop): it stays in
-    the quorums, saying "done", so a rank 0 replaced during its last save or report heals
-    from it and ends too, until rank 0 says the run ended."""
+def _serve_until_the_end(manager: Any, waiting: Waiting, session: Session, live: TrainState) -> None:
+    """A replica other than the writer at the end (of the epochs, or an early stop): it stays
+    in the quorums, saying "done", so a writer replaced during its last save or report heals
+    from it and ends too, until the writer says the run ended."""
     while not waiting.ended():
         manager.start_quorum()
-        if _control(manager, _word(1, NONE, True, False, 0)) is None:
+        if _control(manager, _mine(session, manager, live, True, False, stop=NONE)) is None:
             manager.should_commit()
         time.sleep(WAIT_S)
 
 
-def _word(rank: int, stop: int, done: bool, hold: bool, reported: int) -> list[float]:
-    """This replica's share of the word, as sent (S_*)."""
-    mine = [0.0] * WORD
+def _mine(
+    session: Session, manager: Any, live: TrainState, done: bool, hold: bool, stop: int | None = None
+) -> list[float]:
+    """This replica's share of the word now (the stop it asks, unless given)."""
+    return _word(
+        session.world,
+        session.rank,
+        writer=session.is_writer,
+        attempt=session.attempt,
+        stop=session.stop_check.local() if stop is None else stop,
+        done=done,
+        hold=hold,
+        reported=live.reported,
+        holds=manager.current_step() > 0,  # it holds the live state: it may take the writer's place
+    )
+
+
+def _word(
+    world: int,
+    rank: int,
+    *,
+    writer: bool,
+    attempt: int,
+    stop: int,
+    done: bool,
+    hold: bool,
+    reported: int,
+    holds: bool,
+) -> list[float]:
+    """A replica's share of the word, as sent (S_*)."""
+    mine = [0.0] * word_size(world)
     mine[S_DONE] = float(done)
     if stop != NONE:
         mine[S_STOP + stop - 1] = 1.0
-    if rank == 0:
+    if holds:
+        mine[S_HOLDERS + rank] = 1.0
+    if writer:
         mine[S_PRESENT], mine[S_HOLD], mine[S_REPORTED] = 1.0, float(hold), float(reported)
+        mine[S_ATTEMPT] = float(attempt)
     return mine
 
 
-def _read(sums: list[float] | None) -> list[float] | None:
-    """The word as read (PRESENT...REPORTED) from its sums over the quorum; None stays None
+def _read(sums: list[float] | None) -> list[Any] | None:
+    """The word as read (PRESENT...HOLDERS) from its sums over the quorum; None stays None
     (the all-reduce failed)."""
     if sums is None:
         return None
-    stop = max((code for code in range(1, WORD - S_STOP + 1) if sums[S_STOP + code - 1] > 0), default=NONE)
-    return [sums[S_PRESENT] > 0, stop, sums[S_DONE] > 0, sums[S_HOLD] > 0, sums[S_REPORTED]]
+    stop = max((code for code in range(1, PREEMPT + 1) if sums[S_STOP + code - 1] > 0), default=NONE)
+    holders = [r for r, v in enumerate(sums[S_HOLDERS:]) if v > 0]
+    return [
+        sums[S_PRESENT] > 0,
+        stop,
+        sums[S_DONE] > 0,
+        sums[S_HOLD] > 0,
+        sums[S_REPORTED],
+        int(sums[S_ATTEMPT]),
+        holders,
+    ]
 
 
 def _control(manager: Any, mine: list[float]) -> list[float] | None:
@@ -342,6 +397,27 @@ def _control(manager: Any, mine: list[float]) -> list[float] | None:
     return _read((t * manager.num_participants()).round().tolist())
 
 
+def _take_writer(word: list[Any], manager: Any, session: Session, waiting: Waiting) -> bool:
+    """The writer is not in the quorum: the lowest rank that holds the live state takes its
+    place at once (issue: a dead rank 0 used to stop every replica until its replacement had
+    started and healed). The coordinator decides (take_writer): only if the writer's attempt,
+    as this replica last heard it, is still the current one. True: this replica writes now."""
+    holders = word[HOLDERS]
+    if waiting.attempt is None or manager.current_step() == 0 or not holders or holders[0] != session.rank:
+        return False
+    answer = session.coord.take_writer(session.rank, waiting.attempt)
+    if not answer["ok"]:  # the writer's replacement started an attempt first: it writes
+        waiting.attempt = answer["attempt"]
+        return False
+    latest = CheckpointRecord.model_validate(answer["latest"]) if answer["latest"] else None
+    session.become_writer(answer["attempt"], latest)
+    log.info(
+        f"[replicas] rank {session.rank} writes the run's checkpoints from now on, in the place of "
+        f"the writer of attempt {waiting.attempt}, which left the quorum (attempt {answer['attempt']})"
+    )
+    return True
+
+
 def _heed(
     word: list[float] | None, manager: Any, live: TrainState, saver: EpochSaver, waiting: Waiting
 ) -> str:
@@ -350,8 +426,12 @@ def _heed(
     if word is None:  # a replica died in this quorum
         manager.should_commit()  # records the failure, so the next quorum reconfigures
         return AGAIN
+    if word[PRESENT]:
+        waiting.attempt = int(word[ATTEMPT])
+    elif _take_writer(word, manager, saver.session, waiting):
+        return TAKE
     if manager.current_step() == 0 or not word[PRESENT] or word[HOLD]:
-        if waiting.ended():  # rank 0 trained to the end (or stopped) while this one waited
+        if waiting.ended():  # the writer trained to the end (or stopped) while this one waited
             return END
         time.sleep(WAIT_S)
         return AGAIN
