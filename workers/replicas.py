@@ -311,7 +311,7 @@ class Waiting:
             return self.over
         self.asked = time.monotonic()
         if ended := self.session.coord.training_ended():
-            log.info(f"[replicas] rank {self.session.rank}: rank 0 ended the run; nothing left")
+            log.info(f"[replicas] rank {self.session.rank}: the writer ended the run; nothing left")
         self.over = ended
         return ended
 
