@@ -467,6 +467,12 @@ def _start(spec: JobSpec, storage: Storage, lease: Lease, tracking: Any, started
     return coord
 
 
+def replicas_world(spec: JobSpec) -> int | None:
+    """A replicas run's number of workers (one number, checked by the spec); None otherwise."""
+    workers = spec.scaling.num_workers
+    return workers if spec.failure.mode == "replicas" and isinstance(workers, int) else None
+
+
 def _group_restart_instead(
     spec: JobSpec, fit_error: BaseException | None, interrupts: Interrupts, relaunches: int
 ) -> bool:
@@ -522,7 +528,7 @@ def _fit(spec: JobSpec, coord: Any, interrupts: Interrupts) -> BaseException | N
             name=spec.name,
             storage_path=os.path.join(tempfile.gettempdir(), "orchestrator-ray-train"),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-            callbacks=[restart_recorder(coord)]
+            callbacks=[restart_recorder(coord, replicas_world(spec))]
             + ([preemption_listener()] if spec.failure.checkpoint_on_preempt else []),
         ),
     )
