@@ -16,12 +16,13 @@ replacement heals from a live peer instead of reading storage.
                  the metrics on; rank 0 reports, saves and decides early stopping, and the
                  others follow its word
 
-Rank 0 reports and writes checkpoints, through the same session, writer and commit protocol
-as a group restart. While rank 0 is not in the quorum the others wait, so no epoch is
-trained that nobody records; its replacement starts an attempt (orphans collected), restores
-the latest commit, then heals from them at the step where it died, and reports and saves
-an epoch end it died in the middle of. A replica that holds no state (torchft's step 0)
-trains nothing until it has healed; rank 0 sets its step to the global step + 1.
+The writer (rank 0 at a group's start) reports and writes checkpoints, through the same
+session, writer and commit protocol as a group restart. When it leaves the quorum, the
+lowest-ranked replica holding the live state takes its place at once (Coordinator.take_writer
+starts a new attempt, which fences the old writer's late commits), reports and saves an epoch
+end the old one died in, and the others train on; rank 0's replacement heals from them as an
+ordinary replica. A replica that holds no state (torchft's step 0) trains nothing until it
+has healed; the writer at a group's start sets its step to the global step + 1.
 
 Nothing here calls ray.train.report, which waits for every worker of every replica group and
 so hangs on a dead one (docs/benchmarks.md).
@@ -226,7 +227,7 @@ def _unsupported(task: Task) -> str | None:
 
 
 class EpochSaver:
-    """Rank 0's saves and reports (the others only keep what a heal hands on)."""
+    """The writer's saves and reports (the others only keep what a heal hands on)."""
 
     def __init__(self, state: TrainState, session: Session) -> None:
         self.task, self.model, self.session = state.task, state.model, session
@@ -240,20 +241,20 @@ class EpochSaver:
 
     def end_epoch(self, live: TrainState, steps: int) -> bool:
         """Evaluate, report and save the epoch just trained; move `live` to the next. True:
-        rank 0 stops early. Every replica evaluates (a heal hands its metrics and early-stopping
-        state on); only rank 0 acts on them."""
+        the writer stops early. Every replica evaluates (a heal hands its metrics and
+        early-stopping state on); only the writer acts on them."""
         session, epoch = self.session, live.epoch
-        rank0 = session.is_writer
+        writer = session.is_writer
         cfg = session.cfg
         try:  # world 1: each replica's whole held-out split, no collective
             live.metrics = epoch_metrics(session, self.task, self.model, epoch, live.epoch_loss, 1, 0)
         except StopRun:
-            if rank0:
+            if writer:
                 raise
             live.metrics = {}  # rank 0 stops the run; this replica waits for its word
         stopped_early = bool(live.stopper and live.metrics and live.stopper.update(live.metrics[cfg.monitor]))
         at = Position(epoch, steps, live.global_step, True)
-        if rank0:
+        if writer:
             self.report(at, live, stopped_early)
         live.epoch, live.step, live.epoch_loss = epoch + 1, 0, RunningLoss(session.device)
         return stopped_early
@@ -267,11 +268,12 @@ class EpochSaver:
             note_early_stop(self.session, at.epoch, live.stopper)
 
     def fill_in(self, live: TrainState) -> bool:
-        """Rank 0 healed at the start of an epoch: the end of the one before may be what the
-        rank 0 it replaces died in, after the others had moved on. Report it if that one did
-        not (a report replaces the epoch's row), and save it if it was due and is not what
-        this one restored (a save the old rank 0 handed to its writer may never have been
-        committed), from the state the heal handed on. True: it was the early stop."""
+        """The writer healed (or took the writer's place) at the start of an epoch: the end
+        of the one before may be what the writer it replaces died in, after the others had
+        moved on. Report it if that one did not (a report replaces the epoch's row), and save
+        it if it was due and is not the latest commit (a save the old writer handed to its
+        background writer may never have been committed), from the state the heal handed on.
+        True: it was the early stop."""
         epoch, cfg = live.epoch - 1, self.session.cfg
         if live.step != 0 or epoch < 1 or not live.metrics:
             return False
