@@ -101,7 +101,9 @@ def test_a_killed_replica_heals_from_a_live_peer_and_a_killed_rank0_loses_no_ste
     assert [a["attempt"] for a in attempts] == [1], attempts
     moved = [e for e in events if e["kind"] == "writer_moved"]
     assert [(e["rank"], e["after_attempt"], e["attempt"]) for e in moved] == [(1, 1, 2)], moved
-    assert "rank 1 writes the run's checkpoints from now on" in log, log[-5000:]
+    assert "rank 1 writes the run's checkpoints from now on" in log, log[-5000:]  # its own line
+    said = "[run] rank 1 took over writing the checkpoints (attempt 2): the writer left the quorum"
+    assert said in log, log[-5000:]  # the driver's console
     # Rank 1's replacement healed from rank 0, which trained on (the first replica also heals
     # once, at epoch 1, from rank 0's start); rank 0's replacement healed from rank 1, as an
     # ordinary replica, after the kill.

@@ -156,7 +156,7 @@ class Coordinator:
         self.ownership.save(
             self.ownership.remember(m.model_copy(update={"attempts": attempt + 1}), rid, result)
         )
-        self.signals.writer = rank
+        self.signals.note_writer(rank, attempt + 1)
         self.commits.collect_orphans()
         return result
 

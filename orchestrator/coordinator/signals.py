@@ -54,6 +54,11 @@ class Signals:
             {"kind": "attempt", "at": len(self.reported), "attempt": attempt, "resumed_from": resumed_from}
         )
 
+    def note_writer(self, rank: int, attempt: int) -> None:
+        """failure.mode replicas: `rank` took the writer's place, starting `attempt`."""
+        self.writer = rank
+        self.notes.append({"kind": "writer", "at": len(self.reported), "rank": rank, "attempt": attempt})
+
     def note_restart(self, restarts: int, cause: str, whole: bool = False) -> None:
         note = {"kind": "restart", "at": len(self.reported), "restarts": restarts, "cause": cause}
         self.notes.append({**note, "whole": True} if whole else note)
