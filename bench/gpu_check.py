@@ -160,10 +160,13 @@ def main() -> int:
     status = 0
     if args.only in ("all", "checkpoint"):
         if args.device != "cuda":
-            print("gpu_check: the checkpoint checks need --device cuda", file=sys.stderr)
+            print(
+                "gpu_check: the checkpoint checks need cuda; --only replicas --device cpu runs without",
+                file=sys.stderr,
+            )
             return 2
         status = checkpoint_checks(args)
-    if args.only in ("all", "replicas") and status == 0:
+    if args.only in ("all", "replicas") and status == 0 and os.environ.get("RANK", "0") == "0":
         status = replicas_check(args)
     return status
 
@@ -420,24 +423,18 @@ def replicas_check(args: argparse.Namespace) -> int:
             solo = Replica({**base, "replica": 0, "device": devices[0], "role": "solo", "end_step": 4})
             procs.append(solo)
             out["nccl_alone"] = solo.wait(120) == 0 and "ended at step 4" in solo.text()
-            print(f"replicas: one GPU; the NCCL group alone (4 steps): {out['nccl_alone']}")
-            base = {**base, "comms": "gloo", "heal": "http" if args.heal == "auto" else args.heal}
-        a = Replica({**base, "replica": 0, "device": devices[0], "role": "first"})
-        b = Replica({**base, "replica": 1, "device": devices[1], "role": "first"})
-        procs += [a, b]
-        b.until(lambda line: line.startswith(f"committed {KILL_AFTER}"), 120)
-        os.kill(b.proc.pid, signal.SIGKILL)  # a real kill, mid-step
-        b.wait(30)
-        print(f"replicas: replica 1 SIGKILLed after it committed step {KILL_AFTER}")
-        b2 = Replica({**base, "replica": 1, "device": devices[1], "role": "replacement"})
-        procs.append(b2)
-        codes = [a.wait(300), b2.wait(300)]
-        out.update(replica_results(work, a, b2, codes))
+            out["nccl_alone_comms"] = solo.comms
+            print(f"replicas: one GPU; the NCCL group alone ({solo.comms}), 4 steps: {out['nccl_alone']}")
+            base = {**base, "comms": "gloo", "heal": "http"}
+        out.update(kill_and_heal(base, devices, procs, work))
+    except TimeoutError as e:
+        out["error"] = str(e)
     finally:
         for r in procs:
             r.stop()
         lighthouse.shutdown()
     for key in (
+        "error",
         "comms",
         "healed_at_step",
         "healed_tensors",
@@ -445,7 +442,8 @@ def replicas_check(args: argparse.Namespace) -> int:
         "final_step",
         "final_bitwise_equal",
     ):
-        print(f"replicas: {key} {out.get(key)}")
+        if key in out:
+            print(f"replicas: {key} {out[key]}")
     ok = bool(
         out.get("healed_bitwise_equal") and out.get("final_bitwise_equal") and out.get("nccl_alone", True)
     )
@@ -459,6 +457,23 @@ def replicas_check(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps({**old, "replicas": out}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
+
+
+def kill_and_heal(
+    base: dict[str, Any], devices: list[str], procs: list[Replica], work: Path
+) -> dict[str, Any]:
+    a = Replica({**base, "replica": 0, "device": devices[0], "role": "first"})
+    b = Replica({**base, "replica": 1, "device": devices[1], "role": "first"})
+    procs += [a, b]
+    b.until(lambda line: line.startswith(f"committed {KILL_AFTER}"), 120)
+    os.kill(b.proc.pid, signal.SIGKILL)  # a real kill, mid-step
+    b.wait(30)
+    print(f"replicas: replica 1 SIGKILLed after it committed step {KILL_AFTER}")
+    b2 = Replica({**base, "replica": 1, "device": devices[1], "role": "replacement"})
+    procs.append(b2)
+    deadline = time.monotonic() + 240
+    codes = [a.wait(deadline - time.monotonic()), b2.wait(max(1.0, deadline - time.monotonic()))]
+    return replica_results(work, a, b2, codes)
 
 
 def replica_results(work: Path, a: Replica, b2: Replica, codes: list[int | None]) -> dict[str, Any]:
@@ -491,7 +506,8 @@ class Replica:
         self.cond = threading.Condition()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--replica-worker", json.dumps(cfg)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -515,9 +531,11 @@ class Replica:
 
     def wait(self, timeout: float) -> int | None:
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+        self.reader.join(10)  # its last lines read
+        return code
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -180,7 +180,7 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
     rank, cfg = session.rank, session.cfg
     comms = replica_comms(session.device.type, cfg.replica_timeout_s, cfg.replica_quorum_timeout_s)
     os.environ.update(comms.env)  # read when the first NCCL group is made (none on cpu)
-    if session.device.type == "cuda":
+    if session.device.type == "cuda" and session.device.index is not None:
         torch.cuda.set_device(session.device)  # the device torchft's NCCL group connects on
 
     def load_state_dict(sd: dict[str, Any]) -> None:
