@@ -17,6 +17,7 @@ communicator on one GPU ("Duplicate GPU detected"), so the NCCL heal needs two G
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -61,7 +62,7 @@ def replica_comms(device_type: str, timeout_s: float, quorum_timeout_s: float) -
     heartbeat = max(1, int((timeout + quorum_timeout_s) / 2))
     env = {
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
-        "TORCH_NCCL_NONBLOCKING_TIMEOUT": f"{timeout:g}",
+        "TORCH_NCCL_NONBLOCKING_TIMEOUT": str(math.ceil(timeout)),  # whole seconds (torch reads an int)
         "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(heartbeat),
         "TORCH_NCCL_BLOCKING_WAIT": "0",
     }
