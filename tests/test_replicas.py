@@ -26,7 +26,6 @@ BASE = {"name": "r", "task": {"name": "digits"}, "failure": {"mode": "replicas"}
     [
         ({"scaling": {"num_workers": 1}}, "scaling.num_workers must be one number >= 2"),
         ({"scaling": {"num_workers": [1, 2]}}, "scaling.num_workers must be one number >= 2"),
-        ({"scaling": {"num_workers": 2, "use_gpu": True}}, "scaling.use_gpu"),
         ({"failure": {"mode": "replicas", "checkpoint_on_preempt": True}}, "failure.checkpoint_on_preempt"),
         (
             {"chaos": {"kills": [{"rank": 0, "epoch": 1, "point": "after_upload"}]}},
@@ -46,6 +45,9 @@ def test_a_spec_replicas_cannot_run_is_refused_naming_the_field(change, says):
 def test_the_default_is_a_group_restart_and_replicas_validate():
     assert JobSpec.model_validate({"name": "r"}).failure.mode == "restart"
     assert JobSpec.model_validate(BASE).failure.mode == "replicas"
+    # GPUs too (workers/replica_comms.py: NCCL for the gradients), no longer refused
+    gpu = JobSpec.model_validate({**BASE, "scaling": {"num_workers": 2, "use_gpu": True}})
+    assert gpu.scaling.use_gpu and gpu.failure.mode == "replicas"
 
 
 def test_without_torchft_the_run_is_refused_before_ray(monkeypatch):

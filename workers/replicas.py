@@ -31,6 +31,7 @@ so hangs on a dead one (docs/benchmarks.md).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import timedelta
 from typing import Any, cast
@@ -41,6 +42,7 @@ from orchestrator.core.manifest import CheckpointRecord
 from workers.data import rank_batches
 from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
 from workers.metrics import RunningLoss
+from workers.replica_comms import process_group, replica_comms, transport
 from workers.replica_grads import GradBuckets
 from workers.resume import restore
 from workers.session import Session, StopRun
@@ -183,10 +185,16 @@ def _build(session: Session, build: Any) -> TrainState:
 
 def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
     """This replica group's torchft Manager: a heal loads a peer's TrainState (and notes it in
-    `healed`); rank 0's restored state is the one the others heal from."""
-    from torchft import Manager, ProcessGroupGloo
+    `healed`); rank 0's restored state is the one the others heal from. Its process group,
+    heal transport and timeouts by device: workers/replica_comms.py (on cuda, NCCL for the
+    gradients, gloo for `_control`'s CPU word, heals device to device)."""
+    from torchft import Manager
 
-    rank = session.rank
+    rank, cfg = session.rank, session.cfg
+    comms = replica_comms(session.device.type, cfg.replica_timeout_s, cfg.replica_quorum_timeout_s)
+    os.environ.update(comms.env)  # read when the first NCCL group is made (none on cpu)
+    if session.device.type == "cuda" and session.device.index is not None:
+        torch.cuda.set_device(session.device)  # the device torchft's NCCL group connects on
 
     def load_state_dict(sd: dict[str, Any]) -> None:
         live.load_state_dict(sd)
@@ -198,9 +206,10 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
 
     # torchft logs every quorum and commit at INFO; its warnings and errors still show.
     logging.getLogger("torchft").setLevel(logging.WARNING)
-    timeout = timedelta(seconds=session.cfg.replica_timeout_s)  # failure.replica_timeout_s
+    timeout = timedelta(seconds=comms.timeout_s)  # failure.replica_timeout_s (on cuda, <= quorum's / 2)
+    pg = process_group(comms)
     manager = Manager(
-        pg=ProcessGroupGloo(timeout=timeout),
+        pg=pg,
         load_state_dict=load_state_dict,
         state_dict=live.state_dict,
         min_replica_size=1,
@@ -209,8 +218,9 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
         world_size=1,
         replica_id=f"replica_{rank}",  # torchft reads the trailing number
         timeout=timeout,
-        quorum_timeout=timedelta(seconds=session.cfg.replica_quorum_timeout_s),
+        quorum_timeout=timedelta(seconds=cfg.replica_quorum_timeout_s),
         connect_timeout=timeout,
+        checkpoint_transport=transport(comms, pg, session.device),  # None on cpu: torchft's HTTPTransport
         init_sync=False,  # a replica at step 0 heals only from one ahead of it (rank 0 starts at 1)
     )
     if session.is_writer:  # the state it restored (or a fresh model) is the one the others heal from
