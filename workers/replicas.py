@@ -185,7 +185,7 @@ def _build(session: Session, build: Any) -> TrainState:
 
 def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
     """This replica group's torchft Manager: a heal loads a peer's TrainState (and notes it in
-    `healed`); rank 0's restored state is the one the others heal from. Its process group,
+    `healed`); the writer's restored state is the one the others heal from. Its process group,
     heal transport and timeouts by device: workers/replica_comms.py (on cuda, NCCL for the
     gradients, gloo for `_control`'s CPU word, heals device to device)."""
     from torchft import Manager
