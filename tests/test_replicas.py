@@ -367,7 +367,7 @@ def test_a_healed_replica_gets_the_peers_grad_scaler_and_keeps_its_own_rng_strea
     from workers.format import STATE_FILE, load_tensor_file
     from workers.replica_streams import stream_seed
 
-    epochs, batch, n = 5, 8, 1438
+    epochs, batch, n = 7, 8, 1438
     log = tmp_path / "steps"
     log.mkdir()
     out = run_cli(
