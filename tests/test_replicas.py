@@ -6,6 +6,7 @@ reaches storage is whole."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -222,11 +223,11 @@ def test_a_rank0_that_heals_after_the_early_stop_ends_the_run(monkeypatch):
     assert calls == [("report", 3), ("save", 3), ("early_stop", 3)]
 
 
-def kept_and_verified(run_dir, metrics):
+def kept_and_verified(run_dir, metrics, top_k=3):
     """What is kept is the top-k by val_loss plus the latest, and `orchestrator verify` finds
     every kept checkpoint's files whole and matching its record."""
     assert {c["epoch"] for c in manifest(run_dir)["checkpoints"]} == expected_kept(
-        metrics, "val_loss", "min", 3
+        metrics, "val_loss", "min", top_k
     )
     p = run_cli("verify", str(run_dir), "--json")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -350,3 +351,198 @@ def test_losing_a_node_that_hosts_two_replicas_never_fails_the_run(tmp_path):
     _, attempts, metrics = assert_group_restarted(run_dir, log, epochs)
     assert attempts[1]["restore"] is not None and attempts[1]["restore_epoch"] >= before, attempts
     kept_and_verified(run_dir, metrics)
+
+
+def _steps_of(rows, rank, n, batch, epochs, world=2, seed=0):
+    """Each logged train_step's global step (its batch's indices name it: workers/data.py's
+    order, rank `rank` of `world`), with the batch's size."""
+    from workers.data import rank_batches
+
+    where, gs = {}, 0
+    for epoch in range(1, epochs + 1):
+        for b in rank_batches(n, batch, seed, epoch, world, rank):
+            where[tuple(b)] = (gs, len(b))
+            gs += 1
+    assert len(where) == gs  # every batch names one step
+    return [where[tuple(r["index"])] for r in rows]
+
+
+@pytest.mark.e2e
+def test_a_healed_replica_gets_the_peers_grad_scaler_and_keeps_its_own_rng_streams(tmp_path):
+    """A task with a grad scaler (CPU) and rank 1 killed in epoch 2: its replacement heals the
+    scaler's state from rank 0 (the scale it starts from is rank 0's at that step, not its
+    initial one), and every step of every rank, the replacement's included, draws from the
+    rank's own stream for that step (workers/replica_streams.py), never the peer's. The steps
+    rank 1 missed are reported as skipped (replica_skipped), to the sample. Every checkpoint
+    holds the scaler and each rank's own streams."""
+    import torch
+
+    from workers.format import STATE_FILE, load_tensor_file
+    from workers.replica_streams import stream_seed
+
+    epochs, batch, n = 7, 8, 1438
+    log = tmp_path / "steps"
+    log.mkdir()
+    out = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=amp",
+        "--set",
+        "failure.mode=replicas",
+        "--set",
+        f"epochs={epochs}",
+        "--set",
+        "task.name=tests/tasks/replica_amp.py:build",
+        "--set",
+        f"task.options={{step_log: {log}, batch_size: {batch}, sleep_s: 0.01}}",
+        "--set",
+        "checkpoint.top_k=10",
+        "--set",
+        "chaos.kills=[{rank: 1, epoch: 2, step: 3}]",
+        "--address",
+        "local",
+        "--verbose",
+        timeout=400,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-5000:]
+    run_dir = tmp_path / "amp"
+    rows = {r: jsonl(log / f"rank{r}.log") for r in (0, 1)}
+    at = {r: _steps_of(rows[r], r, n, batch, epochs) for r in (0, 1)}
+
+    def expected_draw(rank, gs):
+        g = torch.Generator().manual_seed(stream_seed(0, rank, gs))
+        return torch.rand(1, generator=g).item()
+
+    for r in (0, 1):  # each rank's own stream at every step, a step trained again included
+        for row, (gs, _) in zip(rows[r], at[r], strict=True):
+            assert row["draw"] == pytest.approx(expected_draw(r, gs), abs=0), (r, gs)
+    # Both ranks' scales agree at every step both trained; the replacement's first is rank 0's.
+    scale0 = {gs: row["scale"] for row, (gs, _) in zip(rows[0], at[0], strict=True)}
+    for row, (gs, _) in zip(rows[1], at[1], strict=True):
+        assert row["scale"] == scale0[gs], (gs, row, scale0[gs])
+    pids = list(dict.fromkeys(row["pid"] for row in rows[1]))
+    assert len(pids) == 2, pids  # the first process, then its replacement
+    first = next(i for i, row in enumerate(rows[1]) if row["pid"] == pids[1])
+    assert rows[1][first]["scale"] != 2.0**10, rows[1][first]  # healed, not its own initial scale
+
+    # The steps rank 1 never trained were skipped, and reported to the sample.
+    missed = {gs for gs, _ in at[0]} - {gs for gs, _ in at[1]}
+    events = jsonl(run_dir / "events.jsonl")
+    skipped = [e for e in events if e["kind"] == "replica_skipped"]
+    assert missed and skipped, (missed, skipped)
+    assert sum(e["steps"] for e in skipped) == len(missed), (skipped, sorted(missed))
+    assert sum(e["samples"] for e in skipped) == sum(_sizes(1, n, batch, epochs)[gs] for gs in missed)
+
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
+    kept_and_verified(run_dir, metrics, top_k=10)
+    storage = Storage(str(run_dir))
+    for c in manifest(run_dir)["checkpoints"]:  # the scaler and each rank's own streams
+        state = load_tensor_file(read_verified(storage, CheckpointRecord.model_validate(c))[STATE_FILE])
+        gs = c["global_step"]
+        if gs in scale0:  # the scale rank 0 started the next step from
+            assert state["grad_scaler"]["scale"] == scale0[gs], c
+        for r, part in enumerate(state["ranks"]):
+            torch.set_rng_state(part["rng"]["torch"])
+            assert torch.rand(1).item() == expected_draw(r, gs), (c["id"], r)
+
+
+def _sizes(rank, n, batch, epochs, world=2, seed=0):
+    """Each global step's batch size for rank."""
+    from workers.data import rank_batches
+
+    out, gs = {}, 0
+    for epoch in range(1, epochs + 1):
+        for b in rank_batches(n, batch, seed, epoch, world, rank):
+            out[gs] = len(b)
+            gs += 1
+    return out
+
+
+def _trained(rows):
+    """A sample log's steps, in order, a step trained again (the same batch, logged twice in a
+    row) once."""
+    out = []
+    for r in rows:
+        if not out or out[-1] != (r["pid"], r["index"]):
+            out.append((r["pid"], r["index"]))
+    return out
+
+
+@pytest.mark.e2e
+def test_the_dataloader_example_in_replicas_reads_each_shard_once_and_counts_what_it_skipped(tmp_path):
+    """examples/dataloader_task (torchdata's StatefulDataLoader, 2 worker processes, a
+    DistributedSampler over the replica groups) with rank 1 killed in epoch 2: each replica
+    reads its own shard; rank 0 trains all of its shard every epoch; rank 1's replacement
+    heals the loader's position from rank 0 and reads on from there (its workers read only
+    what it trained: the epoch's head is not read again), and what rank 1 never trained in
+    the meantime is what `replica_skipped` reports, to the sample."""
+    epochs, batch, shard = 8, 8, 719  # 1438 samples, 2 replicas, the sampler's drop_last
+    steps = math.ceil(shard / batch)
+    log = tmp_path / "samples"
+    log.mkdir()
+    out = run_cli(
+        "run",
+        "examples/dataloader_task/job.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "failure.mode=replicas",
+        "--set",
+        f"epochs={epochs}",
+        "--set",
+        f"task.options.batch_size={batch}",
+        "--set",
+        f"task.options.sample_log={log}",
+        "--set",
+        "chaos.kills=[{rank: 1, epoch: 2, step: 3}]",
+        "--address",
+        "local",
+        "--verbose",
+        timeout=500,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-5000:]
+    run_dir = tmp_path / "dataloader-digits"
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
+    kept_and_verified(run_dir, metrics, top_k=2)
+
+    from torch.utils.data import DistributedSampler
+
+    def order(rank):  # each (epoch, step)'s batch of rank's shard, as its sampler deals it
+        sampler = DistributedSampler(range(1438), 2, rank, shuffle=True, seed=0, drop_last=True)
+        out = []
+        for e in range(1, epochs + 1):
+            sampler.set_epoch(e)
+            idx = list(sampler)
+            out += [idx[k : k + batch] for k in range(0, shard, batch)]
+        return out
+
+    trained = {r: _trained(jsonl(log / f"rank{r}.log")) for r in (0, 1)}
+    assert [b for _, b in trained[0]] == order(0)  # rank 0 missed no step
+    pids = list(dict.fromkeys(pid for pid, _ in trained[1]))
+    assert len(pids) == 2, pids  # the first process, then its replacement
+    healed = re.findall(r"rank 1 healed from a live peer: epoch (\d+) step (\d+) \(global step (\d+)\)", text)
+    epoch, step, gs = map(int, healed[-1])
+    killed = steps + 3  # the global step rank 1 was killed before
+    assert (epoch - 1) * steps + step == gs and gs > killed, healed
+    # rank 1 trained its shard up to the kill, then, after the heal, from the peer's position on
+    ones = order(1)
+    assert [b for pid, b in trained[1] if pid == pids[0]] == ones[:killed]
+    again = [b for pid, b in trained[1] if pid == pids[1]]
+    assert again == ones[gs:], (len(again), len(ones) - gs)
+    if step:  # its loader's workers read only what it trained (a read log line: owner pid, index)
+        reads = [
+            int(i)
+            for owner, i in (line.split() for line in (log / "reads1.log").read_text().splitlines())
+            if int(owner) == pids[1]
+        ]
+        assert sorted(reads) == sorted(i for b in again for i in b), len(reads)
+    skipped = [e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == "replica_skipped"]
+    assert sum(e["steps"] for e in skipped) == gs - killed, skipped
+    assert sum(e["samples"] for e in skipped) == sum(len(b) for b in ones[killed:gs]), skipped

@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -44,11 +44,13 @@ from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_ear
 from workers.metrics import RunningLoss
 from workers.replica_comms import process_group, replica_comms, transport
 from workers.replica_grads import GradBuckets
+from workers.replica_state import ReplicaState
+from workers.replica_streams import seed_step
 from workers.resume import restore
 from workers.session import Session, StopRun
 from workers.state import Position, Saver, TrainState
 from workers.stopping import NONE, PREEMPT
-from workers.task import Dataset, Task, TaskContext, collate, is_loader
+from workers.task import Task, TaskContext, check_train_loader, is_loader
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +77,14 @@ def word_size(world: int) -> int:
 
 
 def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[str, Any]:
-    cfg, device, rank, world = session.cfg, session.device, session.rank, session.world
+    cfg, rank, world = session.cfg, session.rank, session.world
     live = _build(session, build)
     task, model = live.task, live.model
-    data = cast("Dataset", task.train_data)  # not a DataLoader: refused in _build
     healed: list[bool] = []
     manager = _manager(session, live, healed)
     grads = GradBuckets(model, manager, word_size(world))  # hooks on the parameters
     saver, waiting = EpochSaver(live, session), Waiting(session)
     done, holding, hold_until = False, session.is_writer, time.monotonic() + HOLD_S
-    batches: tuple[int, list[list[int]]] | None = None
     ended = False
     try:
         while True:
@@ -111,14 +111,14 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
                     done = saver.fill_in(live) or done
                 continue
             epoch, step = live.epoch, live.step
-            if batches is None or batches[0] != epoch:
-                batches = (epoch, rank_batches(len(data), task.batch_size, cfg.seed, epoch, world, rank))
-            steps = len(batches[1])
+            steps = live.batches.steps(epoch)
             where[0] = f"epoch {epoch} step {step}"
             session.chaos.before_step(epoch, step)
+            seed_step(cfg.seed, rank, live.global_step)  # its own streams (workers/replica_streams.py)
+            batch = live.batches.batch(epoch, step)  # the same again for a step trained again
             model.train()
-            loss = task.train_step(model, collate(data, batches[1][step], device))
-            sums = grads.reduce(loss, mine if rides else None)  # backward, the all-reduces overlapped
+            loss = task.train_step(model, batch)
+            sums = grads.reduce(_scaled(task, loss), mine if rides else None)  # backward, the all-reduces
             if rides and (act := _heed(_read(sums), manager, live, saver, waiting)) != TRAIN:
                 if act == END:  # the step trained is dropped: it is never committed
                     break
@@ -127,7 +127,8 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
                 continue
             if not manager.should_commit():  # a replica failed in this step: train it again
                 continue
-            task.optimizer.step()
+            _optimizer_step(task)
+            live.skipped.committed(manager.num_participants(), batch, task.batch_size)
             live.epoch_loss.add(loss)
             live.step, live.global_step = step + 1, live.global_step + 1
             lr = task.optimizer.param_groups[0]["lr"]
@@ -137,6 +138,7 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
                     saver.save(Position(epoch, live.step, live.global_step, False))
                 continue
             where[0] = f"epoch {epoch} evaluation"
+            live.skipped.end_epoch(session, epoch)
             stopped_early = saver.end_epoch(live, steps)
             done = session.is_writer and stopped_early  # its word ends every replica at the next step
         if not session.is_writer:
@@ -156,7 +158,7 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
     return {"global_step": live.global_step, **session.close()}
 
 
-def _build(session: Session, build: Any) -> TrainState:
+def _build(session: Session, build: Any) -> ReplicaState:
     """The task, built and refused (with a reason naming the field) where replicas cannot run
     it; on rank 0 its state restored from the latest commit (the others heal from a peer)."""
     cfg, device, rank, world = session.cfg, session.device, session.rank, session.world
@@ -171,14 +173,14 @@ def _build(session: Session, build: Any) -> TrainState:
     task: Task = build(
         dict(cfg.task_options), TaskContext(rank=rank, world_size=world, seed=cfg.seed, device=device)
     )
-    if unsupported := _unsupported(task):
-        raise StopRun(
-            f"failure.mode replicas: task {cfg.task!r} (task.name) uses {unsupported}, which "
-            "replicas do not support yet; use failure.mode restart",
-            "input",
-        )
-    live = TrainState(task, task.model.to(device), cfg, device)
-    restore(session, live)  # rank 0 only: the others heal from a peer
+    try:  # each replica group's shard: a DistributedSampler over the replica groups
+        check_train_loader(task.train_data, world)
+    except ValueError as e:  # the same on every replica and every restart: an input error
+        raise StopRun(str(e), "input") from None
+    live = ReplicaState(task, task.model.to(device), cfg, device, rank=rank, world=world)
+    resumed = restore(session, live)  # rank 0 only: the others heal from a peer
+    if resumed.restored:
+        live.resumed_at(resumed.loader_state)
     check_monitor(cfg, task, live.model, device)
     return live
 
@@ -228,12 +230,20 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
     return manager
 
 
-def _unsupported(task: Task) -> str | None:
-    if is_loader(task.train_data) or is_loader(task.val_data):
-        return "a DataLoader (train_data or val_data)"
-    if task.grad_scaler is not None:
-        return "a grad scaler"
-    return None
+def _scaled(task: Task, loss: torch.Tensor) -> torch.Tensor:
+    """The loss backward starts from: scaled by the task's grad scaler, if it has one."""
+    return loss if task.grad_scaler is None else task.grad_scaler.scale(loss)
+
+
+def _optimizer_step(task: Task) -> None:
+    """The optimizer's step on the averaged gradients (through the grad scaler: it unscales
+    them and skips a step whose gradients are not finite; every replica decides alike, as
+    the gradients and the scaler's state are the same on each)."""
+    if task.grad_scaler is None:
+        task.optimizer.step()
+    else:
+        task.grad_scaler.step(task.optimizer)
+        task.grad_scaler.update()
 
 
 class EpochSaver:
@@ -295,10 +305,11 @@ class EpochSaver:
             log.info(
                 f"[replicas] rank 0 records the end of epoch {epoch}, which the rank 0 it replaces did not"
             )
-            steps = len(
-                rank_batches(
-                    len(self.task.train_data), self.task.batch_size, cfg.seed, epoch, self.session.world, 0
-                )
+            data, world = self.task.train_data, self.session.world
+            steps = (
+                len(data)
+                if is_loader(data)
+                else len(rank_batches(len(data), self.task.batch_size, cfg.seed, epoch, world, 0))
             )
             at = Position(epoch, steps, live.global_step, True)
             if report:
