@@ -118,7 +118,7 @@ SIDE_BY_SIDE_KEYS = (
     *("epoch_steps", "epoch_rounds"),
 )
 RECOVERY = {"width": 512, "steps": 80, "every": 10, "kill_at": 35}
-BENCHMARKS = ("goodput", "scale")  # what --only runs alone
+BENCHMARKS = ("goodput", "scale", "replicas")  # what --only runs alone
 
 
 VICTIMS = {"rank1": "rank 1 (a replica) killed", "rank0": "rank 0 (the writer) killed"}
@@ -215,6 +215,9 @@ def main() -> None:
         )
         return
     t_start = time.time()
+    if args.only == "replicas":
+        replicas_pauses(args, cfg["recovery_runs"], t_start)
+        return
     gp_cfg = goodput.QUICK if args.quick else goodput.FULL
     if args.only == "goodput":
         gp = goodput.run(gp_cfg, say)
@@ -298,6 +301,31 @@ def main() -> None:
     print(goodput.table(gp))
     print(scale.tables(scaled))
     print(json.dumps(details["ratios"], indent=2))
+
+
+def replicas_pauses(args: argparse.Namespace, runs: int, t_start: float) -> None:
+    """failure.mode replicas alone: how long training stood still after the kill of a replica
+    and after the kill of the writer (rank 0), interleaved, and the second over the first."""
+    from bench import recovery
+
+    pauses: dict[str, list[dict[str, float]]] = {"rank1": [], "rank0": []}
+    for r in range(runs):
+        for victim in pauses:
+            got = recovery.measure_replicas(RECOVERY, int(victim[-1]))
+            pauses[victim].append(got)
+            say(f"replicas, {VICTIMS[victim]}, run {r + 1}: training paused {got['pause_s']:.2f}s")
+    pause = {victim: med([x["pause_s"] for x in got]) for victim, got in pauses.items()}
+    ratios = {"replicas_rank0_pause_vs_rank1": round(pause["rank0"] / pause["rank1"], 3)}
+    details = {
+        "ratios": ratios,
+        "pause_s": pauses,
+        "config": RECOVERY,
+        "machine": machine_info(args.quick, t_start),
+    }
+    write(args, details, ratios, default_results=None)
+    for victim, got in pauses.items():
+        say(f"{VICTIMS[victim]}: paused {spread([x['pause_s'] for x in got])} over {len(got)} runs")
+    print(json.dumps(ratios, indent=2))
 
 
 def machine_info(quick: bool, t_start: float) -> dict[str, Any]:

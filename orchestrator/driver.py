@@ -498,6 +498,12 @@ class Spent:
         )
 
 
+def replicas_world(spec: JobSpec) -> int | None:
+    """A replicas run's number of workers (one number, checked by the spec); None otherwise."""
+    workers = spec.scaling.num_workers
+    return workers if spec.failure.mode == "replicas" and isinstance(workers, int) else None
+
+
 def _group_restart_instead(
     spec: JobSpec, fit_error: BaseException | None, interrupts: Interrupts, budget: RestartBudget | None
 ) -> bool:
@@ -566,7 +572,7 @@ def _fit(
             name=spec.name,
             storage_path=os.path.join(tempfile.gettempdir(), "orchestrator-ray-train"),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-            callbacks=[restart_recorder(coord, spec.scaling.max_workers if budget else None)]
+            callbacks=[restart_recorder(coord, replicas_world(spec))]
             + ([preemption_listener()] if spec.failure.checkpoint_on_preempt else []),
         ),
     )

@@ -134,6 +134,12 @@ class ProgressView:
                 what = "a failed worker replaced alone" if alone else "worker group restarted"
                 cause = f": {note['cause']}" if note.get("cause") else ""
                 items.append((at, 0, "line", f"[run] {what} ({note['restarts']} so far){cause}"))
+            elif note["kind"] == "writer":  # failure.mode replicas: a survivor took the writer's place
+                self._attempts = max(self._attempts, int(note["attempt"]))
+                line = (
+                    f"[run] rank {note['rank']} took over writing the checkpoints (attempt {note['attempt']})"
+                )
+                items.append((at, 0, "line", f"{line}: the writer left the quorum; training goes on"))
             elif note["kind"] == "attempt":
                 self._attempts = max(self._attempts, int(note["attempt"]))
                 if note["attempt"] > 1:

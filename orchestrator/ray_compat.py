@@ -130,11 +130,20 @@ def can_grow_from_status(status: Any) -> bool | None:
     return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items())
 
 
-def restart_recorder(coordinator: Any, replicas: int | None = None) -> Any:
+def every_worker_failed(err: Any, world: int | None) -> bool:
+    """A failure in which every worker of a group of `world` failed (Ray Train then starts the
+    whole group again, even with replica groups; None: not a replicas run, never asked)."""
+    failures = getattr(err, "worker_failures", None)
+    return world is not None and isinstance(failures, dict) and set(range(world)) <= set(failures)
+
+
+def restart_recorder(coordinator: Any, replicas_world: int | None = None) -> Any:
     """A Ray Train controller callback that tells the coordinator each time Ray Train
-    decides to restart the worker group, with the failure it restarts from; with `replicas`
-    (failure.mode replicas, that many workers) also whether it replaces the failed replicas
-    alone (orchestrator/budget.py).
+    decides to restart the worker group, with the failure it restarts from. In a replicas run
+    (`replicas_world` workers), a restart from a failure of every worker is a whole restart:
+    Ray Train starts the group afresh rather than replacing replicas, so rank 0 writes again;
+    one from a failure of some is a replacement of those alone (counted apart:
+    orchestrator/budget.py).
 
     Private: the public `ray.train.UserCallback.after_exception` fires on every worker
     failure, including the last one after which Ray Train gives up; only the controller's
@@ -152,10 +161,11 @@ def restart_recorder(coordinator: Any, replicas: int | None = None) -> Any:
         def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
             if current_state._state_type == TrainControllerStateType.RESTARTING:
                 err = getattr(current_state, "training_failed_error", None)
-                alone = replicas is not None and replaced_alone(len(failed_ranks(err)), replicas)
+                alone = replicas_world is not None and replaced_alone(len(failed_ranks(err)), replicas_world)
                 # One request id per decision: Ray's retry of this call counts it once.
+                whole = every_worker_failed(err, replicas_world)
                 self.coordinator.note_restart.remote(
-                    f"{type(err).__name__}: {err}", uuid.uuid4().hex, alone=alone
+                    f"{type(err).__name__}: {err}", uuid.uuid4().hex, whole=whole, alone=alone
                 )
 
     return RestartRecorder(coordinator)
@@ -357,6 +367,7 @@ def lighthouse_actor() -> Any:
         def address(self) -> str:
             return str(self.server.address())
 
+    TorchftLighthouse.__qualname__ = "TorchftLighthouse"  # its name in Ray's state API and process title
     return ray.remote(TorchftLighthouse)
 
 

@@ -406,8 +406,6 @@ class JobSpec(_Model):
                 "scaling.num_workers must be one number >= 2: each worker is a replica group, and "
                 "a failed one heals from a live peer"
             )
-        elif self.scaling.use_gpu:
-            why = "scaling.use_gpu: replica groups talk over gloo on CPU here; GPU is not supported yet"
         elif self.checkpoint.every_n_steps == "auto":
             why = "checkpoint.every_n_steps: auto is not supported with replicas yet; give a number of steps"
         elif self.failure.checkpoint_on_preempt:

@@ -210,3 +210,44 @@ def test_a_commit_retried_after_its_coordinator_died_before_logging_it_is_logged
     assert (
         len([e for e in read_jsonl(storage, EVENTS) if e["kind"] == "commit" and e["id"] == lost["id"]]) == 1
     )
+
+
+def test_a_survivor_takes_the_writers_place_and_fences_the_old_writer(storage):
+    """failure.mode replicas (workers/replicas.py): the writer left the quorum, and the lowest
+    survivor holding the live state takes its place. Its attempt fences the old writer: a late
+    commit is refused and deleted, and what it left uploaded but uncommitted is collected; a
+    claim naming an attempt that is no longer current loses; rank 0's replacement starts no
+    attempt and learns who writes; a whole restart makes rank 0 the writer again."""
+
+    def at(rec, attempt):
+        cid = f"{rec.id}-a{attempt}"
+        storage.write_bytes(f"{CHECKPOINTS}/{cid}/model.pt", b"weights")
+        rec = rec.model_copy(update={"id": cid, "attempt": attempt})
+        storage.write_bytes(f"{CHECKPOINTS}/{cid}/{RECORD}", rec.model_dump_json().encode())
+        return rec
+
+    led = RunLedger(storage, "run", CFG)
+    assert led.start_attempt(3, replica=True)["attempt"] == 1
+    led.commit(at(upload(storage, 1, 0.5), 1))
+    late = at(upload(storage, 2, 0.4), 1)  # the old writer's, uploaded before it vanished
+    storage.delete(f"{CHECKPOINTS}/epoch0002-step0000020")
+
+    took = led.take_writer(1, 1)
+    assert took["ok"] and took["attempt"] == 2 and took["latest"]["id"] == "epoch0001-step0000010-a1"
+    assert on_disk(storage) == {"epoch0001-step0000010-a1"}  # the uncommitted upload collected
+    assert not led.take_writer(2, 1)["ok"]  # a stale claim (the attempt moved on) loses
+    assert led.take_writer(2, 1) == {"ok": False, "attempt": 2, "writer": 1}
+    with pytest.raises(CommitError, match="attempt 1 is not the current attempt 2"):
+        led.commit(at(upload(storage, 2, 0.4), 1))  # the old writer, finishing late
+    assert late.id not in on_disk(storage)
+    led.commit(at(upload(storage, 2, 0.4), 2))  # the new writer commits
+
+    assert led.start_attempt(3, replica=True) == {"attempt": 2, "restore": None, "writer": 1}
+    assert read_manifest(storage).attempts == 2  # rank 0's replacement started no attempt
+    moved = [e for e in read_jsonl(storage, "events.jsonl") if e["kind"] == "writer_moved"]
+    assert [(e["rank"], e["attempt"], e["after_attempt"]) for e in moved] == [(1, 2, 1)]
+
+    led.note_restart("every worker died", whole=True)
+    again = led.start_attempt(3, replica=True)
+    assert again["attempt"] == 3 and again["restore"]["id"] == "epoch0002-step0000020-a2"
+    assert not led.take_writer(2, 2)["ok"]  # rank 0 writes attempt 3

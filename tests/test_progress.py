@@ -95,6 +95,24 @@ def test_with_replicas_the_drivers_whole_group_restart_is_a_group_restart():
     ]
 
 
+def test_with_replicas_a_writer_that_moved_is_said_between_the_rows():
+    restart = {"kind": "restart", "at": 1, "restarts": 1, "cause": "rank 0 died"}
+    moved = {"kind": "writer", "at": 1, "rank": 1, "attempt": 2}
+    rows = [{"epoch": 1, "val_loss": 0.9, "attempt": 1}, {"epoch": 2, "val_loss": 0.8, "attempt": 2}]
+    base = {"restarts": 1, "attempts": 2, "resumed_from": None, "live": None, "new": rows, "next": 2}
+    out = io.StringIO()
+    feed = iter([{**base, "notes": [restart, moved]}])
+    view = ProgressView(lambda since: next(feed), 3, "val_loss", "min", out=out, live=False, replicas=True)
+    view.update()
+    lines = out.getvalue().splitlines()
+    assert lines[1:3] == [
+        "[run] a failed worker replaced alone (1 so far): rank 0 died",
+        "[run] rank 1 took over writing the checkpoints (attempt 2): the writer left the quorum; "
+        "training goes on",
+    ], lines
+    assert lines[0].startswith("[run] epoch 1/3") and lines[3].startswith("[run] epoch 2/3"), lines
+
+
 def test_live_line_on_a_terminal_shows_step_rate_eta_and_best():
     text = run_view(live=True)
     assert "step 5/10" in text and "steps/s" in text and "ETA 0:00:0" in text

@@ -56,6 +56,19 @@ def test_restart_recorder_builds():
     assert type(rec).__name__ == "RestartRecorder"
 
 
+def test_a_failure_of_every_worker_is_a_whole_restart_in_a_replicas_run():
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from orchestrator.ray_compat import every_worker_failed
+
+    both = WorkerGroupError("x", {0: RuntimeError(), 1: RuntimeError()})
+    one = WorkerGroupError("x", {1: RuntimeError()})
+    assert every_worker_failed(both, 2)
+    assert not every_worker_failed(one, 2)  # a replica replaced alone
+    assert not every_worker_failed(both, None)  # not a replicas run
+    assert not every_worker_failed(RuntimeError("controller"), 2)  # no worker failures to count
+
+
 def test_preemption_listener_builds_and_hooks_the_worker():
     from ray.train.v2._internal.execution.callback import WorkerCallback
 

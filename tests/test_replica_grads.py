@@ -112,20 +112,43 @@ def test_a_half_precision_model_gets_a_bucket_of_its_own_for_the_word():
     assert len(manager.launched) == 2
 
 
+def word(rank, stop=NONE, done=False, hold=False, reported=0, writer=False, attempt=0, holds=True):
+    return replicas._word(
+        3,
+        rank,
+        writer=writer,
+        attempt=attempt,
+        stop=stop,
+        done=done,
+        hold=hold,
+        reported=reported,
+        holds=holds,
+    )
+
+
 @pytest.mark.parametrize(
     ("words", "read"),
     [
-        # rank 0 and a replica; nothing asked
-        ([(0, NONE, False, False, 3), (1, NONE, False, False, 0)], [True, NONE, False, False, 3]),
-        # a replica asks to stop, and another one ended ("done"); rank 0 holds
+        # the writer (rank 0) and a replica; nothing asked
+        ([word(0, reported=3, writer=True, attempt=1), word(1)], [True, NONE, False, False, 3, 1, [0, 1]]),
+        # a replica asks to stop, and another one ended ("done"); the writer holds
         (
-            [(0, NONE, False, True, 2), (1, DRIVER, False, False, 0), (2, NONE, True, False, 0)],
-            [True, DRIVER, True, True, 2],
+            [
+                word(0, hold=True, reported=2, writer=True, attempt=4),
+                word(1, DRIVER, holds=False),
+                word(2, done=True),
+            ],
+            [True, DRIVER, True, True, 2, 4, [0, 2]],
         ),
-        # rank 0 absent: nobody is present, whatever the others send
-        ([(1, NONE, False, False, 0), (2, NONE, False, False, 0)], [False, NONE, False, False, 0]),
+        # the writer absent: nobody is present, whatever the others send; who holds state
+        ([word(1), word(2, reported=5)], [False, NONE, False, False, 0, 0, [1, 2]]),
+        # a survivor (rank 2) writes; rank 0, a replacement, holds nothing yet
+        (
+            [word(0, holds=False), word(2, reported=7, writer=True, attempt=3)],
+            [True, NONE, False, False, 7, 3, [2]],
+        ),
     ],
 )
 def test_the_word_summed_over_the_quorum_reads_as_the_max_it_was(words, read):
-    sums = [sum(col) for col in zip(*(replicas._word(*w) for w in words), strict=True)]
+    sums = [sum(col) for col in zip(*words, strict=True)]
     assert replicas._read(sums) == read

@@ -1,11 +1,13 @@
 """failure.mode replicas (workers/replicas.py): a killed replica is replaced alone and heals
-from a live peer; a killed rank 0 is replaced, restores the latest commit, then heals from
-the replica that waited for it, so no step is lost; and what reaches storage is whole."""
+from a live peer; a killed rank 0 (the writer) hands the writer's role to the lowest survivor
+at once and its replacement heals as an ordinary replica, so no step is lost; and what
+reaches storage is whole."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 
 import pytest
@@ -26,7 +28,6 @@ BASE = {"name": "r", "task": {"name": "digits"}, "failure": {"mode": "replicas"}
     [
         ({"scaling": {"num_workers": 1}}, "scaling.num_workers must be one number >= 2"),
         ({"scaling": {"num_workers": [1, 2]}}, "scaling.num_workers must be one number >= 2"),
-        ({"scaling": {"num_workers": 2, "use_gpu": True}}, "scaling.use_gpu"),
         ({"failure": {"mode": "replicas", "checkpoint_on_preempt": True}}, "failure.checkpoint_on_preempt"),
         (
             {"chaos": {"kills": [{"rank": 0, "epoch": 1, "point": "after_upload"}]}},
@@ -46,6 +47,9 @@ def test_a_spec_replicas_cannot_run_is_refused_naming_the_field(change, says):
 def test_the_default_is_a_group_restart_and_replicas_validate():
     assert JobSpec.model_validate({"name": "r"}).failure.mode == "restart"
     assert JobSpec.model_validate(BASE).failure.mode == "replicas"
+    # GPUs too (workers/replica_comms.py: NCCL for the gradients), no longer refused
+    gpu = JobSpec.model_validate({**BASE, "scaling": {"num_workers": 2, "use_gpu": True}})
+    assert gpu.scaling.use_gpu and gpu.failure.mode == "replicas"
 
 
 def test_without_torchft_the_run_is_refused_before_ray(monkeypatch):
@@ -64,9 +68,10 @@ def test_without_torchft_the_run_is_refused_before_ray(monkeypatch):
 
 @pytest.mark.e2e
 def test_a_killed_replica_heals_from_a_live_peer_and_a_killed_rank0_loses_no_step(tmp_path):
-    # Batches of 8: 90 steps an epoch, so the first kill's replacement (a few seconds to
-    # start) joins and heals many epochs before rank 0 is killed.
-    epochs, kill0 = 24, {"epoch": 20, "step": 5}
+    # Batches of 8: 90 steps an epoch, so each kill's replacement (a few seconds to start)
+    # joins and heals several epochs later: the first before rank 0 is killed, the second
+    # before the end.
+    epochs, kill0 = 24, {"epoch": 12, "step": 5}
     out = run_cli(
         "run",
         "configs/digits.yaml",
@@ -93,29 +98,34 @@ def test_a_killed_replica_heals_from_a_live_peer_and_a_killed_rank0_loses_no_ste
     events = jsonl(run_dir / "events.jsonl")
     assert len([e for e in events if e["kind"] == "chaos_kill"]) == 2
     assert len([e for e in events if e["kind"] == "restart"]) == 2
-    # Rank 1's replacement started no attempt: rank 0 trained on. Rank 0's did (one more).
+    # Neither replacement started an attempt: rank 0 trained on while rank 1's started, and
+    # rank 1 took rank 0's place as the writer at once (issue 21: a dead rank 0 used to stop
+    # every replica until its replacement had started, restored and healed).
     attempts = [e for e in events if e["kind"] == "attempt_started"]
-    assert [a["attempt"] for a in attempts] == [1, 2], attempts
+    assert [a["attempt"] for a in attempts] == [1], attempts
+    moved = [e for e in events if e["kind"] == "writer_moved"]
+    assert [(e["rank"], e["after_attempt"], e["attempt"]) for e in moved] == [(1, 1, 2)], moved
+    assert "rank 1 writes the run's checkpoints from now on" in log, log[-5000:]  # its own line
+    said = "[run] rank 1 took over writing the checkpoints (attempt 2): the writer left the quorum"
+    assert said in log, log[-5000:]  # the driver's console
     # Rank 1's replacement healed from rank 0, which trained on (the first replica also heals
-    # once, at epoch 1, from rank 0's start).
+    # once, at epoch 1, from rank 0's start); rank 0's replacement healed from rank 1, as an
+    # ordinary replica, after the kill.
     rank1 = [int(e) for e in re.findall(r"rank 1 healed from a live peer: epoch (\d+) step \d+", log)]
     assert any(e >= 2 for e in rank1), (rank1, log[-5000:])
+    rank0 = [int(e) for e in re.findall(r"rank 0 healed from a live peer: epoch (\d+) step \d+", log)]
+    assert rank0 and all(e >= kill0["epoch"] for e in rank0), (rank0, log[-5000:])
 
-    # Rank 0's replacement restored the latest commit, then healed to exactly where rank 0
-    # was killed: rank 1 waited for it there, trained on, and no step was lost or redone.
+    # No step lost or redone: every epoch has its full count of steps, and the epochs from the
+    # one rank 0 died in on were reported by rank 1, in the attempt it took over with.
     metrics = jsonl(run_dir / "metrics.jsonl")
     per_epoch = {r["epoch"]: r["global_step"] for r in metrics}
     steps = per_epoch[1]
-    healed = re.search(r"rank 0 healed from a live peer: epoch (\d+) step (\d+) \(global step (\d+)\)", log)
-    assert healed, log[-5000:]
-    assert tuple(map(int, healed.groups())) == (
-        kill0["epoch"],
-        kill0["step"],
-        (kill0["epoch"] - 1) * steps + kill0["step"],
-    )
-    assert attempts[1]["restore_epoch"] == kill0["epoch"] - 1
+    assert {r["epoch"]: r["attempt"] for r in metrics} == {
+        e: 1 if e < kill0["epoch"] else 2 for e in range(1, epochs + 1)
+    }
 
-    # Every epoch reported once, by rank 0, in order; what is kept is the top-k plus the
+    # Every epoch reported once, in order; what is kept is the top-k plus the
     # latest, each whole and matching its record.
     assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
     assert all(per_epoch[e] == e * steps for e in per_epoch)
@@ -214,11 +224,11 @@ def test_a_rank0_that_heals_after_the_early_stop_ends_the_run(monkeypatch):
     assert calls == [("report", 3), ("save", 3), ("early_stop", 3)]
 
 
-def kept_and_verified(run_dir, metrics):
+def kept_and_verified(run_dir, metrics, top_k=3):
     """What is kept is the top-k by val_loss plus the latest, and `orchestrator verify` finds
     every kept checkpoint's files whole and matching its record."""
     assert {c["epoch"] for c in manifest(run_dir)["checkpoints"]} == expected_kept(
-        metrics, "val_loss", "min", 3
+        metrics, "val_loss", "min", top_k
     )
     p = run_cli("verify", str(run_dir), "--json")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -241,7 +251,11 @@ def assert_group_restarted(run_dir, log, epochs):
     assert [int(n) for _, n in said] == [e["restarts"] for e in restarts], said
     assert "worker group restarted" in [what for what, _ in said], said
     attempts = [e for e in events if e["kind"] == "attempt_started"]
-    assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1)), attempts
+    # A survivor that took the writer's place before the controller gave up started an
+    # attempt of its own (writer_moved): with those, every attempt number once, in order.
+    moved = [e["attempt"] for e in events if e["kind"] == "writer_moved"]
+    numbers = sorted([a["attempt"] for a in attempts] + moved)
+    assert numbers == list(range(1, len(numbers) + 1)), (attempts, moved)
     assert len(attempts) >= 2, attempts
     metrics = jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
@@ -395,9 +409,13 @@ def test_a_killed_lighthouse_comes_back_and_the_run_finishes(tmp_path):
     # Ray restarted it at the same address, where the replicas' managers found it again
     assert len(set(re.findall(r"Lighthouse listening on: (\S+)", log))) == 1, log[-6000:]
     assert len(re.findall(r"Lighthouse listening on", log)) == 2, log[-6000:]
-    # and its quorum ids, counted from 1 again, never sent two process groups to one store
-    # prefix (workers/replica_pg.py): that was a gloo timeout per reused id
-    assert "Timed out waiting" not in log, log[-6000:]
+    # and no replica was lost: no restart, no replacement, one attempt. (A step in flight when
+    # it died may wait out one failure.replica_timeout_s; its quorum ids, counted from 1 again,
+    # no longer send two process groups to one store prefix, workers/replica_pg.py, which was a
+    # gloo timeout per reused id and then a hang.)
+    events = jsonl(run_dir / "events.jsonl")
+    assert not [e for e in events if e["kind"] == "restart"], [e for e in events if e["kind"] == "restart"]
+    assert len([e for e in events if e["kind"] == "attempt_started"]) == 1
     assert manifest(run_dir)["status"] == "finished"
     metrics = jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
@@ -522,3 +540,198 @@ def test_the_lighthouse_sits_off_the_drivers_node_and_every_workers(tmp_path):
     (lighthouse,) = on("TorchftLighthouse")
     assert len(on("RayTrainWorker")) == 2, actors
     assert lighthouse not in {*on("RayTrainWorker"), *on("TrainController")}, actors
+
+
+def _steps_of(rows, rank, n, batch, epochs, world=2, seed=0):
+    """Each logged train_step's global step (its batch's indices name it: workers/data.py's
+    order, rank `rank` of `world`), with the batch's size."""
+    from workers.data import rank_batches
+
+    where, gs = {}, 0
+    for epoch in range(1, epochs + 1):
+        for b in rank_batches(n, batch, seed, epoch, world, rank):
+            where[tuple(b)] = (gs, len(b))
+            gs += 1
+    assert len(where) == gs  # every batch names one step
+    return [where[tuple(r["index"])] for r in rows]
+
+
+@pytest.mark.e2e
+def test_a_healed_replica_gets_the_peers_grad_scaler_and_keeps_its_own_rng_streams(tmp_path):
+    """A task with a grad scaler (CPU) and rank 1 killed in epoch 2: its replacement heals the
+    scaler's state from rank 0 (the scale it starts from is rank 0's at that step, not its
+    initial one), and every step of every rank, the replacement's included, draws from the
+    rank's own stream for that step (workers/replica_streams.py), never the peer's. The steps
+    rank 1 missed are reported as skipped (replica_skipped), to the sample. Every checkpoint
+    holds the scaler and each rank's own streams."""
+    import torch
+
+    from workers.format import STATE_FILE, load_tensor_file
+    from workers.replica_streams import stream_seed
+
+    epochs, batch, n = 7, 8, 1438
+    log = tmp_path / "steps"
+    log.mkdir()
+    out = run_cli(
+        "run",
+        "configs/digits.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "name=amp",
+        "--set",
+        "failure.mode=replicas",
+        "--set",
+        f"epochs={epochs}",
+        "--set",
+        "task.name=tests/tasks/replica_amp.py:build",
+        "--set",
+        f"task.options={{step_log: {log}, batch_size: {batch}, sleep_s: 0.01}}",
+        "--set",
+        "checkpoint.top_k=10",
+        "--set",
+        "chaos.kills=[{rank: 1, epoch: 2, step: 3}]",
+        "--address",
+        "local",
+        "--verbose",
+        timeout=400,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-5000:]
+    run_dir = tmp_path / "amp"
+    rows = {r: jsonl(log / f"rank{r}.log") for r in (0, 1)}
+    at = {r: _steps_of(rows[r], r, n, batch, epochs) for r in (0, 1)}
+
+    def expected_draw(rank, gs):
+        g = torch.Generator().manual_seed(stream_seed(0, rank, gs))
+        return torch.rand(1, generator=g).item()
+
+    for r in (0, 1):  # each rank's own stream at every step, a step trained again included
+        for row, (gs, _) in zip(rows[r], at[r], strict=True):
+            assert row["draw"] == pytest.approx(expected_draw(r, gs), abs=0), (r, gs)
+    # Both ranks' scales agree at every step both trained; the replacement's first is rank 0's.
+    scale0 = {gs: row["scale"] for row, (gs, _) in zip(rows[0], at[0], strict=True)}
+    for row, (gs, _) in zip(rows[1], at[1], strict=True):
+        assert row["scale"] == scale0[gs], (gs, row, scale0[gs])
+    pids = list(dict.fromkeys(row["pid"] for row in rows[1]))
+    assert len(pids) == 2, pids  # the first process, then its replacement
+    first = next(i for i, row in enumerate(rows[1]) if row["pid"] == pids[1])
+    assert rows[1][first]["scale"] != 2.0**10, rows[1][first]  # healed, not its own initial scale
+
+    # The steps rank 1 never trained were skipped, and reported to the sample.
+    missed = {gs for gs, _ in at[0]} - {gs for gs, _ in at[1]}
+    events = jsonl(run_dir / "events.jsonl")
+    skipped = [e for e in events if e["kind"] == "replica_skipped"]
+    assert missed and skipped, (missed, skipped)
+    assert sum(e["steps"] for e in skipped) == len(missed), (skipped, sorted(missed))
+    assert sum(e["samples"] for e in skipped) == sum(_sizes(1, n, batch, epochs)[gs] for gs in missed)
+
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
+    kept_and_verified(run_dir, metrics, top_k=10)
+    storage = Storage(str(run_dir))
+    for c in manifest(run_dir)["checkpoints"]:  # the scaler and each rank's own streams
+        state = load_tensor_file(read_verified(storage, CheckpointRecord.model_validate(c))[STATE_FILE])
+        gs = c["global_step"]
+        if gs in scale0:  # the scale rank 0 started the next step from
+            assert state["grad_scaler"]["scale"] == scale0[gs], c
+        for r, part in enumerate(state["ranks"]):
+            torch.set_rng_state(part["rng"]["torch"])
+            assert torch.rand(1).item() == expected_draw(r, gs), (c["id"], r)
+
+
+def _sizes(rank, n, batch, epochs, world=2, seed=0):
+    """Each global step's batch size for rank."""
+    from workers.data import rank_batches
+
+    out, gs = {}, 0
+    for epoch in range(1, epochs + 1):
+        for b in rank_batches(n, batch, seed, epoch, world, rank):
+            out[gs] = len(b)
+            gs += 1
+    return out
+
+
+def _trained(rows):
+    """A sample log's steps, in order, a step trained again (the same batch, logged twice in a
+    row) once."""
+    out = []
+    for r in rows:
+        if not out or out[-1] != (r["pid"], r["index"]):
+            out.append((r["pid"], r["index"]))
+    return out
+
+
+@pytest.mark.e2e
+def test_the_dataloader_example_in_replicas_reads_each_shard_once_and_counts_what_it_skipped(tmp_path):
+    """examples/dataloader_task (torchdata's StatefulDataLoader, 2 worker processes, a
+    DistributedSampler over the replica groups) with rank 1 killed in epoch 2: each replica
+    reads its own shard; rank 0 trains all of its shard every epoch; rank 1's replacement
+    heals the loader's position from rank 0 and reads on from there (its workers read only
+    what it trained: the epoch's head is not read again), and what rank 1 never trained in
+    the meantime is what `replica_skipped` reports, to the sample."""
+    epochs, batch, shard = 8, 8, 719  # 1438 samples, 2 replicas, the sampler's drop_last
+    steps = math.ceil(shard / batch)
+    log = tmp_path / "samples"
+    log.mkdir()
+    out = run_cli(
+        "run",
+        "examples/dataloader_task/job.yaml",
+        "--set",
+        f"storage.root={tmp_path}",
+        "--set",
+        "failure.mode=replicas",
+        "--set",
+        f"epochs={epochs}",
+        "--set",
+        f"task.options.batch_size={batch}",
+        "--set",
+        f"task.options.sample_log={log}",
+        "--set",
+        "chaos.kills=[{rank: 1, epoch: 2, step: 3}]",
+        "--address",
+        "local",
+        "--verbose",
+        timeout=500,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-5000:]
+    run_dir = tmp_path / "dataloader-digits"
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
+    kept_and_verified(run_dir, metrics, top_k=2)
+
+    from torch.utils.data import DistributedSampler
+
+    def order(rank):  # each (epoch, step)'s batch of rank's shard, as its sampler deals it
+        sampler = DistributedSampler(range(1438), 2, rank, shuffle=True, seed=0, drop_last=True)
+        out = []
+        for e in range(1, epochs + 1):
+            sampler.set_epoch(e)
+            idx = list(sampler)
+            out += [idx[k : k + batch] for k in range(0, shard, batch)]
+        return out
+
+    trained = {r: _trained(jsonl(log / f"rank{r}.log")) for r in (0, 1)}
+    assert [b for _, b in trained[0]] == order(0)  # rank 0 missed no step
+    pids = list(dict.fromkeys(pid for pid, _ in trained[1]))
+    assert len(pids) == 2, pids  # the first process, then its replacement
+    healed = re.findall(r"rank 1 healed from a live peer: epoch (\d+) step (\d+) \(global step (\d+)\)", text)
+    epoch, step, gs = map(int, healed[-1])
+    killed = steps + 3  # the global step rank 1 was killed before
+    assert (epoch - 1) * steps + step == gs and gs > killed, healed
+    # rank 1 trained its shard up to the kill, then, after the heal, from the peer's position on
+    ones = order(1)
+    assert [b for pid, b in trained[1] if pid == pids[0]] == ones[:killed]
+    again = [b for pid, b in trained[1] if pid == pids[1]]
+    assert again == ones[gs:], (len(again), len(ones) - gs)
+    if step:  # its loader's workers read only what it trained (a read log line: owner pid, index)
+        reads = [
+            int(i)
+            for owner, i in (line.split() for line in (log / "reads1.log").read_text().splitlines())
+            if int(owner) == pids[1]
+        ]
+        assert sorted(reads) == sorted(i for b in again for i in b), len(reads)
+    skipped = [e for e in jsonl(run_dir / "events.jsonl") if e["kind"] == "replica_skipped"]
+    assert sum(e["steps"] for e in skipped) == gs - killed, skipped
+    assert sum(e["samples"] for e in skipped) == sum(len(b) for b in ones[killed:gs]), skipped

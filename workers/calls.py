@@ -49,8 +49,12 @@ class Coordinator:
         self.handle = handle  # the actor handle Ray ships to every worker
 
     # -- an attempt, and what it restores
-    def start_attempt(self, world: int) -> dict[str, Any]:
-        return call(self.handle.start_attempt, world)  # type: ignore[no-any-return]
+    def start_attempt(self, world: int, replica: bool = False) -> dict[str, Any]:
+        return call(self.handle.start_attempt, world, replica=replica)  # type: ignore[no-any-return]
+
+    def take_writer(self, rank: int, attempt: int) -> dict[str, Any]:
+        """failure.mode replicas: become the writer in the place of one that left the quorum."""
+        return call(self.handle.take_writer, rank, attempt)  # type: ignore[no-any-return]
 
     def next_restore(self, bad_id: str, why: str) -> dict[str, Any] | None:
         """The next newest commit, after marking bad_id bad (a failed verification)."""

@@ -48,5 +48,5 @@ def epoch_save_due(cfg: WorkerConfig, epoch: int, stopped_early: bool) -> bool:
 
 
 def note_early_stop(session: Session, epoch: int, stopper: EarlyStopping | None) -> None:
-    if session.rank == 0:
+    if session.is_writer:
         session.coord.event("early_stop", {"epoch": epoch, "best": stopper and stopper.best})

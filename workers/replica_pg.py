@@ -11,12 +11,11 @@ ids (each manager's id ends in a uuid of its own) and its step, the same for eve
 one quorum, and within one lighthouse's life the quorum id alone is unique anyway.
 
 Private torchft use, kept here: the manager's `_client` (whose `_quorum` answers are noted) and
-ProcessGroupGloo.configure's first argument."""
+its process group's `configure` (whose first argument is the prefixed store address)."""
 
 from __future__ import annotations
 
 import hashlib
-from datetime import timedelta
 from typing import Any
 
 
@@ -43,23 +42,14 @@ class QuorumSeen:
         return getattr(self.client, name)
 
 
-def process_group(timeout: timedelta) -> Any:
-    """A torchft ProcessGroupGloo whose every configuration is keyed to its quorum (see
-    `watch`, which tells it the quorums)."""
-    from torchft import ProcessGroupGloo
-
-    class QuorumKeyedGloo(ProcessGroupGloo):  # type: ignore[misc]
-        seen: QuorumSeen | None = None
-
-        def configure(self, store_addr: str, *args: Any, **kwargs: Any) -> None:
-            key = quorum_key(self.seen.last if self.seen is not None else None)
-            super().configure(f"{store_addr}/{key}", *args, **kwargs)
-
-    return QuorumKeyedGloo(timeout=timeout)
-
-
-def watch(manager: Any, pg: Any) -> None:
-    """Make `pg` (from process_group) see each quorum `manager` is given, before it configures."""
+def key_to_quorums(manager: Any, pg: Any) -> None:
+    """Make every configuration of `pg` (workers/replica_comms.py's, whichever device) use a
+    store prefix keyed to the quorum `manager` was just given."""
     seen = QuorumSeen(manager._client)
     manager._client = seen
-    pg.seen = seen
+    configure = pg.configure
+
+    def keyed(store_addr: str, *args: Any, **kwargs: Any) -> Any:
+        return configure(f"{store_addr}/{quorum_key(seen.last)}", *args, **kwargs)
+
+    pg.configure = keyed

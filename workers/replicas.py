@@ -16,12 +16,13 @@ replacement heals from a live peer instead of reading storage.
                  the metrics on; rank 0 reports, saves and decides early stopping, and the
                  others follow its word
 
-Rank 0 reports and writes checkpoints, through the same session, writer and commit protocol
-as a group restart. While rank 0 is not in the quorum the others wait, so no epoch is
-trained that nobody records; its replacement starts an attempt (orphans collected), restores
-the latest commit, then heals from them at the step where it died, and reports and saves
-an epoch end it died in the middle of. A replica that holds no state (torchft's step 0)
-trains nothing until it has healed; rank 0 sets its step to the global step + 1.
+The writer (rank 0 at a group's start) reports and writes checkpoints, through the same
+session, writer and commit protocol as a group restart. When it leaves the quorum, the
+lowest-ranked replica holding the live state takes its place at once (Coordinator.take_writer
+starts a new attempt, which fences the old writer's late commits), reports and saves an epoch
+end the old one died in, and the others train on; rank 0's replacement heals from them as an
+ordinary replica. A replica that holds no state (torchft's step 0) trains nothing until it
+has healed; the writer at a group's start sets its step to the global step + 1.
 
 Nothing here calls ray.train.report, which waits for every worker of every replica group and
 so hangs on a dead one (docs/benchmarks.md).
@@ -30,21 +31,26 @@ so hangs on a dead one (docs/benchmarks.md).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any
 
 import torch
 
+from orchestrator.core.manifest import CheckpointRecord
 from workers.data import rank_batches
 from workers.epoch import check_monitor, epoch_metrics, epoch_save_due, note_early_stop
 from workers.metrics import RunningLoss
+from workers.replica_comms import process_group, replica_comms, transport
 from workers.replica_grads import GradBuckets
+from workers.replica_state import ReplicaState
+from workers.replica_streams import seed_step
 from workers.resume import restore
 from workers.session import Session, StopRun
 from workers.state import Position, Saver, TrainState
 from workers.stopping import NONE, PREEMPT
-from workers.task import Dataset, Task, TaskContext, collate, is_loader
+from workers.task import Task, TaskContext, check_train_loader, is_loader
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +58,34 @@ WAIT_S = 0.1  # a waiting replica's pause between quorums
 RETRY_S = 0.5  # a lighthouse that does not answer a quorum is asked again this often
 HOLD_S = 60.0  # rank 0 waits this long at its start for every replica, so a fault-free run trains all shards
 
-# Rank 0's word each step, as read: is rank 0 in the quorum, the stop asked (the highest
-# code any replica sends), "done" (any replica: one that ended first sends it on), hold, and
-# the last epoch rank 0 reported.
-PRESENT, STOP, DONE, HOLD, REPORTED = range(5)
+# The writer's word each step, as read: is the writer (rank 0, or the survivor that took its
+# place) in the quorum, the stop asked (the highest code any replica sends), "done" (any
+# replica: one that ended first sends it on), hold, the last epoch the writer reported, its
+# attempt, and the ranks in the quorum that hold the live state (who may take its place).
+PRESENT, STOP, DONE, HOLD, REPORTED, ATTEMPT, HOLDERS = range(7)
 # As sent: every element a sum over the quorum (Manager.allreduce averages; the readers
-# multiply back), so it can ride on the gradients' all-reduce. Rank 0 alone sends the first
-# three; every replica its "done" and a 1 at its stop code's place (codes 1 and 2).
-S_PRESENT, S_HOLD, S_REPORTED, S_DONE, S_STOP = range(5)
-WORD = S_STOP + PREEMPT  # one element per stop code above NONE
-TRAIN, AGAIN, END = "train", "again", "end"  # what a replica does with the step, once it has the word
+# multiply back), so it can ride on the gradients' all-reduce. The writer alone sends
+# PRESENT, HOLD, REPORTED and ATTEMPT; every replica its "done", a 1 at its stop code's place
+# (codes 1 and 2) and a 1 at its rank's place after those if it holds state.
+S_PRESENT, S_HOLD, S_REPORTED, S_ATTEMPT, S_DONE, S_STOP = range(6)
+S_HOLDERS = S_STOP + PREEMPT  # one element per stop code above NONE, then one per rank
+# What a replica does with the step, once it has the word; TAKE: it became the writer.
+TRAIN, AGAIN, END, TAKE = "train", "again", "end", "take"
+
+
+def word_size(world: int) -> int:
+    return S_HOLDERS + world
 
 
 def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[str, Any]:
-    cfg, device, rank, world = session.cfg, session.device, session.rank, session.world
+    cfg, rank, world = session.cfg, session.rank, session.world
     live = _build(session, build)
     task, model = live.task, live.model
-    data = cast("Dataset", task.train_data)  # not a DataLoader: refused in _build
     healed: list[bool] = []
     manager = _manager(session, live, healed)
-    grads = GradBuckets(model, manager, WORD)  # hooks on the parameters (workers/replica_grads.py)
+    grads = GradBuckets(model, manager, word_size(world))  # hooks on the parameters
     saver, waiting = EpochSaver(live, session), Waiting(session)
-    done, holding, hold_until = False, rank == 0, time.monotonic() + HOLD_S
-    batches: tuple[int, list[list[int]]] | None = None
+    done, holding, hold_until = False, session.is_writer, time.monotonic() + HOLD_S
     ended = False
     try:
         while True:
@@ -82,13 +93,13 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             manager.start_quorum()  # may heal: `live`, model and optimizer are a peer's now
             just_healed = bool(healed)
             healed.clear()
-            if just_healed and rank == 0:  # the epoch end the rank 0 it replaces died in
+            if just_healed and session.is_writer:  # the epoch end the writer it replaces died in
                 done = saver.fill_in(live) or done  # before the word below, which carries it
             # Rank 0 starting the group's training (a new run, a resume, a whole restart) holds
             # it until every replica has joined, so a fault-free run trains every shard.
             alone = manager.num_participants() < world
             holding = holding and not just_healed and alone and time.monotonic() < hold_until
-            mine = _word(rank, session.stop_check.local(), done, holding, live.reported)
+            mine = _mine(session, manager, live, done, holding)
             # The word rides on the gradients' all-reduce (one set of collectives a step) where
             # training the step before reading it is safe: a full quorum (rank 0 in it, not
             # holding), mid-epoch (no end, no early stop), state held. Every replica of the
@@ -97,23 +108,28 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
             if not rides and (act := _heed(_control(manager, mine), manager, live, saver, waiting)) != TRAIN:
                 if act == END:
                     break
+                if act == TAKE:  # the writer left: the epoch end it may have died in, first
+                    done = saver.fill_in(live) or done
                 continue
             epoch, step = live.epoch, live.step
-            if batches is None or batches[0] != epoch:
-                batches = (epoch, rank_batches(len(data), task.batch_size, cfg.seed, epoch, world, rank))
-            steps = len(batches[1])
+            steps = live.batches.steps(epoch)
             where[0] = f"epoch {epoch} step {step}"
             session.chaos.before_step(epoch, step)
+            seed_step(cfg.seed, rank, live.global_step)  # its own streams (workers/replica_streams.py)
+            batch = live.batches.batch(epoch, step)  # the same again for a step trained again
             model.train()
-            loss = task.train_step(model, collate(data, batches[1][step], device))
-            sums = grads.reduce(loss, mine if rides else None)  # backward, the all-reduces overlapped
+            loss = task.train_step(model, batch)
+            sums = grads.reduce(_scaled(task, loss), mine if rides else None)  # backward, the all-reduces
             if rides and (act := _heed(_read(sums), manager, live, saver, waiting)) != TRAIN:
                 if act == END:  # the step trained is dropped: it is never committed
                     break
+                if act == TAKE:
+                    done = saver.fill_in(live) or done
                 continue
             if not manager.should_commit():  # a replica failed in this step: train it again
                 continue
-            task.optimizer.step()
+            _optimizer_step(task)
+            live.skipped.committed(manager.num_participants(), batch, task.batch_size)
             live.epoch_loss.add(loss)
             live.step, live.global_step = step + 1, live.global_step + 1
             lr = task.optimizer.param_groups[0]["lr"]
@@ -123,10 +139,11 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
                     saver.save(Position(epoch, live.step, live.global_step, False))
                 continue
             where[0] = f"epoch {epoch} evaluation"
+            live.skipped.end_epoch(session, epoch)
             stopped_early = saver.end_epoch(live, steps)
-            done = rank == 0 and stopped_early  # rank 0's word ends every replica at the next step
-        if rank != 0:
-            _serve_until_the_end(manager, waiting)
+            done = session.is_writer and stopped_early  # its word ends every replica at the next step
+        if not session.is_writer:
+            _serve_until_the_end(manager, waiting, session, live)
         ended = True
     except StopRun:
         ended = True
@@ -136,13 +153,13 @@ def train_task_replicas(session: Session, build: Any, where: list[str]) -> dict[
         # checkpoint committed before the others are told the run ended: if that fails, they
         # stay, and rank 0's replacement heals from them and saves it again (fill_in).
         manager.shutdown(wait=False)
-        if ended and rank == 0:
+        if ended and session.is_writer:
             session.close()
             session.coord.end_training()
     return {"global_step": live.global_step, **session.close()}
 
 
-def _build(session: Session, build: Any) -> TrainState:
+def _build(session: Session, build: Any) -> ReplicaState:
     """The task, built and refused (with a reason naming the field) where replicas cannot run
     it; on rank 0 its state restored from the latest commit (the others heal from a peer)."""
     cfg, device, rank, world = session.cfg, session.device, session.rank, session.world
@@ -157,26 +174,32 @@ def _build(session: Session, build: Any) -> TrainState:
     task: Task = build(
         dict(cfg.task_options), TaskContext(rank=rank, world_size=world, seed=cfg.seed, device=device)
     )
-    if unsupported := _unsupported(task):
-        raise StopRun(
-            f"failure.mode replicas: task {cfg.task!r} (task.name) uses {unsupported}, which "
-            "replicas do not support yet; use failure.mode restart",
-            "input",
-        )
-    live = TrainState(task, task.model.to(device), cfg, device)
-    restore(session, live)  # rank 0 only: the others heal from a peer
+    try:  # each replica group's shard: a DistributedSampler over the replica groups
+        check_train_loader(task.train_data, world)
+    except ValueError as e:  # the same on every replica and every restart: an input error
+        raise StopRun(str(e), "input") from None
+    live = ReplicaState(task, task.model.to(device), cfg, device, rank=rank, world=world)
+    resumed = restore(session, live)  # rank 0 only: the others heal from a peer
+    if resumed.restored:
+        live.resumed_at(resumed.loader_state)
     check_monitor(cfg, task, live.model, device)
     return live
 
 
 def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
     """This replica group's torchft Manager: a heal loads a peer's TrainState (and notes it in
-    `healed`); rank 0's restored state is the one the others heal from."""
+    `healed`); the writer's restored state is the one the others heal from. Its process group,
+    heal transport and timeouts by device: workers/replica_comms.py (on cuda, NCCL for the
+    gradients, gloo for `_control`'s CPU word, heals device to device)."""
     from torchft import Manager
 
-    from workers.replica_pg import process_group, watch
+    from workers.replica_pg import key_to_quorums
 
-    rank = session.rank
+    rank, cfg = session.rank, session.cfg
+    comms = replica_comms(session.device.type, cfg.replica_timeout_s, cfg.replica_quorum_timeout_s)
+    os.environ.update(comms.env)  # read when the first NCCL group is made (none on cpu)
+    if session.device.type == "cuda" and session.device.index is not None:
+        torch.cuda.set_device(session.device)  # the device torchft's NCCL group connects on
 
     def load_state_dict(sd: dict[str, Any]) -> None:
         live.load_state_dict(sd)
@@ -188,8 +211,8 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
 
     # torchft logs every quorum and commit at INFO; its warnings and errors still show.
     logging.getLogger("torchft").setLevel(logging.WARNING)
-    timeout = timedelta(seconds=session.cfg.replica_timeout_s)  # failure.replica_timeout_s
-    pg = process_group(timeout)  # keyed to each quorum: a restarted lighthouse reuses quorum ids
+    timeout = timedelta(seconds=comms.timeout_s)  # failure.replica_timeout_s (on cuda, <= quorum's / 2)
+    pg = process_group(comms)
     manager = Manager(
         pg=pg,
         load_state_dict=load_state_dict,
@@ -200,15 +223,16 @@ def _manager(session: Session, live: TrainState, healed: list[bool]) -> Any:
         world_size=1,
         replica_id=f"replica_{rank}",  # torchft reads the trailing number
         timeout=timeout,
-        quorum_timeout=timedelta(seconds=session.cfg.replica_quorum_timeout_s),
+        quorum_timeout=timedelta(seconds=cfg.replica_quorum_timeout_s),
         connect_timeout=timeout,
+        checkpoint_transport=transport(comms, pg, session.device),  # None on cpu: torchft's HTTPTransport
         # A quorum the lighthouse could not answer (killed: Ray restarts it at the same address)
         # is asked again every RETRY_S until the quorum timeout, not failed at once.
-        quorum_retries=quorum_retries(session.cfg.replica_quorum_timeout_s),
+        quorum_retries=quorum_retries(cfg.replica_quorum_timeout_s),
         init_sync=False,  # a replica at step 0 heals only from one ahead of it (rank 0 starts at 1)
     )
-    watch(manager, pg)
-    if rank == 0:  # the state it restored (or a fresh model) is the one the others heal from
+    key_to_quorums(manager, pg)  # a restarted lighthouse counts quorum ids from 1 again
+    if session.is_writer:  # the state it restored (or a fresh model) is the one the others heal from
         manager.load_state_dict({"step": live.global_step + 1, "batches_committed": 0})
     return manager
 
@@ -219,16 +243,24 @@ def quorum_retries(quorum_timeout_s: float) -> int:
     return max(1, int(quorum_timeout_s / RETRY_S))
 
 
-def _unsupported(task: Task) -> str | None:
-    if is_loader(task.train_data) or is_loader(task.val_data):
-        return "a DataLoader (train_data or val_data)"
-    if task.grad_scaler is not None:
-        return "a grad scaler"
-    return None
+def _scaled(task: Task, loss: torch.Tensor) -> torch.Tensor:
+    """The loss backward starts from: scaled by the task's grad scaler, if it has one."""
+    return loss if task.grad_scaler is None else task.grad_scaler.scale(loss)
+
+
+def _optimizer_step(task: Task) -> None:
+    """The optimizer's step on the averaged gradients (through the grad scaler: it unscales
+    them and skips a step whose gradients are not finite; every replica decides alike, as
+    the gradients and the scaler's state are the same on each)."""
+    if task.grad_scaler is None:
+        task.optimizer.step()
+    else:
+        task.grad_scaler.step(task.optimizer)
+        task.grad_scaler.update()
 
 
 class EpochSaver:
-    """Rank 0's saves and reports (the others only keep what a heal hands on)."""
+    """The writer's saves and reports (the others only keep what a heal hands on)."""
 
     def __init__(self, state: TrainState, session: Session) -> None:
         self.task, self.model, self.session = state.task, state.model, session
@@ -242,20 +274,20 @@ class EpochSaver:
 
     def end_epoch(self, live: TrainState, steps: int) -> bool:
         """Evaluate, report and save the epoch just trained; move `live` to the next. True:
-        rank 0 stops early. Every replica evaluates (a heal hands its metrics and early-stopping
-        state on); only rank 0 acts on them."""
+        the writer stops early. Every replica evaluates (a heal hands its metrics and
+        early-stopping state on); only the writer acts on them."""
         session, epoch = self.session, live.epoch
-        rank0 = session.rank == 0
+        writer = session.is_writer
         cfg = session.cfg
         try:  # world 1: each replica's whole held-out split, no collective
             live.metrics = epoch_metrics(session, self.task, self.model, epoch, live.epoch_loss, 1, 0)
         except StopRun:
-            if rank0:
+            if writer:
                 raise
             live.metrics = {}  # rank 0 stops the run; this replica waits for its word
         stopped_early = bool(live.stopper and live.metrics and live.stopper.update(live.metrics[cfg.monitor]))
         at = Position(epoch, steps, live.global_step, True)
-        if rank0:
+        if writer:
             self.report(at, live, stopped_early)
         live.epoch, live.step, live.epoch_loss = epoch + 1, 0, RunningLoss(session.device)
         return stopped_early
@@ -269,11 +301,12 @@ class EpochSaver:
             note_early_stop(self.session, at.epoch, live.stopper)
 
     def fill_in(self, live: TrainState) -> bool:
-        """Rank 0 healed at the start of an epoch: the end of the one before may be what the
-        rank 0 it replaces died in, after the others had moved on. Report it if that one did
-        not (a report replaces the epoch's row), and save it if it was due and is not what
-        this one restored (a save the old rank 0 handed to its writer may never have been
-        committed), from the state the heal handed on. True: it was the early stop."""
+        """The writer healed (or took the writer's place) at the start of an epoch: the end
+        of the one before may be what the writer it replaces died in, after the others had
+        moved on. Report it if that one did not (a report replaces the epoch's row), and save
+        it if it was due and is not the latest commit (a save the old writer handed to its
+        background writer may never have been committed), from the state the heal handed on.
+        True: it was the early stop."""
         epoch, cfg = live.epoch - 1, self.session.cfg
         if live.step != 0 or epoch < 1 or not live.metrics:
             return False
@@ -285,10 +318,11 @@ class EpochSaver:
             log.info(
                 f"[replicas] rank 0 records the end of epoch {epoch}, which the rank 0 it replaces did not"
             )
-            steps = len(
-                rank_batches(
-                    len(self.task.train_data), self.task.batch_size, cfg.seed, epoch, self.session.world, 0
-                )
+            data, world = self.task.train_data, self.session.world
+            steps = (
+                len(data)
+                if is_loader(data)
+                else len(rank_batches(len(data), self.task.batch_size, cfg.seed, epoch, world, 0))
             )
             at = Position(epoch, steps, live.global_step, True)
             if report:
@@ -299,51 +333,94 @@ class EpochSaver:
 
 
 class Waiting:
-    """A replica waiting for state or for rank 0: it asks the coordinator, at most once a
-    second, whether rank 0 left its loop for good (the run trained to its end, or stopped)."""
+    """A replica waiting for state or for the writer: it asks the coordinator, at most once a
+    second, whether the writer left its loop for good (the run trained to its end, or
+    stopped). It also remembers the writer's attempt, as the word last said it, which a
+    survivor names when it takes the writer's place (Coordinator.take_writer)."""
 
     def __init__(self, session: Session) -> None:
         self.session, self.asked, self.over = session, 0.0, False
+        self.attempt: int | None = None  # the writer's, as last heard
 
     def ended(self) -> bool:
         if self.over or time.monotonic() - self.asked < 1.0:
             return self.over
         self.asked = time.monotonic()
         if ended := self.session.coord.training_ended():
-            log.info(f"[replicas] rank {self.session.rank}: rank 0 ended the run; nothing left")
+            log.info(f"[replicas] rank {self.session.rank}: the writer ended the run; nothing left")
         self.over = ended
         return ended
 
 
-def _serve_until_the_end(manager: Any, waiting: Waiting) -> None:
-    """A replica other than rank 0 at the end (of the epochs, or an early stop): it stays in
-    the quorums, saying "done", so a rank 0 replaced during its last save or report heals
-    from it and ends too, until rank 0 says the run ended."""
+def _serve_until_the_end(manager: Any, waiting: Waiting, session: Session, live: TrainState) -> None:
+    """A replica other than the writer at the end (of the epochs, or an early stop): it stays
+    in the quorums, saying "done", so a writer replaced during its last save or report heals
+    from it and ends too, until the writer says the run ended."""
     while not waiting.ended():
         manager.start_quorum()
-        if _control(manager, _word(1, NONE, True, False, 0)) is None:
+        if _control(manager, _mine(session, manager, live, True, False, stop=NONE)) is None:
             manager.should_commit()
         time.sleep(WAIT_S)
 
 
-def _word(rank: int, stop: int, done: bool, hold: bool, reported: int) -> list[float]:
-    """This replica's share of the word, as sent (S_*)."""
-    mine = [0.0] * WORD
+def _mine(
+    session: Session, manager: Any, live: TrainState, done: bool, hold: bool, stop: int | None = None
+) -> list[float]:
+    """This replica's share of the word now (the stop it asks, unless given)."""
+    return _word(
+        session.world,
+        session.rank,
+        writer=session.is_writer,
+        attempt=session.attempt,
+        stop=session.stop_check.local() if stop is None else stop,
+        done=done,
+        hold=hold,
+        reported=live.reported,
+        holds=manager.current_step() > 0,  # it holds the live state: it may take the writer's place
+    )
+
+
+def _word(
+    world: int,
+    rank: int,
+    *,
+    writer: bool,
+    attempt: int,
+    stop: int,
+    done: bool,
+    hold: bool,
+    reported: int,
+    holds: bool,
+) -> list[float]:
+    """A replica's share of the word, as sent (S_*)."""
+    mine = [0.0] * word_size(world)
     mine[S_DONE] = float(done)
     if stop != NONE:
         mine[S_STOP + stop - 1] = 1.0
-    if rank == 0:
+    if holds:
+        mine[S_HOLDERS + rank] = 1.0
+    if writer:
         mine[S_PRESENT], mine[S_HOLD], mine[S_REPORTED] = 1.0, float(hold), float(reported)
+        mine[S_ATTEMPT] = float(attempt)
     return mine
 
 
-def _read(sums: list[float] | None) -> list[float] | None:
-    """The word as read (PRESENT...REPORTED) from its sums over the quorum; None stays None
+def _read(sums: list[float] | None) -> list[Any] | None:
+    """The word as read (PRESENT...HOLDERS) from its sums over the quorum; None stays None
     (the all-reduce failed)."""
     if sums is None:
         return None
-    stop = max((code for code in range(1, WORD - S_STOP + 1) if sums[S_STOP + code - 1] > 0), default=NONE)
-    return [sums[S_PRESENT] > 0, stop, sums[S_DONE] > 0, sums[S_HOLD] > 0, sums[S_REPORTED]]
+    stop = max((code for code in range(1, PREEMPT + 1) if sums[S_STOP + code - 1] > 0), default=NONE)
+    holders = [r for r, v in enumerate(sums[S_HOLDERS:]) if v > 0]
+    return [
+        sums[S_PRESENT] > 0,
+        stop,
+        sums[S_DONE] > 0,
+        sums[S_HOLD] > 0,
+        sums[S_REPORTED],
+        int(sums[S_ATTEMPT]),
+        holders,
+    ]
 
 
 def _control(manager: Any, mine: list[float]) -> list[float] | None:
@@ -356,6 +433,27 @@ def _control(manager: Any, mine: list[float]) -> list[float] | None:
     return _read((t * manager.num_participants()).round().tolist())
 
 
+def _take_writer(word: list[Any], manager: Any, session: Session, waiting: Waiting) -> bool:
+    """The writer is not in the quorum: the lowest rank that holds the live state takes its
+    place at once (issue: a dead rank 0 used to stop every replica until its replacement had
+    started and healed). The coordinator decides (take_writer): only if the writer's attempt,
+    as this replica last heard it, is still the current one. True: this replica writes now."""
+    holders = word[HOLDERS]
+    if waiting.attempt is None or manager.current_step() == 0 or not holders or holders[0] != session.rank:
+        return False
+    answer = session.coord.take_writer(session.rank, waiting.attempt)
+    if not answer["ok"]:  # the writer's replacement started an attempt first: it writes
+        waiting.attempt = answer["attempt"]
+        return False
+    latest = CheckpointRecord.model_validate(answer["latest"]) if answer["latest"] else None
+    session.become_writer(answer["attempt"], latest)
+    log.info(
+        f"[replicas] rank {session.rank} writes the run's checkpoints from now on, in the place of "
+        f"the writer of attempt {waiting.attempt}, which left the quorum (attempt {answer['attempt']})"
+    )
+    return True
+
+
 def _heed(
     word: list[float] | None, manager: Any, live: TrainState, saver: EpochSaver, waiting: Waiting
 ) -> str:
@@ -364,8 +462,12 @@ def _heed(
     if word is None:  # a replica died in this quorum
         manager.should_commit()  # records the failure, so the next quorum reconfigures
         return AGAIN
+    if word[PRESENT]:
+        waiting.attempt = int(word[ATTEMPT])
+    elif _take_writer(word, manager, saver.session, waiting):
+        return TAKE
     if manager.current_step() == 0 or not word[PRESENT] or word[HOLD]:
-        if waiting.ended():  # rank 0 trained to the end (or stopped) while this one waited
+        if waiting.ended():  # the writer trained to the end (or stopped) while this one waited
             return END
         time.sleep(WAIT_S)
         return AGAIN

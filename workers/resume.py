@@ -38,16 +38,19 @@ def plan_restore(
     rank: int,
     world: int,
     on_local: Callable[[CheckpointRecord], object] | None = None,
+    replica: bool = False,
 ) -> tuple[dict[str, Any], dict[str, bytes] | None]:
     """Rank 0 asks the coordinator to start an attempt and verifies the checkpoint it names,
     falling back past bad ones; every rank gets the plan. Rank 0 also returns the verified
     bytes, so it does not read them twice. on_local(record): rank 0's restore was served by
-    the node-local tier, so the shared copy went unread (read_verified)."""
+    the node-local tier, so the shared copy went unread (read_verified). replica: a replicas
+    run's rank 0, which may be a replacement while a survivor writes (then the plan names that
+    writer, "writer", and restores nothing)."""
     plan: dict[str, Any] | None = None
     blobs: dict[str, bytes] | None = None
     if rank == 0:
         try:
-            plan = coord.start_attempt(world)
+            plan = coord.start_attempt(world, replica=replica)
         except LeaseLost as e:  # another driver took the run over: this attempt must not start
             return broadcast({"attempt": 0, "restore": None, "taken_over": str(e)}), None
         rec = plan["restore"]

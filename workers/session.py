@@ -107,13 +107,12 @@ class Session:
         self.attempt = 0
         claim = lambda key, what: coord.claim_chaos(key, os.getpid(), what)  # noqa: E731
         self.chaos = Chaos(cfg.kills, rank, claim)
-        commit = coord.commit
-        self.writer = (
-            CheckpointWriter(self.storage, commit, cfg.async_save, self.chaos.after_upload)
-            if rank == 0
-            else None
-        )
-        self.ticker = StepTicker(coord.tick if rank == 0 else None)
+        # Rank 0 writes the checkpoints and reports. In a replicas run the writer is chosen
+        # when the attempt is planned, and may move to a survivor (become_writer).
+        self.writer: CheckpointWriter | None = None
+        self.ticker = StepTicker(None)
+        if rank == 0 and not cfg.replicas:
+            self.become_writer()
         self._asked = False  # the driver's stop request, as rank 0 last asked the coordinator
         self.stop_check = StopCheck(lambda: self._asked or self.ticker.stop_asked(), device)
         self._planned: tuple[CheckpointRecord | None, dict[str, bytes] | None] | None = None
@@ -123,6 +122,24 @@ class Session:
         self._last_seeded = False
         self._shared_check: threading.Thread | None = None
         self._extras_dirs: list[str] = []  # restored extra files, removed at close()
+
+    @property
+    def is_writer(self) -> bool:
+        """This rank writes the checkpoints, commits them and reports the metrics."""
+        return self.writer is not None
+
+    def become_writer(self, attempt: int | None = None, restored: CheckpointRecord | None = None) -> None:
+        """Write the run's checkpoints from here on: rank 0 from its start, or, in a replicas
+        run, a survivor that took over (`attempt`, the one take_writer started; `restored`, the
+        latest commit then, what fill-ins compare with). Its writer discards what this node's
+        tier staged and never committed (a dead writer's, if it ran here)."""
+        coord = self.coord
+        self.writer = CheckpointWriter(
+            self.storage, coord.commit, self.cfg.async_save, self.chaos.after_upload
+        )
+        self.ticker = StepTicker(coord.tick)
+        if attempt is not None:
+            self.attempt, self._planned, self._last_id = attempt, (restored, None), None
 
     # -- for train functions ------------------------------------------------------------
     @property
@@ -322,13 +339,18 @@ class Session:
     # -- shared with the Task loop ------------------------------------------------------
     def _plan(self) -> tuple[CheckpointRecord | None, dict[str, bytes] | None]:
         if self._planned is None:
-            if self.cfg.replicas and self.rank != 0:  # it heals from a peer instead (workers/replicas.py)
+            replicas = self.cfg.replicas
+            if replicas and self.rank != 0:  # it heals from a peer instead (workers/replicas.py)
                 self._planned = (None, None)
                 return self._planned
-            plan, blobs = plan_restore(self.coord, self.storage, self.rank, self.world, self._check_shared)
+            plan, blobs = plan_restore(
+                self.coord, self.storage, self.rank, self.world, self._check_shared, replica=replicas
+            )
             if plan.get("taken_over"):
                 raise TakenOver(plan["taken_over"])
             self.attempt = plan["attempt"]
+            if replicas and plan.get("writer") is None:
+                self.become_writer()
             record = CheckpointRecord.model_validate(plan["restore"]) if plan["restore"] else None
             self._planned = (record, blobs)
         return self._planned
@@ -421,7 +443,7 @@ class Session:
     def report_metrics(self, row: dict[str, Any]) -> None:
         import ray.train
 
-        if self.rank == 0:
+        if self.is_writer:
             self.coord.report_metrics({**row, "attempt": self.attempt})
         if not self.cfg.replicas:  # there, report would wait for every replica: a dead one hangs it
             ray.train.report(row)

@@ -26,6 +26,7 @@ from orchestrator.core.retention import metrics_fresh
 from workers.distributed import gather
 from workers.format import MODEL_FILE, STATE_FILE, Position, load_tensor_file  # noqa: F401  # re-exported
 from workers.metrics import EarlyStopping, RunningLoss
+from workers.replica_streams import replica_parts
 from workers.rng import capture_rng
 from workers.task import Task, is_loader
 
@@ -147,9 +148,14 @@ class Saver:
 
     def save(self, at: Position) -> None:
         mine = self.state.rank_part(at)
+        cfg = self.session.cfg
         # Replica groups hold equal state and train the same steps per rank as a group does:
-        # rank 0's part stands for every rank, so a resume in either mode finds one per rank.
-        ranks = [mine] * self.session.world if self.session.cfg.replicas else gather(mine)
+        # the writer's part stands for every rank but for the RNG streams, each rank's own, so a
+        # resume in either mode finds one per rank (workers/replica_streams.py).
+        if cfg.replicas:
+            ranks = replica_parts(mine, cfg.seed, self.session.world, at.global_step, at.step_in_epoch)
+        else:
+            ranks = gather(mine)
         if self.session.writer is None:
             return
         files = self.state.files(at, ranks)

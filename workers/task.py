@@ -57,7 +57,8 @@ def classification_eval(model: nn.Module, batch: Batch) -> dict[str, float]:
     }
 
 
-# The names train_state.pt and a replica's heal already use (workers/state.py).
+# The names train_state.pt and a replica's heal already use (workers/state.py,
+# workers/replica_state.py).
 RESERVED = frozenset(
     {
         "model",
@@ -70,6 +71,7 @@ RESERVED = frozenset(
         "early_stopping",
         "last_metrics",
         "live",
+        "replica",
     }
 )
 

@@ -93,9 +93,13 @@ class Coordinator:
         """The driver's heartbeat found the lease taken over: refuse every write from now on."""
         self.ownership.fence(reason)
 
-    def start_attempt(self, world_size: int, rid: str | None = None) -> dict[str, Any]:
+    def start_attempt(self, world_size: int, rid: str | None = None, replica: bool = False) -> dict[str, Any]:
         """Called by rank 0 when a worker group starts: count it, collect orphans,
         and say which checkpoint to restore (the latest committed one).
+
+        replica (failure.mode replicas): a rank 0 that starts while a surviving replica
+        writes the run's checkpoints (take_writer) is a replacement, an ordinary replica:
+        no attempt starts, and the answer names the writer ({"writer": rank}).
 
         Idempotent under retry: the event is logged once (by rid), then the manifest records
         the count and the answer in one write; a retry finds the answer there."""
@@ -103,6 +107,9 @@ class Coordinator:
         if done:
             return dict(answer)
         m = self.manifest
+        if replica and self.signals.writer not in (None, 0):
+            return {"attempt": m.attempts, "restore": None, "writer": self.signals.writer}
+        self.signals.writer = 0
         attempt = m.attempts + 1
         latest = m.latest()
         result = {"attempt": attempt, "restore": latest.model_dump() if latest else None}
@@ -124,6 +131,32 @@ class Coordinator:
         # before it could take the new owner's commits for orphans.
         self.ownership.save(self.ownership.remember(self.manifest.model_copy(update=update), rid, result))
         self.signals.note_attempt(attempt, latest.id if latest else None)
+        self.commits.collect_orphans()
+        return result
+
+    def take_writer(self, rank: int, attempt: int, rid: str | None = None) -> dict[str, Any]:
+        """failure.mode replicas: the writer (the replica that reports, saves and commits) left
+        the quorum, and `rank`, the lowest surviving replica that holds the live state, takes its
+        place, if `attempt` is still the current one (else the writer's replacement started an
+        attempt first, and it stays the writer: {"ok": False}).
+
+        Taking over starts an attempt without a restore: a late commit of the old writer is
+        then refused and its upload deleted (Commits.commit), and orphan collection removes
+        what it left half-written, so the new writer's commits follow the old one's with no
+        hole and nothing of a dead writer is read. Idempotent under retry (by rid)."""
+        done, answer = self.ownership.answered(rid)
+        if done:
+            return dict(answer)
+        m = self.manifest
+        if m.attempts != attempt or self.signals.ended:
+            return {"ok": False, "attempt": m.attempts, "writer": self.signals.writer}
+        latest = m.latest()
+        result = {"ok": True, "attempt": attempt + 1, "latest": latest.model_dump() if latest else None}
+        self.log.event("writer_moved", rid, rank=rank, attempt=attempt + 1, after_attempt=attempt)
+        self.ownership.save(
+            self.ownership.remember(m.model_copy(update={"attempts": attempt + 1}), rid, result)
+        )
+        self.signals.note_writer(rank, attempt + 1)
         self.commits.collect_orphans()
         return result
 
@@ -239,6 +272,8 @@ class Coordinator:
         counts = {"restarts": m.restarts + 1, "replacements": m.replacements + int(alone and not whole)}
         self.ownership.save(self.ownership.remember(m.model_copy(update=counts), rid, True))
         self.signals.note_restart(m.restarts + 1, cause, whole, alone and not whole)
+        if whole:  # every worker starts afresh: rank 0 writes again (start_attempt)
+            self.signals.writer = None
 
     def event(
         self, kind: str, fields: dict[str, Any] | None = None, rid: str | None = None, **more: Any

@@ -19,6 +19,11 @@ class Signals:
     # failure.mode replicas: rank 0 left its loop for good (the end, or a stop), so a replica
     # still waiting for it must not (workers/replicas.py).
     ended: bool = False
+    # failure.mode replicas: the rank that writes the run's checkpoints in this group (rank 0
+    # at its start; a survivor after take_writer); None until a group starts or after a whole
+    # restart. In memory: a restarted coordinator forgets it, and a new rank 0 then writes
+    # (its attempt fences the survivor's commits, which fail that worker; nothing is lost).
+    writer: int | None = None
     failures: dict[str, set[int]] = field(
         default_factory=dict
     )  # a user error's signature -> attempts it ended
@@ -48,6 +53,11 @@ class Signals:
         self.notes.append(
             {"kind": "attempt", "at": len(self.reported), "attempt": attempt, "resumed_from": resumed_from}
         )
+
+    def note_writer(self, rank: int, attempt: int) -> None:
+        """failure.mode replicas: `rank` took the writer's place, starting `attempt`."""
+        self.writer = rank
+        self.notes.append({"kind": "writer", "at": len(self.reported), "rank": rank, "attempt": attempt})
 
     def note_restart(self, restarts: int, cause: str, whole: bool = False, alone: bool = False) -> None:
         note = {"kind": "restart", "at": len(self.reported), "restarts": restarts, "cause": cause}

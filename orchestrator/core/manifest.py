@@ -51,6 +51,7 @@ EVENT_KINDS = (
     "early_stop",
     "lease_taken_over",
     "repaired",
+    "replica_skipped",
     "restart",
     "run_failed",
     "run_finished",
