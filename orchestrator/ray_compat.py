@@ -280,37 +280,41 @@ def torchft_config(heartbeat_timeout_ms: int) -> Any:
     CPUs (deploy/'s clusters, where a submitted driver runs) never schedules it, and a
     lighthouse killed mid-run failed every replica's quorum and then every start of a new
     group (its address read from a dead actor) for good: the run hung. Here, through
-    `_TorchftBackend._maybe_create_lighthouse_actor` (whose base reads the address back from
-    the actor, "in case it was restarted"), it is an actor of 0 CPUs that Ray restarts
-    (max_restarts=-1) on a port fixed when it is first placed, so the replicas' managers, which
-    reconnect to the address they were given, find the restarted one there; placed off the
-    driver's node when another node is alive and hosts no worker (`lighthouse_node`), softly: a
-    lost node's lighthouse restarts elsewhere (a new address: what Ray's backend hands the next
-    group)."""
+    `_TorchftBackend._maybe_create_lighthouse_actor` (which `on_start` calls for every group
+    and replacement it starts), it is an actor of 0 CPUs that Ray restarts (max_restarts=-1)
+    on a port fixed when it is first placed, so the replicas' managers, which reconnect to the
+    address they were given, find the restarted one there. It is pinned (soft=False: a soft
+    affinity was seen placed on another node, away from the port probed for it) to a node off
+    the driver's that hosts no worker when one is alive (`lighthouse_node`); if that node is
+    lost the pinned actor cannot come back, and the next group or replacement gets a new one,
+    placed afresh, at a new address."""
     import ray
+    from ray.exceptions import RayActorError
     from ray.train.v2.torch.torchft_config import TorchftConfig, _TorchftBackend
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     class Backend(_TorchftBackend):  # type: ignore[misc]
         def on_start(self, worker_group: Any, backend_config: Any) -> None:
             self.worker_nodes = {w.metadata.node_id for w in worker_group.get_workers()}
-            _TorchftBackend.on_start(self, worker_group, backend_config)
+            _TorchftBackend.on_start(self, worker_group, backend_config)  # not super(): pickled by value
 
         def _maybe_create_lighthouse_actor(self, backend_config: Any) -> str:
-            if self.lighthouse_actor is None:
-                here = ray.get_runtime_context().get_node_id()
-                node = lighthouse_node(ray.nodes(), here, getattr(self, "worker_nodes", set()))
-                on = lambda soft: NodeAffinitySchedulingStrategy(node_id=node, soft=soft)  # noqa: E731
-                probe = ray.remote(free_port).options(num_cpus=0, scheduling_strategy=on(False))
-                port = ray.get(probe.remote())
-                kwargs = {**backend_config.lighthouse_kwargs, "bind": f"[::]:{port}"}
-                self.lighthouse_actor = (
-                    lighthouse_actor()
-                    .options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=on(True))
-                    .remote(kwargs)
-                )
-            # Ray's own reads its address (the base named, not super(): this class is pickled by value)
-            return str(_TorchftBackend._maybe_create_lighthouse_actor(self, backend_config))
+            if self.lighthouse_actor is not None:
+                try:  # waits out a restart (max_task_retries=-1)
+                    return str(ray.get(self.lighthouse_actor.address.remote()))
+                except RayActorError:  # gone for good (its node lost): a new one, placed afresh
+                    self.lighthouse_actor = None
+            here = ray.get_runtime_context().get_node_id()
+            node = lighthouse_node(ray.nodes(), here, getattr(self, "worker_nodes", set()))
+            pinned = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+            probe = ray.remote(free_port).options(num_cpus=0, scheduling_strategy=pinned)
+            kwargs = {**backend_config.lighthouse_kwargs, "bind": f"[::]:{ray.get(probe.remote())}"}
+            self.lighthouse_actor = (
+                lighthouse_actor()
+                .options(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=pinned)
+                .remote(kwargs)
+            )
+            return str(ray.get(self.lighthouse_actor.address.remote()))
 
     class Config(TorchftConfig):  # type: ignore[misc]
         @property
