@@ -137,6 +137,25 @@ def every_worker_failed(err: Any, world: int | None) -> bool:
     return world is not None and isinstance(failures, dict) and set(range(world)) <= set(failures)
 
 
+def actor_alive(handle: Any, timeout_s: float = 5.0) -> bool:
+    """Whether the actor behind `handle` is alive: it answers a no-op call within timeout_s
+    (a busy one that does not is counted alive). False once Ray knows it is dead (at once
+    for a killed process; for a lost node, once the node is declared dead).
+
+    Private: `__ray_ready__` is the no-op every actor has (Ray waits on it for an actor's
+    creation); Ray offers no public liveness query without the dashboard's state API, which
+    an embedded Ray here runs without."""
+    import ray
+
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        return True
+    except ray.exceptions.RayError:
+        return False
+    return True
+
+
 def restart_recorder(coordinator: Any, replicas_world: int | None = None) -> Any:
     """A Ray Train controller callback that tells the coordinator each time Ray Train
     decides to restart the worker group, with the failure it restarts from. In a replicas run

@@ -82,3 +82,31 @@ def test_retried_calls_after_a_restart_count_once(ray_local, tmp_path):
     assert kinds.count("coordinator_started") == 2  # it really restarted
     # A genuinely new attempt is still counted.
     assert ray.get(coord.start_attempt.remote(2, uuid.uuid4().hex), timeout=60)["attempt"] == 2
+
+
+def test_a_survivor_takes_the_writers_place_only_once_the_writer_is_dead(ray_local, tmp_path):
+    """failure.mode replicas: torchft's lighthouse forms a quorum about 100 ms after the first
+    replica asks, so a live writer that is late (an epoch's end, a save) can miss one. Its
+    place is taken only once Ray says its process is dead: a claim while it lives is refused.
+    (This module's cluster: the actor coordinator and a stand-in writer actor, both real.)"""
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    class Writer:
+        def pid(self) -> int:
+            return os.getpid()
+
+    writer = Writer.remote()
+    ray.get(writer.pid.remote(), timeout=60)
+    storage = Storage(str(tmp_path / "run"))
+    cfg = RetentionConfig("val_loss", "min", top_k=2, keep_latest=1)
+    coord = coordinator_actor_class().remote(storage, "run", cfg, None)
+    ray.get(coord.start_attempt.remote(3, uuid.uuid4().hex, replica=True, writer=writer), timeout=60)
+
+    late = ray.get(coord.take_writer.remote(1, 1, uuid.uuid4().hex), timeout=60)
+    assert late == {"ok": False, "attempt": 1, "writer": 0, "alive": True}
+    ray.kill(writer, no_restart=True)  # the writer's process is gone
+    took = ray.get(coord.take_writer.remote(1, 1, uuid.uuid4().hex), timeout=60)
+    assert took["ok"] and took["attempt"] == 2, took
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [(e["rank"], e["attempt"]) for e in events if e["kind"] == "writer_moved"] == [(1, 2)]

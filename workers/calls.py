@@ -39,6 +39,16 @@ def send(method: Any, *args: Any) -> Any:
     return method.remote(*args, uuid.uuid4().hex)
 
 
+def this_actor() -> Any:
+    """The Ray actor this code runs in (a Ray Train worker), or None outside one."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().current_actor
+    except Exception:  # not in an actor (a test's process, a driver)
+        return None
+
+
 class Coordinator:
     """The run's coordinator (the actor of orchestrator/coordinator/api.py's Coordinator) as a
     rank calls it: one typed method per call, each with a request id and a timeout (call), or
@@ -50,11 +60,12 @@ class Coordinator:
 
     # -- an attempt, and what it restores
     def start_attempt(self, world: int, replica: bool = False) -> dict[str, Any]:
-        return call(self.handle.start_attempt, world, replica=replica)  # type: ignore[no-any-return]
+        me = this_actor() if replica else None  # a replicas writer: take_writer asks if it lives
+        return call(self.handle.start_attempt, world, replica=replica, writer=me)  # type: ignore[no-any-return]
 
     def take_writer(self, rank: int, attempt: int) -> dict[str, Any]:
         """failure.mode replicas: become the writer in the place of one that left the quorum."""
-        return call(self.handle.take_writer, rank, attempt)  # type: ignore[no-any-return]
+        return call(self.handle.take_writer, rank, attempt, writer=this_actor())  # type: ignore[no-any-return]
 
     def next_restore(self, bad_id: str, why: str) -> dict[str, Any] | None:
         """The next newest commit, after marking bad_id bad (a failed verification)."""

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 WAIT_S = 0.1  # a waiting replica's pause between quorums
 RETRY_S = 0.5  # a lighthouse that does not answer a quorum is asked again this often
+CLAIM_EVERY_S = 0.5  # a survivor asks to take a missing writer's place at most this often
 HOLD_S = 60.0  # rank 0 waits this long at its start for every replica, so a fault-free run trains all shards
 
 # The writer's word each step, as read: is the writer (rank 0, or the survivor that took its
@@ -341,6 +342,7 @@ class Waiting:
     def __init__(self, session: Session) -> None:
         self.session, self.asked, self.over = session, 0.0, False
         self.attempt: int | None = None  # the writer's, as last heard
+        self.claimed = 0.0  # when this replica last asked to take the writer's place
 
     def ended(self) -> bool:
         if self.over or time.monotonic() - self.asked < 1.0:
@@ -441,9 +443,12 @@ def _take_writer(word: list[Any], manager: Any, session: Session, waiting: Waiti
     holders = word[HOLDERS]
     if waiting.attempt is None or manager.current_step() == 0 or not holders or holders[0] != session.rank:
         return False
+    if time.monotonic() - waiting.claimed < CLAIM_EVERY_S:
+        return False
+    waiting.claimed = time.monotonic()
     answer = session.coord.take_writer(session.rank, waiting.attempt)
-    if not answer["ok"]:  # the writer's replacement started an attempt first: it writes
-        waiting.attempt = answer["attempt"]
+    if not answer["ok"]:  # the writer lives (only late for this quorum), or its replacement
+        waiting.attempt = answer["attempt"]  # started an attempt first: it writes
         return False
     latest = CheckpointRecord.model_validate(answer["latest"]) if answer["latest"] else None
     session.become_writer(answer["attempt"], latest)

@@ -93,13 +93,16 @@ class Coordinator:
         """The driver's heartbeat found the lease taken over: refuse every write from now on."""
         self.ownership.fence(reason)
 
-    def start_attempt(self, world_size: int, rid: str | None = None, replica: bool = False) -> dict[str, Any]:
+    def start_attempt(
+        self, world_size: int, rid: str | None = None, replica: bool = False, writer: Any = None
+    ) -> dict[str, Any]:
         """Called by rank 0 when a worker group starts: count it, collect orphans,
         and say which checkpoint to restore (the latest committed one).
 
         replica (failure.mode replicas): a rank 0 that starts while a surviving replica
         writes the run's checkpoints (take_writer) is a replacement, an ordinary replica:
-        no attempt starts, and the answer names the writer ({"writer": rank}).
+        no attempt starts, and the answer names the writer ({"writer": rank}). `writer`: the
+        caller's actor handle, which take_writer asks whether it is alive.
 
         Idempotent under retry: the event is logged once (by rid), then the manifest records
         the count and the answer in one write; a retry finds the answer there."""
@@ -109,7 +112,7 @@ class Coordinator:
         m = self.manifest
         if replica and self.signals.writer not in (None, 0):
             return {"attempt": m.attempts, "restore": None, "writer": self.signals.writer}
-        self.signals.writer = 0
+        self.signals.writer, self.signals.writer_actor = 0, writer
         attempt = m.attempts + 1
         latest = m.latest()
         result = {"attempt": attempt, "restore": latest.model_dump() if latest else None}
@@ -134,11 +137,16 @@ class Coordinator:
         self.commits.collect_orphans()
         return result
 
-    def take_writer(self, rank: int, attempt: int, rid: str | None = None) -> dict[str, Any]:
+    def take_writer(
+        self, rank: int, attempt: int, rid: str | None = None, writer: Any = None
+    ) -> dict[str, Any]:
         """failure.mode replicas: the writer (the replica that reports, saves and commits) left
         the quorum, and `rank`, the lowest surviving replica that holds the live state, takes its
         place, if `attempt` is still the current one (else the writer's replacement started an
-        attempt first, and it stays the writer: {"ok": False}).
+        attempt first, and it stays the writer: {"ok": False}) and the writer's process is dead
+        (a live writer only late for a quorum, which torchft's lighthouse forms about 100 ms
+        after the first replica asks, stays the writer: {"ok": False, "alive": True}).
+        `writer`: the caller's actor handle.
 
         Taking over starts an attempt without a restore: a late commit of the old writer is
         then refused and its upload deleted (Commits.commit), and orphan collection removes
@@ -150,6 +158,8 @@ class Coordinator:
         m = self.manifest
         if m.attempts != attempt or self.signals.ended:
             return {"ok": False, "attempt": m.attempts, "writer": self.signals.writer}
+        if (old := self.signals.writer_actor) is not None and self._alive(old):
+            return {"ok": False, "attempt": m.attempts, "writer": self.signals.writer, "alive": True}
         latest = m.latest()
         result = {"ok": True, "attempt": attempt + 1, "latest": latest.model_dump() if latest else None}
         self.log.event("writer_moved", rid, rank=rank, attempt=attempt + 1, after_attempt=attempt)
@@ -157,8 +167,15 @@ class Coordinator:
             self.ownership.remember(m.model_copy(update={"attempts": attempt + 1}), rid, result)
         )
         self.signals.note_writer(rank, attempt + 1)
+        self.signals.writer_actor = writer
         self.commits.collect_orphans()
         return result
+
+    @staticmethod
+    def _alive(actor: Any) -> bool:
+        from orchestrator.ray_compat import actor_alive
+
+        return actor_alive(actor)
 
     def next_restore(self, bad_id: str, reason: str, rid: str | None = None) -> dict[str, Any] | None:
         """Mark a checkpoint that failed verification bad, and name the next newest good one."""
@@ -273,7 +290,7 @@ class Coordinator:
         self.ownership.save(self.ownership.remember(m.model_copy(update=counts), rid, True))
         self.signals.note_restart(m.restarts + 1, cause, whole, alone and not whole)
         if whole:  # every worker starts afresh: rank 0 writes again (start_attempt)
-            self.signals.writer = None
+            self.signals.writer = self.signals.writer_actor = None
 
     def event(
         self, kind: str, fields: dict[str, Any] | None = None, rid: str | None = None, **more: Any

@@ -24,6 +24,7 @@ class Signals:
     # restart. In memory: a restarted coordinator forgets it, and a new rank 0 then writes
     # (its attempt fences the survivor's commits, which fail that worker; nothing is lost).
     writer: int | None = None
+    writer_actor: Any = None  # its Ray actor handle, when it is a worker: is it alive? (take_writer)
     failures: dict[str, set[int]] = field(
         default_factory=dict
     )  # a user error's signature -> attempts it ended
