@@ -43,6 +43,8 @@ def this_actor() -> Any:
     """The Ray actor this code runs in (a Ray Train worker), or None outside one."""
     import ray
 
+    if not ray.is_initialized():  # get_runtime_context() would start a Ray of its own
+        return None
     try:
         return ray.get_runtime_context().current_actor
     except Exception:  # not in an actor (a test's process, a driver)
