@@ -137,10 +137,11 @@ def every_worker_failed(err: Any, world: int | None) -> bool:
     return world is not None and isinstance(failures, dict) and set(range(world)) <= set(failures)
 
 
-def actor_alive(handle: Any, timeout_s: float = 5.0) -> bool:
+def actor_alive(handle: Any, timeout_s: float = 1.0) -> bool:
     """Whether the actor behind `handle` is alive: it answers a no-op call within timeout_s
-    (a busy one that does not is counted alive). False once Ray knows it is dead (at once
-    for a killed process; for a lost node, once the node is declared dead).
+    (one that does not, busy or on a node not yet declared dead, is counted alive; short,
+    because the coordinator that asks answers one call at a time). False once Ray knows it
+    is dead (at once for a killed process; for a lost node, once the node is declared dead).
 
     Private: `__ray_ready__` is the no-op every actor has (Ray waits on it for an actor's
     creation); Ray offers no public liveness query without the dashboard's state API, which
