@@ -36,8 +36,8 @@ class Coord:
     def __init__(self, led: RunLedger) -> None:
         self.led = led
 
-    def start_attempt(self, world):
-        return self.led.start_attempt(world)
+    def start_attempt(self, world, replica=False):
+        return self.led.start_attempt(world, replica=replica)
 
     def next_restore(self, bad, why):
         return self.led.next_restore(bad, why)
