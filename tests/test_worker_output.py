@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import logging
 
+import pytest
+
 from orchestrator.ray_compat import console_lines
 from workers.output import Labeled
 
@@ -30,6 +32,28 @@ def test_the_users_lines_are_labeled_and_logging_and_rays_magic_are_not():
         ":actor_name:RayTrainWorker",
         "Reporting training result 1",
     ]
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        "ray.experimental.tqdm_ray:safe_print",  # once a tqdm_ray bar exists in the process
+        "ray.train.v2._internal.logging.patch_print:redirected_print",  # Ray Train's, in a worker
+    ],
+)
+def test_a_print_that_ray_patched_is_still_the_users_line(patch, monkeypatch):
+    """Ray replaces builtins.print in a process that used a tqdm_ray bar (for good) and in Ray
+    Train's workers; the print's own caller still decides. The suite found the first: a
+    driver in the same test process had made a tqdm_ray bar manager, and this module's first
+    test lost its label."""
+    import builtins
+    import importlib
+
+    module, name = patch.split(":")
+    monkeypatch.setattr(builtins, "print", getattr(importlib.import_module(module), name))
+    raw = io.StringIO()
+    print("hello", file=Labeled(raw, "[rank 0] "))
+    assert raw.getvalue() == "[rank 0] hello\n"
 
 
 def test_the_console_shows_rank_0s_own_lines_and_folds_rays_noise():

@@ -38,9 +38,15 @@ _NOT_USERS = (
     _HERE + os.sep,  # this package's (workers/tasks/ excepted: a task is user code)
     os.path.join(os.path.dirname(_HERE), "orchestrator") + os.sep,
 )
-# Ray Train's print() (its print patch) logs each print as a record and, the stream being
-# ours, also prints it as is: the print's own caller decides.
-_PASS_THROUGH = os.path.join("ray", "train", "v2", "_internal", "logging", "patch_print.py")
+# Ray's replacements of builtins.print pass a print on: Ray Train's in a worker (it logs each
+# print as a record and, the stream being ours, also prints it as is), tqdm_ray's once a bar
+# manager exists in the process (for good), Serve's in a replica. The print's own caller
+# decides.
+_PASS_THROUGH = (
+    os.path.join("ray", "train", "v2", "_internal", "logging", "patch_print.py"),
+    os.path.join("ray", "experimental", "tqdm_ray.py"),
+    os.path.join("ray", "serve", "_private", "logging_utils.py"),
+)
 
 
 def _users_write() -> bool:
