@@ -249,10 +249,11 @@ class FailureSpec(_Model):
     mode: Literal["restart", "replicas"] = Field(
         "restart",
         description="restart: a failed worker restarts the whole group from the latest committed "
-        "checkpoint. replicas (alpha, needs torchft: `pip install 'torchft>=0.2,<0.3'`): every "
+        "checkpoint. replicas (needs torchft: `pip install 'torchft>=0.2,<0.3'`): every "
         "worker is a torchft replica group; a failed one is replaced alone and heals from a live "
-        "peer while the others keep their state (they wait only while rank 0, the writer, is "
-        "replaced) (docs/operations.md, 'Replica groups').",
+        "peer while the others keep their state (a dead rank 0, the writer, hands its role to the "
+        "lowest survivor at once); a train function trains through session.fit(task) "
+        "(docs/operations.md, 'Replica groups').",
     )
     replica_heartbeat_timeout_s: float = Field(
         2.0,

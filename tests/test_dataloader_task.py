@@ -122,6 +122,9 @@ def test_a_loader_without_a_length_is_refused():
 
 @pytest.mark.e2e
 def test_the_dataloader_example_survives_a_mid_epoch_kill_and_trains_on_every_sample_once(tmp_path):
+    """The example's job (rank 1 killed mid-epoch 2, a group restart), its task trained through
+    the example's train function and session.fit (the same loop as the builder's; the replicas
+    job runs it too, tests/test_replicas.py)."""
     log = tmp_path / "samples"
     log.mkdir()
     p = run_cli(
@@ -130,6 +133,8 @@ def test_the_dataloader_example_survives_a_mid_epoch_kill_and_trains_on_every_sa
         "--set",
         f"storage.root={tmp_path}",
         "--set",
+        "task.name=examples/dataloader_task/task.py:train",
+        "--set",
         f"task.options.sample_log={log}",
         "--address",
         "local",
@@ -137,6 +142,7 @@ def test_the_dataloader_example_survives_a_mid_epoch_kill_and_trains_on_every_sa
     )
     assert p.returncode == 0, p.stderr[-4000:]
     assert json.loads(p.stdout)["restarts"] == 1
+    assert "rank 0: trained to global step 69" in p.stderr  # the function went on after fit
     run_dir = tmp_path / "dataloader-digits"
     events = jsonl(run_dir / "events.jsonl")
     restored = [e for e in events if e["kind"] == "attempt_started"][-1]["restore"]

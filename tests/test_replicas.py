@@ -188,6 +188,34 @@ def test_a_rank0_that_heals_past_an_epoch_end_records_what_is_missing(
     assert calls == []
 
 
+def test_a_train_function_trains_in_replicas_through_fit_and_its_own_loop_is_refused():
+    """In failure.mode replicas a train function hands a Task to session.fit (the built-in
+    loop, which can move a healed replica to a peer's place in its data); its own report() and
+    restore() stop the run as an input error naming the mode and the way out. fit() trains
+    once per attempt, and only inside a run. (The e2e: the DataLoader example's replicas job.)"""
+    from types import SimpleNamespace
+
+    from workers.session import Session, StopRun
+
+    session = Session.__new__(Session)
+    session.cfg, session.runner, session.fitted = SimpleNamespace(replicas=True), None, None
+    for call in (lambda: session.report({"val_loss": 1.0}, epoch=1), session.restore):
+        with pytest.raises(
+            StopRun,
+            match=r"failure.mode replicas: a train function's session\.(report|restore)\(\) is refused.*session\.fit\(task\)",
+        ) as e:
+            call()
+        assert e.value.kind == "input"
+    with pytest.raises(RuntimeError, match="inside a run the orchestrator started"):
+        session.fit(SimpleNamespace())
+    trained = []
+    session.runner = lambda task: trained.append(task) or {"global_step": 7}
+    assert session.fit("the task") == {"global_step": 7} and trained == ["the task"]
+    with pytest.raises(ValueError, match="once per attempt"):
+        session.fit("the task")
+    assert trained == ["the task"]
+
+
 def test_a_rank0_that_heals_after_the_early_stop_ends_the_run(monkeypatch):
     from types import SimpleNamespace
 
@@ -666,8 +694,9 @@ def _trained(rows):
 
 @pytest.mark.e2e
 def test_the_dataloader_example_in_replicas_reads_each_shard_once_and_counts_what_it_skipped(tmp_path):
-    """examples/dataloader_task (torchdata's StatefulDataLoader, 2 worker processes, a
-    DistributedSampler over the replica groups) with rank 1 killed in epoch 2: each replica
+    """examples/dataloader_task/replicas.yaml (a train function that hands its task to
+    session.fit; torchdata's StatefulDataLoader, 2 worker processes, a DistributedSampler over
+    the replica groups) with rank 1 killed in epoch 2: each replica
     reads its own shard; rank 0 trains all of its shard every epoch; rank 1's replacement
     heals the loader's position from rank 0 and reads on from there (its workers read only
     what it trained: the epoch's head is not read again), and what rank 1 never trained in
@@ -678,11 +707,9 @@ def test_the_dataloader_example_in_replicas_reads_each_shard_once_and_counts_wha
     log.mkdir()
     out = run_cli(
         "run",
-        "examples/dataloader_task/job.yaml",
+        "examples/dataloader_task/replicas.yaml",
         "--set",
         f"storage.root={tmp_path}",
-        "--set",
-        "failure.mode=replicas",
         "--set",
         f"epochs={epochs}",
         "--set",
@@ -690,7 +717,7 @@ def test_the_dataloader_example_in_replicas_reads_each_shard_once_and_counts_wha
         "--set",
         f"task.options.sample_log={log}",
         "--set",
-        "chaos.kills=[{rank: 1, epoch: 2, step: 3}]",
+        "chaos.kills=[{rank: 1, epoch: 2, step: 3}]",  # as the job says
         "--address",
         "local",
         "--verbose",
@@ -702,6 +729,9 @@ def test_the_dataloader_example_in_replicas_reads_each_shard_once_and_counts_wha
     metrics = jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in metrics] == list(range(1, epochs + 1))
     kept_and_verified(run_dir, metrics, top_k=2)
+    # the function went on after session.fit returned, with the loop's result, on both ranks
+    for rank in (0, 1):
+        assert f"rank {rank}: trained to global step {epochs * steps}" in text, rank
 
     from torch.utils.data import DistributedSampler
 

@@ -1,6 +1,7 @@
 """The training loop each Ray Train worker runs, top to bottom.
 
     a hand-written train function (it takes the session): call it, wait for its commits
+        (one that builds a Task and calls session.fit(task) runs the loop below on it)
     a task (a builder returning a Task):
         restore the latest committed checkpoint (verified; a bad one is marked and skipped)
         for each epoch: the batches of (seed, epoch, world, rank), skipping those already trained
@@ -69,21 +70,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         session = Session(cfg, coord, rank, world, ctx.get_local_rank(), device)
         session.restored_record()  # the restore plan: this attempt's number, for a failure's record
         rank_log.attempt = session.attempt
+        loop = train_task
         if cfg.replicas:
-            if is_train_function(fn):
-                raise StopRun(
-                    f"failure.mode replicas: task {cfg.task!r} (task.name) is a train function; "
-                    "replicas run the built-in loop over a Task only (use failure.mode restart)",
-                    "input",
-                )
-            from workers.replicas import train_task_replicas
-
-            return train_task_replicas(session, fn, where)
+            from workers.replicas import train_task_replicas as loop
         if is_train_function(fn):
             where[0] = "the train function"
+            session.runner = lambda task: loop(session, lambda _options, _ctx: task, where)  # session.fit
             fn(session)
-            return session.close()
-        return train_task(session, fn, where)
+            if cfg.replicas and session.fitted is None:
+                raise StopRun(
+                    f"failure.mode replicas: the train function {cfg.task!r} (task.name) returned without "
+                    "session.fit(task); in this mode a train function trains by handing a Task to it",
+                    "input",
+                )
+            return {**(session.fitted or {}), **session.close()}
+        return loop(session, fn, where)
     except TakenOver as e:  # another driver owns the run now: end quietly, the driver says why
         return {"stopped": str(e)}
     except StopRun as stop:

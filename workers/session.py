@@ -23,6 +23,9 @@ collects orphans, and Ray Train restarts a failed group, whose ranks then `resto
 latest commit. `state["model"]`, when present, is stored as the checkpoint's model.pt (what
 `orchestrator best --download`, export and the Serve app load); the rest as train_state.pt.
 
+A train function may also build a Task (workers/task.py) and hand it to the built-in loop,
+`session.fit(task)`: the one way a train function trains in failure.mode replicas.
+
 The built-in Task loop (workers/loop.py) is a layer on this: it uses the same session to
 plan its restore, to save (`save_files`), to report metrics and to agree on stopping.
 """
@@ -35,8 +38,9 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -56,6 +60,9 @@ from workers.rng import seed_all
 from workers.state import MODEL_FILE, STATE_FILE, load_tensor_file
 from workers.stopping import NONE, PREEMPT, Preempted, StopCheck
 from workers.writer import CheckpointWriter
+
+if TYPE_CHECKING:
+    from workers.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,10 @@ class Session:
         self._last_seeded = False
         self._shared_check: threading.Thread | None = None
         self._extras_dirs: list[str] = []  # restored extra files, removed at close()
+        # The built-in loop for fit(): the harness hands it in (workers/loop.py), so the
+        # session does not import the loops that run on it. Its result, once fit() ran.
+        self.runner: Callable[[Task], dict[str, Any]] | None = None
+        self.fitted: dict[str, Any] | None = None
 
     @property
     def is_writer(self) -> bool:
@@ -156,6 +167,35 @@ class Session:
             dict(self.cfg.task_options),
         )
 
+    def fit(self, task: Task) -> dict[str, Any]:
+        """Train `task` (workers/task.py) on the built-in loop, in this process, and return
+        when it is done: resume, every epoch, checkpoints, early stopping, as a task builder
+        named in the spec gets. The one way a train function trains in failure.mode replicas,
+        where a heal moves a replica to a live peer's place in the data, which only a loop that
+        owns the iteration can follow (report() and restore() are refused there). Once per
+        attempt; the result: the loop's (global_step, saves, ...)."""
+        if self.runner is None:
+            raise RuntimeError(
+                "session.fit() trains inside a run the orchestrator started (orchestrator run)"
+            )
+        if self.fitted is not None:
+            raise ValueError(
+                "session.fit(task): a task is trained once per attempt (fit() was called before)"
+            )
+        self.fitted = {}  # before it runs: a second call after it failed is refused too
+        self.fitted = self.runner(task)
+        return self.fitted
+
+    def _hand_written(self, call: str) -> None:
+        """failure.mode replicas: a hand-written loop is refused (see fit())."""
+        if self.cfg.replicas:
+            raise StopRun(
+                f"failure.mode replicas: a train function's session.{call}() is refused: a heal moves a "
+                "replica to a live peer's place in the data, which only the built-in loop can follow; "
+                "build a Task and call session.fit(task), or use failure.mode restart",
+                "input",
+            )
+
     def restore(self, sharded: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """What the latest committed, verified checkpoint holds (on host memory), or None
         at the start of a run: state.pt's tree, with model.pt's weights under "model".
@@ -163,7 +203,8 @@ class Session:
         every rank loads its shards into them in place, resharded for this world size
         (workers/sharded.py), and gets the rest of the state back. A checkpoint saved with
         extra files has state["extra_files"]: a local directory holding them, verified (this
-        rank's own, removed when the attempt ends)."""
+        rank's own, removed when the attempt ends). Refused in failure.mode replicas (fit())."""
+        self._hand_written("restore")
         if sharded is not None:
             from workers.sharded import restore_shards
 
@@ -244,7 +285,9 @@ class Session:
         line) and are looked at by checkpoint.stop_on_nan.
         `extra_files` (a directory, or {name: file or directory}): files the checkpoint carries
         beside the state (a tokenizer, a config; rank 0's count), checked like the state's, and
-        given back by `restore()` as a local directory, state["extra_files"] (workers/extras.py)."""
+        given back by `restore()` as a local directory, state["extra_files"] (workers/extras.py).
+        Refused in failure.mode replicas (fit())."""
+        self._hand_written("report")
         if taken := sorted(set(metrics) & {"epoch", "global_step", "attempt"}):
             raise ValueError(f"report(): metric names {taken} are the session's own (pass epoch= and step=)")
         if fresh is not None and not isinstance(fresh, bool):

@@ -1,6 +1,7 @@
 """A task builder whose data comes through real DataLoaders, on the built-in loop.
 
-    orchestrator run examples/dataloader_task/job.yaml
+    orchestrator run examples/dataloader_task/job.yaml       # the builder, group restarts
+    orchestrator run examples/dataloader_task/replicas.yaml  # train(), failure.mode replicas
 
 The loop takes a `torch.utils.data.DataLoader` as `Task.train_data` / `Task.val_data` as it
 is: its sampler, worker processes and collate. Here it is torchdata's `StatefulDataLoader`
@@ -80,3 +81,16 @@ def build(options: dict[str, Any], ctx: TaskContext) -> Task:
         val_data=loader(val, shuffle=False),
         train_step=step,
     )
+
+
+def train(session: Any) -> dict[str, Any]:
+    """The same task from a train function, as failure.mode replicas runs one
+    (examples/dataloader_task/replicas.yaml): the function builds the task from the session's
+    context and hands it to `session.fit`, which trains it on the built-in loop (there, the
+    one that can move a healed replica to a live peer's place in its loader) and returns its
+    result. The same function runs in failure.mode restart too."""
+    ctx = session.context
+    task = build(ctx.options, TaskContext(ctx.rank, ctx.world_size, ctx.seed, ctx.device))
+    result = session.fit(task)
+    print(f"rank {ctx.rank}: trained to global step {result['global_step']}")
+    return result
