@@ -188,32 +188,77 @@ def test_a_rank0_that_heals_past_an_epoch_end_records_what_is_missing(
     assert calls == []
 
 
-def test_a_train_function_trains_in_replicas_through_fit_and_its_own_loop_is_refused():
-    """In failure.mode replicas a train function hands a Task to session.fit (the built-in
-    loop, which can move a healed replica to a peer's place in its data); its own report() and
-    restore() stop the run as an input error naming the mode and the way out. fit() trains
-    once per attempt, and only inside a run. (The e2e: the DataLoader example's replicas job.)"""
+def _bare_session(replicas):
+    """A Session with only what fit(), the refusals and close() read (no Ray, no storage)."""
     from types import SimpleNamespace
 
-    from workers.session import Session, StopRun
+    from workers.session import Session
 
     session = Session.__new__(Session)
-    session.cfg, session.runner, session.fitted = SimpleNamespace(replicas=True), None, None
-    for call in (lambda: session.report({"val_loss": 1.0}, epoch=1), session.restore):
+    session.cfg = SimpleNamespace(replicas=replicas, task="t.py:train")
+    session.runner = session.fitted = session.fit_error = session.writer = session._shared_check = None
+    session._extras_dirs = []
+    return session
+
+
+def test_a_train_function_trains_in_replicas_through_fit_and_its_own_loop_is_refused():
+    """In failure.mode replicas a train function hands a Task to session.fit (the built-in
+    loop, which can move a healed replica to a peer's place in its data); its own step(),
+    report() and restore() stop the run as an input error naming the mode and the way out,
+    and so does a function that returns without fit. fit() trains once per attempt, only
+    inside a run, and is the session's last use. (The e2e: the DataLoader example's replicas
+    job, and in restart mode tests/test_dataloader_task.py.)"""
+    from workers.loop import run_train_function
+    from workers.session import StopRun
+
+    session = _bare_session(replicas=True)
+    calls = (lambda: session.report({"val_loss": 1.0}, epoch=1), session.restore, lambda: session.step(1, 0))
+    for call in calls:
         with pytest.raises(
             StopRun,
-            match=r"failure.mode replicas: a train function's session\.(report|restore)\(\) is refused.*session\.fit\(task\)",
+            match=r"failure.mode replicas: a train function's session\.(report|restore|step)\(\) is refused.*session\.fit\(task\)",
         ) as e:
             call()
         assert e.value.kind == "input"
     with pytest.raises(RuntimeError, match="inside a run the orchestrator started"):
-        session.fit(SimpleNamespace())
-    trained = []
-    session.runner = lambda task: trained.append(task) or {"global_step": 7}
-    assert session.fit("the task") == {"global_step": 7} and trained == ["the task"]
-    with pytest.raises(ValueError, match="once per attempt"):
-        session.fit("the task")
-    assert trained == ["the task"]
+        session.fit("a task")
+    with pytest.raises(
+        StopRun, match=r"the train function 't.py:train' \(task.name\) returned without session.fit\(task\)"
+    ):
+        run_train_function(session, lambda s: None, None, ["setup"])
+
+    trained, where = [], ["setup"]
+
+    def loop(s, build, where):
+        trained.append(build({}, None))
+        where[0] = "epoch 3 evaluation"
+        return {"global_step": 7}
+
+    def train(s):
+        assert s.fit("the task") == {"global_step": 7}
+        with pytest.raises(ValueError, match="once per attempt"):
+            s.fit("the task")
+        for call in (lambda: s.report({"val_loss": 1.0}, epoch=1), s.restore):
+            with pytest.raises(
+                StopRun, match=r"after session.fit\(\): the loop has committed its last checkpoint"
+            ):
+                call()
+
+    assert run_train_function(_bare_session(replicas=True), train, loop, where) == {"global_step": 7}
+    assert trained == ["the task"] and where == [
+        "the train function"
+    ]  # a failure after fit is the function's
+
+    def swallows(s):  # what ended the loop (a stop, a failure) ends the attempt even if caught
+        with contextlib.suppress(Exception):
+            s.fit("the task")
+
+    def stops(s, build, where):
+        raise StopRun("epoch 2: val_loss not finite (stop_on_nan)", "nan")
+
+    with pytest.raises(StopRun, match="not finite") as e:
+        run_train_function(_bare_session(replicas=False), swallows, stops, ["setup"])
+    assert e.value.kind == "nan"
 
 
 def test_a_rank0_that_heals_after_the_early_stop_ends_the_run(monkeypatch):

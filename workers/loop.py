@@ -74,16 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if cfg.replicas:
             from workers.replicas import train_task_replicas as loop
         if is_train_function(fn):
-            where[0] = "the train function"
-            session.runner = lambda task: loop(session, lambda _options, _ctx: task, where)  # session.fit
-            fn(session)
-            if cfg.replicas and session.fitted is None:
-                raise StopRun(
-                    f"failure.mode replicas: the train function {cfg.task!r} (task.name) returned without "
-                    "session.fit(task); in this mode a train function trains by handing a Task to it",
-                    "input",
-                )
-            return {**(session.fitted or {}), **session.close()}
+            return run_train_function(session, fn, loop, where)
         return loop(session, fn, where)
     except TakenOver as e:  # another driver owns the run now: end quietly, the driver says why
         return {"stopped": str(e)}
@@ -100,6 +91,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         rank_log.close()
+
+
+def run_train_function(session: Session, fn: Any, loop: Any, where: list[str]) -> dict[str, Any]:
+    """A train function, its session.fit(task) wired to `loop` (train_task, or in failure.mode
+    replicas train_task_replicas): the session does not import the loops that run on it."""
+
+    def fit(task: Task) -> dict[str, Any]:
+        try:
+            return loop(session, lambda _options, _ctx: task, where)
+        finally:
+            where[0] = "the train function"  # a failure after fit is the function's own
+
+    where[0] = "the train function"
+    session.runner = fit
+    fn(session)
+    if session.fit_error is not None:  # the function caught what ended the loop: it ends the attempt
+        raise session.fit_error
+    if session.cfg.replicas and session.fitted is None:
+        raise StopRun(
+            f"failure.mode replicas: the train function {session.cfg.task!r} (task.name) returned "
+            "without session.fit(task); in this mode a train function trains by handing a Task to it",
+            "input",
+        )
+    return {**(session.fitted or {}), **session.close()}
 
 
 def train_task(session: Session, build: Any, where: list[str]) -> dict[str, Any]:

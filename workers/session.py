@@ -93,7 +93,7 @@ class Context:
     device: torch.device
     seed: int  # the spec's seed; every rank is seeded with seed + rank before the function runs
     epochs: int  # the spec's epochs: the last epoch to train (1-based)
-    attempt: int  # 1 for the first group, +1 for each restart (and each resume)
+    attempt: int  # 1 for the first group, +1 for each restart (and each resume); replicas: 0 but the writer's
     options: dict[str, Any] = field(default_factory=dict)  # the spec's task.options
 
 
@@ -133,6 +133,7 @@ class Session:
         # session does not import the loops that run on it. Its result, once fit() ran.
         self.runner: Callable[[Task], dict[str, Any]] | None = None
         self.fitted: dict[str, Any] | None = None
+        self.fit_error: BaseException | None = None  # what ended fit(): the attempt's end, caught or not
 
     @property
     def is_writer(self) -> bool:
@@ -172,8 +173,11 @@ class Session:
         when it is done: resume, every epoch, checkpoints, early stopping, as a task builder
         named in the spec gets. The one way a train function trains in failure.mode replicas,
         where a heal moves a replica to a live peer's place in the data, which only a loop that
-        owns the iteration can follow (report() and restore() are refused there). Once per
-        attempt; the result: the loop's (global_step, saves, ...)."""
+        owns the iteration can follow (step(), report() and restore() are refused there).
+        Once per attempt, and the session's last use: the loop has committed its last
+        checkpoint and closed the writer when it returns, so only code of your own may follow.
+        The result: the loop's, `global_step` on every rank (the writer's also has `saves`).
+        Whatever ends it (a stop, a failure) ends the attempt, even if the function catches it."""
         if self.runner is None:
             raise RuntimeError(
                 "session.fit() trains inside a run the orchestrator started (orchestrator run)"
@@ -183,11 +187,22 @@ class Session:
                 "session.fit(task): a task is trained once per attempt (fit() was called before)"
             )
         self.fitted = {}  # before it runs: a second call after it failed is refused too
-        self.fitted = self.runner(task)
+        try:
+            self.fitted = self.runner(task)
+        except BaseException as e:
+            self.fit_error = e  # the harness raises it again if the function swallowed it
+            raise
         return self.fitted
 
     def _hand_written(self, call: str) -> None:
-        """failure.mode replicas: a hand-written loop is refused (see fit())."""
+        """The session's own loop API, refused after fit() (the loop closed the writer) and in
+        failure.mode replicas (see fit())."""
+        if self.fitted is not None:
+            raise StopRun(
+                f"session.{call}() after session.fit(): the loop has committed its last checkpoint and "
+                "closed the session; fit() is a train function's last use of the session",
+                "input",
+            )
         if self.cfg.replicas:
             raise StopRun(
                 f"failure.mode replicas: a train function's session.{call}() is refused: a heal moves a "
@@ -254,7 +269,8 @@ class Session:
         (`chaos.kills` at this epoch and step). Cheap, and no collective. `loss`, the latest
         step's train loss (a tensor or a number), becomes rank 0's per-step `step/train_loss`
         in TensorBoard and MLflow (read about once a second), and `lr`, the learning rate, its
-        `step/lr`."""
+        `step/lr`. Refused in failure.mode replicas (fit())."""
+        self._hand_written("step")
         self.chaos.before_step(epoch, step)
         self.ticker(epoch, step, steps, global_step, loss, lr)
 
