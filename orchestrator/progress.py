@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from orchestrator.core import console
 from orchestrator.tracking import off_line
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class ProgressView:
             if self._display is not None:
                 self._display.console.print(line, highlight=False, markup=False)
             else:
-                print(line, file=self.out, flush=True)
+                console.write_line(line, self.out)
         if self._display is not None:
             self._display.update(self._status(p.get("live")))
 

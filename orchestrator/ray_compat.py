@@ -14,6 +14,8 @@ import sys
 import uuid
 from typing import Any
 
+from orchestrator.core import console
+
 log = logging.getLogger(__name__)
 
 TOKEN_PATH = "~/.ray/auth_token"
@@ -471,16 +473,17 @@ def route_worker_output(verbose: bool) -> None:
 
     def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
         lines = console_lines(data, _console["verbose"])
-        if lines is None:
-            ray_prints(data, ignore_prefix)
-            return
-        if data.get("pid") == "raylet":
-            if lines:
-                ray_prints({**data, "lines": lines}, ignore_prefix)
-            return
-        sink = sys.stderr if data.get("is_err") else sys.stdout
-        for line in lines:
-            print(line, file=sink, flush=True)
+        with console.LOCK:  # Ray's prints write a line and its newline apart: none of ours between
+            if lines is None:
+                ray_prints(data, ignore_prefix)
+                return
+            if data.get("pid") == "raylet":
+                if lines:
+                    ray_prints({**data, "lines": lines}, ignore_prefix)
+                return
+            sink = sys.stderr if data.get("is_err") else sys.stdout
+            for line in lines:
+                console.write_line(line, sink)
 
     print_to_stdstream._orchestrator = True  # type: ignore[attr-defined]
     ray_worker.print_to_stdstream = print_to_stdstream

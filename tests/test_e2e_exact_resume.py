@@ -49,9 +49,11 @@ def test_killed_twice_equals_never_killed(tmp_path):
         *COMMON,
     )
     assert clean.returncode == 0, clean.stderr[-4000:]
-    # Rank 0 dies mid-epoch 2 (23 steps an epoch, a checkpoint every 10 global steps);
-    # rank 1 dies at the start of epoch 4.
-    kills = "[{rank: 0, epoch: 2, step: 12}, {rank: 1, epoch: 4, step: 0}]"
+    # Rank 0 dies mid-epoch 2 (23 steps an epoch, a checkpoint every 10 global steps) at global
+    # step 42, 12 steps after the save at 30 (at step 12, 5 steps after it, a loaded machine had
+    # not committed it yet and the resume was from epoch 1's end); rank 1 dies at the start of
+    # epoch 4.
+    kills = "[{rank: 0, epoch: 2, step: 19}, {rank: 1, epoch: 4, step: 0}]"
     faulty = run_cli(
         "run",
         "configs/digits.yaml",

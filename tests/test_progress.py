@@ -289,3 +289,61 @@ def test_a_run_whose_monitor_was_never_a_number_ends_with_a_warning_naming_stop_
     assert all_nan_warning("val_loss", [], stop_on_nan=False) is None
     assert all_nan_warning("val_acc", all_nan, stop_on_nan=False) is None
     assert all_nan_warning("val_f1", all_nan, stop_on_nan=False) is None
+
+
+def test_the_drivers_lines_never_run_into_the_lines_ray_forwards(monkeypatch):
+    """With --verbose the driver's console carries two writers: Ray's forwarded worker lines
+    (its log thread, through ray_compat's print_to_stdstream) and the progress view's thread.
+    Each wrote a line and its newline as two writes, so one line could land inside the other
+    (seen: `...the workers has crashed.[run] a failed worker replaced alone (1 so far)`, a
+    restart the console then seemed not to say). A line is written whole, one at a time."""
+    import sys
+    import threading
+    import time
+
+    import ray._private.worker as ray_worker
+
+    from orchestrator import ray_compat
+
+    class Pipe(io.StringIO):
+        def write(self, s):  # a console on a pipe or a file: its write lets other threads run
+            time.sleep(0)
+            return super().write(s)
+
+    out = Pipe()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # put back after
+    monkeypatch.setattr(ray_compat, "_console", {"verbose": True})
+    ray_compat.route_worker_output(verbose=True)
+    n = 500
+
+    def poll(since):
+        row = {"epoch": since + 1, "global_step": since + 1, "attempt": 1, "val_loss": 0.5}
+        return {
+            "restarts": 0,
+            "attempts": 1,
+            "resumed_from": None,
+            "live": None,
+            "new": [row],
+            "next": since + 1,
+        }
+
+    view = ProgressView(poll, epochs=n, monitor="val_loss", mode="min", out=out, live=False)
+
+    def ray_lines():
+        for i in range(n):
+            data = {"pid": 4242, "ip": "127.0.0.1", "is_err": False, "actor_name": "RayTrainWorker"}
+            ray_worker.print_to_stdstream({**data, "lines": [f"worker line {'x' * (i % 7)} {i}"]}, False)
+
+    forwarded = threading.Thread(target=ray_lines)
+    forwarded.start()
+    for _ in range(n):
+        view.update()
+    forwarded.join()
+    lines = out.getvalue().splitlines()
+    ours = [line for line in lines if "[run]" in line]
+    assert len(ours) == n and all(line.startswith("[run] epoch") for line in ours), [
+        line for line in ours if not line.startswith("[run]")
+    ][:3]
+    theirs = [line for line in lines if "worker line" in line]
+    assert len(theirs) == n and not [line for line in lines if not line], "a line broken in two"

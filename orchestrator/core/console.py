@@ -16,8 +16,23 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+from typing import TextIO
 
 PACKAGES = ("orchestrator", "workers")
+# One line at a time on a process's console. The driver's has several writers (the progress
+# view's thread, Ray's forwarded worker lines on its log thread, log records), and print()
+# writes a line and its newline in two writes, between which a console on a pipe or a file
+# lets another thread write: one line then lands inside another. Reentrant: a writer holding it
+# may log.
+LOCK = threading.RLock()
+
+
+def write_line(line: str, stream: TextIO) -> None:
+    """`line` and its newline in one write, flushed, under LOCK."""
+    with LOCK:
+        stream.write(line + "\n")
+        stream.flush()
 
 
 class StdStreams(logging.Handler):
@@ -25,10 +40,8 @@ class StdStreams(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record)
             stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
-            stream.write(line + "\n")
-            stream.flush()
+            write_line(self.format(record), stream)
         except Exception:  # noqa: BLE001  # logging's own way: report on stderr, never raise
             self.handleError(record)
 
