@@ -245,9 +245,8 @@ def test_a_train_function_trains_in_replicas_through_fit_and_its_own_loop_is_ref
                 call()
 
     assert run_train_function(_bare_session(replicas=True), train, loop, where) == {"global_step": 7}
-    assert trained == ["the task"] and where == [
-        "the train function"
-    ]  # a failure after fit is the function's
+    assert trained == ["the task"]
+    assert where == ["the train function"]  # a failure after fit is the function's own
 
     def swallows(s):  # what ended the loop (a stop, a failure) ends the attempt even if caught
         with contextlib.suppress(Exception):
